@@ -1,0 +1,585 @@
+"""Run logs: one human-readable, append-only text file per run, and their conversion to JSON.
+
+A run writes ``<log_dir>/<model>/<run_id>.log``. Every record is one line::
+
+    2025-01-31T12:00:00.123Z CANDIDATE      random 3.00x #12 val=91.20% @@ {"kind":"candidate",...}
+
+i.e. ``<ISO-8601 UTC time> <KIND padded> <short human text> @@ <compact JSON record>``. The JSON
+object after the first ``" @@ "`` is the whole record: the payload plus ``kind``, ``run_id``,
+``t`` (unix time, seconds) and ``seq`` (0-based record index within the run). The text before it is
+for people only and is never parsed. Lines without ``" @@ "`` are comments (the writer puts one
+header comment at the top of a new file), except a line that starts like a record (an ISO date),
+which is a record cut off before its payload and is reported as corrupt.
+
+The JSON is standard (RFC 8259): non-finite floats are written as the strings ``"nan"``,
+``"inf"`` and ``"-inf"`` and decoded back to floats by every reader here (:func:`decode_value`).
+For that to be lossless, those three exact strings are refused as payload values.
+
+Records are written, flushed and fsynced the moment they are produced, so an interrupted run loses
+nothing it already logged, and a run restarted with the same ``run_id`` appends to the same file
+and can skip finished work with :meth:`RunLog.find`.
+
+This module is the only implementation of the format: :func:`parse_log` reads it,
+:func:`jsonify` turns logs into one JSON document per run (``jsonify_logs.py`` is its CLI), and
+``common.analysis`` reads those documents.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, UTC
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+__all__ = [
+    "KIND_KEYS",
+    "LogError",
+    "RunLog",
+    "decode_value",
+    "document_path",
+    "dumps_document",
+    "encode_value",
+    "find_logs",
+    "jsonify",
+    "load_document",
+    "parse_log",
+    "run_document",
+]
+
+_LOG = logging.getLogger(__name__)
+
+SEPARATOR = " @@ "
+"""Splits a record line into its human part and its JSON record."""
+
+RESERVED_KEYS = ("kind", "run_id", "t", "seq")
+"""Keys the writer sets on every record; payloads may not set them (``run_id`` only to itself)."""
+
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "config": ("model", "dataset", "metric", "methods", "seed"),
+    "baseline": ("val_top1", "test_top1", "params", "macs"),
+    "layers": ("layers",),
+    "sensitivity": ("layer", "level", "val_top1"),
+    "candidate": ("method", "target", "index", "val_top1", "macs_factor", "params_factor"),
+    "plan": ("method", "target", "metric", "plan"),
+    "finetune_epoch": ("method", "target", "epoch", "val_top1"),
+    "final": ("method", "target", "decomposition", "test_top1_bn", "macs_factor", "params_factor"),
+    "timing": ("stage", "seconds"),
+    "end": ("status",),
+}
+"""Payload keys each known kind must carry (checked when writing; readers are lenient).
+
+Other kinds may be written freely; any extra payload key is kept as is. Accuracies are fractions
+in [0, 1]; factors are dense / compressed (so 3.0 means three times fewer MACs or parameters).
+"""
+
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+_RECORD_START_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T")
+_KIND_WIDTH = max(len(k) for k in KIND_KEYS)
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _float_token(x: float) -> float | str:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+def encode_value(value: Any, where: str = "payload") -> Any:
+    """Convert a payload value into plain, standard-JSON-ready Python data.
+
+    numpy / torch scalars become Python scalars, numpy arrays and torch tensors nested lists,
+    tuples lists, ``os.PathLike`` and ``torch.device`` / ``torch.dtype`` strings, and non-finite
+    floats the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+
+    Args:
+        value: the value to convert.
+        where: the value's location, used in error messages (e.g. ``"candidate.plan"``).
+
+    Returns:
+        A structure of dict (str keys) / list / str / int / float / bool / None.
+
+    Raises:
+        TypeError: a dict key that is not a string, or a value of an unsupported type.
+        ValueError: a string equal to ``"nan"``, ``"inf"`` or ``"-inf"`` (reserved, see module doc).
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)  # int subclasses (IntEnum, ...) become plain ints
+    if isinstance(value, float):
+        return _float_token(float(value))
+    if isinstance(value, str):
+        if value in _NONFINITE:
+            raise ValueError(
+                f"{where}: the string {value!r} is reserved for non-finite floats in run logs; "
+                "pass a float instead or use another spelling"
+            )
+        return str(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"{where}: dict key {key!r} is a {type(key).__name__}; run-log keys must be "
+                    "str (JSON would silently turn it into a string)"
+                )
+            out[key] = encode_value(item, f"{where}.{key}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [encode_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        if isinstance(value, numpy.ndarray):
+            return encode_value(value.tolist(), where)
+        if isinstance(value, numpy.generic):
+            return encode_value(value.item(), where)
+    torch = sys.modules.get("torch")  # never import torch here: readers must not need it
+    if torch is not None:
+        if isinstance(value, torch.Tensor):
+            return encode_value(value.detach().cpu().tolist(), where)
+        if isinstance(value, (torch.device, torch.dtype)):
+            return str(value)
+    raise TypeError(f"{where}: cannot log a value of type {type(value).__name__}: {value!r:.80}")
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of the non-finite encoding: turn ``"nan"``/``"inf"``/``"-inf"`` back into floats.
+
+    Args:
+        value: data as loaded by :func:`json.loads`.
+
+    Returns:
+        The same structure (new containers) with those strings replaced; dict keys untouched.
+    """
+    if isinstance(value, str):
+        return _NONFINITE.get(value, value)
+    if isinstance(value, dict):
+        return {k: decode_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    return value
+
+
+def _dumps(data: Any, *, indent: int | None = None) -> str:
+    # allow_nan=False guards the standard-JSON promise even if encoding was bypassed.
+    if indent is None:
+        return json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return json.dumps(data, ensure_ascii=True, allow_nan=False, indent=indent)
+
+
+def _values_equal(a: Any, b: Any) -> bool:
+    """Equality that treats NaN as equal to NaN (record matching must find NaN-valued keys)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def _check_name(what: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r} is not usable as a file name: use letters, digits and _.+=- "
+            "(not starting with a dot, no '..')"
+        )
+    return name
+
+
+def _one_line(text: str) -> str:
+    # The human part must stay on one line and must not contain the separator.
+    return re.sub(r"@(?=@)", "@ ", " ".join(str(text).split()))
+
+
+def _auto_text(payload: Mapping[str, Any], limit: int = 6) -> str:
+    """Short ``key=value`` text from the scalar fields, for lines written without text."""
+    parts = []
+    for key, value in payload.items():
+        if key == "run_id" or isinstance(value, (dict, list)):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        parts.append(f"{key}={value}")
+        if len(parts) == limit:
+            break
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class LogError:
+    """A line of a run log that could not be read as a record.
+
+    Attributes:
+        path: the log file.
+        line_no: 1-based line number.
+        reason: why the line was rejected.
+        text: the line (without its newline), cut to 200 characters.
+    """
+
+    path: str
+    line_no: int
+    reason: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line_no}: {self.reason}"
+
+
+def _parse_line(line: str, ends_file_unterminated: bool) -> tuple[dict | None, str | None]:
+    """Return ``(record, None)``, ``(None, reason)`` for a corrupt line, or ``(None, None)``."""
+    cut = " (last line, no newline: cut off)" if ends_file_unterminated else ""
+    head, sep, body = line.partition(SEPARATOR)
+    if not sep:
+        if _RECORD_START_RE.match(line):
+            return None, f"truncated record: no '{SEPARATOR.strip()}' payload{cut}"
+        return None, None  # comment
+    try:
+        record = json.loads(body)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, f"bad JSON after '{SEPARATOR.strip()}': {exc}{cut}"
+    if not isinstance(record, dict):
+        return None, f"JSON after '{SEPARATOR.strip()}' is a {type(record).__name__}, not an object"
+    kind = record.get("kind")
+    if not isinstance(kind, str) or not kind:
+        return None, "record has no 'kind'"
+    words = head.split()
+    if len(words) >= 2 and words[1].lower() != kind:
+        return None, f"kind mismatch: line says {words[1]!r}, record says {kind!r}"
+    return decode_value(record), None
+
+
+def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[LogError]]:
+    """Read every record of a run log, skipping (and reporting) corrupt lines.
+
+    Args:
+        path: a ``.log`` file written by :class:`RunLog`.
+
+    Returns:
+        ``(records, errors)``: the good records in file order (non-finite floats decoded), and one
+        :class:`LogError` per corrupt line (bad JSON after ``@@``, no ``kind``, cut-off record).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run log not found: {path}")
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")  # garbage bytes must not hide the good lines
+    lines = text.split("\n")
+    unterminated = not text.endswith("\n")
+    if not unterminated:
+        lines.pop()  # the empty string after the final newline
+    records: list[dict] = []
+    errors: list[LogError] = []
+    for no, line in enumerate(lines, start=1):
+        line = line.rstrip("\r")
+        record, reason = _parse_line(line, unterminated and no == len(lines))
+        if reason is not None:
+            errors.append(LogError(str(path), no, reason, line[:200]))
+        elif record is not None:
+            records.append(record)
+    return records, errors
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class RunLog:
+    """Append-only log of one run: ``<log_dir>/<model>/<run_id>.log``.
+
+    Opening an existing file resumes it: its records are read (see :meth:`records`,
+    :meth:`find`), ``seq`` continues after the last one, and a cut-off last line (no trailing
+    newline, e.g. after a crash) is first terminated so new records start on a line of their own.
+
+    Args:
+        log_dir: root folder of all logs (e.g. ``logs``); created if missing.
+        model: model name, used as sub-folder (letters, digits, ``_.+=-``).
+        run_id: run identifier, used as file name (same alphabet).
+
+    Attributes:
+        path: the log file.
+        model, run_id: as given.
+        errors: corrupt lines found when the file was reopened.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, model: str, run_id: str) -> None:
+        self.model = _check_name("model", model)
+        self.run_id = _check_name("run_id", run_id)
+        self.path = Path(log_dir) / model / f"{run_id}.log"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: list[dict] = []
+        self.errors: list[LogError] = []
+        if self.path.exists():
+            self._resume()
+        else:
+            self._append(
+                f"# run log model={model} run_id={run_id} | record lines: "
+                "<UTC time> <KIND> <text>, then '@@' and the JSON record\n",
+                new_file=True,
+            )
+        seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
+        self._next_seq = max(seqs, default=len(self._records) - 1) + 1
+
+    def _resume(self) -> None:
+        with open(self.path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            last = b"\n"
+            if size:
+                fh.seek(-1, os.SEEK_END)
+                last = fh.read(1)
+        self._records, self.errors = parse_log(self.path)
+        for err in self.errors:
+            _LOG.warning("%s", err)
+        if last != b"\n":
+            self._append("\n")
+
+    def _append(self, line: str, new_file: bool = False) -> None:
+        # One write per record, then fsync: a crash can only cut the line being written.
+        with open(self.path, "a", encoding="utf-8", newline="\n") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if new_file and hasattr(os, "O_DIRECTORY"):
+            fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)  # make the new directory entry durable too
+            finally:
+                os.close(fd)
+
+    def write(self, kind: str, text: str = "", **payload: Any) -> dict:
+        """Append one record and make it durable before returning.
+
+        Args:
+            kind: record kind (lower-case identifier, e.g. ``"candidate"``); known kinds must carry
+                the keys in :data:`KIND_KEYS`.
+            text: short human summary for the line; defaults to a few ``key=value`` pairs.
+            **payload: the record's data (JSON-serializable after :func:`encode_value`).
+
+        Returns:
+            The record as any reader will see it (``kind``, ``run_id``, ``t``, ``seq`` + payload).
+
+        Raises:
+            ValueError: bad kind, missing required key, reserved key or string.
+            TypeError: a value that cannot be logged.
+        """
+        if not isinstance(kind, str) or not _KIND_RE.match(kind):
+            raise ValueError(f"{self.path}: record kind {kind!r} must match {_KIND_RE.pattern}")
+        for key in RESERVED_KEYS:
+            if key in payload and not (key == "run_id" and payload[key] == self.run_id):
+                raise ValueError(
+                    f"{self.path}: payload key {key!r}={payload[key]!r} of a {kind!r} record is "
+                    "reserved (set by the log)"
+                )
+        missing = [k for k in KIND_KEYS.get(kind, ()) if k not in payload]
+        if missing:
+            raise ValueError(f"{self.path}: {kind!r} record lacks required key(s) {missing}")
+        body = encode_value(payload, kind)
+        now = time.time()
+        record = {"kind": kind, "run_id": self.run_id, "t": now, "seq": self._next_seq, **body}
+        stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        human = _one_line(text) if text else _one_line(_auto_text(body))
+        line = f"{stamp.replace('+00:00', 'Z')} {kind.upper():<{_KIND_WIDTH}} {human}"
+        self._append(f"{line.rstrip()}{SEPARATOR}{_dumps(record)}\n")
+        self._next_seq += 1
+        stored = decode_value(record)
+        self._records.append(stored)
+        return copy.deepcopy(stored)
+
+    def comment(self, text: str) -> None:
+        """Append a comment line (``# text``), ignored by readers."""
+        self._append(f"# {_one_line(text)}\n")
+
+    def records(self, kind: str | None = None) -> list[dict]:
+        """All records of this run (those found on reopening plus those written since).
+
+        Args:
+            kind: only records of this kind when given.
+
+        Returns:
+            Copies of the records, in write order.
+        """
+        return [copy.deepcopy(r) for r in self._records if kind is None or r["kind"] == kind]
+
+    def find(self, kind: str, **match: Any) -> dict | None:
+        """The last record of ``kind`` whose payload has all of ``match``'s key/values.
+
+        Values are compared after the same conversion as :meth:`write` (tuples equal lists, numpy
+        scalars equal Python scalars, NaN equals NaN). Used to skip finished work on resume.
+
+        Returns:
+            A copy of the record, or ``None``.
+        """
+        want = decode_value(encode_value(match, f"find({kind})"))
+        for record in reversed(self._records):
+            if record["kind"] != kind:
+                continue
+            if all(k in record and _values_equal(record[k], v) for k, v in want.items()):
+                return copy.deepcopy(record)
+        return None
+
+    def __repr__(self) -> str:
+        return f"RunLog({str(self.path)!r}, records={len(self._records)})"
+
+
+# --------------------------------------------------------------------------- JSON documents
+
+
+def find_logs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, ``*.log``) into a sorted, de-duplicated list.
+
+    Raises:
+        FileNotFoundError: a path does not exist, or no log file was found at all.
+    """
+    found: dict[Path, Path] = {}
+    paths = list(paths)
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(p.rglob("*.log")):
+                if f.is_file():
+                    found.setdefault(f.resolve(), f)
+        elif p.is_file():
+            found.setdefault(p.resolve(), p)
+        else:
+            raise FileNotFoundError(f"no such log file or folder: {p}")
+    if not found:
+        raise FileNotFoundError("no run logs (*.log) found in " + ", ".join(str(p) for p in paths))
+    return sorted(found.values(), key=lambda f: f.as_posix())
+
+
+def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
+    """Build the JSON document of one run log.
+
+    ``run_id`` comes from the records (else the file stem), ``model`` from the ``config`` record
+    (else the parent folder's name).
+
+    Returns:
+        ``(document, errors)`` with document keys ``run_id``, ``model``, ``source``, ``records``,
+        ``by_kind`` (kinds in first-appearance order) and ``errors`` (``"file:line: reason"``).
+    """
+    path = Path(path)
+    records, errors = parse_log(path)
+    run_id = next((r["run_id"] for r in records if isinstance(r.get("run_id"), str)), path.stem)
+    configs = [r for r in records if r["kind"] == "config" and isinstance(r.get("model"), str)]
+    model = configs[-1]["model"] if configs else path.parent.name
+    by_kind: dict[str, list[dict]] = {}
+    for record in records:
+        by_kind.setdefault(record["kind"], []).append(record)
+    document = {
+        "run_id": run_id,
+        "model": model,
+        "source": path.as_posix(),
+        "records": records,
+        "by_kind": by_kind,
+        "errors": [str(e) for e in errors],
+    }
+    return document, errors
+
+
+def dumps_document(document: Mapping[str, Any]) -> str:
+    """Serialize a run document: standard JSON, indent 1, key order as built, final newline."""
+    return _dumps(encode_value(document, "document"), indent=1) + "\n"
+
+
+def load_document(path: str | os.PathLike) -> dict:
+    """Load a run document written by :func:`jsonify` (non-finite floats decoded).
+
+    Raises:
+        ValueError: the file is not JSON or not a run document.
+    """
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("records"), list):
+        raise ValueError(f"{path}: not a run document (no 'records' list)")
+    return decode_value(document)
+
+
+def document_path(document: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Where :func:`jsonify` writes a document: ``<out_dir>/<model>/<run_id>.json``."""
+    model = _check_name("model", document["model"])
+    run_id = _check_name("run_id", document["run_id"])
+    return Path(out_dir) / model / f"{run_id}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return  # already up to date; leave mtime alone
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def jsonify(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    on_error: Callable[[LogError], None] | None = None,
+) -> list[Path]:
+    """Convert run logs into one JSON document per run, ``<out_dir>/<model>/<run_id>.json``.
+
+    Writing is atomic (temporary file + ``os.replace``) and deterministic, so re-running on the
+    same logs gives byte-identical files.
+
+    Args:
+        paths: log files and/or folders (searched recursively for ``*.log``).
+        out_dir: output root.
+        on_error: called with each corrupt line; default logs a warning ``file:line: reason``.
+
+    Returns:
+        The written document paths, in input order.
+
+    Raises:
+        FileNotFoundError: a path is missing or no log file was found.
+        ValueError: two different logs would produce the same document.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    report = on_error or (lambda err: _LOG.warning("%s", err))
+    documents: dict[Path, tuple[Path, dict]] = {}
+    for log in find_logs(paths):
+        document, errors = run_document(log)
+        for err in errors:
+            report(err)
+        target = document_path(document, out_dir)
+        if target in documents:
+            raise ValueError(
+                f"{log} and {documents[target][0]} are both run {document['run_id']!r} of model "
+                f"{document['model']!r}; both would be written to {target}"
+            )
+        documents[target] = (log, document)
+    for target, (_, document) in documents.items():
+        _write_atomic(target, dumps_document(document))
+    return list(documents)

@@ -1,0 +1,165 @@
+"""Model constructors and checkpoint loading.
+
+CIFAR variants (32x32 inputs) follow ``../shared/checkpoints/cifar10-jpeg/README.md`` exactly:
+torchvision constructors with a few modules swapped, so state_dict keys are torchvision's.
+
+* ``resnet18``: ``resnet18(num_classes)``, ``conv1`` = 3x3/s1/p1 conv without bias, ``maxpool`` = identity.
+* ``vgg16``: ``vgg16_bn(num_classes)``, ``avgpool`` = ``AdaptiveAvgPool2d(1)``, ``classifier`` =
+  ``Linear(512, num_classes)``.
+* ``alexnet``: ``alexnet(num_classes)``, ``features[0]`` = 5x5/s1/p2 conv 3->64 with bias,
+  ``avgpool`` = ``AdaptiveAvgPool2d(3)``, classifier Linear layers 2304->1024->1024->num_classes.
+
+ImageNet variants (224x224 inputs, torchvision as is, ``weights=None``; never downloads):
+``resnet18_imagenet``, ``vgg16_imagenet`` (plain ``vgg16``, no batch norm, as in the
+decomposition literature), ``alexnet_imagenet``, ``mobilenet_v2_imagenet``. Pass ``weights_path``
+to load a local state_dict file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torchvision.models as tvm
+
+from common.paths import CHECKPOINT_DIR
+
+
+def _resnet18_cifar(num_classes: int) -> nn.Module:
+    m = tvm.resnet18(weights=None, num_classes=num_classes)
+    m.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def _vgg16_cifar(num_classes: int) -> nn.Module:
+    m = tvm.vgg16_bn(weights=None, num_classes=num_classes)
+    m.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    m.classifier = nn.Linear(512, num_classes)
+    return m
+
+
+def _alexnet_cifar(num_classes: int) -> nn.Module:
+    m = tvm.alexnet(weights=None, num_classes=num_classes)
+    m.features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2, bias=True)
+    m.avgpool = nn.AdaptiveAvgPool2d((3, 3))
+    m.classifier[1] = nn.Linear(2304, 1024)
+    m.classifier[4] = nn.Linear(1024, 1024)
+    m.classifier[6] = nn.Linear(1024, num_classes)
+    return m
+
+
+# name -> (constructor(num_classes), default num_classes, input size)
+_REGISTRY: dict[str, tuple[Callable[[int], nn.Module], int, int]] = {
+    "resnet18": (_resnet18_cifar, 10, 32),
+    "vgg16": (_vgg16_cifar, 10, 32),
+    "alexnet": (_alexnet_cifar, 10, 32),
+    "resnet18_imagenet": (lambda n: tvm.resnet18(weights=None, num_classes=n), 1000, 224),
+    "vgg16_imagenet": (lambda n: tvm.vgg16(weights=None, num_classes=n), 1000, 224),
+    "alexnet_imagenet": (lambda n: tvm.alexnet(weights=None, num_classes=n), 1000, 224),
+    "mobilenet_v2_imagenet": (lambda n: tvm.mobilenet_v2(weights=None, num_classes=n), 1000, 224),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def input_size(name: str) -> int:
+    """Native input resolution (H = W) of model ``name``."""
+    _check_name(name)
+    return _REGISTRY[name][2]
+
+
+def _check_name(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
+
+
+def build_model(name: str, num_classes: int | None = None,
+                weights_path: str | Path | None = None) -> nn.Module:
+    """Build model ``name`` with fresh (seeded by the global RNG) weights, fp32, train mode.
+
+    Args:
+        name: one of ``MODEL_NAMES``.
+        num_classes: output classes; default 10 for CIFAR variants, 1000 for ImageNet variants.
+        weights_path: optional local state_dict file loaded with :func:`load_checkpoint`.
+
+    Raises:
+        ValueError: unknown name (valid names are listed).
+    """
+    _check_name(name)
+    ctor, default_classes, _ = _REGISTRY[name]
+    model = ctor(default_classes if num_classes is None else num_classes)
+    if weights_path is not None:
+        load_checkpoint(model, weights_path)
+    return model
+
+
+def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors, or a dict with a "
+                         "'model'/'state_dict' entry)")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a state_dict file into ``model`` strictly, casting fp16/bf16 floats to fp32.
+
+    Accepts a plain state_dict, or a dict with a ``"model"`` or ``"state_dict"`` entry.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the keys or shapes do not match ``model`` (missing, unexpected and mismatched
+            keys are listed, with the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    sd = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def fmt(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+        parts = [f"{label} [{fmt(items)}]" for label, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected),
+                  ("shape mismatches", shapes)) if items]
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def manifest(checkpoint_dir: str | Path = CHECKPOINT_DIR) -> dict:
+    """The parsed ``manifest.json`` of a checkpoint folder.
+
+    Raises:
+        FileNotFoundError: naming the missing manifest path.
+    """
+    path = Path(checkpoint_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint manifest not found: {path}")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def load_baseline(name: str, checkpoint_dir: str | Path = CHECKPOINT_DIR) -> nn.Module:
+    """The trained CIFAR baseline ``name`` from ``checkpoint_dir/<name>.pt``: fp32, eval mode, CPU."""
+    model = build_model(name)
+    load_checkpoint(model, Path(checkpoint_dir) / f"{name}.pt")
+    return model.float().eval()
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (not buffers)."""
+    return sum(p.numel() for p in model.parameters())

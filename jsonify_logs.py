@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Turn run logs (``logs/<model>/<run_id>.log``) into JSON (``json/<model>/<run_id>.json``).
+
+Usage: ``python jsonify_logs.py [paths ...] [--out json/]``. Paths are log files or folders
+(searched recursively); the default is ``logs/``. Corrupt lines are printed to stderr as
+``file:line: reason`` and skipped. Exit status: 0 on success, 2 when no log was found, 1 when
+two logs claim the same run.
+The format and the conversion live in :mod:`common.logs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from common.logs import LogError, jsonify
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "paths", nargs="*", default=["logs"], help="log files or folders (default: logs/)"
+    )
+    parser.add_argument("--out", default="json", help="output folder (default: json/)")
+    args = parser.parse_args(argv)
+
+    bad: list[LogError] = []
+
+    def report(err: LogError) -> None:
+        bad.append(err)
+        print(err, file=sys.stderr)
+
+    try:
+        written = jsonify(args.paths, args.out, on_error=report)
+    except FileNotFoundError as exc:
+        print(f"jsonify_logs: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"jsonify_logs: error: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    print(
+        f"{len(written)} run document(s) written to {args.out}, {len(bad)} bad line(s) skipped",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

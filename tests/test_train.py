@@ -1,0 +1,231 @@
+"""Tests for common.train: evaluation, BN recalibration, fine-tuning (incl. 2-process DDP)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.data import BatchLoader, TensorSplit, load_dataset, make_loader
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.train import bn_recalibrate, evaluate, finetune, resolve_device
+
+HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
+
+
+def tiny_cnn(seed: int = 0, bn: bool = True) -> nn.Module:
+    """A ~10k-parameter CNN for 3x32x32 inputs: an epoch of digits takes well under a second."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=not bn), nn.BatchNorm2d(16) if bn else nn.Identity(),
+        nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=not bn), nn.BatchNorm2d(32) if bn else nn.Identity(),
+        nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # identical results need identical thread counts; also keeps the shared CPUs free
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+
+
+def test_evaluate_counts_exactly():
+    """A fixed 'model' whose logits are the labels' one-hot except for known rows."""
+    n = 10
+    split = TensorSplit(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.arange(n) % 10)
+    table = torch.eye(10)[split.labels]
+    table[:3] = torch.eye(10)[(split.labels[:3] + 1) % 10]  # 3 wrong at top-1
+    table[:3] += 0.5 * torch.eye(10)[split.labels[:3]]        # ... but right at top-2
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.i = 0
+
+        def forward(self, x):
+            out = table[self.i:self.i + len(x)]
+            self.i += len(x)
+            return out
+
+    r = evaluate(Lookup(), BatchLoader(split, 4, (0.0,) * 3, (1.0,) * 3))
+    assert r["n"] == 10 and r["top1"] == pytest.approx(0.7) and r["top5"] == pytest.approx(1.0)
+    expected = nn.functional.cross_entropy(table, split.labels).item()
+    assert r["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_SHARED, reason="../shared data/checkpoints absent")
+def test_evaluate_reproduces_alexnet_manifest_val():
+    from common.models import load_baseline, manifest
+
+    data = load_dataset("cifar10-jpeg")
+    torch.set_num_threads(2)
+    r = evaluate(load_baseline("alexnet"), make_loader(data, "val", 500))
+    assert r["n"] == 5000
+    assert r["top1"] == pytest.approx(manifest()["models"]["alexnet"]["accuracy"]["val"], abs=1e-3)
+
+
+def test_bn_recalibrate_exact_cumulative_average():
+    g = torch.Generator().manual_seed(0)
+    split = TensorSplit(torch.randint(0, 256, (12, 3, 4, 4), generator=g, dtype=torch.uint8),
+                        torch.zeros(12, dtype=torch.long))
+    loader = BatchLoader(split, 4, (0.0,) * 3, (1.0,) * 3)
+    bn = nn.BatchNorm2d(3, momentum=0.3)
+    bn.running_mean.fill_(7.0)
+    model = nn.Sequential(bn)
+    bn_recalibrate(model, loader)
+    x = split.images.float() / 255
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-6)
+    # cumulative average of per-batch unbiased variances (batches are equal-sized)
+    per_batch = torch.stack([x[i:i + 4].var(dim=(0, 2, 3), unbiased=True) for i in (0, 4, 8)])
+    assert torch.allclose(bn.running_var, per_batch.mean(0), atol=1e-6)
+    assert bn.momentum == 0.3 and not model.training
+    bn.running_mean.fill_(7.0)
+    bn_recalibrate(model, loader, num_batches=1)
+    assert torch.allclose(bn.running_mean, x[:4].mean(dim=(0, 2, 3)), atol=1e-6)
+
+
+def test_bn_recalibrate_without_bn_is_noop():
+    class Exploding:
+        device = torch.device("cpu")
+
+        def __iter__(self):
+            raise AssertionError("a model without BN must not read the data")
+
+    model = tiny_cnn(bn=False).train()
+    before = copy.deepcopy(model.state_dict())
+    assert bn_recalibrate(model, Exploding()) is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bn_recalibrate_restores_accuracy(digits):
+    model = tiny_cnn()
+    finetune(model, digits, 4, batch_size=64, lr=0.1, device="cpu", augment=False,
+             progress=False, eval_every_epoch=False)
+    val = make_loader(digits, "val", 512)
+    good = evaluate(model, val)["top1"]
+    assert good > 0.8
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 3)
+            m.running_var.mul_(10)
+    broken = evaluate(model, val)["top1"]
+    assert broken < good - 0.2
+    bn_recalibrate(model, make_loader(digits, "train", 128))
+    assert evaluate(model, val)["top1"] >= good - 0.03
+
+
+def _history_wo_time(h):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+
+
+def test_finetune_deterministic_on_cpu(digits):
+    runs = []
+    for _ in range(2):
+        model = tiny_cnn(seed=3)
+        h = finetune(model, digits, 0.5, batch_size=64, lr=0.1, device="cpu", seed=11,
+                     progress=False, val_subset=100)
+        runs.append((_history_wo_time(h), model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    other = finetune(tiny_cnn(seed=3), digits, 0.5, batch_size=64, lr=0.1, device="cpu",
+                     seed=12, progress=False, val_subset=100)
+    assert _history_wo_time(other) != runs[0][0]
+
+
+def test_finetune_lowers_loss_and_fractional_epochs(digits):
+    model = tiny_cnn()
+    seen = []
+    h = finetune(model, digits, 2.5, batch_size=64, lr=0.1, device="cpu", augment=False,
+                 progress=False, on_epoch_end=lambda rec, m: seen.append(rec["epoch"]))
+    steps = len(digits.train) // 64
+    assert [r["epoch"] for r in h] == pytest.approx([1.0, 2.0, round(2.5 * steps) / steps])
+    assert seen == [r["epoch"] for r in h]
+    assert h[-1]["images_seen"] == round(2.5 * steps) * 64
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert h[-1]["val_top1"] > 0.5
+    assert not model.training
+
+
+def test_finetune_kd_adamw_cosine_max_images(digits):
+    teacher = tiny_cnn(seed=1)
+    finetune(teacher, digits, 2, batch_size=64, lr=0.1, device="cpu", augment=False,
+             progress=False, eval_every_epoch=False)
+    student = tiny_cnn(seed=2)
+    h = finetune(student, digits, 1, batch_size=32, lr=3e-3, optimizer="adamw", schedule="cosine",
+                 teacher=teacher, kd_alpha=0.7, max_images=320, device="cpu", progress=False,
+                 label_smoothing=0.1)
+    assert len(h) == 1 and h[0]["images_seen"] == 320
+    assert h[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at 0
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="optimizer"):
+        finetune(tiny_cnn(), digits, 0.1, optimizer="lamb", device="cpu", progress=False)
+
+
+def _ddp_worker(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        data = load_dataset("digits")
+        model = tiny_cnn(seed=0)
+        h = finetune(model, data, 1, batch_size=64, lr=0.1, device="cpu", seed=5, hflip=False,
+                     max_images=256, progress=False, val_subset=120)
+        torch.save({"state": model.state_dict(), "history": h}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_finetune_ddp_two_processes_identical(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["state"].keys() == r1["state"].keys()
+    for k, v in r0["state"].items():
+        assert torch.equal(v, r1["state"][k]), k
+    before = tiny_cnn(seed=0).state_dict()
+    assert not torch.equal(before["0.weight"], r0["state"]["0.weight"])  # it did train
+    h0, h1 = _history_wo_time(r0["history"]), _history_wo_time(r1["history"])
+    assert h0 == h1  # metrics were all-reduced
+    assert h0[0]["images_seen"] == 256  # 4 global batches of 64, 32 per rank
+
+
+def test_train_baseline_smoke(tmp_path):
+    import hashlib
+    import json
+
+    from common.models import build_model, load_checkpoint
+    from finetuned.train_baseline import main
+
+    side = main(["--model", "alexnet", "--dataset", "digits", "--epochs", "1", "--max-images",
+                 "64", "--batch-size", "32", "--out", str(tmp_path), "--no-progress", "--fp16"])
+    pt, js = tmp_path / "alexnet-digits.pt", tmp_path / "alexnet-digits.json"
+    assert pt.is_file() and js.is_file() and not list(tmp_path.glob("*.tmp"))
+    on_disk = json.loads(js.read_text())
+    assert on_disk["sha256"] == hashlib.sha256(pt.read_bytes()).hexdigest() == side["sha256"]
+    assert on_disk["recipe"]["batch_size"] == 32 and on_disk["seed"] == 0
+    assert on_disk["n"] == {"val": 359, "test": 360}
+    assert 0.0 <= on_disk["accuracy"]["test"] <= 1.0
+    assert on_disk["history"][0]["images_seen"] == 64
+    sd = torch.load(pt, weights_only=True)
+    assert sd["features.0.weight"].dtype == torch.float16
+    load_checkpoint(build_model("alexnet"), pt)  # loads back strictly
