@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--log-dir", default="logs/results")
     p.add_argument("--run-tag", default=None, help="run id suffix (default: the device type)")
-    p.add_argument("--minutes", type=float, default=None, help="stop starting new stages after this long")
+    p.add_argument("--minutes", type=float, default=None, help="per model: start no new stage after this long")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -56,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
     device = "cuda" if cuda else "cpu"
     epochs = a.finetune_epochs if a.finetune_epochs is not None else (3.0 if cuda else 0.1)
-    deadline = time.time() + 60 * a.minutes if a.minutes else None
     tag = a.run_tag or device
     for model in [m for m in a.models.split(",") if m]:
+        deadline = time.time() + 60 * a.minutes if a.minutes else None  # per model
         ckpt = Path(a.checkpoint_dir) / f"{model}.pt"
         if not ckpt.exists():
             print(f"skipping {model}: no checkpoint at {ckpt}")
@@ -69,17 +69,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             methods=tuple(m for m in a.methods.split(",") if m), policy_tucker2=not a.no_tucker2,
             search_budget=a.search_budget, finetune=epochs > 0, finetune_epochs=epochs or 3.0,
             finetune_targets=tuple(float(t) for t in a.finetune_targets.split(",")),
-            finetune_batch_size=256 if cuda else 128, finetune_lr=0.003 if cuda else 0.002,
+            finetune_batch_size=256 if cuda else 128, finetune_lr=0.0005,
             calib_images=a.calib_images or (1024 if cuda else 256),
             val_images=a.val_images if a.val_images is not None else (None if cuda else 1000),
-            latency=not a.no_latency, device=device, seed=a.seed, run_id=f"results-{model}-{tag}",
+            latency=not a.no_latency, latency_devices=("cuda",) if cuda else ("cpu",), device=device, seed=a.seed, run_id=f"results-{model}-{tag}",
             log_dir=a.log_dir, deadline=deadline, progress=True)
         t = time.perf_counter()
         finals = run_experiment(cfg)
         print(f"{model}: {len(finals)} final records in {time.perf_counter() - t:.0f}s")
         if deadline and time.time() > deadline:
-            print("deadline reached; re-run the same command to continue")
-            break
+            print(f"{model}: time box reached; re-run the same command to continue")
 
 
 if __name__ == "__main__":

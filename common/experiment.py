@@ -56,7 +56,7 @@ class ExperimentConfig:
     finetune: bool = False
     finetune_epochs: float = 3.0
     finetune_targets: tuple | None = None
-    finetune_lr: float = 0.002  # factorized chains amplify SGD steps ~10x (see README)
+    finetune_lr: float = 0.0005  # factorized chains amplify SGD steps (the effective lr grows with the product of factor norms); 0.01 diverged on AlexNet
     finetune_batch_size: int = 128
     finetune_max_images: int | None = None
     distill: bool = True
@@ -69,6 +69,7 @@ class ExperimentConfig:
     latency: bool = False
     latency_batches: tuple = (1, 64)
     latency_threads: int = 2
+    latency_devices: tuple = ("cpu", "cuda")  # which of these to time (cuda only when present)
     device: str = "auto"
     seed: int = 0
     run_id: str | None = None
@@ -127,11 +128,11 @@ def _latency(model: nn.Module, cfg: ExperimentConfig, image_size: int, device: t
 
     out = {}
     cpu_model = copy.deepcopy(model).cpu().eval()
-    for b in cfg.latency_batches:
+    for b in (cfg.latency_batches if "cpu" in cfg.latency_devices else ()):
         r = best_cpu_format(cpu_model, (b, 3, image_size, image_size), threads=cfg.latency_threads)
         out[f"cpu_b{b}"] = r["median_ms"]
         out[f"cpu_b{b}_channels_last"] = bool(r["channels_last"])
-    if device.type == "cuda":
+    if device.type == "cuda" and "cuda" in cfg.latency_devices:
         m = copy.deepcopy(model).to(device).eval()
         r = measure_latency(m, (256, 3, image_size, image_size), device=device, dtype=torch.bfloat16,
                             channels_last=True, cuda_graph=True, warmup=10, iters=50)
@@ -185,6 +186,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     from .models import build_model, load_checkpoint
 
     ckpt = resolve_checkpoint(cfg, data)
+    torch.manual_seed(cfg.seed)  # checkpoint=None keeps the random init: it must be the same on resume
     model = build_model(cfg.model, num_classes=data.num_classes)
     if ckpt is not None:
         load_checkpoint(model, ckpt)
@@ -216,24 +218,23 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
         decomps.append(("tucker2", ["policy"]))
     finals = []
     spectra = None
-    ft_targets = cfg.targets if cfg.finetune_targets is None else cfg.finetune_targets
-    for decomposition, methods in decomps:
+    searchers = {}
+    ft_targets = [float(x) for x in (cfg.targets if cfg.finetune_targets is None else cfg.finetune_targets)]
+    for decomposition, _ in decomps:
         t = time.perf_counter()
         search_cfg = SearchConfig(sensitivity_levels=tuple(cfg.sensitivity_levels), rounds=cfg.policy_rounds,
                                   temperature=cfg.temperature)
-        searcher = build_searcher(model, data, decomposition=decomposition, calib_images=cfg.calib_images,
-                                  val_images=cfg.val_images, device=device, seed=cfg.seed,
-                                  multiple=cfg.rank_multiple, recorder=log, config=search_cfg,
-                                  progress=say, spectra=spectra, tag={"decomposition": decomposition},
-                                  channels_last=device.type == "cuda",
-                                  amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-        spectra = searcher.spectra
+        searchers[decomposition] = build_searcher(
+            model, data, decomposition=decomposition, calib_images=cfg.calib_images, val_images=cfg.val_images,
+            device=device, seed=cfg.seed, multiple=cfg.rank_multiple, recorder=log, config=search_cfg,
+            progress=say, spectra=spectra, tag={"decomposition": decomposition},
+            channels_last=device.type == "cuda", amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        spectra = searchers[decomposition].spectra
         log.write("timing", stage=f"setup_{decomposition}", seconds=time.perf_counter() - t)
-        if "policy" in methods:
-            t = time.perf_counter()
-            searcher.sensitivity()
-            log.write("timing", stage=f"sensitivity_{decomposition}", seconds=time.perf_counter() - t)
-        for target in cfg.targets:
+    # Targets outermost, so that an interrupted or time-boxed run has whole budgets done first.
+    for target in cfg.targets:
+        for decomposition, methods in decomps:
+            searcher = searchers[decomposition]
             for method in methods:
                 key = {"method": method, "target": float(target), "decomposition": decomposition}
                 done = log.find("final", **key)
@@ -244,6 +245,10 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
                     say(f"deadline reached before {key}; re-run with the same run id to continue")
                     log.write("end", status="deadline", wall_seconds=time.perf_counter() - t_start)
                     return finals
+                if method == "policy" and searcher._sensitivity is None:
+                    t = time.perf_counter()
+                    searcher.sensitivity()
+                    log.write("timing", stage=f"sensitivity_{decomposition}", seconds=time.perf_counter() - t)
                 prec = log.find("plan", **key)
                 if prec is None:
                     res: SearchResult = searcher.run(method, float(target), cfg.metric, cfg.search_budget, cfg.seed)
@@ -255,7 +260,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
                                      search_seconds=res.seconds, layer_costs=_plan_layer_costs(searcher, res.plan))
                 plan = plan_from_dict(prec["plan"])
                 finals.append(_finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base,
-                                      float(target) in [float(x) for x in ft_targets]))
+                                      float(target) in ft_targets))
     log.write("end", status="ok", wall_seconds=time.perf_counter() - t_start)
     return finals
 
@@ -273,14 +278,21 @@ def _finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base,
         t = time.perf_counter()
         teacher = copy.deepcopy(model) if cfg.distill else None
 
-        def on_epoch(r: dict, _m) -> None:
+        # Keep the weights of the best val epoch (epoch 0 = before finetuning): selection on val only.
+        best = {"val": ev["val"]["top1"], "epoch": 0.0, "state": copy.deepcopy(comp.state_dict())}
+
+        def on_epoch(r: dict, m) -> None:
             log.write("finetune_epoch", **key, **{k: v for k, v in r.items() if k not in key})
+            if r.get("val_top1") is not None and r["val_top1"] > best["val"]:
+                best.update(val=r["val_top1"], epoch=r["epoch"], state=copy.deepcopy(m.state_dict()))
 
         finetune(comp, data, cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
                  teacher=teacher, max_images=cfg.finetune_max_images, device=device, seed=cfg.seed,
                  progress=cfg.progress, on_epoch_end=on_epoch, eval_every_epoch=True,
                  hflip=data.name != "digits")
+        comp.load_state_dict(best["state"])
         comp.to(memory_format=torch.contiguous_format).eval()
+        rec["finetune_selected_epoch"] = best["epoch"]
         ev = {s: evaluate(comp, make_loader(data, s, 500, device=device), device) for s in ("val", "test")}
         rec.update(val_top1_ft=ev["val"]["top1"], test_top1_ft=ev["test"]["top1"],
                    finetune_epochs=cfg.finetune_epochs, finetune_seconds=time.perf_counter() - t)

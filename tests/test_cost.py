@@ -27,7 +27,9 @@ MANIFEST = CHECKPOINT_DIR / "manifest.json"
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
-@pytest.fixture(autouse=True)
+# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
+# 2-core machine can make a decomposition ~100x slower)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)

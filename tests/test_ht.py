@@ -24,7 +24,9 @@ settings.register_profile("ht2-tests", derandomize=True, deadline=None, max_exam
 PROFILE = settings.get_profile("ht2-tests")
 
 
-@pytest.fixture(autouse=True)
+# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
+# 2-core machine can make a decomposition ~100x slower)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -23,7 +23,9 @@ IMAGENET_CONVS = {"resnet18_imagenet": 20, "vgg16_imagenet": 13, "alexnet_imagen
                   "mobilenet_v2_imagenet": 52}
 
 
-@pytest.fixture(autouse=True)
+# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
+# 2-core machine can make a decomposition ~100x slower)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     old = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,0 +1,165 @@
+"""End-to-end experiments on digits: the log round-trips, every method meets the budget, a re-run
+resumes without evaluating anything, and an interrupted search resumes to the uninterrupted result."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import common.experiment as experiment
+from common.experiment import ExperimentConfig, parse_args, run_experiment
+from common.logs import encode_value, jsonify, load_document, parse_log
+from common.search import METHODS, ProxyEvaluator
+
+TARGET = 3.0
+
+
+def config(log_dir: Path, checkpoint: Path | None, run_id: str, methods=METHODS, **kw) -> ExperimentConfig:
+    return ExperimentConfig(model="alexnet", dataset="digits", checkpoint=None if checkpoint is None else str(checkpoint),
+                            targets=(TARGET,), methods=tuple(methods), search_budget=3, sensitivity_levels=(0.5, 0.2),
+                            calib_images=64, val_images=200, log_dir=str(log_dir), run_id=run_id, progress=False,
+                            seed=0, **kw)
+
+
+def log_file(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.log_dir) / cfg.model / f"{cfg.resolved_run_id()}.log"
+
+
+def canon(x) -> str:
+    """Comparable text of records (NaN-safe, key-order-free)."""
+    return json.dumps(encode_value(x, "test"), sort_keys=True)
+
+
+def strip(rec: dict) -> dict:
+    """A record without what differs between runs (time, position, run id, wall-clock seconds)."""
+    return {k: v for k, v in rec.items() if k not in ("t", "seq", "run_id") and "seconds" not in k}
+
+
+def of_kind(records: list[dict], kind: str, **match) -> list[dict]:
+    return [r for r in records if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())]
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits_checkpoint):
+    """One uninterrupted run of every method (the slow part of this file, done once)."""
+    cfg = config(tmp_path_factory.mktemp("logs"), digits_checkpoint("alexnet"), "reference")
+    finals = run_experiment(cfg)
+    return cfg, finals
+
+
+def test_log_round_trips_through_jsonify(reference, tmp_path):
+    cfg, finals = reference
+    records, errors = parse_log(log_file(cfg))
+    assert errors == []
+    kinds = {r["kind"] for r in records}
+    assert {"config", "baseline", "layers", "sensitivity", "candidate", "plan", "final", "timing", "end"} <= kinds
+    written = jsonify(log_file(cfg), tmp_path / "json")
+    assert [p.relative_to(tmp_path / "json").as_posix() for p in written] == ["alexnet/reference.json"]
+    text = written[0].read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    doc = load_document(written[0])
+    assert doc["errors"] == [] and doc["model"] == "alexnet" and doc["run_id"] == "reference"
+    assert canon(doc["records"]) == canon(records)
+    assert canon(of_kind(records, "final")[:len(finals)]) == canon(finals)
+    config_rec = of_kind(records, "config")[0]
+    assert config_rec["calib_images"] == 64 and config_rec["sensitivity_levels"] == [0.5, 0.2]
+
+
+def test_every_method_meets_the_budget(reference):
+    cfg, finals = reference
+    records, _ = parse_log(log_file(cfg))
+    assert sorted(f["method"] for f in finals) == sorted(METHODS)
+    base = of_kind(records, "baseline")[0]
+    assert base["val_top1"] > 0.9  # the fitted digits checkpoint: compression has something to lose
+    for f in finals:
+        assert abs(f["macs_factor"] / TARGET - 1) <= 0.03, (f["method"], f["macs_factor"])
+        assert 0.0 <= f["test_top1_bn"] <= 1.0 and f["test_top1_ft"] is None
+        # The search's cost model agrees with counting the built compressed model.
+        plan = of_kind(records, "plan", method=f["method"])[0]
+        assert f["macs_factor"] == pytest.approx(plan["macs_factor"], rel=1e-9)
+    searched = {f["method"]: f["evaluations"] for f in finals}
+    assert searched["random"] >= 3 and searched["policy"] >= 3
+
+
+def test_rerun_resumes_without_evaluating(reference, monkeypatch):
+    cfg, finals = reference
+    before, _ = parse_log(log_file(cfg))
+
+    def no_evaluation(*_a, **_k):
+        raise AssertionError("a resumed run evaluated a model")
+
+    monkeypatch.setattr(ProxyEvaluator, "__call__", no_evaluation)
+    monkeypatch.setattr(experiment, "evaluate", no_evaluation)
+    again = run_experiment(cfg)
+    after, _ = parse_log(log_file(cfg))
+    assert canon(again) == canon(finals)
+    assert canon(after[:len(before)]) == canon(before)
+    assert {r["kind"] for r in after[len(before):]} <= {"timing", "end"}
+    for kind in ("sensitivity", "candidate", "plan", "final", "baseline"):
+        assert len(of_kind(after, kind)) == len(of_kind(before, kind)), kind
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_plan(reference, tmp_path, monkeypatch, digits_checkpoint):
+    ref_cfg, ref_finals = reference
+    ref, _ = parse_log(log_file(ref_cfg))
+    n_sens = len(of_kind(ref, "sensitivity"))
+    ref_cands = of_kind(ref, "candidate", method="policy")
+    assert n_sens >= 5 and len(ref_cands) >= 3  # so the cut below falls inside the policy search
+
+    cfg = config(tmp_path, digits_checkpoint("alexnet"), "interrupted", methods=("policy",))
+    real_call = ProxyEvaluator.__call__
+    calls = {"n": 0, "limit": n_sens + 2}  # sensitivity, then two policy candidates, then it dies
+
+    def counting(self, plan):
+        calls["n"] += 1
+        if calls["limit"] is not None and calls["n"] > calls["limit"]:
+            raise Interrupted("killed mid-search")
+        return real_call(self, plan)
+
+    monkeypatch.setattr(ProxyEvaluator, "__call__", counting)
+    with pytest.raises(Interrupted):
+        run_experiment(cfg)
+    partial, errors = parse_log(log_file(cfg))
+    assert errors == []
+    assert len(of_kind(partial, "candidate")) == 2 and not of_kind(partial, "plan") and not of_kind(partial, "final")
+
+    calls.update(n=0, limit=None)
+    (final,) = run_experiment(cfg)
+    assert calls["n"] == len(ref_cands) - 2  # only the candidates the killed run had not scored
+    (ref_final,) = [f for f in ref_finals if f["method"] == "policy"]
+    resumed, _ = parse_log(log_file(cfg))
+    assert of_kind(resumed, "plan")[0]["plan"] == of_kind(ref, "plan", method="policy")[0]["plan"]
+    for key in ("val_top1_bn", "test_top1_bn", "macs_factor", "params_factor", "proxy_val_top1", "evaluations"):
+        assert final[key] == ref_final[key], key
+    assert canon([strip(r) for r in of_kind(resumed, "candidate")]) == canon([strip(r) for r in ref_cands])
+    assert canon([strip(r) for r in of_kind(resumed, "sensitivity")]) == canon(
+        [strip(r) for r in of_kind(ref, "sensitivity")])
+
+
+def test_random_init_is_reproducible(tmp_path):
+    """checkpoint=None (smoke runs) must give the same weights on every run, or resuming mixes models."""
+    base = []
+    for run_id in ("a", "b"):
+        cfg = config(tmp_path, None, run_id, methods=("uniform",), deadline=0.0)
+        assert run_experiment(cfg) == []  # the deadline stops it right after the baseline
+        records, _ = parse_log(log_file(cfg))
+        base.append(strip(of_kind(records, "baseline")[0]))
+        assert of_kind(records, "end")[0]["status"] == "deadline"
+    assert canon(base[0]) == canon(base[1])
+
+
+def test_cli_maps_flags_to_the_config():
+    cfg = parse_args(["--model", "vgg16", "--dataset", "digits", "--targets", "2,3.5", "--methods", "uniform,policy",
+                      "--finetune-epochs", "0.5", "--val-images", "0", "--sensitivity-levels", "0.5,0.25",
+                      "--run-id", "x", "--quiet"])
+    assert (cfg.model, cfg.dataset, cfg.targets, cfg.methods) == ("vgg16", "digits", (2.0, 3.5), ("uniform", "policy"))
+    assert cfg.finetune and cfg.finetune_epochs == 0.5 and cfg.val_images is None
+    assert cfg.sensitivity_levels == (0.5, 0.25) and cfg.run_id == "x" and not cfg.progress
+    assert not parse_args(["--finetune-epochs", "0"]).finetune
+    with pytest.raises(ValueError, match="unknown method"):
+        run_experiment(ExperimentConfig(methods=("nope",), log_dir="unused"))
