@@ -61,6 +61,7 @@ def _check_kernel(weight: Tensor, groups: int, name: str) -> Tensor:
                          f"{type(weight).__name__} of shape {tuple(getattr(weight, 'shape', ()))}")
     if groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"layer {name!r}: {weight.shape[0]} output channels do not split into {groups} groups")
+    weight = weight.detach()
     if not torch.isfinite(weight).all():
         bad = int((~torch.isfinite(weight)).sum())
         raise ValueError(f"layer {name!r}: kernel has {bad} non-finite (NaN/inf) values; refusing to decompose")
