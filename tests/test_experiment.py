@@ -16,7 +16,8 @@ TARGET = 3.0
 
 
 def config(log_dir: Path, checkpoint: Path | None, run_id: str, methods=METHODS, **kw) -> ExperimentConfig:
-    return ExperimentConfig(model="alexnet", dataset="digits", checkpoint=None if checkpoint is None else str(checkpoint),
+    return ExperimentConfig(model="alexnet", dataset="digits",
+                            checkpoint=None if checkpoint is None else str(checkpoint),
                             targets=(TARGET,), methods=tuple(methods), search_budget=3, sensitivity_levels=(0.5, 0.2),
                             calib_images=64, val_images=200, log_dir=str(log_dir), run_id=run_id, progress=False,
                             seed=0, **kw)

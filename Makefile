@@ -1,0 +1,38 @@
+# make venv  - .venv with the pinned requirements and a "python3" Jupyter kernel running it
+# make test  - the whole test suite (builds the venv first if needed)
+# make run   - the main job on the embedded digits data, then logs -> json/ -> results/digits/
+# make clean - remove json/ and results/digits/ (logs/ and the baseline cache in .cache/ are kept)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_FLAGS ?= -q -x -p no:cacheprovider --durations=15
+
+# Spinning OpenMP workers make MKL's small eigendecompositions 100-1000x slower whenever the cores are
+# shared (a notebook kernel beside pytest, other jobs): let waiting threads sleep.
+export OMP_WAIT_POLICY ?= PASSIVE
+export PYTHONDONTWRITEBYTECODE := 1
+
+RUN_ARGS ?= --model resnet18 --dataset digits --targets 3 --search-budget 16 --finetune-epochs 0.25 \
+	--calib-images 128 --val-images 200 --sensitivity-levels 0.3 --run-id make-run
+
+.PHONY: venv test run clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (htd .venv)"
+	touch $@
+
+test: venv
+	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+run: venv
+	$(PY) -m common.experiment $(RUN_ARGS)
+	$(PY) jsonify_logs.py logs --out json
+	$(PY) analyze_results.py --json json --out results/digits
+
+clean:
+	rm -rf json results/digits
