@@ -207,9 +207,11 @@ class KernelSpectra:
         if r13 == cols:  # no truncation: M = M · I
             a, b = m, torch.eye(cols, dtype=m.dtype).expand(self.groups, cols, cols)
             kept = m.pow(2).sum()
+            sa, sb = _spectral_norm(a), _spectral_norm(b)
         elif r13 == rows:
             a, b = torch.eye(rows, dtype=m.dtype).expand(self.groups, rows, rows), m
             kept = m.pow(2).sum()
+            sa, sb = _spectral_norm(a), _spectral_norm(b)
         else:
             vals, vecs, side = self._core_gram_eig(r1, r3)
             v = vecs[:, :, :r13]
@@ -222,10 +224,10 @@ class KernelSpectra:
             else:
                 a, b = v * root[:, None, :], (v.transpose(1, 2) @ m) / root[:, :, None]
             kept = vals[:, :r13].sum()
+            sa = sb = root[:, 0]  # ‖U·S^½‖₂ = ‖S^½·Vᵀ‖₂ = √σ₁, known from the eigenvalues
         # Balance the chain: give all four factors the same spectral norm t (their product is
         # unchanged). With orthonormal leaves and the whole scale in the core, the leaves' gradients
         # are scaled by ‖W‖², which makes SGD finetuning diverge at ordinary learning rates.
-        sa, sb = _spectral_norm(a), _spectral_norm(b)
         t = (sa * sb).clamp_min(1e-30) ** 0.25
         a = a * (t / sa.clamp_min(1e-30))[:, None, None]
         b = b * (t / sb.clamp_min(1e-30))[:, None, None]
