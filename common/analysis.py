@@ -27,10 +27,17 @@ from matplotlib.figure import Figure
 from common.logs import load_document
 
 __all__ = [
+    "LATENCY_COLUMNS",
+    "LATENCY_SPEEDUP_COLUMNS",
     "MARKDOWN_COLUMNS",
+    "README_BEGIN",
+    "README_END",
     "SUMMARY_COLUMNS",
+    "join_latency",
     "latest_records",
+    "load_latency",
     "load_runs",
+    "machine_description",
     "make_plots",
     "markdown_table",
     "pareto_front",
@@ -38,8 +45,11 @@ __all__ = [
     "plot_ranks",
     "plot_search_trace",
     "plot_sensitivity",
+    "readme_block",
+    "replace_marked_block",
     "split_speedup",
     "summary_table",
+    "update_readme",
     "write_summary",
 ]
 
@@ -270,6 +280,210 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- latency tables
+
+LATENCY_COLUMNS: tuple[str, ...] = (
+    "model",
+    "method",
+    "decomposition",
+    "target",
+    "macs_factor",
+    "deployed_macs_factor",
+    "setting",
+    "batch",
+    "dense_ms",
+    "factorized_ms",
+    "deployed_ms",
+    "speedup_factorized",
+    "speedup",
+    "channels_last",
+    "forms",
+    "device_name",
+)
+"""Columns of a latency table (``results/latency_{cpu,cuda}.csv``), one row per configuration and
+setting. Only :data:`_LATENCY_REQUIRED` must be present, so that extra or later-added columns of the
+benchmark never break the summary."""
+
+_LATENCY_REQUIRED = ("model", "method", "decomposition", "target", "setting", "speedup")
+_LATENCY_TEXT = ("model", "method", "decomposition", "setting", "device_name", "forms")
+_LATENCY_NUMERIC = (
+    "target",
+    "macs_factor",
+    "deployed_macs_factor",
+    "batch",
+    "dense_ms",
+    "factorized_ms",
+    "deployed_ms",
+    "speedup_factorized",
+    "speedup",
+)
+_RUN_SPEEDUP_COLUMNS = ("speedup_cpu", "speedup_cpu_setting", "speedup_cuda")
+
+LATENCY_SPEEDUP_COLUMNS: tuple[str, ...] = (
+    "speedup_cpu_b1",
+    "speedup_cpu_b64",
+    "speedup_cuda",
+    "speedup_cuda_setting",
+)
+"""Columns :func:`join_latency` puts in place of the run records' ``speedup_cpu``,
+``speedup_cpu_setting`` and ``speedup_cuda``."""
+
+_CPU_SETTINGS = {"speedup_cpu_b1": "cpu_b1", "speedup_cpu_b64": "cpu_b64"}
+
+
+def _check_numeric(df: pd.DataFrame, col: str, path: Path, required: bool) -> None:
+    """Parse ``df[col]`` as floats in place; a non-number (or, when required, a blank) is an error.
+
+    Silently coercing would turn a malformed table into rows of "–" nobody notices.
+    """
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = values.isna() & (df[col].notna() | required)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(
+            f"{path}: column {col!r} must be numeric, got {df[col].iloc[i]!r} on line {i + 2}"
+        )
+    df[col] = values.astype(float)
+
+
+def _read_latency_csv(path: Path) -> pd.DataFrame:
+    """One latency table, validated; a ``source`` column records the file for the headers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"latency table not found: {path}")
+    df = pd.read_csv(path, dtype={c: str for c in _LATENCY_TEXT})
+    missing = [c for c in _LATENCY_REQUIRED if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: latency table lacks column(s) {missing} "
+            f"(needs at least {list(_LATENCY_REQUIRED)})"
+        )
+    for col in ("model", "method", "setting"):
+        df[col] = df[col].str.strip()
+        blank = df[col].isna() | (df[col] == "")
+        if blank.any():
+            line = int(np.flatnonzero(blank.to_numpy())[0]) + 2
+            raise ValueError(f"{path}: column {col!r} is empty on line {line}")
+    for col in _LATENCY_NUMERIC:
+        if col in df.columns:
+            _check_numeric(df, col, path, required=col == "target")
+    df["source"] = str(path)
+    return df
+
+
+def load_latency(paths: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """Concatenate latency tables (see :data:`LATENCY_COLUMNS`), adding a ``source`` column.
+
+    Numeric columns are parsed as floats, so a target written ``3`` matches a run's ``3.0``.
+
+    Returns:
+        One row per input row, in file order; empty (with the documented columns) for no paths.
+
+    Raises:
+        FileNotFoundError: a path that is not a file.
+        ValueError: a required column missing, a blank key, or a non-numeric value in a numeric
+            column; the message names the file and the column.
+    """
+    frames = [_read_latency_csv(Path(p)) for p in paths]
+    if not frames:
+        return pd.DataFrame(columns=[*LATENCY_COLUMNS, "source"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def _join_key(model: Any, method: Any, decomposition: Any, target: Any) -> tuple | None:
+    """Join key with a float target (``3``, ``3.0`` and ``"3"`` all match) and None for a missing
+    decomposition; None when the target is not a number."""
+    try:
+        t = float(target)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(t):
+        return None
+    return (str(model), str(method), None if _is_missing(decomposition) else str(decomposition), t)
+
+
+def _speedups_by_key(latency: pd.DataFrame) -> dict[tuple, dict[str, float]]:
+    """``{key: {setting: speedup}}``; for a repeated (key, setting) the later row wins."""
+    table: dict[tuple, dict[str, float]] = {}
+    for model, method, decomposition, target, setting, speedup in zip(
+        *(latency[c] for c in ("model", "method", "decomposition", "target", "setting", "speedup"))
+    ):
+        key = _join_key(model, method, decomposition, target)
+        if key is not None:
+            table.setdefault(key, {})[str(setting)] = float(speedup)
+    return table
+
+
+def _with_latency_columns(columns: Sequence[str]) -> list[str]:
+    """``columns`` with the run-record speed-up columns swapped for :data:`LATENCY_SPEEDUP_COLUMNS`
+    at the place of ``speedup_cpu`` (else at the end)."""
+    out: list[str] = []
+    for col in columns:
+        if col == "speedup_cpu":
+            out += LATENCY_SPEEDUP_COLUMNS
+        elif col not in _RUN_SPEEDUP_COLUMNS and col not in LATENCY_SPEEDUP_COLUMNS:
+            out.append(col)
+    return out if "speedup_cpu" in columns else out + list(LATENCY_SPEEDUP_COLUMNS)
+
+
+def join_latency(summary: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
+    """Replace the summary's speed-ups by the latency tables' ``speedup`` (dense / deployed).
+
+    Rows are matched on (model, method, decomposition, target), the target compared as a float.
+    ``speedup_cpu_b1`` / ``speedup_cpu_b64`` are the settings ``cpu_b1`` / ``cpu_b64``;
+    ``speedup_cuda`` is the best setting whose name starts with ``cuda`` (any case), named in
+    ``speedup_cuda_setting``. Unmatched rows get NaN. The run records' ``speedup_cpu``,
+    ``speedup_cpu_setting`` and ``speedup_cuda`` are dropped so that the two sources never mix.
+
+    Args:
+        summary: output of :func:`summary_table`.
+        latency: output of :func:`load_latency`.
+
+    Returns:
+        A new DataFrame, same rows and order; columns as :func:`_with_latency_columns` says.
+    """
+    table = _speedups_by_key(latency)
+    used: set[tuple] = set()
+    rows = []
+    for model, method, decomposition, target in zip(
+        *(summary[c] for c in ("model", "method", "decomposition", "target"))
+    ):
+        key = _join_key(model, method, decomposition, target)
+        speedups = table.get(key, {}) if key is not None else {}
+        if speedups:
+            used.add(key)
+        row = {col: speedups.get(setting, math.nan) for col, setting in _CPU_SETTINGS.items()}
+        cuda = {
+            s: v for s, v in speedups.items() if s.lower().startswith("cuda") and not math.isnan(v)
+        }
+        best = max(cuda, key=cuda.__getitem__) if cuda else None
+        row["speedup_cuda"] = cuda[best] if best is not None else math.nan
+        row["speedup_cuda_setting"] = best
+        rows.append(row)
+    unmatched = len(table) - len(used)
+    if unmatched:
+        _LOG.info("%d latency configuration(s) match no summary row", unmatched)
+    joined = pd.DataFrame(rows, columns=list(LATENCY_SPEEDUP_COLUMNS), index=summary.index)
+    out = summary.drop(columns=[c for c in summary.columns if c in LATENCY_SPEEDUP_COLUMNS])
+    out = pd.concat([out, joined], axis=1)
+    for col in ("speedup_cpu_b1", "speedup_cpu_b64", "speedup_cuda"):
+        out[col] = out[col].astype(float)
+    return out[_with_latency_columns(list(summary.columns))]
+
+
+def _latency_sources(latency: pd.DataFrame | None) -> list[str]:
+    """The distinct ``source`` files of a latency frame, in order."""
+    if latency is None or "source" not in latency.columns:
+        return []
+    return list(dict.fromkeys(str(s) for s in latency["source"]))
+
+
+def _speedup_origin(sources: Sequence[str | os.PathLike]) -> str:
+    """Where the speed-ups come from, for headers: the latency files, else the run records."""
+    if not sources:
+        return "the runs' `final` records"
+    return ", ".join(f"`{Path(s).as_posix()}`" for s in sources)
+
+
 def _is_missing(value: Any) -> bool:
     if value is None:
         return True
@@ -351,6 +565,23 @@ MARKDOWN_COLUMNS: dict[str, str] = {
 }
 """Columns (and headers) of the Markdown summary table."""
 
+_LATENCY_HEADERS = {
+    "speedup_cpu_b1": "CPU speed-up b1",
+    "speedup_cpu_b64": "CPU speed-up b64",
+    "speedup_cuda": "CUDA speed-up",
+}
+
+
+def _markdown_columns(df: pd.DataFrame) -> dict[str, str]:
+    """:data:`MARKDOWN_COLUMNS`, with the latency-table speed-ups when ``df`` has them."""
+    if "speedup_cpu_b1" not in df.columns:
+        return MARKDOWN_COLUMNS
+    return {
+        c: MARKDOWN_COLUMNS.get(c) or _LATENCY_HEADERS[c]
+        for c in _with_latency_columns(list(MARKDOWN_COLUMNS))
+        if c in MARKDOWN_COLUMNS or c in _LATENCY_HEADERS
+    }
+
 _MARKDOWN_FORMATS: dict[str, str | Callable[[Any], str]] = {
     "target": _factor,
     "macs_factor": _factor,
@@ -358,6 +589,8 @@ _MARKDOWN_FORMATS: dict[str, str | Callable[[Any], str]] = {
     **{c: _pct for c in _ACC_COLUMNS},
     "delta_pp": "+.2f",
     "speedup_cpu": _factor,
+    "speedup_cpu_b1": _factor,
+    "speedup_cpu_b64": _factor,
     "speedup_cuda": _factor,
     "evaluations": ".0f",
     "wall_seconds": lambda s: f"{s / 60.0:.1f}",
@@ -370,15 +603,19 @@ def write_summary(
     plots: Sequence[str | os.PathLike] = (),
     command: str | None = None,
     n_runs: int | None = None,
+    latency_sources: Sequence[str | os.PathLike] = (),
 ) -> tuple[Path, Path]:
-    """Write ``summary.csv`` (all of :data:`SUMMARY_COLUMNS`) and ``summary.md``.
+    """Write ``summary.csv`` (every column of ``df``) and ``summary.md``.
 
     Args:
-        df: output of :func:`summary_table`.
+        df: output of :func:`summary_table`, or of :func:`join_latency` (then the Markdown shows
+            the CPU b1 / b64 and CUDA speed-ups of the latency tables).
         out_dir: folder for both files (created if missing).
         plots: plot files to link from the Markdown (paths made relative to ``out_dir``).
         command: the command that produced the results, stated in the Markdown header.
         n_runs: number of runs analysed, stated in the header when given.
+        latency_sources: the latency tables joined into ``df``, named in the header as the
+            speed-ups' origin (else the run records are).
 
     Returns:
         ``(csv_path, md_path)``.
@@ -388,24 +625,31 @@ def write_summary(
     csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
     df.to_csv(csv_path, index=False)
 
-    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    date = _utc_now().strftime("%Y-%m-%d %H:%M UTC")
     runs_text = f" from {n_runs} run(s)" if n_runs is not None else ""
+    speedups = (
+        "Speed-ups are dense / deployed forward latency (the fastest exact deployment of the "
+        "compressed model) at CPU batch 1 and 64 and on CUDA"
+        if latency_sources
+        else "Speed-ups are measured forward latency ratios (best CPU setting, and CUDA when "
+        "measured)"
+    )
     lines = [
         "# Compression results",
         "",
-        f"Generated by `{command or 'common.analysis.write_summary'}` on {date}{runs_text}.",
+        f"Generated by `{command or 'common.analysis.write_summary'}` on {date}{runs_text}; "
+        f"speed-ups from {_speedup_origin(latency_sources)}.",
         "",
         "Accuracies are top-1 in %. BN = after BatchNorm recalibration, FT = after finetuning. "
         "Factors (×) are dense / compressed. Δ vs dense = final test accuracy (FT when present, "
-        "else BN) minus the dense model's, in percentage points. Speed-ups are measured forward "
-        "latency ratios (best CPU setting, and CUDA when measured). When a configuration was run "
-        "more than once, the latest run is shown.",
+        f"else BN) minus the dense model's, in percentage points. {speedups}; – = not measured. "
+        "When a configuration was run more than once, the latest run is shown.",
         "",
     ]
     if df.empty:
         lines += ["No `final` records found.", ""]
     else:
-        lines.append(markdown_table(df, MARKDOWN_COLUMNS, _MARKDOWN_FORMATS))
+        lines.append(markdown_table(df, _markdown_columns(df), _MARKDOWN_FORMATS))
     if plots:
         lines += ["## Plots", ""]
         for plot in plots:
@@ -418,6 +662,180 @@ def write_summary(
         lines.append("")
     md_path.write_text("\n".join(lines), encoding="utf-8")
     return csv_path, md_path
+
+
+# --------------------------------------------------------------------------- README block
+
+README_BEGIN = "<!-- results:begin -->"
+README_END = "<!-- results:end -->"
+"""Marker lines around the generated results block in the README."""
+
+_README_COLUMNS = {
+    "model": "Model",
+    "method": "Method",
+    "decomposition": "Decomp.",
+    "macs_factor": "MACs ×",
+    "params_factor": "Params ×",
+    "test_top1_bn": "Test BN (%)",
+    "test_top1_ft": "Test FT (%)",
+    "delta_pp": "Δ vs dense (pp)",
+    "speedup_cpu_b64": "CPU speed-up b64",
+    "speedup_cuda": "CUDA speed-up",
+}
+
+
+def _utc_now() -> datetime:
+    """The current UTC time (one place, so tests can pin the date)."""
+    return datetime.now(UTC)
+
+
+def _describe_config(record: Mapping[str, Any]) -> str:
+    """``"<device> (<machine>, torch <version>)"`` from a ``config`` record."""
+    device = record.get("device_name")
+    name = "CPU" if _is_missing(device) or str(device).lower() == "cpu" else str(device)
+    extras = [str(record["machine"])] if record.get("machine") else []
+    if record.get("torch"):
+        extras.append(f"torch {record['torch']}")
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def machine_description(runs: Sequence[Mapping], latency: pd.DataFrame | None = None) -> str:
+    """Where the numbers were measured: the runs' devices, then each latency table's devices.
+
+    The runs' part comes from their ``config`` records (``device_name``, ``machine``, ``torch``;
+    the host name is left out, it identifies a box, not hardware). Latency tables add their
+    ``device_name`` values, per file.
+
+    Returns:
+        E.g. ``"runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0); latency on Intel Xeon
+        (latency_cpu.csv)"``; ``"runs on an unrecorded machine"`` without config records.
+    """
+    runs_part = list(dict.fromkeys(_describe_config(rec) for _, rec in _records(runs, "config")))
+    parts = [f"runs on {', '.join(runs_part) if runs_part else 'an unrecorded machine'}"]
+    latency_part = []
+    for source in _latency_sources(latency):
+        rows = latency[latency["source"] == source]
+        names = rows["device_name"].dropna() if "device_name" in rows.columns else []
+        names = list(dict.fromkeys(str(n) for n in names)) or ["an unrecorded device"]
+        latency_part.append(f"{', '.join(names)} (`{Path(source).name}`)")
+    if latency_part:
+        parts.append(f"latency on {', '.join(latency_part)}")
+    return "; ".join(parts)
+
+
+def _readme_rows(df: pd.DataFrame, target: float) -> pd.DataFrame:
+    """The summary rows at ``target`` with a ``speedup_cpu_b64`` column.
+
+    Without latency tables, the run records' CPU speed-up counts only when its setting is
+    ``cpu_b64``; another setting would be a different measurement under the same header.
+    """
+    rows = df[np.isclose(df["target"].astype(float), target)].copy()
+    if "speedup_cpu_b64" not in rows.columns:
+        setting = rows.get("speedup_cpu_setting", pd.Series(None, index=rows.index))
+        rows["speedup_cpu_b64"] = rows["speedup_cpu"].where(setting == "cpu_b64").astype(float)
+    return rows
+
+
+def readme_block(
+    df: pd.DataFrame,
+    runs: Sequence[Mapping],
+    command: str,
+    summary_link: str = "results/summary.md",
+    latency: pd.DataFrame | None = None,
+    target: float = 3.0,
+    date: datetime | None = None,
+) -> str:
+    """The generated README results block (without the marker lines).
+
+    A provenance line (command, UTC date, machines, origin of the speed-ups), a compact table of
+    every model at one target, and a pointer to the full summary.
+
+    Args:
+        df: output of :func:`summary_table` or :func:`join_latency`.
+        runs: the run documents (for :func:`machine_description`).
+        command: the command that generated the block.
+        summary_link: link to the full summary, relative to the README.
+        latency: output of :func:`load_latency` when speed-ups come from latency tables.
+        target: the only target shown.
+        date: the stated date (default: today, UTC).
+
+    Returns:
+        Markdown text ending with a newline.
+    """
+    day = (date or _utc_now()).strftime("%Y-%m-%d")
+    sources = _latency_sources(latency)
+    lines = [
+        f"Generated by `{command}` on {day} (UTC); {machine_description(runs, latency)}; "
+        f"speed-ups from {_speedup_origin(sources)}.",
+        "",
+    ]
+    rows = _readme_rows(df, target)
+    if rows.empty:
+        lines += [f"No results at target {target:g}× yet.", ""]
+    else:
+        lines.append(markdown_table(rows, _README_COLUMNS, _MARKDOWN_FORMATS))
+    lines.append(
+        f"Target {target:g}× MACs reduction only; the full table (2× and 5× targets, validation "
+        f"accuracies, search cost, column definitions) is in [{summary_link}]({summary_link})."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _marker_lines(text: str, source: str, begin: str, end: str) -> tuple[list[str], int, int]:
+    """The text's lines and the indices of its single begin and end marker lines."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == begin]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
+        raise ValueError(
+            f"{source}: needs exactly one line {begin!r} followed by one line {end!r} around the "
+            f"generated results (found {len(starts)} and {len(ends)})"
+        )
+    return lines, starts[0], ends[0]
+
+
+def replace_marked_block(
+    text: str,
+    block: str,
+    source: str = "text",
+    begin: str = README_BEGIN,
+    end: str = README_END,
+) -> str:
+    """``text`` with everything between its marker lines replaced by ``block``.
+
+    The marker lines themselves are kept, so the result can be regenerated any number of times.
+
+    Raises:
+        ValueError: the markers are missing, repeated or out of order (naming ``source`` and the
+            markers), or ``block`` contains a marker.
+    """
+    if begin in block or end in block:
+        raise ValueError(f"the generated block must not contain {begin!r} or {end!r}")
+    lines, b, e = _marker_lines(text, source, begin, end)
+    body = block if block.endswith("\n") or not block else block + "\n"
+    if not lines[b].endswith("\n"):
+        lines[b] += "\n"
+    return "".join(lines[: b + 1]) + body + "".join(lines[e:])
+
+
+def update_readme(path: str | os.PathLike, block: str) -> bool:
+    """Put ``block`` between the marker lines of the file ``path``.
+
+    The file is only written when its text changes, and never when the markers are wrong.
+
+    Returns:
+        Whether the file changed.
+
+    Raises:
+        ValueError: see :func:`replace_marked_block`; the file is left untouched.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    new = replace_marked_block(text, block, source=str(path))
+    if new == text:
+        return False
+    path.write_text(new, encoding="utf-8")
+    return True
 
 
 def _plot_caption(stem: str) -> str:

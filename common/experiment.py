@@ -123,19 +123,18 @@ def resolve_checkpoint(cfg: ExperimentConfig, data) -> Path | None:
 
 
 def _latency(model: nn.Module, cfg: ExperimentConfig, image_size: int, device: torch.device) -> dict:
-    """Median forward latency (ms) per setting; CPU picks the faster memory format per batch."""
-    from .latency import best_cpu_format, measure_latency
+    """Median forward latency (ms) per setting, each in its fastest exact deployment and memory format."""
+    from .latency import fastest_latency
 
     out = {}
     cpu_model = copy.deepcopy(model).cpu().eval()
     for b in (cfg.latency_batches if "cpu" in cfg.latency_devices else ()):
-        r = best_cpu_format(cpu_model, (b, 3, image_size, image_size), threads=cfg.latency_threads)
+        r = fastest_latency(cpu_model, (b, 3, image_size, image_size), threads=cfg.latency_threads)
         out[f"cpu_b{b}"] = r["median_ms"]
         out[f"cpu_b{b}_channels_last"] = bool(r["channels_last"])
     if device.type == "cuda" and "cuda" in cfg.latency_devices:
-        m = copy.deepcopy(model).to(device).eval()
-        r = measure_latency(m, (256, 3, image_size, image_size), device=device, dtype=torch.bfloat16,
-                            channels_last=True, cuda_graph=True, warmup=10, iters=50)
+        r = fastest_latency(model, (256, 3, image_size, image_size), device=device, dtype=torch.bfloat16,
+                            formats=(True,), cuda_graph=True)
         out["cuda_b256_bf16_graph"] = r["median_ms"]
     return out
 
@@ -228,7 +227,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
             model, data, decomposition=decomposition, calib_images=cfg.calib_images, val_images=cfg.val_images,
             device=device, seed=cfg.seed, multiple=cfg.rank_multiple, recorder=log, config=search_cfg,
             progress=say, spectra=spectra, tag={"decomposition": decomposition},
-            channels_last=device.type == "cuda", amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+            channels_last=True, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
         spectra = searchers[decomposition].spectra
         log.write("timing", stage=f"setup_{decomposition}", seconds=time.perf_counter() - t)
     # Targets outermost, so that an interrupted or time-boxed run has whole budgets done first.

@@ -39,7 +39,7 @@ Tensor = torch.Tensor
 
 # Above this size the per-plan Gram eigendecomposition of the HT-2 core runs in float32: the kept
 # leading eigenpairs are well conditioned, and float64 would cost ~2x on the search's hot path.
-_FLOAT64_GRAM_MAX = 512
+_FLOAT64_GRAM_MAX = 256
 _CORE_CACHE_SIZE = 16
 
 

@@ -106,18 +106,89 @@ def _time_cuda(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def best_cpu_format(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32),
-                    threads: int | None = None, warmup: int = 10, iters: int = 50) -> dict:
-    """Time contiguous and channels_last on CPU and report the faster.
+def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, threads: int | None = None, cuda_graph: bool = False,
+                    formats: tuple[bool, ...] = (False, True), deploy: str | None = "latency",
+                    warmup: int = 10, iters: int = 50, deploy_warmup: int = 2, deploy_iters: int = 5,
+                    timing_cache: dict | None = None, return_model: bool = False) -> dict:
+    """Latency of ``model`` in its fastest exact form: the project's one way to time a model.
+
+    For each memory format in ``formats`` (``False`` = contiguous, ``True`` = channels_last), the
+    factorized layers are first deployed in the partition that runs fastest in that very setting
+    (:func:`common.deploy.deploy_model`, ``deploy="latency"``; ``"macs"`` picks fewest MACs; ``None``
+    keeps the chains as factorized), then the whole model is timed with :func:`measure_latency`, and
+    so is the model as factorized; the fastest of all is kept. ``model`` itself is not modified.
 
     Returns:
-        ``{"channels_last": bool (the faster), "median_ms": its median, "contiguous": <dict>,
-        "channels_last_result": <dict>}`` with the full :func:`measure_latency` dicts. The model
-        is left in contiguous format.
+        ``median_ms`` and ``channels_last`` of the fastest candidate, ``deployed`` (whether it is the
+        merged deployment), ``conv_macs`` of what ran (per image), ``forms`` of the deployment
+        (``{"(1, 1, 1, 1)": n_layers, ...}``; empty when the model ran as factorized) and
+        ``per_format`` (best median ms per format); with ``return_model``, ``model``: the fastest
+        candidate itself (on ``device``/``dtype``, in its memory format), e.g. for
+        :func:`interleaved_latency`.
     """
-    contiguous = measure_latency(model, input_shape, "cpu", threads, False, warmup=warmup, iters=iters)
-    cl = measure_latency(model, input_shape, "cpu", threads, True, warmup=warmup, iters=iters)
-    model.to(memory_format=torch.contiguous_format)
-    best = cl if cl["median_ms"] < contiguous["median_ms"] else contiguous
-    return {"channels_last": best["channels_last"], "median_ms": best["median_ms"],
-            "contiguous": contiguous, "channels_last_result": cl}
+    import copy as _copy
+    from collections import Counter
+
+    from .cost import count_model
+    from .deploy import deploy_model
+    from .layers import FactorizedConv
+
+    factorized = any(isinstance(m, FactorizedConv) for m in model.modules())
+    best = None
+    per_format = {}
+    for cl in formats:
+        # the chains as factorized are one more candidate: per-layer timings do not add up exactly
+        candidates = [(_copy.deepcopy(model), {})]
+        if deploy and factorized:
+            m, report = deploy_model(model, input_shape, choose=deploy, device=device, dtype=dtype, channels_last=cl,
+                                     threads=threads, cuda_graph=cuda_graph, warmup=deploy_warmup,
+                                     iters=deploy_iters, timing_cache=timing_cache)
+            candidates.append((m, dict(Counter(str(r.form) for r in report))))
+        for m, forms in candidates:
+            r = measure_latency(m, input_shape, device, threads, cl, dtype, cuda_graph, warmup, iters)
+            fmt = "channels_last" if cl else "contiguous"
+            per_format[fmt] = min(per_format.get(fmt, float("inf")), r["median_ms"])
+            if best is None or r["median_ms"] < best["median_ms"]:
+                macs = count_model(_copy.deepcopy(m).float().cpu(), (1, *input_shape[1:])).conv_macs
+                best = {"median_ms": r["median_ms"], "channels_last": cl, "deployed": bool(forms),
+                        "forms": forms, "conv_macs": macs, "model": m if return_model else None}
+        del candidates
+    if not return_model:
+        best.pop("model")
+    return {**best, "per_format": per_format}
+
+
+def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], *, rounds: int = 5,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        channels_last: dict[str, bool] | None = None, threads: int | None = None,
+                        cuda_graph: bool = False, warmup: int = 3, iters: int = 10,
+                        reference: str | None = None) -> dict:
+    """Time several models in alternation, ``rounds`` times each, for ratios robust to machine drift.
+
+    On a shared or virtualised machine the speed of the same model can drift by tens of percent
+    over seconds; timing models one after the other then turns drift into fake speed-ups. Here each
+    round times every model once (``iters`` forwards after ``warmup``), and a ratio is taken within a
+    round, so drift slower than a round cancels.
+
+    Returns:
+        ``{name: {"median_ms": median over rounds of the per-round medians, "rounds_ms": [...]}}`` and,
+        when ``reference`` names one of the models, ``speedup`` per other model: the median over rounds
+        of ``reference_ms / model_ms``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    channels_last = channels_last or {}
+    per: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            r = measure_latency(m, input_shape, device, threads, channels_last.get(name, False), dtype, cuda_graph,
+                                warmup, iters)
+            per[name].append(r["median_ms"])
+    out: dict = {k: {"median_ms": float(np.median(v)), "rounds_ms": v} for k, v in per.items()}
+    if reference is not None:
+        if reference not in models:
+            raise ValueError(f"reference {reference!r} is not one of {sorted(models)}")
+        ref = np.asarray(per[reference])
+        out["speedup"] = {k: float(np.median(ref / np.asarray(v))) for k, v in per.items() if k != reference}
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +11,27 @@ import pandas as pd
 import pytest
 
 import analyze_results
+from common import analysis
 from common.analysis import (
+    LATENCY_COLUMNS,
+    README_BEGIN,
+    README_END,
     SUMMARY_COLUMNS,
+    join_latency,
+    load_latency,
     load_runs,
+    machine_description,
     make_plots,
     markdown_table,
     pareto_front,
     plot_ranks,
     plot_search_trace,
     plot_sensitivity,
+    readme_block,
+    replace_marked_block,
     split_speedup,
     summary_table,
+    update_readme,
     write_summary,
 )
 from common.logs import RunLog, jsonify
@@ -341,3 +352,185 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert str(out / "summary.md") in capsys.readouterr().out
     assert analyze_results.main(["--json", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- latency tables
+
+
+def write_latency(path: Path, rows: list[dict], drop: tuple[str, ...] = ()) -> Path:
+    """A latency CSV with every documented column (filler values), minus ``drop``."""
+    filler = dict.fromkeys(LATENCY_COLUMNS, 1.0) | {"forms": "ht2", "device_name": "Test CPU"}
+    df = pd.DataFrame([filler | row for row in rows], columns=list(LATENCY_COLUMNS))
+    df.drop(columns=list(drop)).to_csv(path, index=False)
+    return path
+
+
+def latency_row(method: str, target: object, setting: str, speedup: float) -> dict:
+    return dict(
+        model="resnet18", method=method, decomposition="ht2", target=target, setting=setting,
+        speedup=speedup,
+    )
+
+
+def test_join_latency_matches_numeric_target(runs, tmp_path):
+    cpu = write_latency(
+        tmp_path / "latency_cpu.csv",
+        [
+            latency_row("policy", 3, "cpu_b1", 1.25),  # integer target must match 3.0
+            latency_row("policy", "3.0", "cpu_b64", 1.75),
+            latency_row("uniform", 2, "cpu_b64", 1.5),
+            latency_row("nonexistent", 3, "cpu_b1", 9.0),  # matches no summary row
+        ],
+    )
+    cuda = write_latency(
+        tmp_path / "latency_cuda.csv",
+        [
+            latency_row("policy", 3, "cuda_b256_bf16_graph", 2.5),
+            latency_row("policy", 3, "cuda_b1", 0.5),  # the better CUDA setting is reported
+        ],
+    )
+    latency = load_latency([cpu, cuda])
+    assert latency["target"].dtype == float and set(latency["source"]) == {str(cpu), str(cuda)}
+    summary = summary_table(runs)
+    df = join_latency(summary, latency)
+    assert len(df) == len(summary) and list(df.run_id) == list(summary.run_id)
+    assert "speedup_cpu" not in df.columns and "speedup_cpu_setting" not in df.columns
+    key = (df.model == "resnet18") & (df.decomposition == "ht2")
+    policy3 = df[key & (df.method == "policy") & (df.target == 3.0)].iloc[0]
+    assert (policy3.speedup_cpu_b1, policy3.speedup_cpu_b64) == (1.25, 1.75)
+    assert policy3.speedup_cuda == 2.5 and policy3.speedup_cuda_setting == "cuda_b256_bf16_graph"
+    uniform2 = df[key & (df.method == "uniform") & (df.target == 2.0)].iloc[0]
+    assert uniform2.speedup_cpu_b64 == 1.5 and math.isnan(uniform2.speedup_cpu_b1)
+    # join_latency itself compares targets numerically (text "3" from a hand-made frame).
+    hand = pd.DataFrame([latency_row("random", "3", "cpu_b1", 7.0)])
+    random3 = join_latency(summary, hand)
+    random3 = random3[key & (random3.method == "random") & (random3.target == 3.0)].iloc[0]
+    assert random3.speedup_cpu_b1 == 7.0
+    # No latency row: NaN, not the run record's speed-up (1.1 * target in build_logs).
+    assert df.loc[df.model == "vgg16", ["speedup_cpu_b1", "speedup_cuda"]].isna().all().all()
+
+    _, md_path = write_summary(df, tmp_path, latency_sources=[cpu, cuda])
+    md = md_path.read_text()
+    assert f"speed-ups from `{cpu.as_posix()}`, `{cuda.as_posix()}`." in md
+    assert "| CPU speed-up b1 | CPU speed-up b64 | CUDA speed-up |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| resnet18 | policy | ht2 | 3"))
+    assert "| 1.25× | 1.75× | 2.50× |" in row
+    vgg = next(line for line in md.splitlines() if line.startswith("| vgg16 |"))
+    assert "| – | – | – |" in vgg
+
+
+def test_load_latency_errors_name_file_and_column(tmp_path):
+    missing = write_latency(
+        tmp_path / "a.csv", [latency_row("policy", 3, "cpu_b1", 1.0)], drop=("speedup",)
+    )
+    with pytest.raises(ValueError, match=r"a\.csv.*'speedup'"):
+        load_latency([missing])
+    bad = write_latency(tmp_path / "b.csv", [latency_row("policy", "three", "cpu_b1", 1.0)])
+    with pytest.raises(ValueError, match=r"b\.csv: column 'target' must be numeric, got 'three'"):
+        load_latency([bad])
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_latency([tmp_path / "nope.csv"])
+    assert load_latency([]).empty
+
+
+def test_cli_latency_default_and_none(tmp_path):
+    build_logs(tmp_path / "logs")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    out = tmp_path / "results"
+    out.mkdir()
+    write_latency(out / "latency_cpu.csv", [latency_row("policy", 3, "cpu_b64", 4.0)])
+    args = ["--json", str(tmp_path / "json"), "--out", str(out)]
+    assert analyze_results.main(args) == 0  # picks up <out>/latency_cpu.csv by default
+    assert "speedup_cpu_b64" in pd.read_csv(out / "summary.csv").columns
+    origin = f"speed-ups from `{(out / 'latency_cpu.csv').as_posix()}`"
+    assert origin in (out / "summary.md").read_text()
+    for off in ([], ["none"]):
+        assert analyze_results.main([*args, "--latency", *off]) == 0
+        assert list(pd.read_csv(out / "summary.csv").columns) == list(SUMMARY_COLUMNS)
+        assert "speed-ups from the runs' `final` records" in (out / "summary.md").read_text()
+    assert analyze_results.main([*args, "--latency", str(tmp_path / "missing.csv")]) == 2
+
+
+# --------------------------------------------------------------------------- README block
+
+README = f"""# Project
+
+## Results
+
+Intro sentence.
+
+{README_BEGIN}
+old table
+{README_END}
+
+## References
+"""
+
+
+def test_replace_marked_block_keeps_markers_and_surroundings():
+    out = replace_marked_block(README, "new\n")
+    assert out == README.replace("old table\n", "new\n")
+    assert replace_marked_block(out, "new\n") == out
+    with pytest.raises(ValueError, match="must not contain"):
+        replace_marked_block(README, f"x\n{README_END}\n")
+
+
+def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch):
+    build_logs(tmp_path / "logs")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    out = tmp_path / "results"
+    args = ["--json", str(tmp_path / "json"), "--out", str(out), "--readme", str(readme)]
+    monkeypatch.setattr(analysis, "_utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC))
+    assert analyze_results.main(args) == 0
+    once = readme.read_text()
+    assert analyze_results.main(args) == 0
+    assert readme.read_text() == once
+    assert once.startswith("# Project\n\n## Results\n\nIntro sentence.\n\n" + README_BEGIN + "\n")
+    assert once.endswith(README_END + "\n\n## References\n") and "old table" not in once
+    assert "on 2030-01-02 (UTC)" in once and "--readme" in once
+    assert "[results/summary.md](results/summary.md)" in once
+    table = [line for line in once.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(MODELS) * len(METHODS)  # header + the target-3 rows only
+    assert table[0].startswith("| Model | Method | Decomp. | MACs × |")
+    # build_logs's CPU speed-ups are cpu_t1/cpu_t4, not batch 64; its CUDA one is 1.1 * 3.
+    assert all(line.endswith("| – | 3.30× |") for line in table[1:])
+
+
+def test_readme_missing_markers_leaves_file_untouched(tmp_path, capsys):
+    build_logs(tmp_path / "logs")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    readme = tmp_path / "README.md"
+    text = README.replace(README_END + "\n", "")
+    readme.write_text(text)
+    before = readme.stat().st_mtime_ns
+    with pytest.raises(ValueError, match=rf"{readme.name}.*{README_BEGIN}.*{README_END}"):
+        update_readme(readme, "block\n")
+    args = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "r"), "--readme", str(readme)]
+    assert analyze_results.main(args) == 2
+    assert README_END in capsys.readouterr().err
+    assert readme.read_text() == text and readme.stat().st_mtime_ns == before
+    assert not (tmp_path / "r").exists()  # failed before writing anything
+
+
+def test_machine_description_from_config_and_latency(runs, tmp_path):
+    log = RunLog(tmp_path / "logs", "alexnet", "gpu")
+    log.write(
+        "config", model="alexnet", dataset="d", metric="macs", methods=["uniform"], seed=0,
+        device_name="NVIDIA H100 80GB HBM3", machine="x86_64", torch="2.11.0", host="vm",
+    )
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    gpu_runs = load_runs(tmp_path / "json")
+    latency = load_latency(
+        [write_latency(tmp_path / "latency_cpu.csv", [latency_row("policy", 3, "cpu_b1", 2.0)])]
+    )
+    text = machine_description(gpu_runs, latency)
+    assert text == (
+        "runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0); "
+        "latency on Test CPU (`latency_cpu.csv`)"
+    )
+    assert "vm" not in text
+    assert machine_description(runs) == "runs on CPU"  # build_logs's configs have no device
+    block = readme_block(summary_table(runs), runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
+    assert block.startswith("Generated by `cmd` on 2030-01-02 (UTC); runs on CPU; speed-ups from")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,3 +145,24 @@ def test_bad_method_and_target(digits):
         s.run("greedy", 3.0)
     with pytest.raises(ValueError, match="target"):
         s.run("uniform", 0.5)
+
+
+def test_energy_rank_shape_matches_level_cost_and_keeps_uniform(digits):
+    level = make(digits)
+    shaped = make(digits, config=SearchConfig(sensitivity_levels=(0.5, 0.2), rounds=2, rank_shape="energy"))
+    for ls_l, ls_e in zip(level.space.layers, shaped.space.layers):
+        for f in (0.75, 0.5, 0.3):
+            r_l, r_e = ls_l.ranks(f), ls_e.ranks(f)
+            m_l = ls_l.info.cost(ls_l.method, r_l)[1]
+            m_e = ls_e.info.cost(ls_e.method, r_e)[1]
+            # same layer cost up to rank rounding, and ranks from the spectra (an energy threshold)
+            assert abs(m_e / m_l - 1) < 0.35, (ls_l.info.name, f, r_l, r_e)
+            e_ranks = [shaped._energy_ranks(ls_e, e) for e in np.linspace(0.05, 0.9999, 400)]
+            assert r_e in e_ranks
+    # uniform ignores rank_shape: identical plans
+    assert level.run("uniform", 2.0).plan == shaped.run("uniform", 2.0).plan
+    res = shaped.run("policy", 2.0, n_candidates=6, seed=0)
+    assert abs(res.macs_factor / 2.0 - 1) <= 0.03
+    assert res.params["config"]["rank_shape"] == "energy"
+    with pytest.raises(ValueError, match="rank_shape"):
+        make(digits, config=SearchConfig(rank_shape="spectral"))
