@@ -650,6 +650,12 @@ def write_summary(
         lines += ["No `final` records found.", ""]
     else:
         lines.append(markdown_table(df, _markdown_columns(df), _MARKDOWN_FORMATS))
+        margins = policy_margins(df)
+        if not margins.empty:
+            lines += ["## Does the policy win?", "",
+                      "HT-2 policy minus the best of uniform, energy and VBMF at the same budget, in percentage "
+                      "points of test accuracy (negative: the policy loses, and to which method).", "",
+                      markdown_table(margins, list(margins.columns), {"margin_bn": "+.2f", "margin_ft": "+.2f"}), ""]
     if plots:
         lines += ["## Plots", ""]
         for plot in plots:
@@ -662,6 +668,37 @@ def write_summary(
         lines.append("")
     md_path.write_text("\n".join(lines), encoding="utf-8")
     return csv_path, md_path
+
+
+def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = ("uniform", "energy", "vbmf")) -> pd.DataFrame:
+    """Per (model, target): the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
+
+    The research claim is that the policy beats every rule-based method at equal cost; this table
+    says, for each budget, whether it does and which method it loses to. Margins are in percentage
+    points; NaN where either side was not measured (e.g. no finetuning at that budget).
+
+    Returns:
+        columns ``model, target, margin_bn, best_rival_bn, margin_ft, best_rival_ft``.
+    """
+    rows = []
+    ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
+    for (model, target), g in ht2.groupby(["model", "target"], sort=True):
+        pol = g[g["method"] == "policy"]
+        riv = g[g["method"].isin(rivals)]
+        if pol.empty or riv.empty:
+            continue
+        row = {"model": model, "target": target}
+        for stage, col in (("bn", "test_top1_bn"), ("ft", "test_top1_ft")):
+            scores = riv[["method", col]].dropna()
+            p = float(pol[col].iloc[0]) if col in pol else math.nan
+            if scores.empty or math.isnan(p):
+                row[f"margin_{stage}"], row[f"best_rival_{stage}"] = math.nan, None
+                continue
+            best = scores.loc[scores[col].idxmax()]
+            row[f"margin_{stage}"] = 100.0 * (p - float(best[col]))
+            row[f"best_rival_{stage}"] = best["method"]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["model", "target", "margin_bn", "best_rival_bn", "margin_ft", "best_rival_ft"])
 
 
 # --------------------------------------------------------------------------- README block
