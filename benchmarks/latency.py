@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
               "cancels). Memory format and deployment are chosen by separate timings first. *factorized*: the "
               "compressed model's chains of factor convs as they are; *deployed*: each factorized layer in the "
               "partition of merged adjacent factor convs that ran fastest here (exact: the same function), or the "
-              "model as factorized when that was faster as a whole (`forms` empty); "
+              "model as factorized when that was faster as a whole (`forms` = as factorized); "
               "`forms` counts layers per partition, e.g. `(1, 1, 1, 1)` = HT-2 as four convs, `(4,)` = merged "
               "back to one dense conv. *deployed MACs ×*: conv-MAC reduction of what actually runs.\n\n")
     if len(df):
