@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Sequence
@@ -28,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from common.latency import cpu_name
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR
 from common.ranks import ranks_from_level
@@ -37,24 +37,12 @@ DEFAULT_MODELS = ("resnet18", "vgg16", "alexnet")
 DEFAULT_LEVELS = (0.5, 0.45, 0.4, 0.35)
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or the platform's best guess)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info(threads: int) -> str:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     # OMP_WAIT_POLICY matters on a shared machine: spinning OpenMP workers that lose their core to
     # another process can make a 2-thread eigh/matmul ~100x slower than one thread.
     omp = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return (f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
+    return (f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
             f"{threads} torch threads (set), {torch.get_num_threads()} in use, OMP_WAIT_POLICY={omp}; "
             f"load average (1/5/15 min): {load}")
 

@@ -12,7 +12,6 @@ nothing it can reuse from the profile beyond the profile itself, which is report
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from common.data import load_dataset  # noqa: E402
+from common.data import load_dataset, make_loader  # noqa: E402
+from common.latency import cpu_name  # noqa: E402
 from common.models import load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"{name:<28s} {stages[name]:8.1f} s", flush=True)
         return out
 
-    print(f"{a.model} on {platform.processor() or platform.machine()}, {a.threads} threads, torch "
+    print(f"{a.model} on {cpu_name()}, {a.threads} threads, torch "
           f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
           f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, rank shape {a.rank_shape}",
           flush=True)
@@ -80,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for m, r in results.items():
         test = ""
         if a.test:  # reporting only: the plan was chosen on val
-            from common.data import make_loader
             built = searcher.evaluator.build(r.plan)
             test = f"  test {evaluate(built, make_loader(data, 'test', 500), 'cpu')['top1']:.4f}"
         print(f"{m:<8s} proxy val {r.val_top1:.4f}{test}  x{r.macs_factor:.2f} MACs  {r.evaluations} evaluations  "

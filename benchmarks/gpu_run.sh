@@ -19,9 +19,10 @@ if [ ! -d /tmp/cifar10-jpeg/test ]; then
 fi
 for m in ${models//,/ }; do
   [ -f "$pack/$m.pt.xz" ] && xz -d -c "$pack/$m.pt.xz" > /tmp/ckpt/$m.pt
-  mkdir -p "$out/logs/$m"
-  for f in results/logs/results-$m-*.log; do [ -f "$f" ] && cp -n "$f" "$out/logs/$m/"; done
 done
+# every committed log, in the <log-dir>/<model>/ layout: the runs resume from them, the latency reads their plans
+for f in results/logs/results-*.log; do m=$(basename "$f" .log); m=${m#results-}; m=${m%-*}
+  mkdir -p "$out/logs/$m"; cp -n "$f" "$out/logs/$m/"; done
 echo "unpacked in $(( $(date +%s) - t0 ))s"
 # CUDA paths of the test suite (skipped on CPU-only CI).
 timeout 120 python3 -m pytest -q -x tests/test_latency.py tests/test_layers.py tests/test_deploy.py -k cuda -p no:cacheprovider 2>&1 | tail -3 || true
@@ -30,8 +31,6 @@ if [ "$minutes" != 0 ]; then
     --log-dir "$out/logs" --minutes "$minutes" --run-tag cuda --no-latency
 fi
 if [ "$lat_minutes" != 0 ]; then
-  for f in results/logs/*.log; do m=$(basename "$f" .log); m=${m#results-}; m=${m%-cuda}
-    mkdir -p "$out/logs/$m"; cp -n "$f" "$out/logs/$m/"; done
   python3 jsonify_logs.py "$out/logs" --out /tmp/json >/dev/null
   [ -f results/latency_cuda.csv ] && cp -n results/latency_cuda.csv "$out/"
   python3 benchmarks/latency.py --json /tmp/json --out "$out" --device cuda --checkpoint-dir /tmp/ckpt \

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,22 +31,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from common.analysis import load_runs, markdown_table  # noqa: E402
-from common.latency import fastest_latency, interleaved_latency  # noqa: E402
+from common.latency import cpu_name, fastest_latency, interleaved_latency  # noqa: E402
 from common.models import build_model, load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR  # noqa: E402
 from common.surgery import SpectraCache, apply_plan, plan_from_dict  # noqa: E402
 
 KEY = ["model", "method", "decomposition", "target", "setting"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _settings(device: str, batches: Sequence[int], threads: int) -> list[dict]:
@@ -107,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
                                deploy=deploy, warmup=warmup, iters=iters_for(s["batch"]), deploy_warmup=1,
                                deploy_iters=max(a.deploy_iters, iters_for(s["batch"]) // 10), timing_cache=timing_cache)
 
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() > deadline
+
     for run in load_runs(a.json):
+        if out_of_time():
+            break
         name = run["model"]
         if models and name not in models:
             continue
@@ -123,16 +117,15 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         spectra = SpectraCache(dense)
         dense_ms: dict[str, dict] = {}
         for (method, decomp, target), rec, s in todo:
-            if deadline and time.time() > deadline:
-                print(f"time box reached; re-run the same command to continue", flush=True)
+            if out_of_time():
                 break
             if s["setting"] not in dense_ms:
                 dense_ms[s["setting"]] = timed(dense, s, None)
             d = dense_ms[s["setting"]]
             comp = apply_plan(dense, plan_from_dict(rec["plan"]), spectra)
             # pick the memory format (and the deployment) first, then time the three in alternation
-            fact = timed(comp, s, None)
             dep = timed(comp, s, "latency")
+            fact = dep["factorized"]
             il = interleaved_latency({"dense": d["model"], "factorized": fact["model"], "deployed": dep["model"]},
                                      (s["batch"], 3, 32, 32), rounds=a.rounds, device=s["device"], dtype=s["dtype"],
                                      channels_last={"dense": d["channels_last"], "factorized": fact["channels_last"],
@@ -154,9 +147,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             print(f"{name} {method} {decomp} x{target:g} {s['setting']}: dense {row['dense_ms']:.2f} ms, "
                   f"factorized {row['factorized_ms']:.2f} ms ({row['speedup_factorized']:.2f}x), deployed "
                   f"{row['deployed_ms']:.2f} ms ({row['speedup']:.2f}x) [{row['forms']}]", flush=True)
-        else:
-            continue
-        break
+    if out_of_time():
+        print("time box reached; re-run the same command to continue", flush=True)
     df = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
     header = (f"# {device.upper()} latency vs dense\n\n`python benchmarks/latency.py {' '.join(argv)}` on "
               f"{device_name}, torch {torch.__version__}, {_dt.date.today().isoformat()}. Median of {iters_for(1)} (batch 1) or "

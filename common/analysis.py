@@ -306,17 +306,7 @@ benchmark never break the summary."""
 
 _LATENCY_REQUIRED = ("model", "method", "decomposition", "target", "setting", "speedup")
 _LATENCY_TEXT = ("model", "method", "decomposition", "setting", "device_name", "forms")
-_LATENCY_NUMERIC = (
-    "target",
-    "macs_factor",
-    "deployed_macs_factor",
-    "batch",
-    "dense_ms",
-    "factorized_ms",
-    "deployed_ms",
-    "speedup_factorized",
-    "speedup",
-)
+_LATENCY_NUMERIC = tuple(c for c in LATENCY_COLUMNS if c not in _LATENCY_TEXT and c != "channels_last")
 _RUN_SPEEDUP_COLUMNS = ("speedup_cpu", "speedup_cpu_setting", "speedup_cuda")
 
 LATENCY_SPEEDUP_COLUMNS: tuple[str, ...] = (

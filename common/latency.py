@@ -6,6 +6,7 @@ input so that kernel-launch overhead is excluded. Warm-up iterations are never t
 """
 from __future__ import annotations
 
+import platform
 import time
 
 import numpy as np
@@ -125,7 +126,8 @@ def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
         (``{"(1, 1, 1, 1)": n_layers, ...}``; empty when the model ran as factorized) and
         ``per_format`` (best median ms per format); with ``return_model``, ``model``: the fastest
         candidate itself (on ``device``/``dtype``, in its memory format), e.g. for
-        :func:`interleaved_latency`.
+        :func:`interleaved_latency`. ``factorized``: the same keys (but ``per_format``) for the
+        fastest candidate that ran as factorized, from the same timings.
     """
     import copy as _copy
     from collections import Counter
@@ -135,7 +137,7 @@ def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
     from .layers import FactorizedConv
 
     factorized = any(isinstance(m, FactorizedConv) for m in model.modules())
-    best = None
+    best: dict[bool, dict] = {}  # deployed? -> fastest candidate of that kind
     per_format = {}
     for cl in formats:
         # the chains as factorized are one more candidate: per-layer timings do not add up exactly
@@ -149,14 +151,28 @@ def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
             r = measure_latency(m, input_shape, device, threads, cl, dtype, cuda_graph, warmup, iters)
             fmt = "channels_last" if cl else "contiguous"
             per_format[fmt] = min(per_format.get(fmt, float("inf")), r["median_ms"])
-            if best is None or r["median_ms"] < best["median_ms"]:
+            kind = bool(forms)
+            if kind not in best or r["median_ms"] < best[kind]["median_ms"]:
                 macs = count_model(_copy.deepcopy(m).float().cpu(), (1, *input_shape[1:])).conv_macs
-                best = {"median_ms": r["median_ms"], "channels_last": cl, "deployed": bool(forms),
-                        "forms": forms, "conv_macs": macs, "model": m if return_model else None}
+                best[kind] = {"median_ms": r["median_ms"], "channels_last": cl, "deployed": kind,
+                              "forms": forms, "conv_macs": macs}
+                if return_model:
+                    best[kind]["model"] = m
         del candidates
-    if not return_model:
-        best.pop("model")
-    return {**best, "per_format": per_format}
+    fastest = min(best.values(), key=lambda b: b["median_ms"])
+    return {**fastest, "per_format": per_format, "factorized": best[False]}
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo (or the platform's best guess), for benchmark headers."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], *, rounds: int = 5,

@@ -62,6 +62,9 @@ def test_fastest_latency_deploys_factorized_layers():
         assert sum(form) == 4
     else:
         assert r["forms"] == {} and r["conv_macs"] == m[0].macs((8, 8))
+    fact = r["factorized"]  # the best as-factorized candidate, from the same timings
+    assert fact["forms"] == {} and not fact["deployed"] and fact["conv_macs"] == m[0].macs((8, 8))
+    assert r["median_ms"] <= fact["median_ms"]
     keep = fastest_latency(m, (1, 16, 8, 8), threads=1, formats=(False,), warmup=1, iters=3, deploy=None)
     assert keep["forms"] == {} and keep["conv_macs"] == m[0].macs((8, 8))
 
