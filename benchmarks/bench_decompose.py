@@ -4,8 +4,9 @@ For each baseline found under ``../shared/checkpoints/cifar10-jpeg`` it times:
 
 1. the one-time cache: ``SpectraCache(model).warm(...)`` over every eligible conv with more than 3
    input channels (the layers the rank search compresses);
-2. decomposing every k×k conv (HT-2) for several rank plans the cache has never seen (levels via
-   ``ranks_from_level(..., multiple=8)``; the per-kernel Gram caches are cleared before every
+2. decomposing every k×k conv (HT-2) for several rank plans the cache has never seen
+   (``SpectraCache.decompose``, which runs layers on parallel threads as ``apply_plan`` does; levels
+   via ``ranks_from_level(..., multiple=8)``; the per-kernel Gram caches are cleared before every
    repetition, so each timing is that of a new plan);
 3. ``apply_plan`` (model copy included) for the same plans, HT-2 on k×k and SVD on 1×1 convs: once
    as a new plan (decomposition included) and once as a plan already seen.
@@ -84,9 +85,10 @@ def bench_model(name: str, model: nn.Module, levels: Sequence[float], repeats: i
     for level in levels:
         plan = level_plan(layers, level)
 
+        kxk_plan = {n: plan[n] for n in kxk}
+
         def decompose_all() -> None:
-            for n in kxk:
-                cache.get(n).ht2(plan[n].ranks)
+            cache.decompose(kxk_plan)
 
         dec, dec_cpu, new_apply, seen_apply = [], [], [], []
         for _ in range(repeats):

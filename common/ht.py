@@ -152,7 +152,8 @@ class KernelSpectra:
         k = self.u1.float().transpose(1, 2) @ w_c                          # (G, A, T·kh·kw)
         k = k.reshape(groups, c, t, kh * kw).transpose(1, 2).reshape(groups, t, -1)
         k = self.u3.float().transpose(1, 2) @ k                            # (G, B, A·kh·kw)
-        self.core = k.reshape(groups, t, c, kh, kw).permute(0, 2, 3, 1, 4).contiguous().double()
+        self._core32 = k.reshape(groups, t, c, kh, kw).permute(0, 2, 3, 1, 4).contiguous()
+        self.core = self._core32.double()
         # HT-2/Tucker-2 residuals are measured against the core's own energy, not ‖W‖²: both then
         # carry the same float32 rounding, which cancels (else full ranks report ~sqrt(1e-7) error).
         self._core_sq = float(self.core.pow(2).sum())
@@ -169,10 +170,15 @@ class KernelSpectra:
         """Singular values of the T-mode unfolding, (G, T), descending."""
         return self.s3_sq.sqrt()
 
-    def core_matrix(self, r1: int, r3: int) -> Tensor:
-        """The projected HT-2 core arranged as ``(G, R1*kh, R3*kw)`` (float64)."""
+    def core_matrix(self, r1: int, r3: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The projected HT-2 core arranged as ``(G, R1*kh, R3*kw)``, float64 or float32."""
         _, _, kh, kw = self.kernel_shape
-        return self.core[:, :r1, :, :r3, :].reshape(self.groups, r1 * kh, r3 * kw)
+        core = self._core32 if dtype == torch.float32 else self.core
+        return core[:, :r1, :, :r3, :].reshape(self.groups, r1 * kh, r3 * kw)
+
+    @staticmethod
+    def _gram_dtype(r1: int, r3: int, kh: int, kw: int) -> torch.dtype:
+        return torch.float64 if min(r1 * kh, r3 * kw) <= _FLOAT64_GRAM_MAX else torch.float32
 
     def _core_gram_eig(self, r1: int, r3: int) -> tuple[Tensor, Tensor, str]:
         """Eigenpairs of the smaller Gram matrix of the core for (R1, R3), LRU-cached."""
@@ -181,13 +187,12 @@ class KernelSpectra:
         if hit is not None:
             self._gram_cache.move_to_end(key)
             return hit
-        m = self.core_matrix(r1, r3)
+        _, _, kh, kw = self.kernel_shape
+        m = self.core_matrix(r1, r3, self._gram_dtype(r1, r3, kh, kw))
         side = "cols" if m.shape[2] <= m.shape[1] else "rows"
-        n = min(m.shape[1], m.shape[2])
-        mm = m if n <= _FLOAT64_GRAM_MAX else m.float()
-        gram = mm.transpose(1, 2) @ mm if side == "cols" else mm @ mm.transpose(1, 2)
+        gram = m.transpose(1, 2) @ m if side == "cols" else m @ m.transpose(1, 2)
         vals, vecs = _sym_eig_desc(gram)
-        out = (vals.double(), vecs.double(), side)
+        out = (vals, vecs, side)
         self._gram_cache[key] = out
         if len(self._gram_cache) > _CORE_CACHE_SIZE:
             self._gram_cache.popitem(last=False)
@@ -196,14 +201,14 @@ class KernelSpectra:
     def core_spectrum(self, r1: int, r3: int) -> Tensor:
         """Singular values of the HT-2 core matrix for (R1, R3): (G, min(R1*kh, R3*kw)), descending."""
         vals, _, _ = self._core_gram_eig(r1, r3)
-        return vals.sqrt()
+        return vals.double().sqrt()
 
     def ht2(self, ranks: Sequence[int]) -> HT2Factors:
         """HT-2 factors at ``ranks`` = (R1, R3, R13); validated."""
         t, c, kh, kw = self.kernel_shape
         r1, r3, r13 = validate_ranks("ht2", self.kernel_shape, ranks, self.name)
-        m = self.core_matrix(r1, r3)
-        rows, cols = m.shape[1], m.shape[2]
+        rows, cols = r1 * kh, r3 * kw
+        m = self.core_matrix(r1, r3, torch.float64 if r13 in (rows, cols) else self._gram_dtype(r1, r3, kh, kw))
         if r13 == cols:  # no truncation: M = M · I
             a, b = m, torch.eye(cols, dtype=m.dtype).expand(self.groups, cols, cols)
             kept = m.pow(2).sum()
@@ -213,6 +218,8 @@ class KernelSpectra:
             kept = m.pow(2).sum()
             sa, sb = _spectral_norm(a), _spectral_norm(b)
         else:
+            # Above _FLOAT64_GRAM_MAX this runs in float32 like the Gram itself: its eigenvectors
+            # carry float32 accuracy, so float64 products would only cost time.
             vals, vecs, side = self._core_gram_eig(r1, r3)
             v = vecs[:, :, :r13]
             # Split the singular values evenly (A = U·S^½, B = S^½·Vᵀ): unbalanced factors make
@@ -223,7 +230,7 @@ class KernelSpectra:
                 a, b = (m @ v) / root[:, None, :], root[:, :, None] * v.transpose(1, 2)
             else:
                 a, b = v * root[:, None, :], (v.transpose(1, 2) @ m) / root[:, :, None]
-            kept = vals[:, :r13].sum()
+            kept = vals[:, :r13].double().sum()
             sa = sb = root[:, 0]  # ‖U·S^½‖₂ = ‖S^½·Vᵀ‖₂ = √σ₁, known from the eigenvalues
         # Balance the chain: give all four factors the same spectral norm t (their product is
         # unchanged). With orthonormal leaves and the whole scale in the core, the leaves' gradients
@@ -231,8 +238,9 @@ class KernelSpectra:
         t = (sa * sb).clamp_min(1e-30) ** 0.25
         a = a * (t / sa.clamp_min(1e-30))[:, None, None]
         b = b * (t / sb.clamp_min(1e-30))[:, None, None]
-        g1 = a.reshape(self.groups, r1, kh, r13)
-        g2 = b.reshape(self.groups, r13, r3, kw)
+        g1 = a.reshape(self.groups, r1, kh, r13).double()
+        g2 = b.reshape(self.groups, r13, r3, kw).double()
+        t = t.double()
         err = self._relative_error(float(kept), self._core_sq)
         return HT2Factors(self.u1[:, :, :r1] * t[:, None, None], g1, g2, self.u3[:, :, :r3] * t[:, None, None],
                           (r1, r3, r13), err)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .ht import KernelSpectra
 from .layers import LAYER_CLASSES, ConvGeometry, FactorizedConv, conv_cost, group_kernel_shape
+from .parallel import map_layers
 from .ranks import METHODS, validate_ranks
 
 
@@ -148,9 +149,28 @@ class SpectraCache:
         return hit
 
     def warm(self, names: Iterable[str]) -> "SpectraCache":
-        for n in names:
-            self.get(n)
+        """Compute the spectra of ``names`` (on parallel threads, biggest kernels first)."""
+        todo = [n for n in dict.fromkeys(names) if n not in self._cache]
+        todo.sort(key=lambda n: -self._kernel_numel(n))
+        map_layers(self.get, todo)
         return self
+
+    def decompose(self, plan: Mapping[str, "LayerPlan"]) -> dict:
+        """Factors of every non-dense layer of ``plan``, ``{name: HT2Factors | Tucker2Factors |
+        SVDFactors}``, computed on parallel threads (biggest kernels first; see :mod:`common.parallel`).
+
+        Raises:
+            KeyError / ValueError: as :meth:`get` and :meth:`KernelSpectra.decompose` (naming the layer).
+        """
+        todo = [(n, lp) for n, lp in plan.items() if lp.method != "dense"]
+        todo.sort(key=lambda item: -self._kernel_numel(item[0]))
+        factors = map_layers(lambda item: self.get(item[0]).decompose(item[1].method, item[1].ranks), todo)
+        done = dict(zip((n for n, _ in todo), factors))
+        return {n: done[n] for n in plan if n in done}
+
+    def _kernel_numel(self, name: str) -> int:
+        conv = self._modules.get(name)
+        return conv.weight.numel() if isinstance(conv, nn.Conv2d) else 0
 
     def __contains__(self, name: str) -> bool:
         return name in self._cache
@@ -211,12 +231,15 @@ def apply_plan(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: Spectra
         spectra = SpectraCache(model)
     # Build every layer before touching the model: a kernel can still fail here (NaN/inf weights),
     # and with inplace=True a half-replaced model must not be left behind.
+    factors = spectra.decompose(plan) if init == "decompose" else {}
     layers = {}
     for name, lp in plan.items():
         if lp.method == "dense":
             continue
-        sp = spectra.get(name) if init == "decompose" else None
-        layers[name] = LAYER_CLASSES[lp.method].from_conv(convs[name], lp.ranks, spectra=sp, name=name, init=init)
+        layer = LAYER_CLASSES[lp.method].from_conv(convs[name], lp.ranks, name=name, init="empty")
+        if name in factors:
+            layer.load_factors(factors[name], convs[name].bias)
+        layers[name] = layer
     if inplace:
         target = model
     else:
