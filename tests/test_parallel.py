@@ -110,3 +110,16 @@ def test_warm_reports_a_bad_kernel_by_name(two_threads):
         m[2].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="'2'.*non-finite"):
         SpectraCache(m).warm(["0", "2", "4"])
+
+
+def test_bench_decompose_runs_on_a_small_model(capsys):
+    from benchmarks.bench_decompose import bench_model, print_table
+
+    m = _model(4)
+    result = bench_model("tiny", m, levels=(0.5, 0.3), repeats=2)
+    assert result["layers"] == 5 and result["kxk"] == 4   # the 3-channel stem is left out
+    assert [p["level"] for p in result["plans"]] == [0.5, 0.3]
+    assert all(len(p["decompose"]) == 2 and min(p["decompose"]) > 0 for p in result["plans"])
+    print_table([result])
+    out = capsys.readouterr().out
+    assert "decomp min" in out and out.count("tiny") == 2
