@@ -85,7 +85,6 @@ def bench_model(name: str, model: nn.Module, levels: Sequence[float], repeats: i
     rows = []
     for level in levels:
         plan = level_plan(layers, level)
-
         kxk_plan = {n: plan[n] for n in kxk}
 
         def decompose_all() -> None:
@@ -148,8 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no baselines found: nothing timed")
         return 1
     print_table(results)
-    # min of N is the usual estimate of the uncontended time (as timeit advises): this VM's speed
-    # drifts by up to ~1.4x over tens of seconds, which shows in med/max, not in the code.
     print("times in seconds (wall; '(cpu ...)' = process CPU time, all threads); 'decomp' = HT-2 of every "
           "k×k conv with C>3 for a plan new to the cache; 'apply' = apply_plan incl. model copy "
           "(k×k HT-2 + 1×1 SVD), new plan or already seen")

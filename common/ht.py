@@ -176,10 +176,6 @@ class KernelSpectra:
         core = self._core32 if dtype == torch.float32 else self.core
         return core[:, :r1, :, :r3, :].reshape(self.groups, r1 * kh, r3 * kw)
 
-    @staticmethod
-    def _gram_dtype(r1: int, r3: int, kh: int, kw: int) -> torch.dtype:
-        return torch.float64 if min(r1 * kh, r3 * kw) <= _FLOAT64_GRAM_MAX else torch.float32
-
     def _core_gram_eig(self, r1: int, r3: int) -> tuple[Tensor, Tensor, str]:
         """Eigenpairs of the smaller Gram matrix of the core for (R1, R3), LRU-cached."""
         key = (r1, r3)
@@ -188,7 +184,8 @@ class KernelSpectra:
             self._gram_cache.move_to_end(key)
             return hit
         _, _, kh, kw = self.kernel_shape
-        m = self.core_matrix(r1, r3, self._gram_dtype(r1, r3, kh, kw))
+        big = min(r1 * kh, r3 * kw) > _FLOAT64_GRAM_MAX
+        m = self.core_matrix(r1, r3, torch.float32 if big else torch.float64)
         side = "cols" if m.shape[2] <= m.shape[1] else "rows"
         gram = m.transpose(1, 2) @ m if side == "cols" else m @ m.transpose(1, 2)
         vals, vecs = _sym_eig_desc(gram)
@@ -208,7 +205,10 @@ class KernelSpectra:
         t, c, kh, kw = self.kernel_shape
         r1, r3, r13 = validate_ranks("ht2", self.kernel_shape, ranks, self.name)
         rows, cols = r1 * kh, r3 * kw
-        m = self.core_matrix(r1, r3, torch.float64 if r13 in (rows, cols) else self._gram_dtype(r1, r3, kh, kw))
+        eig = None if r13 in (rows, cols) else self._core_gram_eig(r1, r3)
+        # A truncation works in the Gram's dtype: above _FLOAT64_GRAM_MAX its eigenvectors carry
+        # float32 accuracy, so float64 products would only cost time.
+        m = self.core_matrix(r1, r3, torch.float64 if eig is None else eig[1].dtype)
         if r13 == cols:  # no truncation: M = M · I
             a, b = m, torch.eye(cols, dtype=m.dtype).expand(self.groups, cols, cols)
             kept = m.pow(2).sum()
@@ -218,9 +218,7 @@ class KernelSpectra:
             kept = m.pow(2).sum()
             sa, sb = _spectral_norm(a), _spectral_norm(b)
         else:
-            # Above _FLOAT64_GRAM_MAX this runs in float32 like the Gram itself: its eigenvectors
-            # carry float32 accuracy, so float64 products would only cost time.
-            vals, vecs, side = self._core_gram_eig(r1, r3)
+            vals, vecs, side = eig
             v = vecs[:, :, :r13]
             # Split the singular values evenly (A = U·S^½, B = S^½·Vᵀ): unbalanced factors make
             # SGD finetuning of the chained convs unstable.
@@ -240,7 +238,6 @@ class KernelSpectra:
         b = b * (t / sb.clamp_min(1e-30))[:, None, None]
         g1 = a.reshape(self.groups, r1, kh, r13).double()
         g2 = b.reshape(self.groups, r13, r3, kw).double()
-        t = t.double()
         err = self._relative_error(float(kept), self._core_sq)
         return HT2Factors(self.u1[:, :, :r1] * t[:, None, None], g1, g2, self.u3[:, :, :r3] * t[:, None, None],
                           (r1, r3, r13), err)

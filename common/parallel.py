@@ -17,8 +17,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def map_layers(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
-    """``[fn(x) for x in items]`` on up to ``workers`` threads (default: torch's intra-op thread count).
+def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on as many threads as torch's intra-op thread count.
 
     Each worker runs with one intra-op thread; results keep the order of ``items``; the first
     exception raised by ``fn`` (in that order) propagates. Put the most expensive items first: they
@@ -28,7 +28,7 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T], workers: int | None = N
     if not items:
         return []
     caller_threads = torch.get_num_threads()
-    workers = max(1, min(len(items), caller_threads if workers is None else int(workers)))
+    workers = min(len(items), caller_threads)
     try:
         with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             return list(pool.map(fn, items))
