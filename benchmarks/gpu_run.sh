@@ -28,7 +28,7 @@ echo "unpacked in $(( $(date +%s) - t0 ))s"
 timeout 120 python3 -m pytest -q -x tests/test_latency.py tests/test_layers.py tests/test_deploy.py -k cuda -p no:cacheprovider 2>&1 | tail -3 || true
 if [ "$minutes" != 0 ]; then
   python3 benchmarks/run_results.py --models "$models" --data-root /tmp/cifar10-jpeg --checkpoint-dir /tmp/ckpt \
-    --log-dir "$out/logs" --minutes "$minutes" --run-tag cuda --no-latency
+    --log-dir "$out/logs" --minutes "$minutes" --run-tag cuda2 --no-latency
 fi
 if [ "$lat_minutes" != 0 ]; then
   python3 jsonify_logs.py "$out/logs" --out /tmp/json >/dev/null

@@ -1,5 +1,5 @@
-"""The results table: every shared baseline × budget × rank-selection method, HT-2 (and Tucker-2 for the
-policy), BN-recalibrated accuracy, finetuned accuracy at 3×, params/MACs and measured latency.
+"""The results table: every shared baseline × budget × rank-selection method × seed, HT-2 (and Tucker-2 for
+the policy), BN-recalibrated accuracy, finetuned accuracy at every budget, params/MACs and measured latency.
 
 Each model is one resumable experiment (``common.experiment.run_experiment``) logging to
 ``<log-dir>/<model>/<run id>.log``; an interrupted run continues where it stopped when started again.
@@ -36,8 +36,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--no-tucker2", action="store_true", help="skip the Tucker-2 policy comparison")
     p.add_argument("--search-budget", type=int, default=100)
+    p.add_argument("--n-seeds", type=int, default=3, help="seeds per (target, method): search draws + calibration")
+    p.add_argument("--proxy", default="kl", choices=["kl", "top1"])
+    p.add_argument("--shapes", default="level", help="per-layer rank shapes of the searches: level[,energy]")
     p.add_argument("--finetune-epochs", type=float, default=None, help="default: 3 on CUDA, 0.1 on CPU")
-    p.add_argument("--finetune-targets", default="3")
+    p.add_argument("--finetune-targets", default="", help="targets to finetune at (default: all)")
     p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
     p.add_argument("--calib-images", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
@@ -68,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             targets=tuple(float(t) for t in a.targets.split(",")), metric="macs",
             methods=tuple(m for m in a.methods.split(",") if m), policy_tucker2=not a.no_tucker2,
             search_budget=a.search_budget, finetune=epochs > 0, finetune_epochs=epochs or 3.0,
-            finetune_targets=tuple(float(t) for t in a.finetune_targets.split(",")),
+            finetune_targets=tuple(float(t) for t in a.finetune_targets.split(",") if t) or None,
+            n_seeds=a.n_seeds, proxy=a.proxy, shapes=tuple(x for x in a.shapes.split(",") if x),
             finetune_batch_size=256 if cuda else 128, finetune_lr=0.0005,
             calib_images=a.calib_images or (1024 if cuda else 256),
             val_images=a.val_images if a.val_images is not None else (None if cuda else 1000),

@@ -3,7 +3,12 @@
 The documents are written by :func:`common.logs.jsonify` (see :mod:`common.logs` for the record
 kinds). Conventions: accuracies are fractions in [0, 1] in the data and the CSV, shown in % in
 Markdown and plots; factors are dense / compressed; when the same (model, method, decomposition,
-target) appears more than once, the record written last (largest ``t``, then ``seq``) wins.
+target, seed) appears more than once, the record written last (largest ``t``, then ``seq``) wins.
+
+Seeds: a run may compute every configuration at several seeds (``final.seed``). Records without a
+``seed`` (older logs) take their run's ``config.seed`` (0 when absent). :func:`summary_table` keeps
+one row per seed, :func:`aggregate_seeds` folds the seeds into mean, std and count, and
+:func:`policy_margins` compares the policy with its rivals seed by seed.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas) without ``pyplot``, so
 importing this module never changes the matplotlib backend of a notebook.
@@ -27,24 +32,33 @@ from matplotlib.figure import Figure
 from common.logs import load_document
 
 __all__ = [
+    "AGGREGATE_COLUMNS",
     "LATENCY_COLUMNS",
     "LATENCY_SPEEDUP_COLUMNS",
     "MARKDOWN_COLUMNS",
+    "METHOD_ORDER",
+    "POLICY_MARGIN_COLUMNS",
+    "POLICY_RIVALS",
     "README_BEGIN",
     "README_END",
+    "SEED_STAT_COLUMNS",
     "SUMMARY_COLUMNS",
+    "aggregate_seeds",
     "join_latency",
     "latest_records",
     "load_latency",
     "load_runs",
     "machine_description",
     "make_plots",
+    "margin_verdict",
     "markdown_table",
+    "paired_interval",
     "pareto_front",
     "plot_acc_vs_macs",
     "plot_ranks",
     "plot_search_trace",
     "plot_sensitivity",
+    "policy_margins",
     "readme_block",
     "replace_marked_block",
     "split_speedup",
@@ -60,6 +74,7 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "method",
     "decomposition",
     "target",
+    "seed",
     "metric",
     "macs_factor",
     "params_factor",
@@ -77,7 +92,22 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "wall_seconds",
     "run_id",
 )
-"""Columns of :func:`summary_table` (accuracies as fractions; ``delta_pp`` in percentage points)."""
+"""Columns of :func:`summary_table`, one row per seed (accuracies as fractions; ``delta_pp`` in
+percentage points)."""
+
+SEED_STAT_COLUMNS: tuple[str, ...] = (
+    "val_top1_bn",
+    "test_top1_bn",
+    "val_top1_ft",
+    "test_top1_ft",
+    "delta_pp",
+)
+"""Columns :func:`aggregate_seeds` reports as ``<col>_mean`` and ``<col>_std`` (ddof 1)."""
+
+_GROUP_COLUMNS = ("model", "method", "decomposition", "target")
+
+METHOD_ORDER: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
+"""Row order of the methods in tables; other methods follow, alphabetically."""
 
 _ACC_COLUMNS = ("val_top1_bn", "test_top1_bn", "val_top1_ft", "test_top1_ft", "baseline_test_top1")
 _NUMERIC_COLUMNS = (
@@ -172,6 +202,85 @@ def _target_key(value: Any) -> Any:
     )
 
 
+def _int_seed(value: Any, default: int) -> int:
+    """``value`` as an integer seed, else ``default`` (None, text and fractions are no seeds)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return int(value) if float(value).is_integer() else default
+
+
+def _config_seed(run: Mapping) -> int:
+    """The seed of the run's last ``config`` record; 0 when absent (the experiments' default)."""
+    configs = [r for r in run.get("records", []) if r.get("kind") == "config"]
+    return _int_seed(configs[-1].get("seed"), 0) if configs else 0
+
+
+def _multi_seed(run: Mapping) -> bool:
+    """Whether the run's records carry their own run seed.
+
+    Older single-seed runs wrote a per-candidate sampling seed under ``candidate.seed``; it must
+    not be read as the run seed. A run is multi-seed when its config lists ``seeds`` or one of its
+    ``final`` records has a ``seed``.
+    """
+    return any(
+        (r.get("kind") == "config" and r.get("seeds") is not None)
+        or (r.get("kind") == "final" and r.get("seed") is not None)
+        for r in run.get("records", [])
+    )
+
+
+def _seed_lookup() -> Callable[[Mapping, Mapping], int]:
+    """A ``seed(run, record)`` function; each run's defaults are computed once, not per record.
+
+    A ``final`` record's own ``seed`` always counts; other kinds' only in multi-seed runs (see
+    :func:`_multi_seed`); otherwise the run's config seed.
+    """
+    cache: dict[int, tuple[int, bool]] = {}
+
+    def seed(run: Mapping, record: Mapping) -> int:
+        if id(run) not in cache:
+            cache[id(run)] = (_config_seed(run), _multi_seed(run))
+        default, multi = cache[id(run)]
+        own = record.get("seed") if multi or record.get("kind") == "final" else None
+        return _int_seed(own, default)
+
+    return seed
+
+
+def _lowest_seed(
+    pairs: Sequence[tuple[dict, dict]], key: Callable[[dict], Any] = lambda record: None
+) -> list[tuple[dict, dict]]:
+    """The ``(run, record)`` pairs of the lowest seed within each ``key(record)`` group, in order.
+
+    Plots of one search or one sensitivity sweep would mix unrelated curves across seeds; the
+    lowest seed (normally 0) is the one every run computes.
+    """
+    seed = _seed_lookup()
+    seeds = [seed(run, rec) for run, rec in pairs]
+    lowest: dict[Any, int] = {}
+    for (_, rec), s in zip(pairs, seeds):
+        k = key(rec)
+        lowest[k] = min(s, lowest.get(k, s))
+    return [pr for pr, s in zip(pairs, seeds) if s == lowest[key(pr[1])]]
+
+
+def _method_sort_key(methods: pd.Series) -> pd.Series:
+    """Sort key for a method column: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
+    unknown = sorted({str(m) for m in methods if m not in METHOD_ORDER})
+    rank = {m: i for i, m in enumerate([*METHOD_ORDER, *unknown])}
+    return methods.map(lambda m: rank[m] if m in rank else rank[str(m)])
+
+
+def _sort_rows(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows sorted by model, decomposition, method (:data:`METHOD_ORDER`), target, ``extra``."""
+    return df.sort_values(
+        ["model", "decomposition", "method", "target", *extra],
+        na_position="last",
+        kind="stable",
+        key=lambda col: _method_sort_key(col) if col.name == "method" else col,
+    ).reset_index(drop=True)
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -216,18 +325,22 @@ def _metric_for(run: Mapping, final: Mapping) -> Any:
 
 
 def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
-    """One row per model x method x decomposition x target, from the ``final`` records.
+    """One row per model x method x decomposition x target x seed, from the ``final`` records.
 
     ``delta_pp`` is the final test accuracy (after finetuning when present, else after BN
     recalibration) minus the dense baseline's, in percentage points. The baseline is the run's own
-    ``baseline`` record, else the model's latest one.
+    ``baseline`` record, else the model's latest one. A final record without ``seed`` has its
+    run's config seed (0 when the run has no config); see :func:`aggregate_seeds` for one row per
+    configuration.
 
     Returns:
-        A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by model, decomposition, method, target.
+        A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by model, decomposition, method (in
+        :data:`METHOD_ORDER`), target, seed.
 
     Raises:
         ValueError: an accuracy outside [0, 1] (they must be fractions), naming run and field.
     """
+    seed_of = _seed_lookup()
     finals = latest_records(
         runs,
         "final",
@@ -236,10 +349,11 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             r.get("method"),
             r.get("decomposition"),
             _target_key(r.get("target")),
+            seed_of(run, r),
         ),
     )
     rows = []
-    for (model, method, decomposition, target), (run, final) in finals.items():
+    for (model, method, decomposition, target, seed), (run, final) in finals.items():
         baseline = _latest_baseline(runs, model, run)
         cpu, cpu_setting, cuda = split_speedup(final.get("speedup"))
         row = {
@@ -247,6 +361,7 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             "method": method,
             "decomposition": decomposition,
             "target": target,
+            "seed": seed,
             "metric": _metric_for(run, final),
             "macs_factor": _float(final.get("macs_factor")),
             "params_factor": _float(final.get("params_factor")),
@@ -275,9 +390,79 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for col in _NUMERIC_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    return df.sort_values(
-        ["model", "decomposition", "method", "target"], na_position="last", kind="stable"
-    ).reset_index(drop=True)
+    df["seed"] = df["seed"].astype(int)
+    return _sort_rows(df, extra=["seed"])
+
+
+def _aggregate_columns(columns: Iterable[str]) -> list[str]:
+    """Output columns of :func:`aggregate_seeds` for input ``columns``, in the same places."""
+    out: list[str] = []
+    for col in columns:
+        if col == "seed":
+            out += ["n_seeds", "seeds"]
+        elif col in SEED_STAT_COLUMNS:
+            out += [f"{col}_mean", f"{col}_std"]
+        else:
+            out.append(col)
+    return out
+
+
+AGGREGATE_COLUMNS: tuple[str, ...] = tuple(_aggregate_columns(SUMMARY_COLUMNS))
+"""Columns of :func:`aggregate_seeds` on a :func:`summary_table` (``results/summary.csv``)."""
+
+
+def _most_common(values: pd.Series) -> Any:
+    """The most frequent non-missing value (first seen on ties), None when there is none."""
+    present = [v for v in values if not _is_missing(v)]
+    return max(dict.fromkeys(present), key=present.count) if present else None
+
+
+def _aggregate_group(group: pd.DataFrame) -> dict[str, Any]:
+    """One configuration's row of :func:`aggregate_seeds` from its per-seed rows."""
+    row: dict[str, Any] = {}
+    for col in group.columns:
+        values = group[col]
+        if col in _GROUP_COLUMNS:
+            row[col] = values.iloc[0]  # not the groupby key: that turns a None into NaN
+        elif col == "seed":
+            row["n_seeds"] = len(group)
+            row["seeds"] = ";".join(str(s) for s in sorted(set(values)))
+        elif col in SEED_STAT_COLUMNS:
+            row[f"{col}_mean"] = values.mean()
+            row[f"{col}_std"] = values.std(ddof=1)  # NaN with fewer than two measured seeds
+        elif col == "run_id":
+            row[col] = ";".join(dict.fromkeys(str(v) for v in values if not _is_missing(v)))
+        elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            row[col] = values.mean()
+        else:
+            row[col] = _most_common(values)
+    return row
+
+
+def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, method, decomposition, target) from per-seed rows.
+
+    :data:`SEED_STAT_COLUMNS` become ``<col>_mean`` and ``<col>_std`` (sample std, ddof 1; NaN
+    with one seed), ``seed`` becomes ``n_seeds`` (rows folded) and ``seeds`` (e.g. ``"0;1;2"``).
+    Other numeric columns (factors, speed-ups, costs) are means; text columns the most frequent
+    value, except ``run_id``: every run, ``;``-separated. Missing values are skipped.
+
+    Args:
+        df: output of :func:`summary_table` or :func:`join_latency`; a frame without ``seed``
+            counts as seed 0 throughout.
+
+    Returns:
+        A new DataFrame, columns as :data:`AGGREGATE_COLUMNS` for a :func:`summary_table` input,
+        sorted like it.
+    """
+    if "seed" not in df.columns:
+        df = df.assign(seed=0)
+    columns = _aggregate_columns(df.columns)
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    groups = df.groupby(list(_GROUP_COLUMNS), dropna=False, sort=False)
+    out = pd.DataFrame([_aggregate_group(g) for _, g in groups], columns=columns)
+    return _sort_rows(out)
 
 
 # --------------------------------------------------------------------------- latency tables
@@ -487,6 +672,7 @@ def markdown_table(
     df: pd.DataFrame,
     columns: Sequence[str] | Mapping[str, str],
     formats: Mapping[str, str | Callable[[Any], str]] | None = None,
+    right: Iterable[str] = (),
 ) -> str:
     """Render DataFrame columns as a GitHub Markdown table.
 
@@ -495,6 +681,7 @@ def markdown_table(
         columns: column names, or ``{column: header}`` to rename them.
         formats: per column a format spec (``".2f"``, ``".2%"``, ...) or a callable value -> str;
             other columns use ``str``. Missing values (None / NaN) print as ``–``.
+        right: text columns to right-align too (numbers preformatted as text, e.g. mean ± std).
 
     Returns:
         The table, one line per row, ending with a newline. Numeric columns are right-aligned.
@@ -507,6 +694,7 @@ def markdown_table(
     if missing:
         raise KeyError(f"markdown_table: DataFrame has no column(s) {missing}")
     formats = formats or {}
+    right = set(right)
 
     def cell(col: str, value: Any) -> str:
         if _is_missing(value):
@@ -518,7 +706,10 @@ def markdown_table(
     lines = [
         "| " + " | ".join(headers.values()) + " |",
         "|"
-        + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else ":---" for c in headers)
+        + "|".join(
+            "---:" if c in right or pd.api.types.is_numeric_dtype(df[c]) else ":---"
+            for c in headers
+        )
         + "|",
     ]
     for _, row in df.iterrows():
@@ -540,6 +731,7 @@ MARKDOWN_COLUMNS: dict[str, str] = {
     "decomposition": "Decomp.",
     "target": "Target",
     "metric": "Metric",
+    "n_seeds": "Seeds",
     "macs_factor": "MACs ×",
     "params_factor": "Params ×",
     "val_top1_bn": "Val BN (%)",
@@ -553,7 +745,7 @@ MARKDOWN_COLUMNS: dict[str, str] = {
     "evaluations": "Evals",
     "wall_seconds": "Wall (min)",
 }
-"""Columns (and headers) of the Markdown summary table."""
+"""Columns (and headers) of the Markdown summary table (rows of :func:`aggregate_seeds`)."""
 
 _LATENCY_HEADERS = {
     "speedup_cpu_b1": "CPU speed-up b1",
@@ -587,6 +779,63 @@ _MARKDOWN_FORMATS: dict[str, str | Callable[[Any], str]] = {
 }
 
 
+def _mean_std_cell(
+    mean: float,
+    std: float,
+    n_seeds: int,
+    fmt: Callable[[float], str],
+    std_fmt: Callable[[float], str],
+) -> str | None:
+    """``"mean ± std"`` over several seeds, the plain mean for one; None ("–") without a mean."""
+    if _is_missing(mean):
+        return None
+    if n_seeds > 1 and not _is_missing(std):
+        return f"{fmt(mean)} ± {std_fmt(std)}"
+    return fmt(mean)
+
+
+def _seed_display(agg: pd.DataFrame) -> pd.DataFrame:
+    """``agg`` (from :func:`aggregate_seeds`) with each :data:`SEED_STAT_COLUMNS` mean/std pair
+    folded into one text column under the plain name, ready for :func:`markdown_table` with
+    :data:`_DISPLAY_FORMATS`."""
+    out = agg.copy()
+    for col in SEED_STAT_COLUMNS:
+        if f"{col}_mean" not in out.columns:
+            continue
+        fmt, std_fmt = (_signed, _plain) if col == "delta_pp" else (_pct, _pct)
+        out[col] = [
+            _mean_std_cell(m, sd, int(n), fmt, std_fmt)
+            for m, sd, n in zip(out[f"{col}_mean"], out[f"{col}_std"], out["n_seeds"])
+        ]
+    return out
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _plain(value: float) -> str:
+    return f"{value:.2f}"
+
+
+_DISPLAY_FORMATS = {c: f for c, f in _MARKDOWN_FORMATS.items() if c not in SEED_STAT_COLUMNS}
+"""Formats for :func:`_seed_display` frames, whose seed-statistic cells are already text."""
+
+
+def _seed_sentence(agg: pd.DataFrame) -> str:
+    """How many seeds the accuracies of ``agg`` (non-empty) summarize, as a sentence."""
+    if int(agg["n_seeds"].max()) == 1:
+        return "One seed per configuration."
+    return f"Accuracies and Δ: mean ± std over {_seed_count_text(agg)} per configuration."
+
+
+def _seed_count_text(agg: pd.DataFrame) -> str:
+    """``"1 seed"``, ``"3 seeds"`` or ``"1–3 seeds"`` per configuration."""
+    low, high = int(agg["n_seeds"].min()), int(agg["n_seeds"].max())
+    count = str(low) if low == high else f"{low}–{high}"
+    return f"{count} seed{'' if high == 1 else 's'}"
+
+
 def write_summary(
     df: pd.DataFrame,
     out_dir: str | os.PathLike,
@@ -594,13 +843,13 @@ def write_summary(
     command: str | None = None,
     n_runs: int | None = None,
     latency_sources: Sequence[str | os.PathLike] = (),
-) -> tuple[Path, Path]:
-    """Write ``summary.csv`` (every column of ``df``) and ``summary.md``.
+) -> tuple[Path, Path, Path]:
+    """Write ``summary.csv`` (per configuration), ``summary_seeds.csv`` (per seed), ``summary.md``.
 
     Args:
         df: output of :func:`summary_table`, or of :func:`join_latency` (then the Markdown shows
-            the CPU b1 / b64 and CUDA speed-ups of the latency tables).
-        out_dir: folder for both files (created if missing).
+            the CPU b1 / b64 and CUDA speed-ups of the latency tables); one row per seed.
+        out_dir: folder for the files (created if missing).
         plots: plot files to link from the Markdown (paths made relative to ``out_dir``).
         command: the command that produced the results, stated in the Markdown header.
         n_runs: number of runs analysed, stated in the header when given.
@@ -608,15 +857,40 @@ def write_summary(
             speed-ups' origin (else the run records are).
 
     Returns:
-        ``(csv_path, md_path)``.
+        ``(csv_path, md_path, seeds_csv_path)``: ``summary.csv`` holds :func:`aggregate_seeds` of
+        ``df`` (mean / std / ``n_seeds`` columns), ``summary_seeds.csv`` every column of ``df``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
-    df.to_csv(csv_path, index=False)
+    seeds_path = out_dir / "summary_seeds.csv"
+    agg = aggregate_seeds(df)
+    agg.to_csv(csv_path, index=False)
+    df.to_csv(seeds_path, index=False)
 
+    lines = _summary_intro(agg, command, n_runs, latency_sources)
+    if df.empty:
+        lines += ["No `final` records found.", ""]
+    else:
+        display = _seed_display(agg)
+        columns = _markdown_columns(agg)
+        lines.append(markdown_table(display, columns, _DISPLAY_FORMATS, right=SEED_STAT_COLUMNS))
+        lines += _margins_section(policy_margins(df))
+    lines += _plots_section(plots, out_dir)
+    md_path.write_text("\n".join(lines), encoding="utf-8")
+    return csv_path, md_path, seeds_path
+
+
+def _summary_intro(
+    agg: pd.DataFrame,
+    command: str | None,
+    n_runs: int | None,
+    latency_sources: Sequence[str | os.PathLike],
+) -> list[str]:
+    """Title, provenance and column definitions of ``summary.md``."""
     date = _utc_now().strftime("%Y-%m-%d %H:%M UTC")
     runs_text = f" from {n_runs} run(s)" if n_runs is not None else ""
+    seeds_text = f" ({_seed_count_text(agg)} per configuration)" if not agg.empty else ""
     speedups = (
         "Speed-ups are dense / deployed forward latency (the fastest exact deployment of the "
         "compressed model) at CPU batch 1 and 64 and on CUDA"
@@ -624,7 +898,7 @@ def write_summary(
         else "Speed-ups are measured forward latency ratios (best CPU setting, and CUDA when "
         "measured)"
     )
-    lines = [
+    return [
         "# Compression results",
         "",
         f"Generated by `{command or 'common.analysis.write_summary'}` on {date}{runs_text}; "
@@ -633,62 +907,217 @@ def write_summary(
         "Accuracies are top-1 in %. BN = after BatchNorm recalibration, FT = after finetuning. "
         "Factors (×) are dense / compressed. Δ vs dense = final test accuracy (FT when present, "
         f"else BN) minus the dense model's, in percentage points. {speedups}; – = not measured. "
-        "When a configuration was run more than once, the latest run is shown.",
+        "Accuracies and Δ are mean ± sample std (ddof 1) over the Seeds column's seeds"
+        f"{seeds_text}; a single seed shows its value; factors, speed-ups and costs are means. "
+        "When a configuration was run more than once at the same seed, the latest run counts. "
+        "`summary.csv` holds these means and stds, `summary_seeds.csv` one row per seed.",
         "",
     ]
-    if df.empty:
-        lines += ["No `final` records found.", ""]
-    else:
-        lines.append(markdown_table(df, _markdown_columns(df), _MARKDOWN_FORMATS))
-        margins = policy_margins(df)
-        if not margins.empty:
-            lines += ["## Does the policy win?", "",
-                      "HT-2 policy minus the best of uniform, energy and VBMF at the same budget, in percentage "
-                      "points of test accuracy (negative: the policy loses, and to which method).", "",
-                      markdown_table(margins, list(margins.columns), {"margin_bn": "+.2f", "margin_ft": "+.2f"}), ""]
-    if plots:
-        lines += ["## Plots", ""]
-        for plot in plots:
-            plot = Path(plot)
-            try:
-                rel = plot.resolve().relative_to(out_dir.resolve()).as_posix()
-            except ValueError:
-                rel = plot.as_posix()
-            lines.append(f"- [{plot.stem}]({rel}): {_plot_caption(plot.stem)}")
-        lines.append("")
-    md_path.write_text("\n".join(lines), encoding="utf-8")
-    return csv_path, md_path
 
 
-def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = ("uniform", "energy", "vbmf")) -> pd.DataFrame:
-    """Per (model, target): the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
+def _plots_section(plots: Sequence[str | os.PathLike], out_dir: Path) -> list[str]:
+    """The "Plots" list of ``summary.md`` (links relative to ``out_dir`` where possible)."""
+    if not plots:
+        return []
+    lines = ["## Plots", ""]
+    for plot in plots:
+        plot = Path(plot)
+        try:
+            rel = plot.resolve().relative_to(out_dir.resolve()).as_posix()
+        except ValueError:
+            rel = plot.as_posix()
+        lines.append(f"- [{plot.stem}]({rel}): {_plot_caption(plot.stem)}")
+    lines.append("")
+    return lines
 
-    The research claim is that the policy beats every rule-based method at equal cost; this table
-    says, for each budget, whether it does and which method it loses to. Margins are in percentage
-    points; NaN where either side was not measured (e.g. no finetuning at that budget).
+
+# --------------------------------------------------------------------------- policy vs rivals
+
+POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
+"""Methods :func:`policy_margins` compares the policy with (those present)."""
+
+_MARGIN_FIELDS = ("best_rival", "margin", "ci_low", "ci_high", "n", "verdict", "each_rival")
+_STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
+_STAGE_NAMES = {"bn": "BN", "ft": "FT"}
+
+POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
+    "model",
+    "target",
+    *(f"{field}_{stage}" for stage, _ in _STAGES for field in _MARGIN_FIELDS),
+)
+"""Columns of :func:`policy_margins`: per stage (``bn``, ``ft``) the best rival, the mean paired
+margin and its 95 % interval in percentage points, the number of paired seeds, the verdict and
+every rival's mean paired margin as text."""
+
+
+def paired_interval(
+    differences: Sequence[float], level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of paired differences and the two-sided Student-t confidence interval of that mean.
+
+    ``mean ± t.ppf((1 + level) / 2, n - 1) * std / sqrt(n)`` with the sample std (ddof 1).
+
+    Args:
+        differences: one difference per seed; NaN entries are ignored.
+        level: confidence level of the interval.
 
     Returns:
-        columns ``model, target, margin_bn, best_rival_bn, margin_ft, best_rival_ft``.
+        ``(mean, low, high)``; the bounds are NaN below two differences (no spread to estimate),
+        everything is NaN without any.
     """
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    from scipy import stats  # deferred: scipy.stats is slow to import and only this needs it
+
+    quantile = float(stats.t.ppf(0.5 + level / 2, d.size - 1))
+    half = quantile * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return mean, mean - half, mean + half
+
+
+def margin_verdict(low: float, high: float, n: int) -> str | None:
+    """Verdict on a paired margin's interval: is the policy ahead, behind, or within noise?
+
+    Returns:
+        ``"policy ahead"`` (low > 0), ``"policy behind"`` (high < 0), ``"within noise"``,
+        ``"1 seed: no interval"`` for ``n == 1``, None for ``n == 0``.
+    """
+    if n == 0:
+        return None
+    if n == 1:
+        return "1 seed: no interval"
+    if low > 0:
+        return "policy ahead"
+    if high < 0:
+        return "policy behind"
+    return "within noise"
+
+
+def _per_seed(group: pd.DataFrame, method: str, col: str) -> pd.Series:
+    """One method's accuracy per seed (index: seed), unmeasured seeds dropped."""
+    return group[group["method"] == method].groupby("seed")[col].mean().dropna()
+
+
+def _paired_pp(policy: pd.Series, rival: pd.Series) -> np.ndarray:
+    """Policy minus rival in percentage points, over the seeds both measured."""
+    common = policy.index.intersection(rival.index)
+    return 100.0 * (policy[common] - rival[common]).to_numpy(dtype=float)
+
+
+def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str]) -> dict[str, Any]:
+    """The :data:`_MARGIN_FIELDS` of one (model, target) group for accuracy column ``col``."""
+    out: dict[str, Any] = dict.fromkeys(_MARGIN_FIELDS, math.nan)
+    out.update(best_rival=None, n=0, verdict=None, each_rival=None)
+    if col not in group.columns:
+        return out
+    policy = _per_seed(group, "policy", col)
+    scores = {r: s for r in rivals if not (s := _per_seed(group, r, col)).empty}
+    if policy.empty or not scores:
+        return out
+    # The strongest rival over all its seeds, not only the ones paired with the policy.
+    best = max(scores, key=lambda r: scores[r].mean())
+    diffs = _paired_pp(policy, scores[best])
+    mean, low, high = paired_interval(diffs)
+    each = {r: _paired_pp(policy, s) for r, s in scores.items()}
+    out.update(
+        best_rival=best,
+        margin=mean,
+        ci_low=low,
+        ci_high=high,
+        n=len(diffs),
+        verdict=margin_verdict(low, high, len(diffs)),
+        each_rival=", ".join(f"{r} {d.mean():+.2f}" for r, d in each.items() if d.size) or None,
+    )
+    return out
+
+
+def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS) -> pd.DataFrame:
+    """Per (model, target): the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
+
+    The research claim is that the policy beats every other method at equal cost; this table says,
+    for each budget, whether it does beyond seed noise and which method it loses to. The best
+    rival has the highest mean test accuracy over its seeds; the margin pairs seeds: the mean of
+    ``policy_s - rival_s`` over the seeds both measured, with its 95 % Student-t interval (see
+    :func:`paired_interval`, :func:`margin_verdict`). Percentage points; NaN where a side was
+    not measured (e.g. no finetuning at that budget).
+
+    Args:
+        df: per-seed rows (:func:`summary_table`); without a ``seed`` column all rows count as
+            seed 0. Rows of other decompositions than ``ht2`` (missing counts as ``ht2``) are
+            ignored.
+        rivals: methods to compare with, in order of preference on ties.
+
+    Returns:
+        :data:`POLICY_MARGIN_COLUMNS`, one row per (model, target) with the policy and a rival.
+    """
+    if "seed" not in df.columns:
+        df = df.assign(seed=0)
     rows = []
     ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
     for (model, target), g in ht2.groupby(["model", "target"], sort=True):
-        pol = g[g["method"] == "policy"]
-        riv = g[g["method"].isin(rivals)]
-        if pol.empty or riv.empty:
+        if not (g["method"] == "policy").any() or not g["method"].isin(rivals).any():
             continue
         row = {"model": model, "target": target}
-        for stage, col in (("bn", "test_top1_bn"), ("ft", "test_top1_ft")):
-            scores = riv[["method", col]].dropna()
-            p = float(pol[col].iloc[0]) if col in pol else math.nan
-            if scores.empty or math.isnan(p):
-                row[f"margin_{stage}"], row[f"best_rival_{stage}"] = math.nan, None
-                continue
-            best = scores.loc[scores[col].idxmax()]
-            row[f"margin_{stage}"] = 100.0 * (p - float(best[col]))
-            row[f"best_rival_{stage}"] = best["method"]
+        for stage, col in _STAGES:
+            row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, col, rivals).items()})
         rows.append(row)
-    return pd.DataFrame(rows, columns=["model", "target", "margin_bn", "best_rival_bn", "margin_ft", "best_rival_ft"])
+    out = pd.DataFrame(rows, columns=list(POLICY_MARGIN_COLUMNS))
+    for stage, _ in _STAGES:
+        out[f"n_{stage}"] = out[f"n_{stage}"].astype(int)
+    return out
+
+
+def _interval_cell(low: float, high: float) -> str | None:
+    return None if _is_missing(low) else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The margins with interval cells as text, and the Markdown headers; a stage nobody
+    measured (e.g. no finetuning anywhere) is left out."""
+    display = margins.copy()
+    headers = {"model": "Model", "target": "Target"}
+    for stage, _ in _STAGES:
+        if margins[f"best_rival_{stage}"].isna().all():
+            continue
+        name = _STAGE_NAMES[stage]
+        bounds = zip(margins[f"ci_low_{stage}"], margins[f"ci_high_{stage}"])
+        display[f"ci_{stage}"] = [_interval_cell(lo, hi) for lo, hi in bounds]
+        headers |= {
+            f"best_rival_{stage}": f"Best rival ({name})",
+            f"margin_{stage}": f"Margin {name} (pp)",
+            f"ci_{stage}": f"95 % CI {name}",
+            f"n_{stage}": f"Seeds {name}",
+            f"verdict_{stage}": f"Verdict {name}",
+            f"each_rival_{stage}": f"vs each rival ({name})",
+        }
+    return display, headers
+
+
+def _margins_section(margins: pd.DataFrame) -> list[str]:
+    """The "Does the policy win?" section of ``summary.md``; empty without policy and rival."""
+    if margins.empty:
+        return []
+    display, headers = _margins_display(margins)
+    formats: dict[str, str | Callable[[Any], str]] = {"target": _factor}
+    for stage, _ in _STAGES:
+        formats |= {f"margin_{stage}": "+.2f", f"n_{stage}": lambda n: str(n) if n else "–"}
+    return [
+        "## Does the policy win?",
+        "",
+        "HT-2 policy minus its best rival at the same budget, in percentage points of test "
+        f"accuracy; rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
+        "highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
+        "per-seed differences over the seeds both methods ran, with its 95 % Student-t "
+        "confidence interval (– with a single seed). Verdict: ahead / behind when the interval "
+        "excludes 0, else within noise. *vs each rival*: the mean paired margin over every rival.",
+        "",
+        markdown_table(display, headers, formats, right=[f"ci_{s}" for s, _ in _STAGES]),
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- README block
@@ -751,16 +1180,17 @@ def machine_description(runs: Sequence[Mapping], latency: pd.DataFrame | None = 
 
 
 def _readme_rows(df: pd.DataFrame, target: float) -> pd.DataFrame:
-    """The summary rows at ``target`` with a ``speedup_cpu_b64`` column.
+    """The configurations at ``target`` (:func:`aggregate_seeds` rows) with ``speedup_cpu_b64``.
 
     Without latency tables, the run records' CPU speed-up counts only when its setting is
-    ``cpu_b64``; another setting would be a different measurement under the same header.
+    ``cpu_b64``; another setting would be a different measurement under the same header. That is
+    decided per seed, before the seeds are averaged, since each seed names its own best setting.
     """
     rows = df[np.isclose(df["target"].astype(float), target)].copy()
     if "speedup_cpu_b64" not in rows.columns:
         setting = rows.get("speedup_cpu_setting", pd.Series(None, index=rows.index))
         rows["speedup_cpu_b64"] = rows["speedup_cpu"].where(setting == "cpu_b64").astype(float)
-    return rows
+    return aggregate_seeds(rows)
 
 
 def readme_block(
@@ -778,7 +1208,8 @@ def readme_block(
     every model at one target, and a pointer to the full summary.
 
     Args:
-        df: output of :func:`summary_table` or :func:`join_latency`.
+        df: output of :func:`summary_table` or :func:`join_latency` (one row per seed; the
+            table shows mean ± std over seeds).
         runs: the run documents (for :func:`machine_description`).
         command: the command that generated the block.
         summary_link: link to the full summary, relative to the README.
@@ -800,7 +1231,13 @@ def readme_block(
     if rows.empty:
         lines += [f"No results at target {target:g}× yet.", ""]
     else:
-        lines.append(markdown_table(rows, _README_COLUMNS, _MARKDOWN_FORMATS))
+        lines += [
+            _seed_sentence(rows),
+            "",
+            markdown_table(
+                _seed_display(rows), _README_COLUMNS, _DISPLAY_FORMATS, right=SEED_STAT_COLUMNS
+            ),
+        ]
     lines.append(
         f"Target {target:g}× MACs reduction only; the full table (2× and 5× targets, validation "
         f"accuracies, search cost, column definitions) is in [{summary_link}]({summary_link})."
@@ -867,10 +1304,13 @@ def update_readme(path: str | os.PathLike, block: str) -> bool:
 
 def _plot_caption(stem: str) -> str:
     captions = {
-        "acc_vs_macs": "test accuracy vs MACs reduction factor, per method, with Pareto front",
+        "acc_vs_macs": "mean test accuracy (error bars: std over seeds) vs MACs reduction factor, "
+        "per method, with Pareto front",
         "ranks": "per-layer kept-MACs fraction of each method's chosen plan",
-        "sensitivity": "validation accuracy vs rank level, per layer",
-        "search_trace": "best-so-far validation accuracy vs number of evaluations",
+        "sensitivity": "proxy score (validation accuracy in older runs) vs rank level, per layer, "
+        "lowest seed",
+        "search_trace": "best-so-far proxy score (validation accuracy in older runs) vs number of "
+        "evaluations, lowest seed",
     }
     for prefix, caption in captions.items():
         if stem.startswith(prefix + "_"):
@@ -935,19 +1375,21 @@ def plot_acc_vs_macs(
 ) -> Path | None:
     """Plot test accuracy vs MACs reduction factor per method: ``acc_vs_macs_<model>.png``.
 
-    Solid lines: after BN recalibration; dashed: after finetuning (when present). The Pareto front
+    Solid lines: after BN recalibration; dashed: after finetuning (when present). Points are means
+    over seeds, with error bars of one std where a configuration has several. The Pareto front
     over every plotted point is outlined; the dense baseline is a horizontal line.
 
     Returns:
         The PNG path, or None (logged) when the model has no ``final`` records.
     """
-    df = summary_table([r for r in runs if r.get("model") == model])
+    df = aggregate_seeds(summary_table([r for r in runs if r.get("model") == model]))
     if df.empty:
         _skip("acc_vs_macs", model, "no final records")
         return None
     fig = _new_figure()
     ax = fig.add_subplot()
     several = df["decomposition"].nunique(dropna=False) > 1
+    several_seeds = bool((df["n_seeds"] > 1).any())
     colors = _colors(len(df.groupby(["method", "decomposition"], dropna=False)))
     px: list[float] = []
     py: list[float] = []
@@ -960,19 +1402,25 @@ def plot_acc_vs_macs(
             ("test_top1_bn", "-", "o", "BN recal."),
             ("test_top1_ft", "--", "^", "finetuned"),
         ):
-            pts = group[["macs_factor", col]].dropna()
+            pts = group[["macs_factor", f"{col}_mean", f"{col}_std"]].dropna(
+                subset=["macs_factor", f"{col}_mean"]
+            )
             if pts.empty:
                 continue
-            ax.plot(
+            std = 100 * pts[f"{col}_std"]
+            ax.errorbar(
                 pts["macs_factor"],
-                100 * pts[col],
-                style,
+                100 * pts[f"{col}_mean"],
+                # No bars at all for single-seed results, zero-length ones where a point lacks them.
+                yerr=None if std.isna().all() else std.fillna(0.0),
+                fmt=style,
                 marker=marker,
                 color=color,
+                capsize=3,
                 label=f"{label}, {suffix}",
             )
             px += pts["macs_factor"].tolist()
-            py += (100 * pts[col]).tolist()
+            py += (100 * pts[f"{col}_mean"]).tolist()
     front = pareto_front(px, py)
     if front:
         ax.plot(
@@ -995,7 +1443,7 @@ def plot_acc_vs_macs(
             label=f"dense baseline ({100 * baseline['test_top1']:.2f} %)",
         )
     ax.set_xlabel("MACs reduction factor (dense / compressed, ×)")
-    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.set_ylabel("test top-1 accuracy (%)" + (", mean ± std over seeds" if several_seeds else ""))
     ax.set_title(f"{model}: accuracy vs MACs reduction")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -1112,26 +1560,41 @@ def plot_ranks(
     return _save(fig, Path(out_dir) / f"ranks_{model}.png")
 
 
+def _has_score(records: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any record carries a numeric ``score`` (then plots use scores, not accuracies)."""
+    return any(not math.isnan(_float(r.get("score"))) for r in records)
+
+
+def _proxy_value(record: Mapping[str, Any], use_score: bool) -> float:
+    """The record's ``score``, or its ``val_top1`` in %; NaN when absent."""
+    return _float(record.get("score")) if use_score else 100 * _float(record.get("val_top1"))
+
+
+def _proxy_label(use_score: bool) -> str:
+    return "proxy score (higher is better)" if use_score else "validation top-1 accuracy (%)"
+
+
 def plot_sensitivity(
     runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike
 ) -> Path | None:
-    """Validation accuracy vs rank level, one line per layer: ``sensitivity_<model>.png``.
+    """Proxy score (or validation accuracy) vs rank level, one line per layer:
+    ``sensitivity_<model>.png``.
+
+    Records of the lowest seed only; their ``score`` when any has one (newer runs: a proxy score,
+    higher is better), else their ``val_top1`` in %.
 
     Returns:
         The PNG path, or None (logged) when the model has no ``sensitivity`` records.
     """
-    records = latest_records(
-        runs,
-        "sensitivity",
-        model=model,
-        key=lambda run, r: (r.get("layer"), _float(r.get("level"))),
-    )
+    pairs = _lowest_seed(_records(runs, "sensitivity", model))
+    records = {(r.get("layer"), _float(r.get("level"))): r for _, r in pairs}  # last one wins
     if not records:
         _skip("sensitivity", model, "no sensitivity records")
         return None
+    use_score = _has_score(records.values())
     by_layer: dict[str, list[tuple[float, float]]] = {}
-    for (layer, level), (_, rec) in records.items():
-        by_layer.setdefault(str(layer), []).append((level, 100 * _float(rec.get("val_top1"))))
+    for (layer, level), rec in records.items():
+        by_layer.setdefault(str(layer), []).append((level, _proxy_value(rec, use_score)))
     layer_pairs = _records(runs, "layers", model)
     order = [ly.get("name") for ly in layer_pairs[-1][1].get("layers", [])] if layer_pairs else []
     names = sorted(by_layer, key=lambda n: (order.index(n) if n in order else len(order), n))
@@ -1141,7 +1604,12 @@ def plot_sensitivity(
         pts = sorted(by_layer[name])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", color=color, label=name)
     baseline = _latest_baseline(runs, model)
-    if baseline is not None and not math.isnan(_float(baseline.get("val_top1"))):
+    # The dense accuracy is no reference line for a proxy score, which has other units.
+    if (
+        not use_score
+        and baseline is not None
+        and not math.isnan(_float(baseline.get("val_top1")))
+    ):
         ax.axhline(
             100 * baseline["val_top1"],
             color="gray",
@@ -1149,7 +1617,7 @@ def plot_sensitivity(
             label=f"dense ({100 * baseline['val_top1']:.2f} %)",
         )
     ax.set_xlabel("rank level (fraction of full rank)")
-    ax.set_ylabel("validation top-1 accuracy (%)")
+    ax.set_ylabel(_proxy_label(use_score))
     ax.set_title(f"{model}: per-layer sensitivity to rank truncation")
     ax.grid(alpha=0.3)
     ncol = 1 + len(names) // 16
@@ -1160,25 +1628,32 @@ def plot_sensitivity(
 def plot_search_trace(
     runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike
 ) -> Path | None:
-    """Best-so-far validation accuracy vs evaluations per search: ``search_trace_<model>.png``.
+    """Best-so-far proxy score (or validation accuracy) vs evaluations per search:
+    ``search_trace_<model>.png``.
 
-    One line per (method, decomposition, target) from ``candidate`` records in write order, using
-    the run that wrote that search last; faint dots are the individual candidates.
+    One line per (method, decomposition, target) from ``candidate`` records in write order, of
+    that search's lowest seed, using the run that wrote it last; faint dots are the individual
+    candidates. Values are the records' ``score`` when any has one (newer runs: a proxy score,
+    higher is better), else their ``val_top1`` in %.
 
     Returns:
         The PNG path, or None (logged) when the model has no ``candidate`` records.
     """
-    pairs = _records(runs, "candidate", model)
+
+    def search_key(rec: Mapping[str, Any]) -> tuple:
+        return rec.get("method"), rec.get("decomposition"), _target_key(rec.get("target"))
+
+    pairs = _lowest_seed(_records(runs, "candidate", model), key=search_key)
     if not pairs:
         _skip("search_trace", model, "no candidate records")
         return None
+    use_score = _has_score(rec for _, rec in pairs)
     searches: dict[tuple, dict[str, list[float]]] = {}
     for run, rec in pairs:
-        key = (rec.get("method"), rec.get("decomposition"), _target_key(rec.get("target")))
-        by_run = searches.setdefault(key, {})
+        by_run = searches.setdefault(search_key(rec), {})
         # Re-inserting moves the run to the end, so the last run to write a candidate wins.
         vals = by_run.pop(run.get("run_id"), [])
-        vals.append(100 * _float(rec.get("val_top1")))
+        vals.append(_proxy_value(rec, use_score))
         by_run[run.get("run_id")] = vals
     several = len({k[1] for k in searches}) > 1
     methods = sorted({str(k[0]) for k in searches})
@@ -1204,7 +1679,7 @@ def plot_search_trace(
         )
     ax.scatter([], [], s=6, color="gray", alpha=0.5, label="single candidates")
     ax.set_xlabel("evaluations (candidate plans scored)")
-    ax.set_ylabel("validation top-1 accuracy (%)")
+    ax.set_ylabel(_proxy_label(use_score))
     ax.set_title(f"{model}: rank-search progress (lines: best so far)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

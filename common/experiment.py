@@ -26,6 +26,7 @@ from .cost import count_model
 from .data import load_dataset, make_loader
 from .logs import RunLog
 from .paths import default_cache_dir
+from .proxy import final_model
 from .search import METHODS, SearchConfig, SearchResult, build_searcher
 from .surgery import LayerPlan, list_conv_layers, plan_from_dict
 from .train import evaluate, finetune, resolve_device
@@ -39,7 +40,14 @@ class ExperimentConfig:
         trained once by ``finetuned/train_baseline.py`` and cached (embedded digits default).
     targets: reduction factors of total conv ``metric`` ("macs" or "params").
     decompositions: HT-2 for every method; ``policy_tucker2`` adds Tucker-2 for the policy method.
-    search_budget: candidate evaluations for ``random`` and ``policy``.
+    search_budget: candidate evaluations for ``random``, ``tpe`` and ``policy``.
+    n_seeds: every (target, method) is run at seeds ``seed .. seed + n_seeds - 1``; a seed picks the
+        search's draws and the proxy's calibration subset, so deterministic methods vary by their
+        calibration only.
+    proxy: candidate score (:mod:`common.proxy`): ``"kl"`` (label-free) or ``"top1"`` (val).
+    rerank: val top-1 decides among this many best-scored candidates of a search.
+    shapes: per-layer rank shapes the searches may choose (:class:`common.search.SearchConfig`).
+    final_calib_images: BN-calibration images of each final model (the proxy uses ``calib_images``).
     finetune_targets: targets at which plans are finetuned (default: all targets).
     latency: measure latency of the dense model and of every final model.
     """
@@ -53,6 +61,11 @@ class ExperimentConfig:
     methods: tuple = METHODS
     policy_tucker2: bool = False
     search_budget: int = 100
+    n_seeds: int = 1
+    proxy: str = "kl"
+    rerank: int = SearchConfig.rerank
+    shapes: tuple = SearchConfig.shapes
+    final_calib_images: int = 4096
     finetune: bool = False
     finetune_epochs: float = 3.0
     finetune_targets: tuple | None = None
@@ -174,7 +187,8 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
                   date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     else:
         changed = [k for k in ("model", "dataset", "checkpoint", "metric", "seed", "calib_images", "val_images",
-                               "sensitivity_levels", "rank_multiple", "search_budget")
+                               "sensitivity_levels", "rank_multiple", "search_budget", "n_seeds", "proxy",
+                               "rerank", "shapes", "final_calib_images")
                    if json.dumps(prev.get(k)) != json.dumps(cfg_dict.get(k), default=list)]
         if changed:
             raise ValueError(f"run id {run_id!r} already exists in {log.path} with different {changed}; "
@@ -215,61 +229,77 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     decomps = [("ht2", list(cfg.methods))]
     if cfg.policy_tucker2 and "policy" in cfg.methods:
         decomps.append(("tucker2", ["policy"]))
+    seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
     finals = []
-    spectra = None
-    searchers = {}
+    searchers = _build_searchers(cfg, log, say, model, data, device, [d for d, _ in decomps], seeds)
     ft_targets = [float(x) for x in (cfg.targets if cfg.finetune_targets is None else cfg.finetune_targets)]
-    for decomposition, _ in decomps:
-        t = time.perf_counter()
-        search_cfg = SearchConfig(sensitivity_levels=tuple(cfg.sensitivity_levels), rounds=cfg.policy_rounds,
-                                  temperature=cfg.temperature)
-        searchers[decomposition] = build_searcher(
-            model, data, decomposition=decomposition, calib_images=cfg.calib_images, val_images=cfg.val_images,
-            device=device, seed=cfg.seed, multiple=cfg.rank_multiple, recorder=log, config=search_cfg,
-            progress=say, spectra=spectra, tag={"decomposition": decomposition},
-            channels_last=True, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
-        spectra = searchers[decomposition].spectra
-        log.write("timing", stage=f"setup_{decomposition}", seconds=time.perf_counter() - t)
-    # Targets outermost, so that an interrupted or time-boxed run has whole budgets done first.
+    # Targets outermost, then seeds, so that an interrupted or time-boxed run has whole budgets done first.
     for target in cfg.targets:
-        for decomposition, methods in decomps:
-            searcher = searchers[decomposition]
-            for method in methods:
-                key = {"method": method, "target": float(target), "decomposition": decomposition}
-                done = log.find("final", **key)
-                if done is not None:
-                    finals.append(done)
-                    continue
-                if cfg.deadline is not None and time.time() > cfg.deadline:
-                    say(f"deadline reached before {key}; re-run with the same run id to continue")
-                    log.write("end", status="deadline", wall_seconds=time.perf_counter() - t_start)
-                    return finals
-                if method == "policy" and searcher._sensitivity is None:
-                    t = time.perf_counter()
-                    searcher.sensitivity()
-                    log.write("timing", stage=f"sensitivity_{decomposition}", seconds=time.perf_counter() - t)
-                prec = log.find("plan", **key)
-                if prec is None:
-                    res: SearchResult = searcher.run(method, float(target), cfg.metric, cfg.search_budget, cfg.seed)
-                    rec = res.record()
-                    prec = log.write("plan", f"{method} x{target:g} {decomposition}: proxy val {res.val_top1:.4f}, "
-                                             f"x{res.macs_factor:.2f} MACs, {res.evaluations} evals, "
-                                             f"{res.seconds:.0f}s",
-                                     **{k: v for k, v in rec.items() if k not in ("method", "target")}, **key,
-                                     search_seconds=res.seconds, layer_costs=_plan_layer_costs(searcher, res.plan))
-                plan = plan_from_dict(prec["plan"])
-                finals.append(_finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base,
-                                      float(target) in ft_targets))
+        for seed in seeds:
+            for decomposition, methods in decomps:
+                searcher = searchers[decomposition, seed]
+                for method in methods:
+                    key = {"method": method, "target": float(target), "decomposition": decomposition, "seed": seed}
+                    done = log.find("final", **key)
+                    if done is not None:
+                        finals.append(done)
+                        continue
+                    if cfg.deadline is not None and time.time() > cfg.deadline:
+                        say(f"deadline reached before {key}; re-run with the same run id to continue")
+                        log.write("end", status="deadline", wall_seconds=time.perf_counter() - t_start)
+                        return finals
+                    prec = _plan_record(cfg, log, searcher, method, float(target), key)
+                    plan = plan_from_dict(prec["plan"])
+                    finals.append(_finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base,
+                                          float(target) in ft_targets))
     log.write("end", status="ok", wall_seconds=time.perf_counter() - t_start)
     return finals
+
+
+def _build_searchers(cfg: ExperimentConfig, log: RunLog, say, model: nn.Module, data, device: torch.device,
+                     decompositions: Sequence[str], seeds: Sequence[int]) -> dict:
+    """One searcher per (decomposition, seed), sharing the dense model's spectra cache."""
+    search_cfg = SearchConfig(sensitivity_levels=tuple(cfg.sensitivity_levels), rounds=cfg.policy_rounds,
+                              temperature=cfg.temperature, rerank=cfg.rerank, shapes=tuple(cfg.shapes))
+    out, spectra = {}, None
+    for decomposition in decompositions:
+        for seed in seeds:
+            t = time.perf_counter()
+            out[decomposition, seed] = s = build_searcher(
+                model, data, decomposition=decomposition, proxy=cfg.proxy, calib_images=cfg.calib_images,
+                val_images=cfg.val_images, device=device, seed=seed, multiple=cfg.rank_multiple, recorder=log,
+                config=search_cfg, progress=say, spectra=spectra, tag={"decomposition": decomposition, "seed": seed},
+                channels_last=True, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+            spectra = s.spectra
+            log.write("timing", stage=f"setup_{decomposition}_s{seed}", seconds=time.perf_counter() - t)
+    return out
+
+
+def _plan_record(cfg: ExperimentConfig, log: RunLog, searcher, method: str, target: float, key: dict) -> dict:
+    """The logged ``plan`` record of ``key``: read back, or searched now (sensitivity first for the policy)."""
+    prec = log.find("plan", **key)
+    if prec is not None:
+        return prec
+    if method == "policy" and not searcher.profiled:
+        t = time.perf_counter()
+        searcher.sensitivity()
+        log.write("timing", stage=f"sensitivity_{key['decomposition']}_s{key['seed']}",
+                  seconds=time.perf_counter() - t)
+    res: SearchResult = searcher.run(method, target, cfg.metric, cfg.search_budget, key["seed"])
+    rec = res.record()
+    val = f", val {res.val_top1:.4f}" if res.val_top1 is not None else ""
+    return log.write("plan", f"{method} x{target:g} {key['decomposition']} seed {key['seed']}: "
+                             f"{res.proxy} {res.score:.5g}{val}, x{res.macs_factor:.2f} MACs, "
+                             f"{res.evaluations} evals, {res.seconds:.0f}s",
+                     **{k: v for k, v in rec.items() if k not in ("method", "target", "seed")}, **key,
+                     search_seconds=res.seconds, layer_costs=_plan_layer_costs(searcher, res.plan))
 
 
 def _finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base, do_finetune) -> dict:
     """BN-recalibrate, evaluate, optionally finetune, count and time one chosen plan; log ``final``."""
     t0 = time.perf_counter()
     size = data.image_size
-    comp = searcher.evaluator.build(plan)
-    comp.to(memory_format=torch.contiguous_format)
+    comp = final_model(model, plan, searcher.spectra, data, cfg.final_calib_images, key["seed"], device)
     ev = {s: evaluate(comp, make_loader(data, s, 500, device=device), device) for s in ("val", "test")}
     rec = {"val_top1_bn": ev["val"]["top1"], "test_top1_bn": ev["test"]["top1"], "val_top1_ft": None,
            "test_top1_ft": None, "finetune_epochs": None}
@@ -286,9 +316,8 @@ def _finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base,
                 best.update(val=r["val_top1"], epoch=r["epoch"], state=copy.deepcopy(m.state_dict()))
 
         finetune(comp, data, cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
-                 teacher=teacher, max_images=cfg.finetune_max_images, device=device, seed=cfg.seed,
-                 progress=cfg.progress, on_epoch_end=on_epoch, eval_every_epoch=True,
-                 hflip=data.name != "digits")
+                 teacher=teacher, max_images=cfg.finetune_max_images, device=device, seed=key["seed"],
+                 progress=cfg.progress, on_epoch_end=on_epoch, eval_every_epoch=True, hflip=data.hflip)
         comp.load_state_dict(best["state"])
         comp.to(memory_format=torch.contiguous_format).eval()
         rec["finetune_selected_epoch"] = best["epoch"]
@@ -307,7 +336,8 @@ def _finish(cfg, log, say, searcher, model, data, plan, prec, key, device, base,
         model_params_factor=base["params"] / cost.params, latency_ms=lat, speedup=_speedups(dense_lat, lat),
         evaluations=prec.get("evaluations"), search_seconds=prec.get("search_seconds"),
         wall_seconds=time.perf_counter() - t0 + (prec.get("search_seconds") or 0.0),
-        proxy_val_top1=prec.get("val_top1"), baseline_test_top1=base["test_top1"])
+        proxy=prec.get("proxy"), proxy_score=prec.get("score"), proxy_val_top1=prec.get("val_top1"),
+        metric=cfg.metric, baseline_test_top1=base["test_top1"])
     say(f"final {key}: test {rec['test_top1_bn']:.4f} (BN)"
         + (f" / {rec['test_top1_ft']:.4f} (finetuned)" if rec["test_top1_ft"] is not None else "")
         + f", x{out['macs_factor']:.2f} conv MACs")
@@ -331,6 +361,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated subset of {METHODS}")
     p.add_argument("--policy-tucker2", action="store_true", help="also run the policy with Tucker-2 layers")
     p.add_argument("--search-budget", type=int, default=d.search_budget)
+    p.add_argument("--n-seeds", type=int, default=d.n_seeds, help="seeds per (target, method): seed, seed+1, ...")
+    p.add_argument("--proxy", default=d.proxy, choices=["kl", "top1"], help="candidate score of the searches")
+    p.add_argument("--rerank", type=int, default=d.rerank, help="val top-1 decides among this many best candidates")
+    p.add_argument("--shapes", default=",".join(d.shapes), help="per-layer rank shapes: level and/or energy")
+    p.add_argument("--final-calib-images", type=int, default=d.final_calib_images)
     p.add_argument("--finetune-epochs", type=float, default=0.0, help="0 = no finetuning")
     p.add_argument("--finetune-targets", default=None, help="targets to finetune at (default: all)")
     p.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
@@ -355,7 +390,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
     return ExperimentConfig(
         model=a.model, dataset=a.dataset, data_root=a.data_root, checkpoint=a.checkpoint,
         targets=_floats(a.targets), metric=a.metric, methods=tuple(m for m in a.methods.split(",") if m),
-        policy_tucker2=a.policy_tucker2, search_budget=a.search_budget, finetune=a.finetune_epochs > 0,
+        policy_tucker2=a.policy_tucker2, search_budget=a.search_budget, n_seeds=a.n_seeds, proxy=a.proxy,
+        rerank=a.rerank, shapes=tuple(x for x in a.shapes.split(",") if x),
+        final_calib_images=a.final_calib_images, finetune=a.finetune_epochs > 0,
         finetune_epochs=a.finetune_epochs or d.finetune_epochs,
         finetune_targets=_floats(a.finetune_targets) if a.finetune_targets else None,
         finetune_lr=a.finetune_lr, finetune_batch_size=a.finetune_batch_size,

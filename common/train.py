@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.bn import bn_recalibrate  # noqa: F401  (re-exported: the one recalibration)
 from common.data import BatchLoader, DatasetSplits, make_loader
 
 
@@ -96,51 +97,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     if n == 0:
         raise ValueError("evaluate: the loader yielded no images")
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": int(n)}
-
-
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def bn_recalibrate(model: nn.Module, loader: Iterable, num_batches: int | None = None,
-                   device: str | torch.device | None = None) -> nn.Module:
-    """Re-estimate every BatchNorm's running mean/var from the data in ``loader``.
-
-    Running stats are reset and accumulated as an exact cumulative average (``momentum=None``)
-    over up to ``num_batches`` batches, forwarding in train mode without gradients; the original
-    momenta are restored and the model is left in eval mode. Models without BatchNorm are returned
-    unchanged without touching the data. Pass a loader without augmentation (the default for
-    ``train=False`` loaders) unless augmented statistics are wanted.
-
-    Returns:
-        ``model`` (modified in place).
-    """
-    bns = _bn_modules(model)
-    if not bns:
-        return model.eval()
-    dev = resolve_device(device) if device is not None else (_loader_device(loader) or
-                                                              torch.device("cpu"))
-    model.to(dev)
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        seen = 0
-        for i, (x, _) in enumerate(loader):
-            if num_batches is not None and i >= num_batches:
-                break
-            model(x.to(dev, non_blocking=True))
-            seen += 1
-        if seen == 0:
-            raise ValueError("bn_recalibrate: the loader yielded no batches")
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.eval()
-    return model
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,

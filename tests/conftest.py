@@ -27,6 +27,16 @@ from common.models import build_model  # noqa: E402
 from common.train import bn_recalibrate  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread: identical results need identical thread counts, and it keeps
+    the shared CPUs free (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def digits() -> DatasetSplits:
     return load_dataset("digits")

@@ -134,7 +134,7 @@ PAYLOADS = {
             layer="layer1.0.conv1",
             level=np.float32(0.25),
             ranks=np.array([8, 16]),
-            val_top1=float("-inf"),
+            score=float("-inf"),
             macs=10,
             params=20,
         ),
@@ -142,7 +142,7 @@ PAYLOADS = {
             layer="layer1.0.conv1",
             level=0.25,
             ranks=[8, 16],
-            val_top1=-math.inf,
+            score=-math.inf,
             macs=10,
             params=20,
         ),
@@ -153,7 +153,7 @@ PAYLOADS = {
             target=3.0,
             index=np.int64(7),
             plan={"layer1.0.conv1": {"method": "ht2", "ranks": (4, 5, 6)}},
-            val_top1=torch.tensor(0.75),
+            score=torch.tensor(0.75),
             macs_factor=3.1,
             params_factor=2.9,
             seed=1,
@@ -164,7 +164,7 @@ PAYLOADS = {
             target=3.0,
             index=7,
             plan={"layer1.0.conv1": {"method": "ht2", "ranks": [4, 5, 6]}},
-            val_top1=0.75,
+            score=0.75,
             macs_factor=3.1,
             params_factor=2.9,
             seed=1,
@@ -305,7 +305,7 @@ def test_resume_with_find(tmp_path):
                 method=method,
                 target=3.0,
                 index=i,
-                val_top1=0.1 * i + 0.01,
+                score=0.1 * i + 0.01,
                 macs_factor=3.0,
                 params_factor=2.0,
                 plan={"c": {"ranks": (i, i)}},
@@ -316,7 +316,7 @@ def test_resume_with_find(tmp_path):
     log = RunLog(tmp_path, "vgg16", "run-7")  # a restarted run
     assert len(log.records()) == 7 and log.errors == []
     hit = log.find("candidate", method="policy", index=np.int64(1))
-    assert hit["seq"] == 3 and hit["val_top1"] == pytest.approx(0.11)
+    assert hit["seq"] == 3 and hit["score"] == pytest.approx(0.11)
     assert log.find("candidate", method="random")["index"] == 2  # the last match
     assert log.find("candidate", plan={"c": {"ranks": (1, 1)}})["seq"] == 3  # tuple == list
     assert log.find("plan", loss=float("nan"))["method"] == "random"  # NaN matches NaN

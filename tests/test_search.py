@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from common.data import load_dataset
-from common.search import (METHODS, MemoryRecorder, SearchConfig, SearchSpace, build_searcher, project_levels,
-                           repair_plan)
+from common.search import METHODS, MemoryRecorder, SearchConfig, SearchSpace, build_searcher, project, repair_plan
 from common.surgery import LayerPlan, list_conv_layers
 
 
@@ -45,7 +44,9 @@ def test_every_method_hits_the_budget(digits, method, target):
     s = make(digits)
     r = s.run(method, target, "macs", n_candidates=6, seed=1)
     assert abs(r.macs_factor / target - 1) <= 0.03, (method, target, r.macs_factor)
-    assert 0.0 <= r.val_top1 <= 1.0
+    assert r.score <= 0.0 and r.proxy == "kl"  # minus a KL divergence
+    if method in ("random", "policy", "tpe"):  # val top-1 decided among the best-scored candidates
+        assert 0.0 <= r.val_top1 <= 1.0
     assert set(r.plan) == set(s.space.names)
     # The achieved factor is the model's real conv-MAC reduction.
     from common.cost import count_model
@@ -65,7 +66,7 @@ def test_params_budget(digits):
 def test_same_seed_same_plans_and_numbers(digits):
     a = make(digits).run("policy", 3.0, n_candidates=6, seed=3)
     b = make(digits).run("policy", 3.0, n_candidates=6, seed=3)
-    assert a.plan == b.plan and a.val_top1 == b.val_top1 and a.history == b.history
+    assert a.plan == b.plan and a.score == b.score and a.val_top1 == b.val_top1 and a.history == b.history
     c = make(digits).run("random", 3.0, n_candidates=6, seed=4)
     d = make(digits).run("random", 3.0, n_candidates=6, seed=5)
     assert c.history != d.history or c.plan != d.plan
@@ -80,7 +81,7 @@ def test_resume_after_interruption_gives_same_result(digits):
     rec = MemoryRecorder()
     s = make(digits, recorder=rec)
     calls = {"n": 0}
-    inner = s.evaluator
+    inner = s.evaluator.score
 
     def flaky(plan):
         calls["n"] += 1
@@ -88,22 +89,22 @@ def test_resume_after_interruption_gives_same_result(digits):
             raise Boom()
         return inner(plan)
 
-    s.evaluator = flaky
+    s.evaluator.score = flaky
     with pytest.raises(Boom):
         s.run("policy", 3.0, n_candidates=8, seed=7)
     done = len([r for r in rec.items if r["kind"] in ("candidate", "sensitivity")])
     assert done == 11
     s2 = make(digits, recorder=rec)
     counted = {"n": 0}
-    inner2 = s2.evaluator
+    inner2 = s2.evaluator.score
 
     def counting(plan):
         counted["n"] += 1
         return inner2(plan)
 
-    s2.evaluator = counting
+    s2.evaluator.score = counting
     resumed = s2.run("policy", 3.0, n_candidates=8, seed=7)
-    assert resumed.plan == full.plan and resumed.val_top1 == full.val_top1
+    assert resumed.plan == full.plan and resumed.score == full.score and resumed.val_top1 == full.val_top1
     assert counted["n"] == (full.evaluations + 1 + len(s2.space.names) * 2) - 11  # only the rest is evaluated
 
 
@@ -124,11 +125,11 @@ def test_projection_keeps_shape_and_hits_target():
     model = small_cnn()
     space = SearchSpace(list_conv_layers(model), "ht2", multiple=1)
     levels = dict(zip(space.names, [0.8, 0.4, 0.6, 0.3]))
-    proj, achieved = project_levels(space, levels, 3.0)
-    assert abs(achieved / 3.0 - 1) <= 0.03
-    # one common scale: order of levels preserved (before clipping at 1)
-    ordered = sorted(space.names, key=lambda n: levels[n])
-    assert [proj[n] for n in ordered] == sorted(proj[n] for n in ordered)
+    plan, achieved = project(space, levels, 3.0)
+    assert abs(achieved / 3.0 - 1) <= 0.03 and achieved == space.factor(plan, "macs")
+    # one common scale α of every level (no per-layer repair was needed at multiple 1)
+    assert any(plan == space.plan({n: min(1.0, a * f) for n, f in levels.items()})
+               for a in np.geomspace(0.2, 5.0, 4000))
 
 
 def test_repair_moves_plan_into_tolerance():
@@ -147,22 +148,46 @@ def test_bad_method_and_target(digits):
         s.run("uniform", 0.5)
 
 
-def test_energy_rank_shape_matches_level_cost_and_keeps_uniform(digits):
+def test_energy_shape_matches_level_cost_and_keeps_uniform(digits):
     level = make(digits)
-    shaped = make(digits, config=SearchConfig(sensitivity_levels=(0.5, 0.2), rounds=2, rank_shape="energy"))
+    shaped = make(digits, config=SearchConfig(sensitivity_levels=(0.5, 0.2), rounds=2, shapes=("level", "energy")))
     for ls_l, ls_e in zip(level.space.layers, shaped.space.layers):
         for f in (0.75, 0.5, 0.3):
-            r_l, r_e = ls_l.ranks(f), ls_e.ranks(f)
+            r_l, r_e = ls_l.ranks(f), ls_e.ranks(f, "energy")
             m_l = ls_l.info.cost(ls_l.method, r_l)[1]
             m_e = ls_e.info.cost(ls_e.method, r_e)[1]
             # same layer cost up to rank rounding, and ranks from the spectra (an energy threshold)
             assert abs(m_e / m_l - 1) < 0.35, (ls_l.info.name, f, r_l, r_e)
             e_ranks = [shaped._energy_ranks(ls_e, e) for e in np.linspace(0.05, 0.9999, 400)]
             assert r_e in e_ranks
-    # uniform ignores rank_shape: identical plans
+    # uniform does not search: identical plans whatever shapes the searches may use
     assert level.run("uniform", 2.0).plan == shaped.run("uniform", 2.0).plan
+    # the policy's choices are (level, shape) pairs, the sensitivity profile covers both shapes
+    assert {c[1] for c in shaped.choices} == {"level", "energy"}
+    assert len(shaped.choices) == 2 * (len(CFG.levels) - 1) + 1  # dense once
     res = shaped.run("policy", 2.0, n_candidates=6, seed=0)
     assert abs(res.macs_factor / 2.0 - 1) <= 0.03
-    assert res.params["config"]["rank_shape"] == "energy"
-    with pytest.raises(ValueError, match="rank_shape"):
-        make(digits, config=SearchConfig(rank_shape="spectral"))
+    assert set(shaped.sensitivity()[shaped.space.names[0]]) == {"level", "energy"}
+    assert res.params["config"]["shapes"] == ("level", "energy")
+    with pytest.raises(ValueError, match="shapes"):
+        SearchConfig(shapes=("spectral",))
+
+
+def test_tpe_is_deterministic_and_resumes(digits):
+    a = make(digits).run("tpe", 3.0, n_candidates=6, seed=2)
+    rec = MemoryRecorder()
+    s = make(digits, recorder=rec)
+    inner = s.evaluator.score
+    calls = {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Boom()
+        return inner(plan)
+
+    s.evaluator.score = flaky
+    with pytest.raises(Boom):
+        s.run("tpe", 3.0, n_candidates=6, seed=2)
+    b = make(digits, recorder=rec).run("tpe", 3.0, n_candidates=6, seed=2)
+    assert a.plan == b.plan and a.history == b.history and a.evaluations == 6

@@ -79,26 +79,6 @@ def test_evaluate_reproduces_alexnet_manifest_val():
     assert r["top1"] == pytest.approx(manifest()["models"]["alexnet"]["accuracy"]["val"], abs=1e-3)
 
 
-def test_bn_recalibrate_exact_cumulative_average():
-    g = torch.Generator().manual_seed(0)
-    split = TensorSplit(torch.randint(0, 256, (12, 3, 4, 4), generator=g, dtype=torch.uint8),
-                        torch.zeros(12, dtype=torch.long))
-    loader = BatchLoader(split, 4, (0.0,) * 3, (1.0,) * 3)
-    bn = nn.BatchNorm2d(3, momentum=0.3)
-    bn.running_mean.fill_(7.0)
-    model = nn.Sequential(bn)
-    bn_recalibrate(model, loader)
-    x = split.images.float() / 255
-    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-6)
-    # cumulative average of per-batch unbiased variances (batches are equal-sized)
-    per_batch = torch.stack([x[i:i + 4].var(dim=(0, 2, 3), unbiased=True) for i in (0, 4, 8)])
-    assert torch.allclose(bn.running_var, per_batch.mean(0), atol=1e-6)
-    assert bn.momentum == 0.3 and not model.training
-    bn.running_mean.fill_(7.0)
-    bn_recalibrate(model, loader, num_batches=1)
-    assert torch.allclose(bn.running_mean, x[:4].mean(dim=(0, 2, 3)), atol=1e-6)
-
-
 def test_bn_recalibrate_without_bn_is_noop():
     class Exploding:
         device = torch.device("cpu")

@@ -1,0 +1,111 @@
+"""Candidate scores for the rank search: how good is a plan, cheaply, without touching ``test``.
+
+Every score is higher-is-better and starts the same way: apply the plan from cached factors, then
+recalibrate batch norm exactly (:func:`common.bn.bn_recalibrate`) on a fixed, seeded set of augmented
+*train* images. Then:
+
+* ``"kl"`` (default, label-free): minus the mean KL divergence ``KL(p_dense || p_candidate)`` of the
+  softmax outputs on those same calibration images. The recalibration pass already computes the
+  candidate's outputs, so the score costs one forward over the calibration images in all, needs no
+  labels and spends no validation images. A fidelity measure is smooth in the plan: two near-equal
+  plans differ by a small, consistently signed amount instead of by a few flipped val labels.
+* ``"top1"``: top-1 accuracy on a fixed val subset (the original proxy; kept for comparison).
+
+:meth:`ProxyEvaluator.val_top1` gives the val top-1 used to decide among the few best candidates of a
+label-free search. How well each score ranks near-optimal plans by their test accuracy is measured
+by ``benchmarks/proxy_fidelity.py``, not assumed.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bn import bn_recalibrate
+from .data import DatasetSplits, calibration_loader, make_loader
+from .surgery import LayerPlan, SpectraCache, apply_plan
+from .train import evaluate
+
+PROXIES = ("kl", "top1")
+
+
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per-image ``KL(softmax(teacher) || softmax(student))`` in nats, shape ``B``."""
+    t = F.log_softmax(teacher_logits.double(), dim=1)
+    s = F.log_softmax(student_logits.double(), dim=1)
+    return (t.exp() * (t - s)).sum(dim=1)
+
+
+def final_model(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: SpectraCache, data: DatasetSplits,
+                calib_images: int = 4096, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+    """A chosen plan's model as every reported number sees it: factors applied, BN recalibrated exactly
+    on ``calib_images`` augmented train images drawn with ``seed`` (eval mode, contiguous, on ``device``)."""
+    m = apply_plan(model, plan, spectra).to(device)
+    return bn_recalibrate(m, calibration_loader(data, calib_images, seed, device=device), device)
+
+
+class ProxyEvaluator:
+    """Score plans of one dense model (see the module docstring).
+
+    Args:
+        model: the dense model (never modified).
+        data: a :class:`common.data.DatasetSplits`.
+        spectra: the dense model's :class:`common.surgery.SpectraCache`.
+        proxy: ``"kl"`` or ``"top1"``.
+        calib_images: BN-calibration (and, for ``"kl"``, scoring) images from ``train``.
+        val_images: val subset for ``"top1"`` and :meth:`val_top1` (``None`` = the whole split).
+        seed: picks the calibration subset and its augmentation, and the val subset.
+        channels_last / amp_dtype: speed settings for the val forward passes.
+    """
+
+    def __init__(self, model: nn.Module, data: DatasetSplits, spectra: SpectraCache, proxy: str = "kl",
+                 calib_images: int = 256, val_images: int | None = 1000, batch_size: int = 250,
+                 device: str | torch.device = "cpu", seed: int = 0, channels_last: bool = False,
+                 amp_dtype: torch.dtype | None = None):
+        if proxy not in PROXIES:
+            raise ValueError(f"unknown proxy {proxy!r}; expected one of {PROXIES}")
+        if calib_images < 2:
+            raise ValueError(f"calib_images must be at least 2, got {calib_images}")
+        self.model, self.spectra, self.device, self.proxy = model, spectra, torch.device(device), proxy
+        self.channels_last, self.amp_dtype = channels_last, amp_dtype
+        self.calib = [x for x, _ in calibration_loader(data, calib_images, seed, batch_size, self.device,
+                                                        channels_last)]
+        vn = None if val_images is None or val_images >= len(data.val) else val_images
+        self.val = list(make_loader(data, "val", batch_size, device=self.device, seed=seed, subset=vn,
+                                    channels_last=channels_last))
+        self.calib_images = sum(len(x) for x in self.calib)
+        self.val_images = sum(len(y) for _, y in self.val)
+        self._teacher: list[torch.Tensor] | None = None
+
+    def teacher_logits(self) -> list[torch.Tensor]:
+        """The dense model's own outputs (its checkpoint statistics) on the calibration images."""
+        if self._teacher is None:
+            m = self.model.to(self.device).eval()
+            with torch.inference_mode():
+                self._teacher = [m(x).float() for x in self.calib]
+        return self._teacher
+
+    def build(self, plan: Mapping[str, LayerPlan], outputs: bool = False):
+        """The compressed, BN-recalibrated model for ``plan`` (and its calibration outputs if asked)."""
+        m = apply_plan(self.model, plan, self.spectra).to(self.device)
+        if self.channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        m, outs = bn_recalibrate(m, self.calib, device=self.device, return_outputs=True)
+        return (m, outs) if outputs else m
+
+    def kl(self, plan: Mapping[str, LayerPlan]) -> float:
+        """Mean ``KL(dense || candidate)`` over the calibration images (nats)."""
+        _, outs = self.build(plan, outputs=True)
+        total = sum(kl_divergence(t, s.float()).sum().item() for t, s in zip(self.teacher_logits(), outs))
+        return total / self.calib_images
+
+    def val_top1(self, plan: Mapping[str, LayerPlan]) -> float:
+        """Top-1 of the recalibrated candidate on the val subset."""
+        return float(evaluate(self.build(plan), self.val, device=self.device, amp_dtype=self.amp_dtype)["top1"])
+
+    def score(self, plan: Mapping[str, LayerPlan]) -> float:
+        """The search score of ``plan`` under this evaluator's proxy (higher is better)."""
+        return -self.kl(plan) if self.proxy == "kl" else self.val_top1(plan)

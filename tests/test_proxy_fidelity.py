@@ -1,0 +1,52 @@
+"""Smoke test of benchmarks/proxy_fidelity.py on the embedded digits data: rows, values, resume."""
+from __future__ import annotations
+
+import csv
+import math
+import re
+
+import torch
+
+from benchmarks import proxy_fidelity as pf
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_proxy_fidelity_smoke_and_resume(tmp_path, digits_checkpoint, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    out = tmp_path / "pf.csv"
+    # A fitted digits AlexNet (conftest): compression visibly costs accuracy, so the ranks are defined.
+    argv = ["--dataset", "digits", "--model", "alexnet", "--checkpoint", str(digits_checkpoint("alexnet")),
+            "--plans", "4", "--proxies", "kl:64,top1:100", "--final-calib-images", "64", "--threads", "1",
+            "--out", str(out)]
+    summary = pf.main(argv)
+    rows = _rows(out)
+    assert [int(r["plan"]) for r in rows] == [0, 1, 2, 3]
+    assert len({r["plan_json"] for r in rows}) == 4
+    for r in rows:
+        assert abs(float(r["macs_factor"]) / 3.0 - 1) <= 0.03
+        for col in ("kl_64", "kl_64_seconds", "top1_100", "top1_100_seconds"):
+            assert math.isfinite(float(r[col])), (col, r[col])
+        assert float(r["kl_64"]) <= 0.0  # minus a KL divergence
+        for col in ("top1_100", "test_top1", "val_top1"):
+            assert 0.0 <= float(r[col]) <= 1.0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("| kl:64") or line.startswith("| top1:100")]
+    assert len(table) == 2
+    for line in table:
+        tau, rho = (float(v) for v in re.split(r"\s*\|\s*", line)[2:4])
+        assert -1.0 <= tau <= 1.0 and -1.0 <= rho <= 1.0
+    for p in summary["proxies"].values():
+        assert -1.0 <= p["kendall_tau"] <= 1.0 and -1.0 <= p["spearman_rho"] <= 1.0
+    assert out.with_suffix(".md").read_text().count("| kl:64 |") == 1
+
+    # Resume: a second run finds every plan in the CSV, evaluates none and leaves the rows as they were.
+    before = out.read_bytes()
+    calls = []
+    monkeypatch.setattr(pf, "evaluate_plan", lambda *a, **k: calls.append(a) or {})
+    again = pf.main(argv)
+    assert calls == [] and out.read_bytes() == before
+    assert again["proxies"].keys() == summary["proxies"].keys()
