@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .cost import count_model
 from .data import load_dataset, make_loader
 from .logs import RunLog
 from .paths import default_cache_dir
-from .proxy import final_model
+from .proxy import PROXIES, final_model
 from .search import METHODS, SearchConfig, SearchResult, build_searcher
 from .surgery import LayerPlan, list_conv_layers, plan_from_dict
 from .train import evaluate, finetune, resolve_device
@@ -90,6 +91,27 @@ class ExperimentConfig:
     threads: int | None = None
     progress: bool = True
     deadline: float | None = None  # unix time after which no new (target, method) stage starts
+
+    def __post_init__(self) -> None:
+        # Refuse what would fail late or log nonsense, before any data or model work.
+        self.targets = tuple(float(t) for t in self.targets)
+        if not self.targets:
+            raise ValueError("targets: give at least one reduction factor, e.g. --targets 3")
+        bad = [t for t in self.targets if not (math.isfinite(t) and t > 1.0)]
+        if bad:
+            raise ValueError(f"targets must be finite reduction factors > 1 (dense / compressed), got {bad}")
+        for name in ("search_budget", "n_seeds", "rerank", "calib_images", "final_calib_images"):
+            if int(getattr(self, name)) < (2 if "calib" in name else 1):
+                raise ValueError(f"{name} must be at least {2 if 'calib' in name else 1}, "
+                                 f"got {getattr(self, name)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; expected some of {METHODS}")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
+        if self.metric not in ("macs", "params"):
+            raise ValueError(f"metric must be 'macs' or 'params', got {self.metric!r}")
+        SearchConfig(shapes=tuple(self.shapes), rerank=self.rerank)  # validates the search options
 
     def resolved_run_id(self) -> str:
         if self.run_id:
@@ -171,9 +193,6 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    for m in cfg.methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; expected some of {METHODS}")
     device = resolve_device(cfg.device)
     run_id = cfg.resolved_run_id()
     log = RunLog(Path(cfg.log_dir), cfg.model, run_id)
@@ -387,6 +406,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    try:
+        return _config_from_args(a, d)
+    except ValueError as e:  # a bad value is a usage error: name it, exit 2, before any work
+        p.error(str(e))
+
+
+def _config_from_args(a: argparse.Namespace, d: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig(
         model=a.model, dataset=a.dataset, data_root=a.data_root, checkpoint=a.checkpoint,
         targets=_floats(a.targets), metric=a.metric, methods=tuple(m for m in a.methods.split(",") if m),

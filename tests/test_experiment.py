@@ -193,3 +193,23 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
     doc, _ = run_document(log_file(cfg))
     agg = aggregate_seeds(summary_table([doc]))
     assert set(agg["n_seeds"]) == {2}
+
+
+@pytest.mark.parametrize("flags,phrase", [
+    (["--targets", ""], "at least one reduction factor"),
+    (["--targets", "nan"], "finite reduction factors > 1"),
+    (["--targets", "inf"], "finite reduction factors > 1"),
+    (["--targets", "0.5"], "finite reduction factors > 1"),
+    (["--targets", "three"], "could not convert"),
+    (["--search-budget", "0"], "search_budget must be at least 1"),
+    (["--n-seeds", "0"], "n_seeds must be at least 1"),
+    (["--calib-images", "1"], "calib_images must be at least 2"),
+    (["--methods", "uniform,greedy"], "unknown method 'greedy'"),
+    (["--shapes", "spectral"], "shapes must be a non-empty subset"),
+])
+def test_bad_cli_values_are_refused_before_any_work(flags, phrase, capsys, monkeypatch):
+    monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    with pytest.raises(SystemExit) as exc:
+        experiment.main(["--dataset", "digits", "--log-dir", "unused", *flags])
+    assert exc.value.code == 2
+    assert phrase in capsys.readouterr().err
