@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--rerank", type=int, default=SearchConfig.rerank)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--calib-images", type=int, default=256)
-    p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=0, help="0 = the whole val split")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shapes", default="level", help="per-layer rank shapes of the searches: level[,energy]")
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     data = stage("load data", lambda: load_dataset("cifar10-jpeg", root=a.data_root))
     model = stage("load model", lambda: load_baseline(a.model, a.checkpoint_dir))
     searcher = stage("spectra cache + proxy setup", lambda: build_searcher(
-        model, data, proxy=a.proxy, calib_images=a.calib_images, val_images=a.val_images, seed=a.seed,
+        model, data, proxy=a.proxy, calib_images=a.calib_images, val_images=a.val_images or None, seed=a.seed,
         config=SearchConfig(shapes=tuple(a.shapes.split(",")), rerank=a.rerank)))
     dense = stage("dense proxy score", searcher.dense_score)
     stage("sensitivity profile", searcher.sensitivity)

@@ -44,7 +44,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
     p.add_argument("--calib-images", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
-    p.add_argument("--val-images", type=int, default=None, help="default: all 5000 on CUDA, 1000 on CPU")
+    p.add_argument("--val-images", type=int, default=None, help="default: the whole val split (re-ranking)")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-dir", default="logs/results")
     p.add_argument("--run-tag", default=None, help="run id suffix (default: the device type)")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             n_seeds=a.n_seeds, proxy=a.proxy, shapes=tuple(x for x in a.shapes.split(",") if x),
             finetune_batch_size=256 if cuda else 128, finetune_lr=0.0005,
             calib_images=a.calib_images or (1024 if cuda else 256),
-            val_images=a.val_images if a.val_images is not None else (None if cuda else 1000),
+            val_images=a.val_images or None,
             latency=not a.no_latency, latency_devices=("cuda",) if cuda else ("cpu",), device=device, seed=a.seed, run_id=f"results-{model}-{tag}",
             log_dir=a.log_dir, deadline=deadline, progress=True)
         t = time.perf_counter()

@@ -75,7 +75,7 @@ class ExperimentConfig:
     finetune_max_images: int | None = None
     distill: bool = True
     calib_images: int = 256
-    val_images: int | None = 1000
+    val_images: int | None = None
     sensitivity_levels: tuple = SearchConfig.sensitivity_levels
     policy_rounds: int = SearchConfig.rounds
     temperature: float = SearchConfig.temperature
@@ -392,7 +392,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
     p.add_argument("--finetune-max-images", type=int, default=None)
     p.add_argument("--no-distill", action="store_true")
     p.add_argument("--calib-images", type=int, default=d.calib_images)
-    p.add_argument("--val-images", type=int, default=d.val_images, help="0 = the whole val split")
+    p.add_argument("--val-images", type=int, default=d.val_images,
+                   help="val images of the re-ranking (and of every candidate with --proxy top1); "
+                        "default or 0 = the whole val split")
     p.add_argument("--sensitivity-levels", default=",".join(str(x) for x in d.sensitivity_levels))
     p.add_argument("--policy-rounds", type=int, default=d.policy_rounds)
     p.add_argument("--temperature", type=float, default=d.temperature)

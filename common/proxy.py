@@ -62,7 +62,7 @@ class ProxyEvaluator:
     """
 
     def __init__(self, model: nn.Module, data: DatasetSplits, spectra: SpectraCache, proxy: str = "kl",
-                 calib_images: int = 256, val_images: int | None = 1000, batch_size: int = 250,
+                 calib_images: int = 256, val_images: int | None = None, batch_size: int = 250,
                  device: str | torch.device = "cpu", seed: int = 0, channels_last: bool = False,
                  amp_dtype: torch.dtype | None = None):
         if proxy not in PROXIES:

@@ -550,7 +550,7 @@ def _strip(hist: list[dict]) -> list[dict]:
 
 
 def build_searcher(model: nn.Module, data, *, decomposition: str = "ht2", input_size: Sequence[int] | None = None,
-                   proxy: str = "kl", calib_images: int = 256, val_images: int | None = 1000,
+                   proxy: str = "kl", calib_images: int = 256, val_images: int | None = None,
                    batch_size: int = 250, device: str | torch.device = "cpu", seed: int = 0, multiple: int = 8,
                    include_1x1: bool = True, recorder: Recorder | None = None,
                    config: SearchConfig | None = None, progress: Callable[[str], None] | None = None,
