@@ -1,13 +1,11 @@
 #!/usr/bin/env python
 """Summarize run documents into ``results/summary.{csv,md}`` and per-model PNG plots.
 
-Usage: ``python analyze_results.py [--json json/] [--out results/] [--latency [CSV ...]]
-[--readme README.md]``. The documents come from ``jsonify_logs.py``; the logic lives in
-:mod:`common.analysis`. Speed-ups come from the latency tables (by default whichever of
-``<out>/latency_cpu.csv`` and ``<out>/latency_cuda.csv`` exist; ``--latency`` alone or
-``--latency none`` uses the run records instead). ``--readme`` rewrites the block between
-``<!-- results:begin -->`` and ``<!-- results:end -->`` in that file. Exit status: 0 on success, 2
-when no run document was found or an input is malformed.
+Usage: ``python analyze_results.py [--json json/] [--out results/] [--readme README.md]``. The
+documents come from ``jsonify_logs.py``; the logic lives in :mod:`common.analysis`. Speed-ups are
+the runs' own measurements (their ``final`` records; see :mod:`common.analysis`). ``--readme``
+rewrites the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in that file.
+Exit status: 0 on success, 2 when no run document was found or an input is malformed.
 """
 
 from __future__ import annotations
@@ -20,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.analysis import (
-    join_latency,
-    load_latency,
     load_runs,
     make_plots,
     readme_block,
@@ -30,18 +26,6 @@ from common.analysis import (
     update_readme,
     write_summary,
 )
-
-DEFAULT_LATENCY = ("latency_cpu.csv", "latency_cuda.csv")
-
-
-def latency_paths(option: Sequence[str] | None, out_dir: str) -> list[str]:
-    """The latency tables to join: ``--latency`` as given, or the defaults in ``out_dir`` that
-    exist; none for ``--latency`` without paths or ``--latency none``."""
-    if option is None:
-        return [str(p) for name in DEFAULT_LATENCY if (p := Path(out_dir) / name).is_file()]
-    if [p.lower() for p in option] == ["none"]:
-        return []
-    return list(option)
 
 
 def summary_link(readme: str, out_dir: str) -> str:
@@ -61,13 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default="json", help="folder of run documents (default: json/)")
     parser.add_argument("--out", default="results", help="output folder (default: results/)")
     parser.add_argument(
-        "--latency",
-        nargs="*",
-        metavar="PATH",
-        help="latency CSVs whose speed-ups replace the run records' (default: whichever of "
-        "<out>/latency_cpu.csv, <out>/latency_cuda.csv exist; no PATH or 'none': run records)",
-    )
-    parser.add_argument(
         "--readme",
         metavar="PATH",
         help="also rewrite the results block between the marker lines of this file",
@@ -75,12 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    sources = latency_paths(args.latency, args.out)
     try:
         if args.readme:  # fail before the slow part when the README cannot take the block
             replace_marked_block(Path(args.readme).read_text(encoding="utf-8"), "", args.readme)
         runs = load_runs(args.json)
-        latency = load_latency(sources) if sources else None
     except (OSError, ValueError) as exc:
         print(f"analyze_results: error: {exc}", file=sys.stderr)
         return 2
@@ -91,21 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    df = summary_table(runs)
-    if latency is not None:
-        df = join_latency(df, latency)
+    try:
+        df = summary_table(runs)
+    except ValueError as exc:  # e.g. a final record without a metric, or a percentage accuracy
+        print(f"analyze_results: error: {exc}", file=sys.stderr)
+        return 2
     plots = make_plots(runs, args.out)
     command = " ".join(["python analyze_results.py", *map(shlex.quote, argv)])
     written = [
-        *write_summary(
-            df, args.out, plots=plots, command=command, n_runs=len(runs), latency_sources=sources
-        ),
+        *write_summary(df, args.out, plots=plots, command=command, n_runs=len(runs)),
         *plots,
     ]
     if args.readme:
-        block = readme_block(
-            df, runs, command, summary_link=summary_link(args.readme, args.out), latency=latency
-        )
+        block = readme_block(df, runs, command, summary_link=summary_link(args.readme, args.out))
         if update_readme(args.readme, block):
             written.append(args.readme)
     for path in written:

@@ -10,6 +10,10 @@ Then ``jsonify_logs.py`` and ``analyze_results.py`` turn the logs into ``results
 
 Finetune budget: 3 epochs with CUDA; on CPU a stated smaller budget (``--finetune-epochs``, default
 0.1 epoch), the same for every method. Selection uses ``val`` only; reported accuracies are ``test``.
+
+Every ``ExperimentConfig`` field but the per-model ones is an option (as in ``python -m common.experiment``),
+with this table's defaults: targets 3,2,5, 3 seeds, the Tucker-2 policy and latency on (``--no-tucker2``,
+``--no-latency``), device-dependent finetuning and proxy sizes.
 """
 from __future__ import annotations
 
@@ -24,62 +28,66 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the repo im
 
 import torch  # noqa: E402
 
-from common.experiment import ExperimentConfig, run_experiment  # noqa: E402
+from common.experiment import (DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, add_config_arguments,  # noqa: E402
+                               config_from_args, run_experiment)
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
-from common.search import METHODS  # noqa: E402
+
+# Fixed per model by this script, so not options.
+PER_MODEL = ("model", "dataset", "checkpoint", "run_id", "deadline")
+# Where the results table departs from ExperimentConfig's defaults.
+DEFAULTS = {"targets": (3.0, 2.0, 5.0), "n_seeds": 3, "policy_tucker2": True, "latency": True,
+            "data_root": str(CIFAR_JPEG_ROOT), "log_dir": "logs/results"}
+BY_DEVICE_HELP = {
+    "finetune_epochs": f"finetuning epochs (default: {DEFAULT_FINETUNE_EPOCHS:g} on CUDA, 0.1 on CPU; 0 = off)",
+    "calib_images": "proxy: BN-recalibration (and KL-scoring) train images (default: 1024 on CUDA, 256 on CPU)",
+    "finetune_batch_size": "finetuning batch size (default: 256 on CUDA, 128 on CPU)",
+    "latency_devices": "which of cpu, cuda to time (default: the device the run uses)",
+}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def _by_device(cuda: bool) -> dict:
+    """The defaults that depend on the device (a given option wins over them)."""
+    return {"finetune_epochs": DEFAULT_FINETUNE_EPOCHS if cuda else 0.1, "calib_images": 1024 if cuda else 256,
+            "finetune_batch_size": 256 if cuda else 128, "latency_devices": ("cuda",) if cuda else ("cpu",)}
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet18,vgg16,alexnet")
-    p.add_argument("--targets", default="3,2,5", help="conv-MAC reduction factors (first = finetuned one)")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--no-tucker2", action="store_true", help="skip the Tucker-2 policy comparison")
-    p.add_argument("--search-budget", type=int, default=100)
-    p.add_argument("--n-seeds", type=int, default=3, help="seeds per (target, method): search draws + calibration")
-    p.add_argument("--proxy", default="kl", choices=["kl", "top1"])
-    p.add_argument("--shapes", default="level", help="per-layer rank shapes of the searches: level[,energy]")
-    p.add_argument("--finetune-epochs", type=float, default=None, help="default: 3 on CUDA, 0.1 on CPU")
-    p.add_argument("--finetune-targets", default="", help="targets to finetune at (default: all)")
-    p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
-    p.add_argument("--calib-images", type=int, default=None, help="default: 1024 on CUDA, 256 on CPU")
-    p.add_argument("--val-images", type=int, default=None, help="default: the whole val split (re-ranking)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--log-dir", default="logs/results")
     p.add_argument("--run-tag", default=None, help="run id suffix (default: the device type)")
     p.add_argument("--minutes", type=float, default=None, help="per model: start no new stage after this long")
-    p.add_argument("--no-latency", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    add_config_arguments(p, exclude=PER_MODEL, defaults=DEFAULTS, helps=BY_DEVICE_HELP)
+    p.add_argument("--no-tucker2", dest="policy_tucker2", action="store_false", default=argparse.SUPPRESS,
+                   help="same as --no-policy-tucker2: skip the Tucker-2 policy comparison")
+    return p
+
+
+def model_config(a: argparse.Namespace, model: str, cuda: bool, deadline: float | None) -> ExperimentConfig:
+    """The experiment of one model: the options given, else this table's defaults, else the config's."""
+    device = "cuda" if cuda else "cpu"
+    given = {k: v for k, v in vars(a).items() if k not in ("models", "checkpoint_dir", "run_tag", "minutes")}
+    return config_from_args({**_by_device(cuda), **given}, model=model, dataset="cifar10-jpeg",
+                            checkpoint=str(Path(a.checkpoint_dir) / f"{model}.pt"), device=device,
+                            run_id=f"results-{model}-{a.run_tag or device}", deadline=deadline)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    a = parse_args(argv)
-    cuda = torch.cuda.is_available() and a.device in ("auto", "cuda")
-    device = "cuda" if cuda else "cpu"
-    epochs = a.finetune_epochs if a.finetune_epochs is not None else (3.0 if cuda else 0.1)
-    tag = a.run_tag or device
+    p = build_parser()
+    a = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and getattr(a, "device", "auto") in ("auto", "cuda")
+    try:
+        model_config(a, "resnet18", cuda, None)  # a bad value is a usage error before any work
+    except ValueError as e:
+        p.error(str(e))
     for model in [m for m in a.models.split(",") if m]:
         deadline = time.time() + 60 * a.minutes if a.minutes else None  # per model
         ckpt = Path(a.checkpoint_dir) / f"{model}.pt"
         if not ckpt.exists():
             print(f"skipping {model}: no checkpoint at {ckpt}")
             continue
-        cfg = ExperimentConfig(
-            model=model, dataset="cifar10-jpeg", data_root=a.data_root, checkpoint=str(ckpt),
-            targets=tuple(float(t) for t in a.targets.split(",")), metric="macs",
-            methods=tuple(m for m in a.methods.split(",") if m), policy_tucker2=not a.no_tucker2,
-            search_budget=a.search_budget, finetune=epochs > 0, finetune_epochs=epochs or 3.0,
-            finetune_targets=tuple(float(t) for t in a.finetune_targets.split(",") if t) or None,
-            n_seeds=a.n_seeds, proxy=a.proxy, shapes=tuple(x for x in a.shapes.split(",") if x),
-            finetune_batch_size=256 if cuda else 128, finetune_lr=0.0005,
-            calib_images=a.calib_images or (1024 if cuda else 256),
-            val_images=a.val_images or None,
-            latency=not a.no_latency, latency_devices=("cuda",) if cuda else ("cpu",), device=device, seed=a.seed, run_id=f"results-{model}-{tag}",
-            log_dir=a.log_dir, deadline=deadline, progress=True)
         t = time.perf_counter()
-        finals = run_experiment(cfg)
+        finals = run_experiment(model_config(a, model, cuda, deadline))
         print(f"{model}: {len(finals)} final records in {time.perf_counter() - t:.0f}s")
         if deadline and time.time() > deadline:
             print(f"{model}: time box reached; re-run the same command to continue")

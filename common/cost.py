@@ -25,10 +25,6 @@ class ModelCost:
     conv_macs: int
     per_layer: dict = field(default_factory=dict)
 
-    def reduction(self, compressed: "ModelCost", metric: str = "conv_macs") -> float:
-        """How many times smaller ``compressed`` is than ``self`` in ``metric``."""
-        return getattr(self, metric) / max(getattr(compressed, metric), 1)
-
     def to_dict(self) -> dict:
         return {"params": self.params, "macs": self.macs, "conv_params": self.conv_params,
                 "conv_macs": self.conv_macs}

@@ -25,7 +25,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.files import atomic_write
 from common.paths import CIFAR_JPEG_ROOT, default_cache_dir
 
 CIFAR_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
@@ -305,18 +305,8 @@ def _cache_path(cache_dir: Path, root: Path, split: str, fingerprint: str) -> Pa
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared between users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` ``obj`` to ``path`` atomically (:func:`common.files.atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _load_split(root: Path, split: str, cache_dir: Path | None,

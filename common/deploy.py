@@ -8,23 +8,30 @@ cost four passes over the activations. So :func:`deploy_model` times every parti
 factorized layer on the input shape, device, dtype and memory format it will run with and keeps the
 fastest (``choose="latency"``), or keeps the fewest-MAC partition without timing (``choose="macs"``).
 Every partition computes the same function up to float rounding; the tests check each one.
+
+:func:`fastest_latency` (deployment, then timing of the whole model with :mod:`common.latency`) is
+the project's one way to time a model.
 """
 from __future__ import annotations
 
 import copy
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from .cost import count_model
+from .device import resolve_device
+from .latency import measure_latency
 from .layers import ConvGeometry, FactorizedConv, conv_cost
 
 Tensor = torch.Tensor
 
-__all__ = ["merge_convs", "chain_forms", "build_form", "form_macs", "deploy_model", "DeployedChain",
-           "LayerDeployment"]
+__all__ = ["merge_convs", "chain_forms", "build_form", "form_macs", "deploy_model", "fastest_latency",
+           "DeployedChain", "LayerDeployment"]
 
 
 def _pad_of(conv: nn.Conv2d, axis: int) -> int | str:
@@ -63,6 +70,20 @@ def merge_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
     for a, b in zip(convs, convs[1:]):
         if a.out_channels != b.in_channels:
             raise ValueError(f"cannot merge: {a.out_channels} output channels feed {b.in_channels} inputs")
+    geometry = _merged_geometry(convs)
+    last = convs[-1]
+    merged = nn.Conv2d(convs[0].in_channels, last.out_channels, groups=g, bias=last.bias is not None,
+                       device=last.weight.device, dtype=last.weight.dtype, **geometry)
+    with torch.no_grad():
+        merged.weight.copy_(_weight_product(convs, g).reshape(merged.weight.shape).to(merged.weight.dtype))
+        if last.bias is not None:
+            merged.bias.copy_(last.bias)
+    return merged
+
+
+def _merged_geometry(convs: Sequence[nn.Conv2d]) -> dict:
+    """``kernel_size``, ``stride``, ``padding``, ``dilation``, ``padding_mode`` of the merged conv: per axis,
+    those of the one conv acting along it (raises ``ValueError`` when two do)."""
     spatial = []
     for axis in range(2):
         active = [i for i, c in enumerate(convs) if not _trivial_on(c, axis)]
@@ -89,7 +110,12 @@ def merge_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
         pad_arg: tuple[int, int] | str = strings.pop()
     else:
         pad_arg = (int(padding[0]), int(padding[1]))
-    last = convs[-1]
+    return {"kernel_size": tuple(kernel), "stride": tuple(stride), "padding": pad_arg, "dilation": tuple(dilation),
+            "padding_mode": modes.pop() if modes else "zeros"}
+
+
+def _weight_product(convs: Sequence[nn.Conv2d], g: int) -> Tensor:
+    """The float64 kernel of the run, ``(G, out, in, kh, kw)``."""
     weight = None
     for c in convs:
         w = c.weight.detach().to(torch.float64)
@@ -100,15 +126,7 @@ def merge_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
         # one of (i, k) and one of (j, l) is 1, so their product is the other
         m = torch.einsum("gpoij,gockl->gpcikjl", w, weight)
         weight = m.reshape(*m.shape[:3], m.shape[3] * m.shape[4], m.shape[5] * m.shape[6])
-    merged = nn.Conv2d(convs[0].in_channels, last.out_channels, tuple(kernel), stride=tuple(stride),
-                       padding=pad_arg, dilation=tuple(dilation), groups=g, bias=last.bias is not None,
-                       padding_mode=modes.pop() if modes else "zeros",
-                       device=last.weight.device, dtype=last.weight.dtype)
-    with torch.no_grad():
-        merged.weight.copy_(weight.reshape(merged.weight.shape).to(merged.weight.dtype))
-        if last.bias is not None:
-            merged.bias.copy_(last.bias)
-    return merged
+    return weight
 
 
 def chain_forms(n: int) -> list[tuple[int, ...]]:
@@ -199,6 +217,24 @@ def _layer_inputs(model: nn.Module, input_shape: Sequence[int], device: torch.de
     return shapes
 
 
+def _time_forms(layer: FactorizedConv, forms: Sequence[tuple[int, ...]], shape: tuple[int, ...], setting: tuple,
+                timing_cache: dict | None, **timing) -> dict[str, float]:
+    """Median ms of each partition of ``layer`` on an input of ``shape`` (``timing``: measure_latency's
+    setting, ``setting`` its hashable form); ``timing_cache`` serves and keeps the timings."""
+    key_base = (tuple(tuple(c.weight.shape) for c in layer.stages()), repr(layer.geometry), layer.padding_mode,
+                shape, setting)
+    times: dict[str, float] = {}
+    for f in forms:
+        key = key_base + (f,)
+        if timing_cache is not None and key in timing_cache:
+            times[str(f)] = timing_cache[key]
+            continue
+        times[str(f)] = measure_latency(build_form(layer, f), shape, **timing)["median_ms"]
+        if timing_cache is not None:
+            timing_cache[key] = times[str(f)]
+    return times
+
+
 def deploy_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), *, choose: str = "latency",
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool = False, threads: int | None = None, cuda_graph: bool = False,
@@ -220,9 +256,6 @@ def deploy_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), 
         ``(deployed_model, report)``: the copy on ``device``/``dtype`` in eval mode, and one
         :class:`LayerDeployment` per factorized layer.
     """
-    from .latency import measure_latency
-    from .train import resolve_device
-
     if choose not in ("latency", "macs"):
         raise ValueError(f"choose must be 'latency' or 'macs', got {choose!r}")
     dev = resolve_device(device)
@@ -241,17 +274,9 @@ def deploy_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), 
         if choose == "macs":
             best = min(forms, key=lambda f: (macs[f], len(f)))
         else:
-            key_base = (tuple(tuple(c.weight.shape) for c in layer.stages()), repr(layer.geometry), layer.padding_mode, shape, setting)
-            for f in forms:
-                key = key_base + (f,)
-                if timing_cache is not None and key in timing_cache:
-                    times[str(f)] = timing_cache[key]
-                    continue
-                r = measure_latency(build_form(layer, f), shape, dev, threads=threads, channels_last=channels_last,
-                                    dtype=dtype, cuda_graph=cuda_graph, warmup=warmup, iters=iters)
-                times[str(f)] = r["median_ms"]
-                if timing_cache is not None:
-                    timing_cache[key] = r["median_ms"]
+            times = _time_forms(layer, forms, shape, setting, timing_cache, device=dev, threads=threads,
+                                channels_last=channels_last, dtype=dtype, cuda_graph=cuda_graph, warmup=warmup,
+                                iters=iters)
             best = min(forms, key=lambda f: (times[str(f)], macs[f]))
         chain = build_form(layer, best).to(device=dev, dtype=dtype)
         parent_name, _, child = name.rpartition(".")
@@ -259,3 +284,52 @@ def deploy_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), 
         report.append(LayerDeployment(name, layer.method, layer.ranks, shape, best, macs[best],
                                       macs[(1,) * n], times))
     return out, report
+
+
+def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, threads: int | None = None, cuda_graph: bool = False,
+                    formats: tuple[bool, ...] = (False, True), deploy: str | None = "latency",
+                    warmup: int = 10, iters: int = 50, deploy_warmup: int = 2, deploy_iters: int = 5,
+                    timing_cache: dict | None = None, return_model: bool = False) -> dict:
+    """Latency of ``model`` in its fastest exact form: the project's one way to time a model.
+
+    For each memory format in ``formats`` (``False`` = contiguous, ``True`` = channels_last), the
+    factorized layers are first deployed in the partition that runs fastest in that very setting
+    (:func:`deploy_model`, ``deploy="latency"``; ``"macs"`` picks fewest MACs; ``None`` keeps the
+    chains as factorized), then the whole model is timed with :func:`common.latency.measure_latency`,
+    and so is the model as factorized; the fastest of all is kept. ``model`` itself is not modified.
+
+    Returns:
+        ``median_ms`` and ``channels_last`` of the fastest candidate, ``deployed`` (whether it is the
+        merged deployment), ``conv_macs`` of what ran (per image), ``forms`` of the deployment
+        (``{"(1, 1, 1, 1)": n_layers, ...}``; empty when the model ran as factorized) and
+        ``per_format`` (best median ms per format); with ``return_model``, ``model``: the fastest
+        candidate itself (on ``device``/``dtype``, in its memory format), e.g. for
+        :func:`common.latency.interleaved_latency`. ``factorized``: the same keys (but ``per_format``)
+        for the fastest candidate that ran as factorized, from the same timings.
+    """
+    factorized = any(isinstance(m, FactorizedConv) for m in model.modules())
+    best: dict[bool, dict] = {}  # deployed? -> fastest candidate of that kind
+    per_format = {}
+    for cl in formats:
+        # the chains as factorized are one more candidate: per-layer timings do not add up exactly
+        candidates = [(copy.deepcopy(model), {})]
+        if deploy and factorized:
+            m, report = deploy_model(model, input_shape, choose=deploy, device=device, dtype=dtype, channels_last=cl,
+                                     threads=threads, cuda_graph=cuda_graph, warmup=deploy_warmup,
+                                     iters=deploy_iters, timing_cache=timing_cache)
+            candidates.append((m, dict(Counter(str(r.form) for r in report))))
+        for m, forms in candidates:
+            r = measure_latency(m, input_shape, device, threads, cl, dtype, cuda_graph, warmup, iters)
+            fmt = "channels_last" if cl else "contiguous"
+            per_format[fmt] = min(per_format.get(fmt, float("inf")), r["median_ms"])
+            kind = bool(forms)
+            if kind not in best or r["median_ms"] < best[kind]["median_ms"]:
+                macs = count_model(copy.deepcopy(m).float().cpu(), (1, *input_shape[1:])).conv_macs
+                best[kind] = {"median_ms": r["median_ms"], "channels_last": cl, "deployed": kind,
+                              "forms": forms, "conv_macs": macs}
+                if return_model:
+                    best[kind]["model"] = m
+        del candidates
+    fastest = min(best.values(), key=lambda b: b["median_ms"])
+    return {**fastest, "per_format": per_format, "factorized": best[False]}

@@ -13,8 +13,8 @@ otherwise), ``alpha = L / M``, ``gamma_h`` its singular values in descending ord
 
 a component is kept iff ``x > x_bar = (1 + tau_bar)(1 + alpha / tau_bar)``, where ``tau_bar``
 is the positive zero of ``Psi(tau) = log(tau + 1) + alpha log(tau / alpha + 1) - tau``. The
-kept singular value is shrunk to ``gamma * tau(x) / x``. When ``sigma^2`` is unknown it is the
-minimiser of the (``M``-scaled) free energy
+kept singular value is shrunk to ``gamma * tau(x) / x``. The noise variance ``sigma^2`` is
+estimated as the minimiser of the (``M``-scaled) free energy
 
     F(sigma^2) = L log sigma^2 + sum_h gamma_h^2 / (M sigma^2) + sum_{h: x_h > x_bar} Psi(tau(x_h))
 
@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["EVBMFResult", "evbmf", "evbmf_rank_from_singular_values", "vbmf_rank"]
+__all__ = ["EVBMFResult", "evbmf_rank_from_singular_values"]
 
 # Number of log-spaced sigma^2 candidates scanned before refinement by slope bisection.
 _GRID_POINTS = 400
@@ -55,7 +55,7 @@ class EVBMFResult:
 
     Attributes:
         rank: number of components EVB keeps (0 when nothing exceeds the threshold).
-        sigma2: noise variance per matrix entry (estimated, or the one supplied).
+        sigma2: the estimated noise variance per matrix entry.
         singular_values: shape ``(rank,)``, the EVB (shrunk) estimates of the kept singular
             values, descending. Read-only.
         threshold: observed singular values strictly above this are kept,
@@ -66,16 +66,6 @@ class EVBMFResult:
     sigma2: float
     singular_values: np.ndarray
     threshold: float
-
-
-def _to_float64_matrix(Y: Any) -> np.ndarray:
-    """Converts a numpy array / torch tensor / nested sequence to a float64 numpy array."""
-    if hasattr(Y, "detach") and hasattr(Y, "cpu"):  # torch.Tensor without importing torch
-        Y = Y.detach().cpu().double().numpy()
-    try:
-        return np.asarray(Y, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"evbmf: Y must be a real numeric matrix, got {type(Y).__name__}") from exc
 
 
 @lru_cache(maxsize=256)
@@ -220,31 +210,23 @@ def _validate_spectrum(s: Any, L: int, M: int) -> np.ndarray:
     return np.sort(s)[::-1]
 
 
-def evbmf_rank_from_singular_values(s: np.ndarray, L: int, M: int, sigma2: float | None = None,
-                                    H: int | None = None) -> EVBMFResult:
-    """EVBMF analysis from the full singular spectrum of an ``L x M`` matrix.
+def evbmf_rank_from_singular_values(s: np.ndarray, L: int, M: int) -> EVBMFResult:
+    """EVBMF analysis, with the noise variance estimated, from the full singular spectrum of an
+    ``L x M`` matrix.
 
     Args:
         s: shape ``(min(L, M),)``, all singular values of the matrix (any order, >= 0).
         L, M: matrix shape; the order does not matter (the paper's ``L <= M`` is enforced here).
-        sigma2: known noise variance per entry (> 0); estimated by EVB when None.
-        H: optional cap on the returned rank (components beyond the H largest are never kept).
 
     Returns:
         EVBMFResult; ``rank == 0`` when nothing is distinguishable from noise (including an
         all-zero matrix, for which ``sigma2 == threshold == 0``).
 
     Raises:
-        ValueError: on a malformed spectrum, shape, sigma2 or H.
+        ValueError: on a malformed spectrum or shape.
     """
     s = _validate_spectrum(s, L, M)
     L, M = min(L, M), max(L, M)
-    if H is not None and (isinstance(H, bool) or not isinstance(H, (int, np.integer)) or H < 1):
-        raise ValueError(f"evbmf: H must be a positive int or None, got {H!r}")
-    if sigma2 is not None and not (math.isfinite(sigma2) and sigma2 > 0):
-        raise ValueError(f"evbmf: sigma2 must be finite and > 0, got {sigma2!r}")
-    cap = L if H is None else min(int(H), L)
-
     alpha = L / M
     tau_bar = _tau_bar(alpha)
     x_bar = (1.0 + tau_bar) * (1.0 + alpha / tau_bar)
@@ -252,24 +234,16 @@ def evbmf_rank_from_singular_values(s: np.ndarray, L: int, M: int, sigma2: float
     # Work in units where sigma2_upper == 1: scale equivariance up to round-off, no overflow.
     scale = float(s[0] * math.sqrt(np.sum((s / s[0]) ** 2) / (L * M))) if s[0] > 0 else 0.0
     if scale == 0.0:
-        sig2 = 0.0 if sigma2 is None else float(sigma2)
-        return EVBMFResult(0, sig2, _frozen(np.zeros(0)), math.sqrt(M * sig2 * x_bar))
+        return EVBMFResult(0, 0.0, _frozen(np.zeros(0)), 0.0)
     scale2 = scale * scale
     s_n = s / scale
 
-    if sigma2 is None:
-        # EVB with estimated noise can never keep more than H_bar components (JMLR 2013).
-        h_bar = min(math.ceil(L / (1.0 + alpha)) - 1, cap)
-        if h_bar <= 0:
-            sig2_n = 1.0  # with nothing kept, F is minimised at the ML noise variance
-        else:
-            sig2_n = _estimate_sigma2(s_n, L, M, alpha, x_bar, h_bar)
-        cap = max(h_bar, 0)
-    else:
-        sig2_n = float(sigma2) / scale2
-
+    # EVB with estimated noise can never keep more than H_bar components (JMLR 2013).
+    h_bar = math.ceil(L / (1.0 + alpha)) - 1
+    # with nothing keepable, F is minimised at the ML noise variance (the upper bound, 1 here)
+    sig2_n = _estimate_sigma2(s_n, L, M, alpha, x_bar, h_bar) if h_bar > 0 else 1.0
     thr_n = math.sqrt(M * sig2_n * x_bar)
-    rank = min(int(np.count_nonzero(s_n > thr_n)), cap)
+    rank = min(int(np.count_nonzero(s_n > thr_n)), max(h_bar, 0))
     kept = s_n[:rank]
     x = kept ** 2 / (M * sig2_n)
     shrunk = kept * _tau(x, alpha) / x * scale if rank else np.zeros(0)
@@ -280,51 +254,3 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float64)
     a.setflags(write=False)
     return a
-
-
-def evbmf(Y: Any, sigma2: float | None = None, H: int | None = None) -> EVBMFResult:
-    """EVBMF analysis of a fully observed matrix.
-
-    Args:
-        Y: shape ``(L, M)`` numpy array or torch tensor (any device/dtype; analysed in
-            float64 on CPU). Transposed internally when ``L > M``, which does not change the
-            result.
-        sigma2: known noise variance per entry; estimated when None.
-        H: optional cap on the returned rank.
-
-    Returns:
-        EVBMFResult, see :func:`evbmf_rank_from_singular_values`.
-
-    Raises:
-        ValueError: if Y is not 2-D, is smaller than 1x2, or contains NaN/Inf.
-    """
-    Y = _to_float64_matrix(Y)
-    if Y.ndim != 2:
-        raise ValueError(f"evbmf: Y must be 2-D, got shape {Y.shape}")
-    L, M = Y.shape
-    if min(L, M) < 1 or L * M < 2:
-        raise ValueError(f"evbmf: Y must be at least 1x2, got shape {Y.shape}")
-    if not np.all(np.isfinite(Y)):
-        raise ValueError(f"evbmf: Y contains {int(np.sum(~np.isfinite(Y)))} NaN/Inf entries")
-    if L > M:
-        Y = Y.T
-    # Pre-scaling by the max |entry| keeps the SVD clear of overflow/underflow for extreme
-    # magnitudes; singular values are scaled back exactly afterwards.
-    peak = float(np.max(np.abs(Y)))
-    s = np.linalg.svd(Y / peak, compute_uv=False) * peak if peak > 0 else np.zeros(min(L, M))
-    return evbmf_rank_from_singular_values(s, L, M, sigma2=sigma2, H=H)
-
-
-def vbmf_rank(Y_or_s: Any, L: int | None = None, M: int | None = None,
-              sigma2: float | None = None, H: int | None = None) -> int:
-    """EVBMF rank of a matrix (2-D input) or of a full singular spectrum (1-D input + L, M).
-
-    Returns 0 when no component stands out from the noise; callers needing at least rank 1
-    must fall back themselves.
-    """
-    arr = _to_float64_matrix(Y_or_s)
-    if arr.ndim == 1:
-        if L is None or M is None:
-            raise ValueError("vbmf_rank: L and M are required when passing singular values")
-        return evbmf_rank_from_singular_values(arr, L, M, sigma2=sigma2, H=H).rank
-    return evbmf(arr, sigma2=sigma2, H=H).rank

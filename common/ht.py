@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .ranks import full_ranks, validate_ranks
+from .ranks import validate_ranks
 
 Tensor = torch.Tensor
 
@@ -280,40 +280,3 @@ class KernelSpectra:
         if self.norm_sq == 0.0:
             return 0.0
         return math.sqrt(max(total_energy - kept_energy, 0.0) / self.norm_sq)
-
-    def full_ranks(self, method: str) -> tuple[int, ...]:
-        return full_ranks(method, self.kernel_shape)
-
-
-def ht2_decompose(weight: Tensor, ranks: Sequence[int], groups: int = 1, name: str = "<layer>") -> HT2Factors:
-    """HT-2 decomposition of a conv kernel ``(G*T, C, kh, kw)`` at ranks (R1, R3, R13).
-
-    Raises:
-        ValueError: ranks out of range (naming ``name``, the rank and its range) or non-finite kernel.
-    """
-    return KernelSpectra(weight, groups, name).ht2(ranks)
-
-
-def tucker2_decompose(weight: Tensor, ranks: Sequence[int], groups: int = 1, name: str = "<layer>") -> Tucker2Factors:
-    """Tucker-2 decomposition of a conv kernel ``(G*T, C, kh, kw)`` at ranks (R1, R3)."""
-    return KernelSpectra(weight, groups, name).tucker2(ranks)
-
-
-def svd_decompose(weight: Tensor, rank: int | Sequence[int], groups: int = 1, name: str = "<layer>") -> SVDFactors:
-    """Rank-R factorization of a 1×1 conv kernel ``(G*T, C, 1, 1)``."""
-    ranks = (rank,) if isinstance(rank, int) else tuple(rank)
-    return KernelSpectra(weight, groups, name).svd(ranks)
-
-
-def energy_rank(singular_values: Tensor, energy: float) -> int:
-    """Smallest rank whose leading singular values keep at least ``energy`` of the squared sum.
-
-    ``singular_values`` is (n,) or (G, n); for groups the largest rank over groups is returned.
-    """
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy threshold must be in (0, 1], got {energy!r}")
-    s2 = singular_values.double().reshape(-1, singular_values.shape[-1]).pow(2)
-    total = s2.sum(-1, keepdim=True).clamp_min(1e-300)
-    frac = s2.cumsum(-1) / total
-    ranks = (frac < energy - 1e-12).sum(-1) + 1
-    return int(min(int(ranks.max()), singular_values.shape[-1]))

@@ -1,8 +1,11 @@
-"""Forward-pass latency of a model on CPU or CUDA.
+"""Forward-pass latency of a model on CPU or CUDA, timed as it is.
 
 CPU timings use ``time.perf_counter`` around each forward with a fixed thread count (restored
 afterwards). CUDA timings use CUDA events, optionally replaying a captured CUDA graph with a static
 input so that kernel-launch overhead is excluded. Warm-up iterations are never timed.
+
+Timing a factorized model in its fastest exact deployment, the project's one way to time a model, is
+:func:`common.deploy.fastest_latency` (deployment first, then these timings).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.train import resolve_device
+from .device import resolve_device
 
 
 def _summary(times_ms: list[float]) -> dict:
@@ -105,62 +108,6 @@ def _time_cuda(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
         ends[i].record()
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
-
-
-def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, threads: int | None = None, cuda_graph: bool = False,
-                    formats: tuple[bool, ...] = (False, True), deploy: str | None = "latency",
-                    warmup: int = 10, iters: int = 50, deploy_warmup: int = 2, deploy_iters: int = 5,
-                    timing_cache: dict | None = None, return_model: bool = False) -> dict:
-    """Latency of ``model`` in its fastest exact form: the project's one way to time a model.
-
-    For each memory format in ``formats`` (``False`` = contiguous, ``True`` = channels_last), the
-    factorized layers are first deployed in the partition that runs fastest in that very setting
-    (:func:`common.deploy.deploy_model`, ``deploy="latency"``; ``"macs"`` picks fewest MACs; ``None``
-    keeps the chains as factorized), then the whole model is timed with :func:`measure_latency`, and
-    so is the model as factorized; the fastest of all is kept. ``model`` itself is not modified.
-
-    Returns:
-        ``median_ms`` and ``channels_last`` of the fastest candidate, ``deployed`` (whether it is the
-        merged deployment), ``conv_macs`` of what ran (per image), ``forms`` of the deployment
-        (``{"(1, 1, 1, 1)": n_layers, ...}``; empty when the model ran as factorized) and
-        ``per_format`` (best median ms per format); with ``return_model``, ``model``: the fastest
-        candidate itself (on ``device``/``dtype``, in its memory format), e.g. for
-        :func:`interleaved_latency`. ``factorized``: the same keys (but ``per_format``) for the
-        fastest candidate that ran as factorized, from the same timings.
-    """
-    import copy as _copy
-    from collections import Counter
-
-    from .cost import count_model
-    from .deploy import deploy_model
-    from .layers import FactorizedConv
-
-    factorized = any(isinstance(m, FactorizedConv) for m in model.modules())
-    best: dict[bool, dict] = {}  # deployed? -> fastest candidate of that kind
-    per_format = {}
-    for cl in formats:
-        # the chains as factorized are one more candidate: per-layer timings do not add up exactly
-        candidates = [(_copy.deepcopy(model), {})]
-        if deploy and factorized:
-            m, report = deploy_model(model, input_shape, choose=deploy, device=device, dtype=dtype, channels_last=cl,
-                                     threads=threads, cuda_graph=cuda_graph, warmup=deploy_warmup,
-                                     iters=deploy_iters, timing_cache=timing_cache)
-            candidates.append((m, dict(Counter(str(r.form) for r in report))))
-        for m, forms in candidates:
-            r = measure_latency(m, input_shape, device, threads, cl, dtype, cuda_graph, warmup, iters)
-            fmt = "channels_last" if cl else "contiguous"
-            per_format[fmt] = min(per_format.get(fmt, float("inf")), r["median_ms"])
-            kind = bool(forms)
-            if kind not in best or r["median_ms"] < best[kind]["median_ms"]:
-                macs = count_model(_copy.deepcopy(m).float().cpu(), (1, *input_shape[1:])).conv_macs
-                best[kind] = {"median_ms": r["median_ms"], "channels_last": cl, "deployed": kind,
-                              "forms": forms, "conv_macs": macs}
-                if return_model:
-                    best[kind]["model"] = m
-        del candidates
-    fastest = min(best.values(), key=lambda b: b["median_ms"])
-    return {**fastest, "per_format": per_format, "factorized": best[False]}
 
 
 def cpu_name() -> str:

@@ -1,10 +1,11 @@
 """Factorized replacements for ``nn.Conv2d``: HT-2, Tucker-2 and (for 1×1 kernels) SVD.
 
 Each layer is a chain of plain ``nn.Conv2d`` modules built by ``from_conv(conv, ranks)``; ``forward``
-runs them in order; ``to_dense()`` rebuilds an equivalent ``nn.Conv2d`` from the *current* factor
-weights (so it stays valid after finetuning). Geometry (stride, padding incl. 'same'/'valid' and
-asymmetric 'same' for even kernels, dilation, padding_mode, groups, bias) is carried so that at full
-rank the output equals the original conv's up to float rounding:
+runs them in order; ``factors()`` reads the *current* stage weights back as factors (so they stay
+valid after finetuning), and ``to_dense()`` rebuilds an equivalent ``nn.Conv2d`` with the factors' own
+``reconstruct`` (:mod:`common.ht`), the one dense-kernel formula per decomposition. Geometry (stride,
+padding incl. 'same'/'valid' and asymmetric 'same' for even kernels, dilation, padding_mode, groups,
+bias) is carried so that at full rank the output equals the original conv's up to float rounding:
 
 HT-2, for input C and output T channels and a kh×kw kernel::
 
@@ -17,6 +18,7 @@ For G groups every stage is a grouped conv with G groups (each group decomposed 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from .ht import HT2Factors, KernelSpectra, SVDFactors, Tucker2Factors
-from .ranks import RankSpec, resolve_ranks
+from .ranks import RANK_NAMES, RankSpec, resolve_ranks
 
 Tensor = torch.Tensor
 
@@ -55,11 +57,6 @@ def _check_conv(conv: nn.Module, name: str) -> nn.Conv2d:
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"layer {name!r}: expected nn.Conv2d, got {type(conv).__name__}")
     return conv
-
-
-def _set(conv: nn.Conv2d, weight: Tensor) -> None:
-    with torch.no_grad():
-        conv.weight.copy_(weight.to(conv.weight.dtype).reshape(conv.weight.shape))
 
 
 @dataclass(frozen=True)
@@ -124,8 +121,13 @@ def conv_cost(method: str, geom: ConvGeometry, ranks: Sequence[int], in_hw: Sequ
     raise ValueError(f"unknown decomposition method {method!r}")
 
 
-class _Factorized(nn.Module):
-    """Shared machinery: an ordered chain of convs plus geometry of the conv it replaces."""
+class FactorizedConv(nn.Module):
+    """Shared machinery: an ordered chain of convs plus geometry of the conv it replaces.
+
+    A subclass names its ``method``, builds its stages in ``__init__`` and maps factors to stage
+    kernels and back (:meth:`_stage_weights`, :meth:`factors`); decomposing (:meth:`from_conv`),
+    loading and rebuilding the dense conv (:meth:`to_dense`) are done here, once for all methods.
+    """
 
     method: str = ""
 
@@ -139,6 +141,26 @@ class _Factorized(nn.Module):
         self.padding_mode, self.groups = source.padding_mode, source.groups
         self.geometry = ConvGeometry.of(source)
 
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, spectra: KernelSpectra | None = None,
+                  name: str = "<layer>", init: str = "decompose") -> "FactorizedConv":
+        """Decompose ``conv`` at ``ranks`` (a tuple in :data:`common.ranks.RANK_NAMES` order, an int
+        or a level) into a layer of this class.
+
+        Args:
+            spectra: precomputed :class:`KernelSpectra` of ``conv.weight`` (reused across plans).
+            name: the layer's name in error messages.
+            init: ``"decompose"`` or ``"empty"`` (right shapes only; for loading a state_dict).
+        """
+        if init not in ("decompose", "empty"):
+            raise ValueError(f"init must be 'decompose' or 'empty', got {init!r}")
+        conv = _check_conv(conv, name)
+        layer = cls(conv, resolve_ranks(cls.method, group_kernel_shape(conv), ranks, name))
+        if init == "decompose":
+            spectra = spectra if spectra is not None else KernelSpectra(conv.weight, conv.groups, name)
+            layer.load_factors(spectra.decompose(cls.method, layer.ranks), conv.bias)
+        return layer
+
     def stages(self) -> list[nn.Conv2d]:
         return [m for m in self.children() if isinstance(m, nn.Conv2d)]
 
@@ -147,8 +169,26 @@ class _Factorized(nn.Module):
             x = conv(x)
         return x
 
-    def reconstruct_weight(self) -> Tensor:  # pragma: no cover - abstract
+    def _stage_weights(self, f) -> list[Tensor]:  # pragma: no cover - abstract
+        """The factors ``f`` as the kernels of :meth:`stages`, in order (any shape of the same size)."""
         raise NotImplementedError
+
+    def factors(self):  # pragma: no cover - abstract
+        """The current stage kernels as factors (``relative_error`` NaN: unknown after finetuning)."""
+        raise NotImplementedError
+
+    def load_factors(self, f, bias: Tensor | None) -> None:
+        """Set the stage kernels from factors ``f`` (of this layer's ``method`` and ranks) and the bias."""
+        last = self.stages()[-1]
+        with torch.no_grad():
+            for conv, w in zip(self.stages(), self._stage_weights(f)):
+                conv.weight.copy_(w.to(conv.weight.dtype).reshape(conv.weight.shape))
+            if bias is not None:
+                last.bias.copy_(bias)
+
+    def _split(self, conv: nn.Conv2d, *shape: int) -> Tensor:
+        """A stage kernel with a leading group axis: ``(G, *shape)``."""
+        return conv.weight.reshape(self.groups, *shape)
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function, from the current factor weights."""
@@ -158,7 +198,7 @@ class _Factorized(nn.Module):
                           bias=last.bias is not None, padding_mode=self.padding_mode,
                           device=last.weight.device, dtype=last.weight.dtype)
         with torch.no_grad():
-            dense.weight.copy_(self.reconstruct_weight().to(dense.weight.dtype))
+            dense.weight.copy_(self.factors().reconstruct().to(dense.weight.dtype))
             if last.bias is not None:
                 dense.bias.copy_(last.bias)
         return dense
@@ -171,12 +211,12 @@ class _Factorized(nn.Module):
         return conv_cost(self.method, self.geometry, self.ranks, in_hw)[1]
 
     def extra_repr(self) -> str:
-        names = {"ht2": "R1,R3,R13", "tucker2": "R1,R3", "svd": "R"}[self.method]
+        names = ",".join(RANK_NAMES[self.method])
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"ranks=({names})={self.ranks}, stride={self.stride}, groups={self.groups}")
 
 
-class HT2Conv2d(_Factorized):
+class HT2Conv2d(FactorizedConv):
     """HT-2 factorized Conv2d: 1×1 → kh×1 → 1×kw → 1×1 (see module docstring)."""
 
     method = "ht2"
@@ -195,45 +235,22 @@ class HT2Conv2d(_Factorized):
                                 groups=g, padding_mode=source.padding_mode, like=source)
         self.last = _conv(g * r3, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, spectra: KernelSpectra | None = None,
-                  name: str = "<layer>", init: str = "decompose") -> "HT2Conv2d":
-        """Decompose ``conv`` at ``ranks`` ((R1, R3, R13), int or level) into an HT-2 layer.
+    def _stage_weights(self, f: HT2Factors) -> list[Tensor]:
+        return [f.u1.transpose(1, 2),          # (G, R1, C)
+                f.g1.permute(0, 3, 1, 2),      # (G, R13, R1, kh)
+                f.g2.permute(0, 2, 1, 3),      # (G, R3, R13, kw)
+                f.u3]                          # (G, T, R3)
 
-        Args:
-            spectra: precomputed :class:`KernelSpectra` of ``conv.weight`` (reused across plans).
-            init: ``"decompose"`` or ``"empty"`` (right shapes only; for loading a state_dict).
-        """
-        conv = _check_conv(conv, name)
-        shape = _group_kernel_shape(conv)
-        layer = cls(conv, resolve_ranks("ht2", shape, ranks, name))
-        if init == "decompose":
-            spectra = spectra if spectra is not None else KernelSpectra(conv.weight, conv.groups, name)
-            layer.load_factors(spectra.ht2(layer.ranks), conv.bias)
-        return layer
-
-    def load_factors(self, f: HT2Factors, bias: Tensor | None) -> None:
-        _set(self.first, f.u1.transpose(1, 2))                              # (G, R1, C)
-        _set(self.vertical, f.g1.permute(0, 3, 1, 2))                        # (G, R13, R1, kh)
-        _set(self.horizontal, f.g2.permute(0, 2, 1, 3))                      # (G, R3, R13, kw)
-        _set(self.last, f.u3)                                                # (G, T, R3)
-        if bias is not None:
-            with torch.no_grad():
-                self.last.bias.copy_(bias)
-
-    def reconstruct_weight(self) -> Tensor:
-        g = self.groups
+    def factors(self) -> HT2Factors:
         r1, r3, r13 = self.ranks
         kh, kw = self.kernel_size
-        u1 = self.first.weight.reshape(g, r1, -1)                 # (G, R1, C)
-        g1 = self.vertical.weight.reshape(g, r13, r1, kh)         # (G, R13, R1, kh)
-        g2 = self.horizontal.weight.reshape(g, r3, r13, kw)       # (G, R3, R13, kw)
-        u3 = self.last.weight.reshape(g, -1, r3)                  # (G, T, R3)
-        w = torch.einsum("gac,grai,gbrj,gtb->gtcij", u1, g1, g2, u3)
-        return w.reshape(-1, *w.shape[2:])
+        return HT2Factors(self._split(self.first, r1, -1).transpose(1, 2),
+                          self._split(self.vertical, r13, r1, kh).permute(0, 2, 3, 1),
+                          self._split(self.horizontal, r3, r13, kw).permute(0, 2, 1, 3),
+                          self._split(self.last, -1, r3), self.ranks, math.nan)
 
 
-class Tucker2Conv2d(_Factorized):
+class Tucker2Conv2d(FactorizedConv):
     """Tucker-2 factorized Conv2d (Kim et al. 2016): 1×1 C→R1, kh×kw R1→R3, 1×1 R3→T."""
 
     method = "tucker2"
@@ -247,37 +264,17 @@ class Tucker2Conv2d(_Factorized):
                           dilation=source.dilation, groups=g, padding_mode=source.padding_mode, like=source)
         self.last = _conv(g * r3, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, spectra: KernelSpectra | None = None,
-                  name: str = "<layer>", init: str = "decompose") -> "Tucker2Conv2d":
-        """Decompose ``conv`` at ``ranks`` ((R1, R3), int or level) into a Tucker-2 layer."""
-        conv = _check_conv(conv, name)
-        layer = cls(conv, resolve_ranks("tucker2", _group_kernel_shape(conv), ranks, name))
-        if init == "decompose":
-            spectra = spectra if spectra is not None else KernelSpectra(conv.weight, conv.groups, name)
-            layer.load_factors(spectra.tucker2(layer.ranks), conv.bias)
-        return layer
+    def _stage_weights(self, f: Tucker2Factors) -> list[Tensor]:
+        return [f.u1.transpose(1, 2), f.core, f.u3]
 
-    def load_factors(self, f: Tucker2Factors, bias: Tensor | None) -> None:
-        _set(self.first, f.u1.transpose(1, 2))
-        _set(self.core, f.core)
-        _set(self.last, f.u3)
-        if bias is not None:
-            with torch.no_grad():
-                self.last.bias.copy_(bias)
-
-    def reconstruct_weight(self) -> Tensor:
-        g = self.groups
+    def factors(self) -> Tucker2Factors:
         r1, r3 = self.ranks
-        kh, kw = self.kernel_size
-        u1 = self.first.weight.reshape(g, r1, -1)
-        core = self.core.weight.reshape(g, r3, r1, kh, kw)
-        u3 = self.last.weight.reshape(g, -1, r3)
-        w = torch.einsum("gac,gbaij,gtb->gtcij", u1, core, u3)
-        return w.reshape(-1, *w.shape[2:])
+        return Tucker2Factors(self._split(self.first, r1, -1).transpose(1, 2),
+                              self._split(self.core, r3, r1, *self.kernel_size),
+                              self._split(self.last, -1, r3), self.ranks, math.nan)
 
 
-class SVDConv2d(_Factorized):
+class SVDConv2d(FactorizedConv):
     """Rank-R factorized 1×1 Conv2d: 1×1 C→R (carrying stride/padding), then 1×1 R→T (+bias)."""
 
     method = "svd"
@@ -290,41 +287,18 @@ class SVDConv2d(_Factorized):
                            dilation=source.dilation, groups=g, padding_mode=source.padding_mode, like=source)
         self.last = _conv(g * r, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, spectra: KernelSpectra | None = None,
-                  name: str = "<layer>", init: str = "decompose") -> "SVDConv2d":
-        """Factorize a 1×1 ``conv`` at rank ``ranks`` ((R,), int or level)."""
-        conv = _check_conv(conv, name)
-        layer = cls(conv, resolve_ranks("svd", _group_kernel_shape(conv), ranks, name))
-        if init == "decompose":
-            spectra = spectra if spectra is not None else KernelSpectra(conv.weight, conv.groups, name)
-            layer.load_factors(spectra.svd(layer.ranks), conv.bias)
-        return layer
+    def _stage_weights(self, f: SVDFactors) -> list[Tensor]:
+        return [f.first, f.second]
 
-    def load_factors(self, f: SVDFactors, bias: Tensor | None) -> None:
-        _set(self.first, f.first)
-        _set(self.last, f.second)
-        if bias is not None:
-            with torch.no_grad():
-                self.last.bias.copy_(bias)
-
-    def reconstruct_weight(self) -> Tensor:
-        g = self.groups
+    def factors(self) -> SVDFactors:
         (r,) = self.ranks
-        first = self.first.weight.reshape(g, r, -1)
-        second = self.last.weight.reshape(g, -1, r)
-        return (second @ first).reshape(-1, first.shape[-1], 1, 1)
+        return SVDFactors(self._split(self.first, r, -1), self._split(self.last, -1, r), self.ranks, math.nan)
 
 
-LAYER_CLASSES: dict[str, type[_Factorized]] = {"ht2": HT2Conv2d, "tucker2": Tucker2Conv2d, "svd": SVDConv2d}
-FactorizedConv = _Factorized
-
-
-def _group_kernel_shape(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    t, c, kh, kw = conv.weight.shape
-    return (t // conv.groups, c, kh, kw)
+LAYER_CLASSES: dict[str, type[FactorizedConv]] = {"ht2": HT2Conv2d, "tucker2": Tucker2Conv2d, "svd": SVDConv2d}
 
 
 def group_kernel_shape(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     """Per-group kernel shape ``(T/G, C/G, kh, kw)`` that ranks refer to."""
-    return _group_kernel_shape(conv)
+    t, c, kh, kw = conv.weight.shape
+    return (t // conv.groups, c, kh, kw)

@@ -22,6 +22,11 @@ and can skip finished work with :meth:`RunLog.find`.
 This module is the only implementation of the format: :func:`parse_log` reads it,
 :func:`jsonify` turns logs into one JSON document per run (``jsonify_logs.py`` is its CLI), and
 ``common.analysis`` reads those documents.
+
+A run document (:func:`run_document`, :func:`load_document`) is a dict with ``run_id``, ``model``,
+``source`` (the log file), ``records`` (every record, in file order) and ``errors``. Each record is
+stored once, in ``records``; :func:`records_of` selects one kind. (Documents written before this
+layout also carry a ``by_kind`` copy of the records; :func:`load_document` drops it.)
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from common.files import atomic_write
+
 __all__ = [
     "KIND_KEYS",
     "LogError",
@@ -52,6 +59,7 @@ __all__ = [
     "jsonify",
     "load_document",
     "parse_log",
+    "records_of",
     "run_document",
 ]
 
@@ -476,23 +484,20 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
     (else the parent folder's name).
 
     Returns:
-        ``(document, errors)`` with document keys ``run_id``, ``model``, ``source``, ``records``,
-        ``by_kind`` (kinds in first-appearance order) and ``errors`` (``"file:line: reason"``).
+        ``(document, errors)`` with document keys ``run_id``, ``model``, ``source``, ``records``
+        (file order; select a kind with :func:`records_of`) and ``errors``
+        (``"file:line: reason"``).
     """
     path = Path(path)
     records, errors = parse_log(path)
     run_id = next((r["run_id"] for r in records if isinstance(r.get("run_id"), str)), path.stem)
     configs = [r for r in records if r["kind"] == "config" and isinstance(r.get("model"), str)]
     model = configs[-1]["model"] if configs else path.parent.name
-    by_kind: dict[str, list[dict]] = {}
-    for record in records:
-        by_kind.setdefault(record["kind"], []).append(record)
     document = {
         "run_id": run_id,
         "model": model,
         "source": path.as_posix(),
         "records": records,
-        "by_kind": by_kind,
         "errors": [str(e) for e in errors],
     }
     return document, errors
@@ -503,8 +508,19 @@ def dumps_document(document: Mapping[str, Any]) -> str:
     return _dumps(encode_value(document, "document"), indent=1) + "\n"
 
 
+def records_of(document: Mapping[str, Any], kind: str) -> list[dict]:
+    """The records of one ``kind`` in a run document, in file (write) order.
+
+    The records themselves, not copies: the document holds each record once.
+    """
+    return [r for r in document.get("records", []) if r.get("kind") == kind]
+
+
 def load_document(path: str | os.PathLike) -> dict:
     """Load a run document written by :func:`jsonify` (non-finite floats decoded).
+
+    A ``by_kind`` copy of the records, as documents written before it was dropped carry, is not
+    kept: read the records with :func:`records_of`.
 
     Raises:
         ValueError: the file is not JSON or not a run document.
@@ -516,6 +532,7 @@ def load_document(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("records"), list):
         raise ValueError(f"{path}: not a run document (no 'records' list)")
+    document.pop("by_kind", None)
     return decode_value(document)
 
 
@@ -526,21 +543,12 @@ def document_path(document: Mapping[str, Any], out_dir: str | os.PathLike) -> Pa
     return Path(out_dir) / model / f"{run_id}.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically (:func:`common.files.atomic_write`) unless ``path`` holds it."""
     data = text.encode("utf-8")
     if path.is_file() and path.read_bytes() == data:
         return  # already up to date; leave mtime alone
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def jsonify(
@@ -581,5 +589,5 @@ def jsonify(
             )
         documents[target] = (log, document)
     for target, (_, document) in documents.items():
-        _write_atomic(target, dumps_document(document))
+        _write_if_changed(target, dumps_document(document))
     return list(documents)

@@ -6,7 +6,8 @@ logic lives here and in :mod:`common.experiment` / :mod:`common.analysis`, so it
 * :func:`default_params`: what ``DATASET = "auto"`` / ``CHECKPOINT = "auto"`` mean on this machine
   (the shared cifar10-jpeg data and baseline when ``../shared`` exists, else the embedded digits
   dataset with a baseline trained once and cached).
-* :func:`experiment_config`: notebook parameters → :class:`common.experiment.ExperimentConfig`.
+* :func:`experiment_config`: notebook parameters → :class:`common.experiment.ExperimentConfig`
+  (keyword names are the config's field names).
 * :func:`show_results` / :func:`show_plots`: the run's summary table (a DataFrame) and its plots,
   read back from the run log and drawn inline.
 """
@@ -16,12 +17,13 @@ import logging
 import os
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
-from .analysis import plot_acc_vs_macs, plot_ranks, plot_search_trace, plot_sensitivity, summary_table
-from .experiment import ExperimentConfig
+from .analysis import PLOTS as ANALYSIS_PLOTS
+from .analysis import summary_table
+from .experiment import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig
 from .logs import run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
@@ -30,13 +32,9 @@ __all__ = ["PLOTS", "default_params", "experiment_config", "log_path", "load_run
 
 _LOG = logging.getLogger(__name__)
 
-PLOTS: dict[str, Callable] = {
-    "acc_vs_macs": plot_acc_vs_macs,
-    "ranks": plot_ranks,
-    "sensitivity": plot_sensitivity,
-    "search_trace": plot_search_trace,
-}
-"""The plots a notebook shows, by name, in display order (functions of :mod:`common.analysis`)."""
+PLOTS: dict[str, Callable] = {plot.__name__.removeprefix("plot_"): plot for plot in ANALYSIS_PLOTS}
+"""The plots a notebook shows, by name (``acc_vs_macs``, ``ranks``, ...), in display order: the
+per-model plots of :data:`common.analysis.PLOTS`, each named after its function without ``plot_``."""
 
 
 def default_params(model: str) -> dict[str, str | None]:
@@ -60,10 +58,12 @@ def default_params(model: str) -> dict[str, str | None]:
 
 
 def experiment_config(model: str, *, dataset: str = "auto", data_root: str | os.PathLike | None = None,
-                      checkpoint: str | os.PathLike | None = "auto", finetune: float = 0.0,
-                      search_budget: int = 100, target: float | Sequence[float] = 3.0,
-                      methods: Iterable[str] | None = None, **config: Any) -> ExperimentConfig:
-    """Build the experiment config from notebook parameters.
+                      checkpoint: str | os.PathLike | None = "auto", finetune_epochs: float | bool = 0.0,
+                      targets: float | Sequence[float] = 3.0, **config: Any) -> ExperimentConfig:
+    """The experiment config of notebook parameters: keyword names are :class:`ExperimentConfig` fields.
+
+    Notebook values are taken as a notebook writes them: lists for tuples, one number for
+    ``targets``, paths for ``data_root`` / ``checkpoint``, and a yes/no or a number for finetuning.
 
     Args:
         model: a name of :data:`common.models.MODEL_NAMES`.
@@ -71,39 +71,36 @@ def experiment_config(model: str, *, dataset: str = "auto", data_root: str | os.
         data_root: dataset root (``None``: the dataset's default).
         checkpoint: state_dict path, ``"auto"`` (shared baseline, else a trained-and-cached one) or
             ``None`` (the seeded random init: for smoke runs only).
-        finetune: finetuning epochs after BN recalibration (fractions allowed); 0 = no finetuning.
-        search_budget: candidate evaluations for the ``random`` and ``policy`` methods.
-        target: reduction factor of total conv MACs (or several).
-        methods: rank-selection methods (default: all of :data:`common.search.METHODS`).
-        **config: any other :class:`ExperimentConfig` field (``calib_images``, ``val_images``,
-            ``sensitivity_levels``, ``device``, ``seed``, ``run_id``, ``log_dir``, ``threads``, ...).
+        finetune_epochs: epochs of finetuning after BN recalibration (fractions allowed); ``True`` =
+            :data:`common.experiment.DEFAULT_FINETUNE_EPOCHS` (3), ``False`` or 0 = off.
+        targets: reduction factor of total conv MACs, or several.
+        **config: any other field (``methods``, ``search_budget``, ``calib_images``,
+            ``val_images``, ``sensitivity_levels``, ``device``, ``seed``, ``run_id``, ``log_dir``, ...).
 
     Returns:
         The config; ``dataset`` and ``checkpoint`` left at ``"auto"`` are resolved here so that the
         log's ``config`` record names the data and weights actually used.
 
     Raises:
-        ValueError: negative ``finetune``; TypeError: an unknown config field.
+        ValueError: a negative or non-numeric ``finetune_epochs``, or any value the config refuses;
+        TypeError: an unknown config field.
     """
-    if not isinstance(finetune, Real) or finetune < 0:
-        raise ValueError(f"finetune must be a number of epochs >= 0 (0 = off), got {finetune!r}")
+    if isinstance(finetune_epochs, bool):
+        finetune_epochs = DEFAULT_FINETUNE_EPOCHS if finetune_epochs else 0.0
+    if not isinstance(finetune_epochs, Real) or finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be a number of epochs >= 0 (0 = off) or True/False, "
+                         f"got {finetune_epochs!r}")
     if dataset == "auto":
         auto = default_params(model)
         dataset = auto["dataset"]
         data_root = data_root if data_root is not None else auto["data_root"]
         if checkpoint == "auto":
             checkpoint = auto["checkpoint"]
-    targets = (float(target),) if isinstance(target, Real) else tuple(float(t) for t in target)
-    if methods is not None:
-        config["methods"] = tuple(methods)
-    for key in ("sensitivity_levels", "latency_batches", "finetune_targets"):
-        if config.get(key) is not None:
-            config[key] = tuple(config[key])  # notebook parameters arrive as lists
+    targets = (targets,) if isinstance(targets, Real) else targets
     return ExperimentConfig(
         model=model, dataset=dataset, data_root=None if data_root is None else str(data_root),
         checkpoint=None if checkpoint is None else str(checkpoint), targets=targets,
-        search_budget=int(search_budget), finetune=finetune > 0,
-        finetune_epochs=float(finetune) if finetune > 0 else ExperimentConfig.finetune_epochs, **config)
+        finetune_epochs=float(finetune_epochs), **config)
 
 
 def log_path(cfg: ExperimentConfig) -> Path:

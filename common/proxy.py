@@ -18,7 +18,7 @@ by ``benchmarks/proxy_fidelity.py``, not assumed.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +39,26 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (t.exp() * (t - s)).sum(dim=1)
 
 
+def recalibrated(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: SpectraCache, batches: Iterable,
+                 device: str | torch.device = "cpu", channels_last: bool = False, outputs: bool = False):
+    """The one way a compressed model is built, for scoring and for reporting alike: ``plan`` applied
+    to a copy of ``model`` from cached factors, on ``device`` (channels_last if asked), every BN
+    recalibrated exactly on ``batches`` (:func:`common.bn.bn_recalibrate`), eval mode.
+
+    Returns:
+        the model, or ``(model, its outputs on batches)`` with ``outputs``.
+    """
+    m = apply_plan(model, plan, spectra).to(device)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return bn_recalibrate(m, batches, device, return_outputs=outputs)
+
+
 def final_model(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: SpectraCache, data: DatasetSplits,
                 calib_images: int = 4096, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
-    """A chosen plan's model as every reported number sees it: factors applied, BN recalibrated exactly
-    on ``calib_images`` augmented train images drawn with ``seed`` (eval mode, contiguous, on ``device``)."""
-    m = apply_plan(model, plan, spectra).to(device)
-    return bn_recalibrate(m, calibration_loader(data, calib_images, seed, device=device), device)
+    """A chosen plan's model as every reported number sees it: :func:`recalibrated` on
+    ``calib_images`` augmented train images drawn with ``seed`` (contiguous, on ``device``)."""
+    return recalibrated(model, plan, spectra, calibration_loader(data, calib_images, seed, device=device), device)
 
 
 class ProxyEvaluator:
@@ -89,12 +103,9 @@ class ProxyEvaluator:
         return self._teacher
 
     def build(self, plan: Mapping[str, LayerPlan], outputs: bool = False):
-        """The compressed, BN-recalibrated model for ``plan`` (and its calibration outputs if asked)."""
-        m = apply_plan(self.model, plan, self.spectra).to(self.device)
-        if self.channels_last:
-            m = m.to(memory_format=torch.channels_last)
-        m, outs = bn_recalibrate(m, self.calib, device=self.device, return_outputs=True)
-        return (m, outs) if outputs else m
+        """The compressed model for ``plan`` recalibrated on the calibration images (:func:`recalibrated`),
+        and its outputs on them if asked."""
+        return recalibrated(self.model, plan, self.spectra, self.calib, self.device, self.channels_last, outputs)
 
     def kl(self, plan: Mapping[str, LayerPlan]) -> float:
         """Mean ``KL(dense || candidate)`` over the calibration images (nats)."""

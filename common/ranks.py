@@ -11,13 +11,27 @@ of ints in a fixed order:
 
 A rank *spec* given by a user is an int (every rank equal to it), a float in (0, 1] (a *level*: the
 same fraction of every mode, see :func:`ranks_from_level`) or a tuple of ints in the order above.
+
+Every rule that turns real-valued per-mode ranks into a rank tuple (a level, an energy threshold,
+scaled EVBMF ranks) goes through :func:`rounded_ranks`; the rules that read a kernel's spectra
+(:func:`energy_ranks`, :func:`evbmf_ranks`) take a :class:`common.ht.KernelSpectra`.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+import warnings
+from typing import TYPE_CHECKING, Callable, Sequence, Union
+
+from .evbmf import evbmf_rank_from_singular_values
+
+if TYPE_CHECKING:  # ht imports this module
+    import torch
+
+    from .ht import KernelSpectra
 
 RankSpec = Union[int, float, Sequence[int]]
+# raw(rank name, its full value, the ranks rounded so far) -> unrounded rank; see rounded_ranks
+RawRank = Callable[[str, int, tuple], float]
 
 METHODS = ("ht2", "tucker2", "svd", "dense")
 RANK_NAMES = {"ht2": ("R1", "R3", "R13"), "tucker2": ("R1", "R3"), "svd": ("R",), "dense": ()}
@@ -96,6 +110,30 @@ def round_rank(r: float, full: int, multiple: int = 8) -> int:
     return int(min(max(r, 1), full))
 
 
+def rounded_ranks(method: str, weight_shape: Sequence[int], raw: RawRank, multiple: int = 1) -> tuple[int, ...]:
+    """Ranks of ``method`` from one real-valued rank per mode, each rounded up with :func:`round_rank`.
+
+    The one place that knows how a method's ranks are assembled: ``raw(name, full, done)`` gives the
+    unrounded value of rank ``name`` (``RANK_NAMES[method]``, in order), where ``full`` is its exact
+    (cap) value and ``done`` the ranks already rounded (so ``len(done)`` is its index). HT-2's R13 is
+    asked for last, with ``full = min(R1*kh, R3*kw)`` of the rounded R1 and R3.
+    """
+    t, c, kh, kw = (int(v) for v in weight_shape)
+    if method == "svd":
+        full = min(c, t)
+        return (round_rank(raw("R", full, ()), full, multiple),)
+    if method in ("ht2", "tucker2"):
+        r1 = round_rank(raw("R1", c, ()), c, multiple)
+        r3 = round_rank(raw("R3", t, (r1,)), t, multiple)
+        if method == "tucker2":
+            return (r1, r3)
+        full13 = min(r1 * kh, r3 * kw)
+        return (r1, r3, round_rank(raw("R13", full13, (r1, r3)), full13, multiple))
+    if method == "dense":
+        return ()
+    raise ValueError(f"unknown decomposition method {method!r}; expected one of {METHODS}")
+
+
 def ranks_from_level(method: str, weight_shape: Sequence[int], level: float, multiple: int = 1) -> tuple[int, ...]:
     """Map one scalar *level* in (0, 1] to concrete ranks, monotone non-decreasing in ``level``.
 
@@ -105,20 +143,7 @@ def ranks_from_level(method: str, weight_shape: Sequence[int], level: float, mul
     """
     if not (isinstance(level, (int, float)) and 0.0 < float(level) <= 1.0):
         raise ValueError(f"a rank level must be a fraction in (0, 1], got {level!r}")
-    t, c, kh, kw = (int(v) for v in weight_shape)
-    if method == "ht2":
-        r1 = round_rank(level * c, c, multiple)
-        r3 = round_rank(level * t, t, multiple)
-        full13 = min(r1 * kh, r3 * kw)
-        return (r1, r3, round_rank(level * full13, full13, multiple))
-    if method == "tucker2":
-        return (round_rank(level * c, c, multiple), round_rank(level * t, t, multiple))
-    if method == "svd":
-        full = min(c, t)
-        return (round_rank(level * full, full, multiple),)
-    if method == "dense":
-        return ()
-    raise ValueError(f"unknown decomposition method {method!r}; expected one of {METHODS}")
+    return rounded_ranks(method, weight_shape, lambda name, full, done: level * full, multiple)
 
 
 def resolve_ranks(method: str, weight_shape: Sequence[int], rank: RankSpec, layer: str = "<layer>", multiple: int = 1) -> tuple[int, ...]:
@@ -146,3 +171,58 @@ def resolve_ranks(method: str, weight_shape: Sequence[int], rank: RankSpec, laye
     if isinstance(rank, Sequence) and not isinstance(rank, str):
         return validate_ranks(method, weight_shape, tuple(rank), layer)
     raise ValueError(f"layer {layer!r}: rank must be an int, a fraction in (0, 1] or a tuple, got {rank!r}")
+
+
+def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose leading singular values keep at least ``energy`` of the squared sum.
+
+    ``singular_values`` is (n,) or (G, n); for groups the largest rank over groups is returned.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy threshold must be in (0, 1], got {energy!r}")
+    s2 = singular_values.double().reshape(-1, singular_values.shape[-1]).pow(2)
+    total = s2.sum(-1, keepdim=True).clamp_min(1e-300)
+    frac = s2.cumsum(-1) / total
+    ranks = (frac < energy - 1e-12).sum(-1) + 1
+    return int(min(int(ranks.max()), singular_values.shape[-1]))
+
+
+def _mode_spectrum(spectra: KernelSpectra, name: str, done: tuple) -> tuple[torch.Tensor, int, int, str]:
+    """(singular values (G, n), rows, cols, description) of the matrix whose rank ``name`` sets."""
+    t, c, kh, kw = spectra.kernel_shape
+    if name == "R":
+        return spectra.s3[:, :min(c, t)], t, c, "the 1x1 kernel"
+    if name == "R1":
+        return spectra.s1, c, t * kh * kw, "the C-mode unfolding"
+    if name == "R3":
+        return spectra.s3, t, c * kh * kw, "the T-mode unfolding"
+    r1, r3 = done
+    return spectra.core_spectrum(r1, r3), r1 * kh, r3 * kw, "the HT-2 core"
+
+
+def energy_ranks(spectra: KernelSpectra, method: str, energy: float, multiple: int = 1) -> tuple[int, ...]:
+    """Per-unfolding energy threshold (the HT-2 paper's rule): each rank keeps ``energy`` of its own
+    spectrum (R13 that of the core for the rounded R1, R3), rounded up with :func:`round_rank`."""
+    return rounded_ranks(method, spectra.kernel_shape,
+                         lambda name, full, done: energy_rank(_mode_spectrum(spectra, name, done)[0], energy),
+                         multiple)
+
+
+def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[int, ...]:
+    """EVBMF ranks of each unfolding (Kim et al. 2016's rule; R13 from the core at those R1, R3).
+
+    For groups the largest singular value over groups is analysed. A mode where EVBMF keeps nothing
+    (or fails) gets rank 1, with a warning naming the layer.
+    """
+    def raw(name: str, full: int, done: tuple) -> int:
+        s, rows, cols, what = _mode_spectrum(spectra, name, done)
+        try:
+            r = evbmf_rank_from_singular_values(s.max(0).values[:min(rows, cols)].numpy(), rows, cols).rank
+        except (ValueError, FloatingPointError) as e:
+            warnings.warn(f"layer {spectra.name!r}: EVBMF failed on {what} ({e}); using rank 1")
+            return 1
+        if r == 0:
+            warnings.warn(f"layer {spectra.name!r}: EVBMF found rank 0 for {what}; using rank 1")
+        return max(int(r), 1)
+
+    return rounded_ranks(method, spectra.kernel_shape, raw)  # EVBMF ranks are within [1, full]: kept as they are

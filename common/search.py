@@ -10,7 +10,10 @@ candidates. Only ``val`` is ever used for selection.
 The per-layer choices are the pairs (level, shape) of :mod:`common.space`: ``SearchConfig.levels`` ×
 ``SearchConfig.shapes``. The policy samples them from a per-layer distribution built from each layer's
 sensitivity (the proxy's loss when only that layer is compressed) and its cost, refined by
-cross-entropy steps; random draws them uniformly; TPE (:mod:`common.tpe`, Optuna) models them.
+cross-entropy steps (:mod:`common.policy`); random draws them uniformly; TPE (:mod:`common.tpe`,
+Optuna) models them. A search returns its scored candidates and :meth:`Searcher.run` picks once
+among them; the rule-based methods (uniform, energy, VBMF: rank rules of :mod:`common.ranks`) bisect
+one global knob.
 
 Resumability: every sensitivity point, candidate and re-ranking goes through a *recorder* (a
 :class:`common.logs.RunLog` or :class:`MemoryRecorder`) the moment it is evaluated; re-running with
@@ -29,19 +32,46 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evbmf import evbmf_rank_from_singular_values
-from .ht import energy_rank
+from .policy import cem_refit, choice_pdf, drop_curve
 from .proxy import PROXIES, ProxyEvaluator
-from .ranks import full_ranks, ranks_from_level, round_rank
-from .space import SHAPES, LayerSpace, SearchSpace, bisect, plan_key, project, repair_plan
+from .ranks import energy_ranks, evbmf_ranks, full_ranks, ranks_from_level, rounded_ranks
+from .space import SHAPES, LayerSpace, SearchSpace, bisect, energy_shaper, plan_key, project, repair_plan
 from .surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 from .tpe import tpe_search
 
 METHODS = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
 SEARCHING = ("random", "policy", "tpe")
+METRICS = ("macs", "params")
 
-__all__ = ["METHODS", "SEARCHING", "MemoryRecorder", "ProxyEvaluator", "SearchConfig", "SearchResult",
-           "SearchSpace", "Searcher", "build_searcher", "project", "repair_plan"]
+__all__ = ["METHODS", "METRICS", "SEARCHING", "MemoryRecorder", "ProxyEvaluator", "SearchConfig", "SearchResult",
+           "SearchSpace", "Searcher", "build_searcher", "check_method", "check_metric", "check_target", "project",
+           "repair_plan"]
+
+
+def check_method(name: str) -> str:
+    """``name`` if it is a rank-selection method (:data:`METHODS`); else ``ValueError`` naming it."""
+    if name not in METHODS:
+        raise ValueError(f"unknown rank-selection method {name!r}; expected one of {METHODS}")
+    return name
+
+
+def check_metric(name: str) -> str:
+    """``name`` if it is a budget metric (:data:`METRICS`); else ``ValueError`` naming it."""
+    if name not in METRICS:
+        raise ValueError(f"metric must be 'macs' or 'params', got {name!r}")
+    return name
+
+
+def check_target(value) -> float:
+    """``value`` as a float if it is a finite reduction factor > 1 (dense / compressed); else
+    ``ValueError`` naming it."""
+    try:
+        target = float(value)
+    except (TypeError, ValueError):
+        target = math.nan
+    if isinstance(value, bool) or not (math.isfinite(target) and target > 1.0):
+        raise ValueError(f"target reduction must be a finite number > 1, got {value!r}")
+    return target
 
 
 class Recorder(Protocol):
@@ -165,9 +195,10 @@ class Searcher:
         self.choices = self.config.choices()
         self._sensitivity: dict | None = None
         self._dense_score: float | None = None
-        self._shape_cache: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+        self._vbmf_base: dict[str, tuple[int, ...]] | None = None
+        energy = energy_shaper(spectra)
         for ls in self.space.layers:
-            ls.shapers["energy"] = self._energy_shaped_ranks
+            ls.shapers["energy"] = energy
 
     # -- bookkeeping ------------------------------------------------------------------------- #
     def _evaluate(self, plan: Mapping[str, LayerPlan], kind: str, key: dict, extra: dict | None = None) -> float:
@@ -224,33 +255,16 @@ class Searcher:
         self._sensitivity = out
         return out
 
-    def _drop_curve(self, name: str, shape: str, levels: Sequence[float]) -> np.ndarray:
-        """Interpolated score drop of one layer at each level (0 at dense, monotone as f falls)."""
-        dense = self.dense_score()
-        pts = sorted(self._sensitivity[name][shape] + [(1.0, dense)], key=lambda p: -p[0])
-        fs = np.array([p[0] for p in pts])
-        drops = np.maximum.accumulate(np.maximum(dense - np.array([p[1] for p in pts]), 0.0))
-        out = []
-        for f in levels:
-            if f >= fs[0]:
-                out.append(0.0)
-            elif f <= fs[-1]:  # extrapolate along the last segment, never below the last value
-                slope = (drops[-1] - drops[-2]) / max(fs[-2] - fs[-1], 1e-9)
-                out.append(drops[-1] + max(slope, 0.0) * (fs[-1] - f))
-            else:
-                out.append(float(np.interp(-f, -fs, drops)))
-        return np.array(out)
-
     # -- policy pdf ---------------------------------------------------------------------------- #
     def policy_pdf(self, target: float, metric: str) -> tuple[np.ndarray, dict]:
-        """Per-layer distribution over :attr:`choices`: ``p[l, k] ∝ exp(-(drop[l,k] + μ·cost[l,k]) / T)``.
+        """Per-layer distribution over :attr:`choices` (:func:`common.policy.choice_pdf`).
 
-        ``drop`` is the layer's interpolated sensitivity (proxy score lost when only it is compressed
-        to choice k) and ``cost`` its MACs (or params) at choice k as a share of the model's total, so
-        big layers gain most by compressing. μ is set by bisection so the expected total cost under
-        the pdf meets the budget; T is ``config.temperature`` times the median positive drop.
+        A choice's ``drop`` is the layer's interpolated sensitivity (proxy score lost when only it is
+        compressed to that choice) and its ``cost`` the layer's MACs (or params) there as a share of
+        the model's total, so big layers gain most by compressing; the expected total cost under the
+        pdf meets the budget, and the temperature is ``config.temperature`` times the median drop.
         """
-        self.sensitivity()
+        profile, dense = self.sensitivity(), self.dense_score()
         idx = 0 if metric == "params" else 1
         dense_total = self.space.dense_params if metric == "params" else self.space.dense_macs
         fixed = self.space.fixed_params if metric == "params" else self.space.fixed_macs
@@ -258,56 +272,36 @@ class Searcher:
         for li, ls in enumerate(self.space.layers):
             for s in self.config.shapes:
                 cols = [k for k, (_, cs) in enumerate(self.choices) if cs == s]
-                drops[li, cols] = self._drop_curve(ls.info.name, s, [self.choices[k][0] for k in cols])
+                drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [self.choices[k][0] for k in cols])
         cost = np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in self.choices]
                          for ls in self.space.layers]) / dense_total
-        pos = drops[drops > 0]
-        scale = float(np.median(pos)) if pos.size else 1e-3
-        temp = self.config.temperature * max(scale, 1e-9)
-        budget = 1.0 / target - fixed / dense_total
-
-        def pdf(mu: float) -> np.ndarray:
-            logits = -(drops + mu * cost) / temp
-            logits -= logits.max(axis=1, keepdims=True)
-            p = np.exp(logits)
-            return p / p.sum(axis=1, keepdims=True)
-
-        lo, hi = 1e-9, 1e9
-        for _ in range(100):  # expected cost falls as μ grows; bisection in log μ
-            mid = math.sqrt(lo * hi)
-            if float((pdf(mid) * cost).sum()) > budget:
-                lo = mid
-            else:
-                hi = mid
-        mu = math.sqrt(lo * hi)
-        return pdf(mu), {"mu": mu, "temperature_abs": temp, "drop_scale": scale,
-                         "choices": [list(c) for c in self.choices], "drops": [[float(f"{v:.4g}") for v in row] for row in drops]}
+        pdf, info = choice_pdf(drops, cost, 1.0 / target - fixed / dense_total, self.config.temperature)
+        return pdf, {**info, "choices": [list(c) for c in self.choices],
+                     "drops": [[float(f"{v:.4g}") for v in row] for row in drops]}
 
     # -- methods ------------------------------------------------------------------------------- #
     def run(self, method: str, target: float, metric: str = "macs", n_candidates: int = 100,
             seed: int = 0) -> SearchResult:
         """Run one method at ``target``× reduction of total conv ``metric`` ("macs" or "params")."""
-        if method not in METHODS:
-            raise ValueError(f"unknown rank-selection method {method!r}; expected one of {METHODS}")
-        if metric not in ("macs", "params"):
-            raise ValueError(f"metric must be 'macs' or 'params', got {metric!r}")
-        if not (math.isfinite(target) and target > 1.0):
-            raise ValueError(f"target reduction must be a finite number > 1, got {target}")
+        method, target, metric = check_method(method), check_target(target), check_metric(metric)
         if method in SEARCHING and n_candidates < 1:
             raise ValueError(f"{method}: the search budget must be at least 1 candidate, got {n_candidates}")
         t0 = time.perf_counter()
-        fn = {"uniform": self._uniform, "energy": self._energy, "vbmf": self._vbmf,
-              "random": self._random, "policy": self._policy, "tpe": self._tpe}[method]
-        plan, params, hist = fn(target, metric, n_candidates, seed)
-        evals = max(1, len(hist))
-        if abs(self.space.factor(plan, metric) / target - 1) > self.config.tol:
-            # Global knobs (e, β, α) move many layers' rounded ranks at once; finish layer by layer.
-            plan, params["repair_steps"] = repair_plan(self.space, plan, target, metric, self.config.tol)
         val = None
         if method in SEARCHING:
-            best, val = self._rerank(method, target, hist)
+            search = {"random": self._random, "policy": self._policy, "tpe": self._tpe}[method]
+            hist, params = search(target, metric, n_candidates, seed)
+            if not hist:
+                raise ValueError(f"{method}: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
+            best, val = self._pick(method, target, hist)
             plan, score = best["plan"], best["score"]
         else:
+            rule = {"uniform": self._uniform, "energy": self._energy, "vbmf": self._vbmf}[method]
+            plan, params = rule(target, metric)
+            hist = []
+            if abs(self.space.factor(plan, metric) / target - 1) > self.config.tol:
+                # Global knobs (e, β, α) move many layers' rounded ranks at once; finish layer by layer.
+                plan, params["repair_steps"] = repair_plan(self.space, plan, target, metric, self.config.tol)
             score = self._evaluate(plan, "candidate", {"method": method, "target": float(target), "index": 0,
                                                        "round": 0})
         if self.proxy == "top1":
@@ -317,12 +311,17 @@ class Searcher:
         if abs(achieved / target - 1) > self.config.tol:
             warnings.warn(f"{method}: achieved {achieved:.3f}x vs target {target}x (outside ±{self.config.tol:.0%})")
         return SearchResult(method, float(target), metric, plan, score, val, self.proxy, f["macs_factor"],
-                            f["params_factor"], evals, time.perf_counter() - t0, seed,
+                            f["params_factor"], max(1, len(hist)), time.perf_counter() - t0, seed,
                             {**params, "config": asdict(self.config), "decomposition": self.space.decomposition},
                             _strip(hist))
 
-    def _rerank(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None]:
-        """The candidate val top-1 picks among the ``config.rerank`` best-scored ones (with its val)."""
+    def _pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None]:
+        """The one choice among a search's scored candidates (with its val top-1, when measured).
+
+        The best score wins (the earlier candidate on a tie) when the score is val top-1 already or
+        ``config.rerank`` is 1; else val top-1 decides among the ``config.rerank`` best-scored ones
+        (ties: the better score, then the earlier candidate).
+        """
         ranked = sorted(hist, key=lambda h: (-h["score"], h["index"]))
         if self.proxy == "top1" or self.config.rerank == 1:
             return ranked[0], None
@@ -343,102 +342,36 @@ class Searcher:
                 or ls.cost(lp)[1] >= ls.info.macs else lp
         return plan
 
-    def _uniform(self, target, metric, n, seed):
+    def _uniform(self, target, metric):
         def plan_at(f):  # one fraction of every full rank
             return self._explicit_plan(lambda ls, v: ranks_from_level(ls.method, ls.info.group_shape, min(v, 1.0),
                                                                       ls.multiple), f)
         f, _ = bisect(lambda v: self.space.factor(plan_at(v), metric), 1e-3, 1.0, target)
-        return plan_at(f), {"level": f}, []
+        return plan_at(f), {"level": f}
 
-    def _energy_ranks(self, ls: LayerSpace, e: float) -> tuple[int, ...]:
-        """Per-unfolding energy threshold (the HT-2 paper's rule), ranks rounded up."""
-        sp = self.spectra.get(ls.info.name)
-        t, c, kh, kw = ls.info.group_shape
-        m = ls.multiple
-        if ls.method == "svd":
-            full = min(c, t)
-            return (round_rank(energy_rank(sp.s3[:, :full], e), full, m),)
-        r1 = round_rank(energy_rank(sp.s1, e), c, m)
-        r3 = round_rank(energy_rank(sp.s3, e), t, m)
-        if ls.method == "tucker2":
-            return (r1, r3)
-        full13 = min(r1 * kh, r3 * kw)
-        return (r1, r3, round_rank(energy_rank(sp.core_spectrum(r1, r3), e), full13, m))
+    def _energy(self, target, metric):
+        def ranks_of(ls: LayerSpace, e: float):  # one energy threshold e for every unfolding
+            return energy_ranks(self.spectra.get(ls.info.name), ls.method, e, ls.multiple)
 
-    def _energy_shaped_ranks(self, ls: LayerSpace, f: float) -> tuple[int, ...]:
-        """Energy-threshold ranks of one layer costing (in MACs) what level-``f`` ranks cost."""
-        # Keyed by the level ranks, not by f: projection asks for arbitrary f, but rank rounding
-        # makes the level ranks (hence the cost to match) a step function with few steps.
-        level_ranks = ranks_from_level(ls.method, ls.info.group_shape, f, ls.multiple)
-        key = (ls.info.name, level_ranks)
-        hit = self._shape_cache.get(key)
-        if hit is not None:
-            return hit
-        goal = ls.info.cost(ls.method, level_ranks)[1]
-
-        def macs(one_minus_e: float) -> float:
-            return float(ls.info.cost(ls.method, self._energy_ranks(ls, 1.0 - one_minus_e))[1])
-
-        x, _ = bisect(macs, 1e-7, 0.999, float(goal), iters=30, close=0.01)
-        ranks = self._energy_ranks(ls, 1.0 - x)
-        self._shape_cache[key] = ranks
-        return ranks
-
-    def _energy(self, target, metric, n, seed):
         # Energy kept grows with e, so cost grows: bisect e in (0, 1] on a logit-like scale 1 - e.
         def plan_at(one_minus_e):
-            return self._explicit_plan(self._energy_ranks, 1.0 - one_minus_e)
+            return self._explicit_plan(ranks_of, 1.0 - one_minus_e)
         x, _ = bisect(lambda v: self.space.factor(plan_at(v), metric), 1e-7, 0.999, target)
-        return plan_at(x), {"energy": 1.0 - x}, []
+        return plan_at(x), {"energy": 1.0 - x}
 
-    def _vbmf_base(self) -> dict[str, tuple[int, ...]]:
-        if getattr(self, "_vbmf_cache", None) is None:
-            base = {}
-            for ls in self.space.layers:
-                sp = self.spectra.get(ls.info.name)
-                t, c, kh, kw = ls.info.group_shape
+    def _vbmf(self, target, metric):
+        if self._vbmf_base is None:
+            self._vbmf_base = {ls.info.name: evbmf_ranks(self.spectra.get(ls.info.name), ls.method)
+                               for ls in self.space.layers}
+        base = self._vbmf_base
 
-                def rank(s, rows, cols, what):
-                    k = min(rows, cols)
-                    try:
-                        r = max(int(evbmf_rank_from_singular_values(s.max(0).values[:k].numpy(), rows, cols).rank) for _ in [0])
-                    except (ValueError, FloatingPointError) as e:
-                        warnings.warn(f"layer {ls.info.name!r}: EVBMF failed on {what} ({e}); using rank 1")
-                        return 1
-                    if r == 0:
-                        warnings.warn(f"layer {ls.info.name!r}: EVBMF found rank 0 for {what}; using rank 1")
-                    return max(r, 1)
-
-                if ls.method == "svd":
-                    base[ls.info.name] = (rank(sp.s3, t, c, "the 1x1 kernel"),)
-                    continue
-                r1 = rank(sp.s1, c, t * kh * kw, "the C-mode unfolding")
-                r3 = rank(sp.s3, t, c * kh * kw, "the T-mode unfolding")
-                if ls.method == "tucker2":
-                    base[ls.info.name] = (r1, r3)
-                    continue
-                r13 = rank(sp.core_spectrum(r1, r3), r1 * kh, r3 * kw, "the HT-2 core")
-                base[ls.info.name] = (r1, r3, r13)
-            self._vbmf_cache = base
-        return self._vbmf_cache
-
-    def _vbmf(self, target, metric, n, seed):
-        base = self._vbmf_base()
-
-        def ranks_of(ls: LayerSpace, beta: float):
-            t, c, kh, kw = ls.info.group_shape
+        def ranks_of(ls: LayerSpace, beta: float):  # every EVBMF rank scaled by β, rounded up
             b = base[ls.info.name]
-            if ls.method == "svd":
-                return (round_rank(beta * b[0], min(c, t), ls.multiple),)
-            r1 = round_rank(beta * b[0], c, ls.multiple)
-            r3 = round_rank(beta * b[1], t, ls.multiple)
-            if ls.method == "tucker2":
-                return (r1, r3)
-            full13 = min(r1 * kh, r3 * kw)
-            return (r1, r3, round_rank(min(beta * b[2], full13), full13, ls.multiple))
+            return rounded_ranks(ls.method, ls.info.group_shape, lambda name, full, done: beta * b[len(done)],
+                                 ls.multiple)
 
         beta, _ = bisect(lambda v: self.space.factor(self._explicit_plan(ranks_of, v), metric), 1e-3, 1e3, target)
-        return self._explicit_plan(ranks_of, beta), {"beta": beta, "vbmf_ranks": base}, []
+        return self._explicit_plan(ranks_of, beta), {"beta": beta, "vbmf_ranks": base}
 
     def _draw(self, pdf: np.ndarray, rng: np.random.Generator) -> list[int]:
         return [int(rng.choice(len(self.choices), p=p)) for p in pdf]
@@ -480,10 +413,7 @@ class Searcher:
     def _random(self, target, metric, n, seed):
         rng = np.random.default_rng(seed)
         pdf = np.full((len(self.space.layers), len(self.choices)), 1.0 / len(self.choices))
-        hist = self._sample_round("random", target, metric, pdf, n, rng, 0, 0, set())
-        if not hist:
-            raise ValueError(f"random: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
-        return _best(hist)["plan"], {"seed": seed}, hist
+        return self._sample_round("random", target, metric, pdf, n, rng, 0, 0, set()), {"seed": seed}
 
     def _policy(self, target, metric, n, seed):
         rng = np.random.default_rng(seed)
@@ -494,19 +424,9 @@ class Searcher:
         seen: set = set()
         for r, count in enumerate(per_round):
             hist += self._sample_round("policy", target, metric, pdf, count, rng, r, len(hist), seen)
-            if r + 1 < rounds and hist:
-                # Cross-entropy step: re-fit each layer's choice distribution on the elite plans' draws.
-                n_elite = max(2, int(len(hist) * self.config.elite_frac))
-                elite = sorted(hist, key=lambda h: (-h["score"], h["index"]))[:n_elite]
-                freq = np.zeros_like(pdf)
-                for h in elite:
-                    for li, k in enumerate(h["choices_drawn"]):
-                        freq[li, k] += 1
-                freq /= freq.sum(axis=1, keepdims=True)
-                pdf = (1 - self.config.smoothing) * pdf + self.config.smoothing * freq
-        if not hist:
-            raise ValueError(f"policy: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
-        return _best(hist)["plan"], {"seed": seed, "pdf": info}, hist
+            if r + 1 < rounds and hist:  # cross-entropy step on the elite plans' draws
+                pdf = cem_refit(pdf, hist, self.config.elite_frac, self.config.smoothing)
+        return hist, {"seed": seed, "pdf": info}
 
     def _tpe(self, target, metric, n, seed):
         """Optuna's TPE over the same per-layer choices, projection, proxy and number of evaluations."""
@@ -531,13 +451,7 @@ class Searcher:
 
         trials = tpe_search([len(self.choices)] * len(self.space.layers), objective, n, seed,
                             n_startup=self.config.tpe_startup)
-        if not hist:
-            raise ValueError(f"tpe: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
-        return _best(hist)["plan"], {"seed": seed, "trials": len(trials)}, hist
-
-
-def _best(hist: list[dict]) -> dict:
-    return max(hist, key=lambda h: (h["score"], -h["index"]))
+        return hist, {"seed": seed, "trials": len(trials)}
 
 
 def seed_of(rng: np.random.Generator) -> int:

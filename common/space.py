@@ -6,8 +6,8 @@ shape says how that budget is split between its ranks:
 * ``"level"``: every rank is the same fraction ``f`` of its full value
   (:func:`common.ranks.ranks_from_level`, rounded to hardware-friendly multiples);
 * ``"energy"``: the ranks of one singular-value energy threshold for that layer (R1, R3 and R13 each
-  from its own spectrum), the threshold chosen so the layer costs what the ``"level"`` ranks cost.
-  Installed by :class:`common.search.Searcher`, which owns the spectra.
+  from its own spectrum), the threshold chosen so the layer costs what the ``"level"`` ranks cost
+  (:func:`energy_shaper`; installed by :class:`common.search.Searcher`, which owns the spectra).
 
 ``f = 1`` always means dense, and so does any choice whose factorized form would cost at least as much
 as the dense conv. Every method's plan is moved onto the same budget by :func:`project` (one common
@@ -22,8 +22,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .ranks import full_ranks, ranks_from_level
-from .surgery import LayerInfo, LayerPlan
+from .ranks import energy_ranks, full_ranks, ranks_from_level
+from .surgery import LayerInfo, LayerPlan, SpectraCache
 
 SHAPES = ("level", "energy")
 
@@ -147,6 +147,29 @@ def bisect(fn: Callable[[float], float], lo: float, hi: float, target: float, it
         else:
             b = mid
     return best[1], best[2]
+
+
+def energy_shaper(spectra: SpectraCache) -> Shaper:
+    """The ``"energy"`` shape: a layer's energy-threshold ranks (:func:`common.ranks.energy_ranks`)
+    whose MACs match those of its level-``f`` ranks, the threshold found by bisection."""
+    cache: dict[tuple[str, tuple[int, ...]], tuple[int, ...]] = {}
+
+    def shaped(ls: LayerSpace, f: float) -> tuple[int, ...]:
+        # Keyed by the level ranks, not by f: projection asks for arbitrary f, but rank rounding
+        # makes the level ranks (hence the cost to match) a step function with few steps.
+        level_ranks = ranks_from_level(ls.method, ls.info.group_shape, f, ls.multiple)
+        key = (ls.info.name, level_ranks)
+        if key not in cache:
+            sp = spectra.get(ls.info.name)
+
+            def macs(one_minus_e: float) -> float:
+                return float(ls.info.cost(ls.method, energy_ranks(sp, ls.method, 1.0 - one_minus_e, ls.multiple))[1])
+
+            x, _ = bisect(macs, 1e-7, 0.999, float(ls.info.cost(ls.method, level_ranks)[1]), iters=30, close=0.01)
+            cache[key] = energy_ranks(sp, ls.method, 1.0 - x, ls.multiple)
+        return cache[key]
+
+    return shaped
 
 
 def project(space: SearchSpace, levels: Mapping[str, float], target: float, metric: str = "macs",

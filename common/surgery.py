@@ -1,15 +1,14 @@
 """Model surgery: list a model's conv layers, and apply a rank plan to a copy of it.
 
 A *plan* maps qualified layer names to :class:`LayerPlan` ``(method, ranks)``; layers not named stay
-as they are. Plans round-trip through JSON so that a compressed model is rebuilt from its plan plus
-its ``state_dict`` (:func:`apply_plan` with ``init="empty"``, then ``load_state_dict``).
+as they are. Plans round-trip through JSON (:func:`plan_to_dict` / :func:`plan_from_dict`, as the run
+logs store them) so that a compressed model is rebuilt from its plan plus its ``state_dict``
+(:func:`apply_plan` with ``init="empty"``, then ``load_state_dict``).
 """
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -32,9 +31,6 @@ class LayerPlan:
         if self.method not in METHODS:
             raise ValueError(f"unknown decomposition method {self.method!r}; expected one of {METHODS}")
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
-
-
-Plan = dict  # dict[str, LayerPlan]
 
 
 @dataclass(frozen=True)
@@ -272,41 +268,3 @@ def plan_from_dict(d: Mapping) -> dict[str, LayerPlan]:
         except ValueError as err:
             raise ValueError(f"plan entry {name!r}: {err}") from None
     return out
-
-
-def plan_to_json(plan: Mapping[str, LayerPlan], path: str | Path | None = None, meta: Mapping | None = None) -> str:
-    """Serialize a plan (optionally with metadata) to JSON text; also write it to ``path`` if given."""
-    text = json.dumps({"plan": plan_to_dict(plan), "meta": dict(meta or {})}, indent=1, sort_keys=True)
-    if path is not None:
-        Path(path).write_text(text + "\n")
-    return text
-
-
-def plan_from_json(source: str | Path) -> dict[str, LayerPlan]:
-    """Parse a plan from JSON text or a file path written by :func:`plan_to_json`."""
-    text, where = source, "plan JSON"
-    # Text that starts like JSON is parsed as such (so '[...]' is reported as a bad plan, not a missing file).
-    if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith(("{", "["))):
-        where = str(source)
-        text = Path(source).read_text()
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or "plan" not in doc:
-        raise ValueError(f"{where}: expected an object with a 'plan' key")
-    try:
-        return plan_from_dict(doc["plan"])
-    except ValueError as e:  # name the file, not only the entry
-        raise ValueError(f"{where}: {e}") from None
-
-
-def plan_cost(layers: Sequence[LayerInfo], plan: Mapping[str, LayerPlan]) -> tuple[int, int]:
-    """(params, MACs) of all listed conv layers under ``plan`` (unlisted layers dense)."""
-    params = macs = 0
-    for info in layers:
-        lp = plan.get(info.name)
-        p, m = info.cost(lp.method, lp.ranks) if lp is not None else (info.params, info.macs)
-        params += p
-        macs += m
-    return params, macs

@@ -12,23 +12,20 @@ global batch (``batch_size`` is the global batch); metrics are all-reduced.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from common.bn import bn_recalibrate  # noqa: F401  (re-exported: the one recalibration)
 from common.data import BatchLoader, DatasetSplits, make_loader
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``None``/``"auto"`` -> cuda if available else cpu; otherwise ``torch.device(device)``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from common.device import resolve_device
 
 
 def _dist_world() -> tuple[int, int]:
@@ -189,52 +186,178 @@ def _sync_buffers(model: nn.Module) -> None:
         dist.broadcast(b, src=0)
 
 
-def finetune(model: nn.Module, data: DatasetSplits, epochs: float, *, batch_size: int = 128,
-             lr: float = 0.01, optimizer: str = "sgd", weight_decay: float = 5e-4,
-             schedule: str = "onecycle", label_smoothing: float = 0.0,
-             teacher: nn.Module | None = None, kd_alpha: float = 0.5, kd_temperature: float = 4.0,
-             max_images: int | None = None, device: str | torch.device | None = "auto",
-             seed: int = 0, channels_last: bool | None = None, amp: bool | torch.dtype | None = None,
-             eval_every_epoch: bool = True, val_subset: int | None = None, progress: bool = True,
-             on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
-             pct_start: float = 0.15, augment: bool = True, hflip: bool = True,
-             eval_batch_size: int = 512) -> list[dict]:
-    """Train ``model`` in place on ``data.train``; return the per-epoch history.
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The recipe of one :func:`finetune` call: how to train, not where (device) nor whom (teacher).
 
-    Args:
+    Attributes:
         epochs: may be fractional: 2.5 = two full epochs then half of the third's batches.
         batch_size: global batch (split over ranks when distributed; must divide by world size).
         lr: peak (onecycle) or initial (cosine) learning rate.
-        optimizer: ``"sgd"`` (nesterov momentum 0.9) or ``"adamw"``.
+        optimizer: ``"sgd"`` (nesterov momentum 0.9) or ``"adamw"``, with ``weight_decay``.
         schedule: ``"onecycle"`` (warm-up ``pct_start``) or ``"cosine"``, stepped per batch.
-        teacher: if given, train with knowledge distillation (``kd_alpha``, ``kd_temperature``).
+        label_smoothing: of the cross-entropy term.
+        kd_alpha, kd_temperature: distillation weight and temperature (when a teacher is given).
         max_images: train on a seeded class-stratified subset of this many training images.
-        device: ``"auto"`` = cuda if available. Under DDP on CUDA, use ``cuda:<local_rank>``.
+        augment, hflip: random crop from 4-px reflect padding, and horizontal flips (turn off for
+            data where mirroring changes the class, e.g. digits).
+        seed: the global RNG (dropout), batch order, augmentation and subsets.
         channels_last, amp: default True / bf16 on CUDA, False / fp32 on CPU. ``amp`` may be a dtype.
         eval_every_epoch: evaluate val top-1 after each epoch (else only after the last one).
         val_subset: evaluate on a seeded stratified subset of val of this size.
+        eval_batch_size: batch size of those evaluations.
+    """
+
+    epochs: float
+    batch_size: int = 128
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    pct_start: float = 0.15
+    label_smoothing: float = 0.0
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    max_images: int | None = None
+    augment: bool = True
+    hflip: bool = True
+    seed: int = 0
+    channels_last: bool | None = None
+    amp: bool | torch.dtype | None = None
+    eval_every_epoch: bool = True
+    val_subset: int | None = None
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
+
+    def precision(self, device: torch.device) -> tuple[bool, torch.dtype | None]:
+        """``(channels_last, autocast dtype)`` on ``device``: the CUDA / CPU defaults unless set."""
+        is_cuda = device.type == "cuda"
+        channels_last = is_cuda if self.channels_last is None else self.channels_last
+        amp = is_cuda if self.amp is None else self.amp
+        return channels_last, amp if isinstance(amp, torch.dtype) else (torch.bfloat16 if amp else None)
+
+
+def finetune(model: nn.Module, data: DatasetSplits, epochs: float | FinetuneConfig, *,
+             teacher: nn.Module | None = None, device: str | torch.device | None = "auto",
+             progress: bool = True, on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
+             **recipe: Any) -> list[dict]:
+    """Train ``model`` in place on ``data.train``; return the per-epoch history.
+
+    Args:
+        epochs: the number of epochs, the other :class:`FinetuneConfig` fields then coming by name in
+            ``recipe`` (``finetune(m, data, 3, lr=0.1)``); or a whole :class:`FinetuneConfig`, of which
+            ``recipe`` overrides single fields.
+        teacher: if given, train with knowledge distillation (``kd_alpha``, ``kd_temperature``); it is
+            frozen and kept in eval mode.
+        device: ``"auto"`` = cuda if available. Under DDP on CUDA, use ``cuda:<local_rank>``.
+        progress: show a progress bar (rank 0 only).
         on_epoch_end: called as ``on_epoch_end(record, model)`` after each epoch's record.
-        augment, hflip: random crop from 4-px reflect padding, and horizontal flips (turn off for
-            data where mirroring changes the class, e.g. digits).
 
     Returns:
         One dict per (possibly fractional) epoch: ``epoch`` (cumulative, fractional), ``images_seen``,
         ``train_loss``, ``train_top1``, ``val_top1`` (None when not evaluated), ``val_loss``,
         ``lr`` (at the end of the epoch), ``seconds`` (wall time of that epoch's training + eval).
-    """
-    if epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    dev = resolve_device(device)
-    rank, world = _dist_world()
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be divisible by world size {world}")
-    is_cuda = dev.type == "cuda"
-    channels_last = is_cuda if channels_last is None else channels_last
-    if amp is None:
-        amp = is_cuda
-    amp_dtype = amp if isinstance(amp, torch.dtype) else (torch.bfloat16 if amp else None)
 
-    torch.manual_seed(seed)  # dropout and any other global-RNG use inside the model
+    Raises:
+        TypeError: a name in ``recipe`` that is no :class:`FinetuneConfig` field.
+        ValueError: non-positive epochs, a batch not divisible by the world size, an unknown
+            optimizer or schedule.
+    """
+    cfg = (dataclasses.replace(epochs, **recipe) if isinstance(epochs, FinetuneConfig)
+           else FinetuneConfig(epochs, **recipe))
+    run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), progress)
+    try:
+        history = run.train(on_epoch_end)
+    finally:
+        if run.bar is not None:
+            run.bar.close()
+    model.eval()
+    return history
+
+
+@dataclass
+class _FinetuneRun:
+    """What one :func:`finetune` call holds between its epochs."""
+
+    cfg: FinetuneConfig
+    model: nn.Module
+    net: nn.Module  # ``model``, or its DDP wrapper
+    teacher: nn.Module | None
+    device: torch.device
+    channels_last: bool
+    amp_dtype: torch.dtype | None
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    bar: Any = None
+
+    @classmethod
+    def start(cls, model: nn.Module, data: DatasetSplits, cfg: FinetuneConfig, teacher: nn.Module | None,
+              dev: torch.device, progress: bool) -> _FinetuneRun:
+        """Seed, place the models, build loaders, optimizer, schedule and progress bar (in this order)."""
+        rank, world = _dist_world()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {world}")
+        channels_last, amp_dtype = cfg.precision(dev)
+        torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use inside the model
+        _place(model, teacher, dev, channels_last)
+        train_loader = make_loader(data, "train", cfg.batch_size, device=dev, train=True, seed=cfg.seed,
+                                   subset=cfg.max_images, augment=cfg.augment, flip=cfg.hflip, drop_last=True,
+                                   rank=rank, world_size=world)
+        val_loader = make_loader(data, "val", cfg.eval_batch_size, device=dev, train=False, seed=cfg.seed,
+                                 subset=cfg.val_subset, rank=rank, world_size=world)
+        total_steps = max(1, round(cfg.epochs * len(train_loader)))
+        net: nn.Module = model
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+        sched = build_scheduler(opt, cfg.schedule, cfg.lr, total_steps, cfg.pct_start)
+        bar = tqdm(total=total_steps, desc="finetune", leave=False) if progress and rank == 0 else None
+        return cls(cfg, model, net, teacher, dev, channels_last, amp_dtype, train_loader, val_loader, opt, sched,
+                   total_steps, bar)
+
+    def train(self, on_epoch_end: Callable[[dict, nn.Module], None] | None) -> list[dict]:
+        """Whole epochs until ``total_steps`` (the last one possibly cut short); one record each."""
+        steps_per_epoch = len(self.train_loader)
+        history: list[dict] = []
+        done, images_seen, ep = 0, 0, 0
+        while done < self.total_steps:
+            t0 = time.perf_counter()
+            self.train_loader.set_epoch(ep)
+            stats = self._epoch(min(steps_per_epoch, self.total_steps - done))
+            done += stats["steps"]
+            images_seen += stats["images"]
+            ep += 1
+            _sync_buffers(self.model)
+            val = None
+            if self.cfg.eval_every_epoch or done >= self.total_steps:
+                val = evaluate(self.model, self.val_loader, self.device, amp_dtype=self.amp_dtype,
+                               channels_last=self.channels_last)
+            record = {"epoch": done / steps_per_epoch, "images_seen": images_seen,
+                      "train_loss": stats["loss"], "train_top1": stats["top1"],
+                      "val_top1": None if val is None else val["top1"],
+                      "val_loss": None if val is None else val["loss"],
+                      "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            history.append(record)
+            if on_epoch_end is not None:
+                on_epoch_end(record, self.model)
+        return history
+
+    def _epoch(self, steps: int) -> dict:
+        c = self.cfg
+        return train_one_epoch(self.net, self.train_loader, self.opt, self.sched, max_steps=steps,
+                               label_smoothing=c.label_smoothing, teacher=self.teacher, kd_alpha=c.kd_alpha,
+                               kd_temperature=c.kd_temperature, amp_dtype=self.amp_dtype,
+                               channels_last=self.channels_last, progress=self.bar)
+
+
+def _place(model: nn.Module, teacher: nn.Module | None, dev: torch.device, channels_last: bool) -> None:
+    """Move ``model`` (and the frozen, eval-mode ``teacher``) to ``dev`` in the training memory format."""
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -244,55 +367,3 @@ def finetune(model: nn.Module, data: DatasetSplits, epochs: float, *, batch_size
             teacher.to(memory_format=torch.channels_last)
         for p in teacher.parameters():
             p.requires_grad_(False)
-
-    train_loader = make_loader(data, "train", batch_size, device=dev, train=True, seed=seed,
-                               subset=max_images, augment=augment, flip=hflip, drop_last=True,
-                               rank=rank, world_size=world)
-    val_loader = make_loader(data, "val", eval_batch_size, device=dev, train=False, seed=seed,
-                             subset=val_subset, rank=rank, world_size=world)
-    steps_per_epoch = len(train_loader)
-    total_steps = max(1, round(epochs * steps_per_epoch))
-
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if is_cuda else None)
-    opt = build_optimizer(model, optimizer, lr, weight_decay)
-    sched = build_scheduler(opt, schedule, lr, total_steps, pct_start)
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, desc="finetune", leave=False)
-
-    history: list[dict] = []
-    done, images_seen, ep = 0, 0, 0
-    try:
-        while done < total_steps:
-            t0 = time.perf_counter()
-            train_loader.set_epoch(ep)
-            steps = min(steps_per_epoch, total_steps - done)
-            stats = train_one_epoch(net, train_loader, opt, sched, max_steps=steps,
-                                    label_smoothing=label_smoothing, teacher=teacher,
-                                    kd_alpha=kd_alpha, kd_temperature=kd_temperature,
-                                    amp_dtype=amp_dtype, channels_last=channels_last, progress=bar)
-            done += stats["steps"]
-            images_seen += stats["images"]
-            ep += 1
-            last = done >= total_steps
-            _sync_buffers(model)
-            val = None
-            if eval_every_epoch or last:
-                val = evaluate(model, val_loader, dev, amp_dtype=amp_dtype, channels_last=channels_last)
-            record = {"epoch": done / steps_per_epoch, "images_seen": images_seen,
-                      "train_loss": stats["loss"], "train_top1": stats["top1"],
-                      "val_top1": None if val is None else val["top1"],
-                      "val_loss": None if val is None else val["loss"],
-                      "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            history.append(record)
-            if on_epoch_end is not None:
-                on_epoch_end(record, model)
-    finally:
-        if bar is not None:
-            bar.close()
-    model.eval()
-    return history

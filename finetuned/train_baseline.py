@@ -34,9 +34,10 @@ import torch
 import torchvision
 
 from common.data import DATASET_NAMES, atomic_torch_save, load_dataset, make_loader
+from common.device import resolve_device
 from common.models import MODEL_NAMES, build_model, count_params, load_checkpoint
 from common.paths import REPO
-from common.train import evaluate, finetune, resolve_device
+from common.train import evaluate, finetune
 
 # defaults per dataset: chosen so that resnet18 on digits trains in < 2 min on 2 CPU cores
 DEFAULTS = {

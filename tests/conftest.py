@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -27,10 +28,19 @@ from common.models import build_model  # noqa: E402
 from common.train import bn_recalibrate  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test on one intra-op thread: identical results need identical thread counts, and it keeps
-    the shared CPUs free (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+# One hypothesis profile for the property tests: derandomized (seeded), no deadline on shared CPUs.
+settings.register_profile("ht2-tests", derandomize=True, deadline=None, max_examples=25, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_if_marked(request):
+    """Modules marked ``pytestmark = pytest.mark.one_thread`` run on one intra-op thread: identical
+    results need identical thread counts, and two OpenMP threads spinning on a shared 2-core machine
+    can make a decomposition ~100x slower. Module scope also covers the module's own fixtures."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,16 +13,13 @@ import pandas as pd
 import pytest
 
 import analyze_results
-from common import analysis
 from common.analysis import (
     AGGREGATE_COLUMNS,
-    LATENCY_COLUMNS,
+    PLOTS,
     README_BEGIN,
     README_END,
     SUMMARY_COLUMNS,
     aggregate_seeds,
-    join_latency,
-    load_latency,
     load_runs,
     machine_description,
     make_plots,
@@ -41,6 +38,8 @@ from common.analysis import (
     update_readme,
     write_summary,
 )
+from common.analysis import plots as analysis_plots
+from common.analysis import summary as analysis_summary
 from common.logs import KIND_KEYS, RunLog, jsonify
 
 MODELS = {"resnet18": (0.9142, 0.9125), "vgg16": (0.9010, 0.8964)}  # val, test baseline
@@ -96,6 +95,7 @@ def _build_logs(root: Path, seed: int) -> None:
             macs_factor=3.0,
             params_factor=2.0,
             speedup={"cpu_t1": 9.0},
+            metric="macs",  # no config record in this run: the record must carry it
         )
         old.write("end", status="interrupted", wall_seconds=1.0)
 
@@ -334,6 +334,7 @@ def test_plots_skip_missing_kinds(tmp_path, caplog):
         test_top1_bn=0.7,
         macs_factor=2.0,
         params_factor=2.0,
+        metric="params",
     )
     jsonify(tmp_path / "logs", tmp_path / "json")
     runs = load_runs(tmp_path / "json")
@@ -345,6 +346,7 @@ def test_plots_skip_missing_kinds(tmp_path, caplog):
     assert [p.name for p in make_plots(runs, tmp_path)] == ["acc_vs_macs_alexnet.png"]
     df = summary_table(runs)
     assert len(df) == 1 and math.isnan(df.baseline_test_top1[0]) and math.isnan(df.delta_pp[0])
+    assert df.metric[0] == "params"
 
 
 def test_ranks_plot_without_layer_costs_is_skipped(tmp_path, caplog):
@@ -375,6 +377,7 @@ def test_accuracy_must_be_a_fraction(tmp_path):
         test_top1_bn=91.2,
         macs_factor=2.0,
         params_factor=2.0,
+        metric="macs",
     )
     jsonify(tmp_path / "logs", tmp_path / "json")
     with pytest.raises(ValueError, match=r"'pct'.*test_top1_bn=91.2"):
@@ -395,102 +398,68 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- latency tables
+# --------------------------------------------------------------------------- speed-ups and metric
 
 
-def write_latency(path: Path, rows: list[dict], drop: tuple[str, ...] = ()) -> Path:
-    """A latency CSV with every documented column (filler values), minus ``drop``."""
-    filler = dict.fromkeys(LATENCY_COLUMNS, 1.0) | {"forms": "ht2", "device_name": "Test CPU"}
-    df = pd.DataFrame([filler | row for row in rows], columns=list(LATENCY_COLUMNS))
-    df.drop(columns=list(drop)).to_csv(path, index=False)
-    return path
-
-
-def latency_row(method: str, target: object, setting: str, speedup: float) -> dict:
-    return dict(
-        model="resnet18", method=method, decomposition="ht2", target=target, setting=setting,
-        speedup=speedup,
-    )
-
-
-def test_join_latency_matches_numeric_target(runs, tmp_path):
-    cpu = write_latency(
-        tmp_path / "latency_cpu.csv",
-        [
-            latency_row("policy", 3, "cpu_b1", 1.25),  # integer target must match 3.0
-            latency_row("policy", "3.0", "cpu_b64", 1.75),
-            latency_row("uniform", 2, "cpu_b64", 1.5),
-            latency_row("nonexistent", 3, "cpu_b1", 9.0),  # matches no summary row
-        ],
-    )
-    cuda = write_latency(
-        tmp_path / "latency_cuda.csv",
-        [
-            latency_row("policy", 3, "cuda_b256_bf16_graph", 2.5),
-            latency_row("policy", 3, "cuda_b1", 0.5),  # the better CUDA setting is reported
-        ],
-    )
-    latency = load_latency([cpu, cuda])
-    assert latency["target"].dtype == float and set(latency["source"]) == {str(cpu), str(cuda)}
-    summary = summary_table(runs)
-    df = join_latency(summary, latency)
-    assert len(df) == len(summary) and list(df.run_id) == list(summary.run_id)
-    assert "speedup_cpu" not in df.columns and "speedup_cpu_setting" not in df.columns
-    key = (df.model == "resnet18") & (df.decomposition == "ht2")
-    policy3 = df[key & (df.method == "policy") & (df.target == 3.0)].iloc[0]
-    assert (policy3.speedup_cpu_b1, policy3.speedup_cpu_b64) == (1.25, 1.75)
-    assert policy3.speedup_cuda == 2.5 and policy3.speedup_cuda_setting == "cuda_b256_bf16_graph"
-    uniform2 = df[key & (df.method == "uniform") & (df.target == 2.0)].iloc[0]
-    assert uniform2.speedup_cpu_b64 == 1.5 and math.isnan(uniform2.speedup_cpu_b1)
-    # join_latency itself compares targets numerically (text "3" from a hand-made frame).
-    hand = pd.DataFrame([latency_row("random", "3", "cpu_b1", 7.0)])
-    random3 = join_latency(summary, hand)
-    random3 = random3[key & (random3.method == "random") & (random3.target == 3.0)].iloc[0]
-    assert random3.speedup_cpu_b1 == 7.0
-    # No latency row: NaN, not the run record's speed-up (1.1 * target in build_logs).
-    assert df.loc[df.model == "vgg16", ["speedup_cpu_b1", "speedup_cuda"]].isna().all().all()
-
-    _, md_path, _ = write_summary(df, tmp_path, latency_sources=[cpu, cuda])
-    md = md_path.read_text()
-    assert f"speed-ups from `{cpu.as_posix()}`, `{cuda.as_posix()}`." in md
-    assert "| CPU speed-up b1 | CPU speed-up b64 | CUDA speed-up |" in md
-    row = next(line for line in md.splitlines() if line.startswith("| resnet18 | policy | ht2 | 3"))
-    assert "| 1.25× | 1.75× | 2.50× |" in row
-    vgg = next(line for line in md.splitlines() if line.startswith("| vgg16 |"))
-    assert "| – | – | – |" in vgg
-
-
-def test_load_latency_errors_name_file_and_column(tmp_path):
-    missing = write_latency(
-        tmp_path / "a.csv", [latency_row("policy", 3, "cpu_b1", 1.0)], drop=("speedup",)
-    )
-    with pytest.raises(ValueError, match=r"a\.csv.*'speedup'"):
-        load_latency([missing])
-    bad = write_latency(tmp_path / "b.csv", [latency_row("policy", "three", "cpu_b1", 1.0)])
-    with pytest.raises(ValueError, match=r"b\.csv: column 'target' must be numeric, got 'three'"):
-        load_latency([bad])
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
-        load_latency([tmp_path / "nope.csv"])
-    assert load_latency([]).empty
-
-
-def test_cli_latency_default_and_none(tmp_path):
+def test_cli_speedups_come_from_run_records_only(tmp_path, capsys):
+    """One source of speed-ups: the final records; a latency table in <out> is not joined."""
     build_logs(tmp_path / "logs")
     jsonify(tmp_path / "logs", tmp_path / "json")
     out = tmp_path / "results"
     out.mkdir()
-    write_latency(out / "latency_cpu.csv", [latency_row("policy", 3, "cpu_b64", 4.0)])
+    (out / "latency_cpu.csv").write_text(
+        "model,method,decomposition,target,setting,speedup\nresnet18,policy,ht2,3.0,cpu_b64,40.0\n"
+    )
     args = ["--json", str(tmp_path / "json"), "--out", str(out)]
-    assert analyze_results.main(args) == 0  # picks up <out>/latency_cpu.csv by default
-    assert "speedup_cpu_b64" in pd.read_csv(out / "summary.csv").columns
-    origin = f"speed-ups from `{(out / 'latency_cpu.csv').as_posix()}`"
-    assert origin in (out / "summary.md").read_text()
-    for off in ([], ["none"]):
-        assert analyze_results.main([*args, "--latency", *off]) == 0
-        assert list(pd.read_csv(out / "summary.csv").columns) == list(AGGREGATE_COLUMNS)
-        assert list(pd.read_csv(out / "summary_seeds.csv").columns) == list(SUMMARY_COLUMNS)
-        assert "speed-ups from the runs' `final` records" in (out / "summary.md").read_text()
-    assert analyze_results.main([*args, "--latency", str(tmp_path / "missing.csv")]) == 2
+    assert analyze_results.main(args) == 0
+    agg = pd.read_csv(out / "summary.csv")
+    assert list(agg.columns) == list(AGGREGATE_COLUMNS)
+    assert list(pd.read_csv(out / "summary_seeds.csv").columns) == list(SUMMARY_COLUMNS)
+    policy3 = agg[(agg.model == "resnet18") & (agg.method == "policy") & (agg.target == 3.0)]
+    # build_logs: policy is method 2, so cpu_t1 = 3.5 beats cpu_t4 = 1.2; CUDA 1.1 * 3.
+    assert policy3.speedup_cpu.tolist() == [3.5] and policy3.speedup_cpu_setting.tolist() == [
+        "cpu_t1"
+    ]
+    assert policy3.speedup_cuda.tolist() == pytest.approx([3.3])
+    md = (out / "summary.md").read_text()
+    assert "speed-ups from the runs' `final` records." in md and "40.00×" not in md
+    with pytest.raises(SystemExit):  # the option that joined latency tables is gone
+        analyze_results.main([*args, "--latency", "none"])
+    assert "--latency" in capsys.readouterr().err
+
+
+def _metric_logs(root: Path, config_metric: str | None, final_metric: str | None) -> Path:
+    """One run, one final record; the config (when given) and the record carry the metrics."""
+    log = RunLog(root / "logs", "vgg16", "m")
+    if config_metric is not None:
+        log.write(
+            "config", model="vgg16", dataset="d", metric=config_metric, methods=["uniform"], seed=0
+        )
+    extra = {} if final_metric is None else {"metric": final_metric}
+    log.write(
+        "final", method="uniform", target=2.0, decomposition="ht2", test_top1_bn=0.7,
+        macs_factor=2.0, params_factor=2.0, **extra,
+    )
+    jsonify(root / "logs", root / "json")
+    return log.path
+
+
+@pytest.mark.parametrize(
+    ("config_metric", "final_metric", "expected"),
+    [("macs", "params", "params"), ("params", None, "params"), (None, "macs", "macs")],
+)
+def test_metric_from_final_record_else_config(tmp_path, config_metric, final_metric, expected):
+    _metric_logs(tmp_path, config_metric, final_metric)
+    assert summary_table(load_runs(tmp_path / "json")).metric.tolist() == [expected]
+
+
+def test_metric_missing_everywhere_names_the_run_file(tmp_path, capsys):
+    log_path = _metric_logs(tmp_path, None, None)
+    with pytest.raises(ValueError, match=rf"{log_path.name}.*'uniform'.*no 'metric'"):
+        summary_table(load_runs(tmp_path / "json"))
+    args = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "r")]
+    assert analyze_results.main(args) == 2
+    assert f"{log_path.as_posix()}: final record" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- README block
@@ -524,7 +493,9 @@ def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch):
     readme.write_text(README)
     out = tmp_path / "results"
     args = ["--json", str(tmp_path / "json"), "--out", str(out), "--readme", str(readme)]
-    monkeypatch.setattr(analysis, "_utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC))
+    monkeypatch.setattr(
+        analysis_summary, "utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
+    )
     assert analyze_results.main(args) == 0
     once = readme.read_text()
     assert analyze_results.main(args) == 0
@@ -532,6 +503,7 @@ def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch):
     assert once.startswith("# Project\n\n## Results\n\nIntro sentence.\n\n" + README_BEGIN + "\n")
     assert once.endswith(README_END + "\n\n## References\n") and "old table" not in once
     assert "on 2030-01-02 (UTC)" in once and "--readme" in once
+    assert "on 2030-01-02 03:04 UTC" in (out / "summary.md").read_text()  # one clock for both
     assert "[results/summary.md](results/summary.md)" in once
     table = [line for line in once.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(MODELS) * len(METHODS)  # header + the target-3 rows only
@@ -556,7 +528,7 @@ def test_readme_missing_markers_leaves_file_untouched(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # failed before writing anything
 
 
-def test_machine_description_from_config_and_latency(runs, tmp_path):
+def test_machine_description_from_config(runs, tmp_path):
     log = RunLog(tmp_path / "logs", "alexnet", "gpu")
     log.write(
         "config", model="alexnet", dataset="d", metric="macs", methods=["uniform"], seed=0,
@@ -564,15 +536,10 @@ def test_machine_description_from_config_and_latency(runs, tmp_path):
     )
     jsonify(tmp_path / "logs", tmp_path / "json")
     gpu_runs = load_runs(tmp_path / "json")
-    latency = load_latency(
-        [write_latency(tmp_path / "latency_cpu.csv", [latency_row("policy", 3, "cpu_b1", 2.0)])]
-    )
-    text = machine_description(gpu_runs, latency)
-    assert text == (
-        "runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0); "
-        "latency on Test CPU (`latency_cpu.csv`)"
-    )
+    text = machine_description(gpu_runs)
+    assert text == "runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0)"
     assert "vm" not in text
+    assert machine_description([]) == "runs on an unrecorded machine"
     assert machine_description(runs) == "runs on CPU"  # build_logs's configs have no device
     block = readme_block(summary_table(runs), runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
     assert block.startswith("Generated by `cmd` on 2030-01-02 (UTC); runs on CPU; speed-ups from")
@@ -776,7 +743,7 @@ def test_multi_seed_plots_use_scores_and_lowest_seed(seed_runs, tmp_path, monkey
         figures[path.name] = fig
         return path
 
-    monkeypatch.setattr(analysis, "_save", keep)
+    monkeypatch.setattr(analysis_plots, "_save", keep)
     plot_sensitivity(seed_runs, "resnet18", tmp_path)
     ax = figures["sensitivity_resnet18.png"].axes[0]
     assert ax.get_ylabel() == "proxy score (higher is better)"
@@ -787,7 +754,7 @@ def test_multi_seed_plots_use_scores_and_lowest_seed(seed_runs, tmp_path, monkey
     assert ax.get_ylabel() == "proxy score (higher is better)"
     assert [list(line.get_ydata()) for line in ax.lines] == [[0.0, 1.0, 2.0]]
 
-    analysis.plot_acc_vs_macs(seed_runs, "resnet18", tmp_path)
+    analysis_plots.plot_acc_vs_macs(seed_runs, "resnet18", tmp_path)
     ax = figures["acc_vs_macs_resnet18.png"].axes[0]
     bars = [c for c in ax.containers if getattr(c, "has_yerr", False)]
     assert len(bars) == 4  # BN and FT of both methods, each with std error bars
@@ -797,7 +764,9 @@ def test_multi_seed_plots_use_scores_and_lowest_seed(seed_runs, tmp_path, monkey
 
 def test_legacy_search_records_keep_val_accuracy_and_every_candidate(runs, tmp_path, monkeypatch):
     figures = {}
-    monkeypatch.setattr(analysis, "_save", lambda fig, path: figures.setdefault(path.name, fig))
+    monkeypatch.setattr(
+        analysis_plots, "_save", lambda fig, path: figures.setdefault(path.name, fig)
+    )
     plot_search_trace(runs, "vgg16", tmp_path)
     ax = figures["search_trace_vgg16.png"].axes[0]
     assert ax.get_ylabel() == "validation top-1 accuracy (%)"
@@ -807,3 +776,19 @@ def test_legacy_search_records_keep_val_accuracy_and_every_candidate(runs, tmp_p
     ax = figures["sensitivity_vgg16.png"].axes[0]
     assert ax.get_ylabel() == "validation top-1 accuracy (%)"
     assert ax.lines[-1].get_label().startswith("dense (")  # dense line only for accuracies
+
+
+# --------------------------------------------------------------------------- the list of plots
+
+
+def test_plots_one_list_drives_names_files_order_and_captions(runs, tmp_path):
+    # The notebooks show plots by these names; make_plots draws them in this order.
+    names = [analysis_plots.plot_name(plot) for plot in PLOTS]
+    assert names == ["acc_vs_macs", "ranks", "sensitivity", "search_trace"]
+    assert PLOTS[1] is plot_ranks and PLOTS[2] is plot_sensitivity
+    plots = make_plots(runs, tmp_path)
+    assert [p.name for p in plots[: len(PLOTS)]] == [f"{name}_resnet18.png" for name in names]
+    for name in names:
+        caption = analysis_plots.plot_caption(f"{name}_resnet18")
+        assert caption != f"{name}_resnet18" and len(caption) > 20  # every plot has its caption
+    assert analysis_plots.plot_caption("other_resnet18") == "other_resnet18"

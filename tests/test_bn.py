@@ -15,7 +15,7 @@ from common.train import evaluate
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.one_thread
 
 
 def _images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:

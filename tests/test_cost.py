@@ -12,43 +12,21 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.cost import ModelCost, count_model, flop_counter_macs
+from common.cost import count_model, flop_counter_macs
 from common.layers import LAYER_CLASSES, ConvGeometry, FactorizedConv, conv_cost, group_kernel_shape
 from common.models import build_model
+from tests.helpers import fast_model
 from common.paths import CHECKPOINT_DIR
 from common.ranks import ranks_from_level
-from common.surgery import LayerPlan, apply_plan, list_conv_layers, plan_cost
+from common.space import SearchSpace
+from common.surgery import LayerPlan, apply_plan, list_conv_layers
 
-settings.register_profile("ht2-tests", derandomize=True, deadline=None, max_examples=25, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile("ht2-tests")
 CIFAR = ("resnet18", "vgg16", "alexnet")
 MANIFEST = CHECKPOINT_DIR / "manifest.json"
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"), pytest.mark.one_thread]
 
 
-# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
-# 2-core machine can make a decomposition ~100x slower)
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def fast_model(name: str, seed: int = 0) -> nn.Module:
-    """``build_model(name)`` materialized cheaply: meta build, then per-module reset on the CPU."""
-    with torch.device("meta"):
-        m = build_model(name)
-    m = m.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    for mod in m.modules():
-        if hasattr(mod, "reset_parameters"):
-            mod.reset_parameters()
-        if hasattr(mod, "reset_running_stats"):
-            mod.reset_running_stats()
-    return m.eval()
 
 
 def ht2_plan(m: nn.Module, level: float) -> dict[str, LayerPlan]:
@@ -96,12 +74,11 @@ def test_count_model_matches_flop_counter(dense_and_compressed):
     dense, comp = count_model(m), count_model(c)
     assert any(lp.method == "ht2" for lp in plan.values())
     assert comp.macs < dense.macs and comp.params < dense.params
-    assert dense.reduction(comp) == pytest.approx(dense.conv_macs / comp.conv_macs)
-    assert dense.reduction(comp, "params") == pytest.approx(dense.params / comp.params)
-    # plan_cost on the dense model's listing predicts the compressed model's conv costs
-    layers = list_conv_layers(m)
-    assert plan_cost(layers, plan) == (comp.conv_params, comp.conv_macs)
-    assert plan_cost(layers, {}) == (dense.conv_params, dense.conv_macs)
+    # the search space's budget arithmetic on the dense model's listing predicts the compressed model's
+    # conv costs (min_channels=1: the stem is compressed too)
+    space = SearchSpace(list_conv_layers(m), min_channels=1)
+    assert space.cost(plan) == (comp.conv_params, comp.conv_macs)
+    assert space.cost({}) == (dense.conv_params, dense.conv_macs)
     assert set(dense.to_dict()) == {"params", "macs", "conv_params", "conv_macs"}
 
 
@@ -198,9 +175,3 @@ def test_conv_cost_matches_flop_counter_for_every_method(case, data):
         p, mac = conv_cost(method, geom, ranks, hw)
         assert p == layer.num_params() == sum(q.numel() for q in layer.parameters()), (method, ranks)
         assert mac == layer.macs(hw) == layer_flops_macs(layer, x), (method, ranks, conv)
-
-
-def test_model_cost_reduction_guards_zero():
-    a = ModelCost(10, 100, 8, 90)
-    assert a.reduction(ModelCost(5, 50, 4, 45)) == 2.0
-    assert a.reduction(ModelCost(0, 0, 0, 0)) == 90.0   # no division by zero

@@ -1,4 +1,5 @@
-"""Tests for common.deploy: every partition of a factorized layer computes the layer's function.
+"""Tests for common.deploy: every partition of a factorized layer computes the layer's function, and
+``fastest_latency`` times a model in its fastest deployment.
 
 Oracle: the factorized layer itself (its chain of convs), in float64 so that a wrong merge (lost
 bias, wrong padding mode, stride on the wrong axis) stands out from rounding.
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from common.cost import count_model
-from common.deploy import DeployedChain, build_form, chain_forms, deploy_model, form_macs, merge_convs
+from common.deploy import (DeployedChain, build_form, chain_forms, deploy_model, fastest_latency, form_macs,
+                           merge_convs)
 from common.layers import LAYER_CLASSES, HT2Conv2d
 from common.surgery import LayerPlan, apply_plan, list_conv_layers
 from tests.test_layers import PROFILE, _methods, _random_ranks, _rel, conv_cases
@@ -109,6 +111,39 @@ def test_deploy_model_is_exact_and_leaves_the_model_alone(choose):
 def test_deploy_model_rejects_unknown_choice():
     with pytest.raises(ValueError, match="choose"):
         deploy_model(_small_factorized(), choose="fastest")
+
+
+def _plain_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10))
+
+
+def test_fastest_latency_picks_the_faster_format_and_leaves_model_alone():
+    m = _plain_model()
+    r = fastest_latency(m, (1, 3, 16, 16), threads=1, warmup=1, iters=5)
+    assert set(r["per_format"]) == {"contiguous", "channels_last"}
+    assert r["median_ms"] == min(r["per_format"].values())
+    assert r["channels_last"] == (r["per_format"]["channels_last"] < r["per_format"]["contiguous"])
+    assert r["forms"] == {} and not r["deployed"] and r["conv_macs"] == 8 * 3 * 9 * 16 * 16
+    assert m[0].weight.is_contiguous()
+
+
+def test_fastest_latency_deploys_factorized_layers():
+    torch.manual_seed(0)
+    m = nn.Sequential(HT2Conv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1), (8, 8, 8)))
+    r = fastest_latency(m, (1, 16, 8, 8), threads=1, formats=(False,), warmup=1, iters=3, deploy="macs")
+    if r["deployed"]:  # else the model as factorized was timed faster, which is allowed
+        assert sum(r["forms"].values()) == 1
+        form = eval(next(iter(r["forms"])))  # noqa: S307 - a tuple repr written by deploy
+        assert sum(form) == 4
+    else:
+        assert r["forms"] == {} and r["conv_macs"] == m[0].macs((8, 8))
+    fact = r["factorized"]  # the best as-factorized candidate, from the same timings
+    assert fact["forms"] == {} and not fact["deployed"] and fact["conv_macs"] == m[0].macs((8, 8))
+    assert r["median_ms"] <= fact["median_ms"]
+    keep = fastest_latency(m, (1, 16, 8, 8), threads=1, formats=(False,), warmup=1, iters=3, deploy=None)
+    assert keep["forms"] == {} and keep["conv_macs"] == m[0].macs((8, 8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,6 +2,7 @@
 resumes without evaluating anything, and an interrupted search resumes to the uninterrupted result."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,11 +17,11 @@ TARGET = 3.0
 
 
 def config(log_dir: Path, checkpoint: Path | None, run_id: str, methods=METHODS, **kw) -> ExperimentConfig:
+    kw = {"targets": (TARGET,), "sensitivity_levels": (0.5, 0.2), **kw}
     return ExperimentConfig(model="alexnet", dataset="digits",
                             checkpoint=None if checkpoint is None else str(checkpoint),
-                            targets=(TARGET,), methods=tuple(methods), search_budget=3, sensitivity_levels=(0.5, 0.2),
-                            calib_images=64, val_images=200, log_dir=str(log_dir), run_id=run_id, progress=False,
-                            seed=0, **kw)
+                            methods=tuple(methods), search_budget=3, calib_images=64, val_images=200,
+                            log_dir=str(log_dir), run_id=run_id, progress=False, seed=0, **kw)
 
 
 def log_file(cfg: ExperimentConfig) -> Path:
@@ -166,11 +167,80 @@ def test_cli_maps_flags_to_the_config():
                       "--finetune-epochs", "0.5", "--val-images", "0", "--sensitivity-levels", "0.5,0.25",
                       "--run-id", "x", "--quiet"])
     assert (cfg.model, cfg.dataset, cfg.targets, cfg.methods) == ("vgg16", "digits", (2.0, 3.5), ("uniform", "policy"))
-    assert cfg.finetune and cfg.finetune_epochs == 0.5 and cfg.val_images is None
+    assert cfg.finetune_epochs == 0.5 and cfg.val_images is None
     assert cfg.sensitivity_levels == (0.5, 0.25) and cfg.run_id == "x" and not cfg.progress
-    assert not parse_args(["--finetune-epochs", "0"]).finetune
-    with pytest.raises(ValueError, match="unknown method"):
+    assert parse_args(["--finetune-epochs", "0"]).finetune_epochs == 0.0  # 0 = off
+    with pytest.raises(ValueError, match="unknown rank-selection method"):
         run_experiment(ExperimentConfig(methods=("nope",), log_dir="unused"))
+
+
+def test_cli_is_generated_from_every_config_field(capsys):
+    """One option per field, named after it, with the field's help and default; no option = the default."""
+    assert parse_args([]) == ExperimentConfig()
+    parser = experiment.config_parser()
+    options = {o for a in parser._actions for o in a.option_strings}
+    for f in dataclasses.fields(ExperimentConfig):
+        assert "--" + f.name.replace("_", "-") in options, f.name
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+    assert "finetune" not in {f.name for f in dataclasses.fields(ExperimentConfig)}  # finetune_epochs = 0 is off
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["sensitivity_levels"].endswith("(default: 0.5,0.3,0.15)")
+    assert helps["val_images"].endswith("(default: the whole val split)") and helps["latency"].endswith("(default: off)")
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--finetune-epochs FLOAT" in text and "--latency-batches INT,..." in text and "--no-distill" in text
+
+
+def test_cli_switches_lists_and_none():
+    cfg = parse_args(["--policy-tucker2", "--no-distill", "--latency", "--latency-batches", "1,8",
+                      "--latency-devices", "cpu", "--finetune-targets", "3", "--no-progress", "--threads", "1"])
+    assert cfg.policy_tucker2 and not cfg.distill and cfg.latency and not cfg.progress
+    assert cfg.latency_batches == (1, 8) and cfg.latency_devices == ("cpu",) and cfg.finetune_targets == (3.0,)
+    assert cfg.threads == 1
+    assert parse_args(["--finetune-targets", ""]).finetune_targets is None  # an empty optional list = default
+    assert parse_args(["--quiet", "--progress"]).progress  # the last switch wins
+    # notebook-style lists become tuples
+    assert ExperimentConfig(methods=["uniform"], sensitivity_levels=[0.5]).methods == ("uniform",)
+
+
+def test_run_results_options_are_the_config_with_the_tables_defaults():
+    from benchmarks import run_results
+
+    p = run_results.build_parser()
+    a = p.parse_args([])
+    cpu = run_results.model_config(a, "alexnet", False, None)
+    assert cpu.targets == (3.0, 2.0, 5.0) and cpu.n_seeds == 3 and cpu.policy_tucker2 and cpu.latency
+    assert (cpu.finetune_epochs, cpu.calib_images, cpu.finetune_batch_size) == (0.1, 256, 128)
+    assert cpu.latency_devices == ("cpu",) and cpu.device == "cpu" and cpu.run_id == "results-alexnet-cpu"
+    assert cpu.dataset == "cifar10-jpeg" and cpu.checkpoint.endswith("alexnet.pt") and cpu.log_dir == "logs/results"
+    cuda = run_results.model_config(a, "vgg16", True, 123.0)
+    assert (cuda.finetune_epochs, cuda.calib_images, cuda.finetune_batch_size) == (3.0, 1024, 256)
+    assert cuda.latency_devices == ("cuda",) and cuda.deadline == 123.0 and cuda.run_id == "results-vgg16-cuda"
+    given = p.parse_args(["--no-tucker2", "--no-latency", "--finetune-epochs", "0", "--calib-images", "512",
+                          "--targets", "3", "--run-tag", "t", "--val-images", "0", "--shapes", "level,energy"])
+    cfg = run_results.model_config(given, "alexnet", True, None)
+    assert not cfg.policy_tucker2 and not cfg.latency and cfg.finetune_epochs == 0.0 and cfg.calib_images == 512
+    assert cfg.targets == (3.0,) and cfg.run_id == "results-alexnet-t" and cfg.val_images is None
+    assert cfg.shapes == ("level", "energy")
+
+
+def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
+    """finetune_epochs > 0 finetunes the plans at finetune_targets only; each epoch is logged, and the final
+    model is the best val epoch (0 = the recalibrated model itself)."""
+    cfg = config(tmp_path, None, "ft", methods=("uniform",), targets=(3.0, 2.0), finetune_targets=(3.0,),
+                 finetune_epochs=0.1, final_calib_images=64, sensitivity_levels=(0.5,))
+    finals = {f["target"]: f for f in run_experiment(cfg)}
+    records, _ = parse_log(log_file(cfg))
+    assert finals[2.0]["finetune_epochs"] is None and finals[2.0]["test_top1_ft"] is None
+    ft = finals[3.0]
+    assert ft["finetune_epochs"] == 0.1 and 0.0 <= ft["test_top1_ft"] <= 1.0 and ft["metric"] == "macs"
+    epochs = of_kind(records, "finetune_epoch")
+    assert len(epochs) == 1 and epochs[0]["target"] == 3.0 and epochs[0]["method"] == "uniform"
+    assert epochs[0]["epoch"] == pytest.approx(0.1, abs=0.05) and epochs[0]["val_top1"] is not None
+    better = epochs[0]["val_top1"] > ft["val_top1_bn"]
+    assert ft["finetune_selected_epoch"] == (epochs[0]["epoch"] if better else 0.0)
+    assert ft["val_top1_ft"] == pytest.approx(max(epochs[0]["val_top1"], ft["val_top1_bn"]), abs=0.01)
 
 
 def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkpoint):
@@ -197,15 +267,20 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
 
 @pytest.mark.parametrize("flags,phrase", [
     (["--targets", ""], "at least one reduction factor"),
-    (["--targets", "nan"], "finite reduction factors > 1"),
-    (["--targets", "inf"], "finite reduction factors > 1"),
-    (["--targets", "0.5"], "finite reduction factors > 1"),
+    (["--targets", "nan"], "finite number > 1"),
+    (["--targets", "inf"], "finite number > 1"),
+    (["--targets", "0.5"], "finite number > 1"),
     (["--targets", "three"], "could not convert"),
     (["--search-budget", "0"], "search_budget must be at least 1"),
     (["--n-seeds", "0"], "n_seeds must be at least 1"),
     (["--calib-images", "1"], "calib_images must be at least 2"),
-    (["--methods", "uniform,greedy"], "unknown method 'greedy'"),
+    (["--methods", "uniform,greedy"], "unknown rank-selection method 'greedy'"),
     (["--shapes", "spectral"], "shapes must be a non-empty subset"),
+    (["--finetune-epochs", "-1"], "finetune_epochs must be a number of epochs >= 0"),
+    (["--finetune-epochs", "inf"], "finetune_epochs must be a number of epochs >= 0"),
+    (["--latency-batches", "1,x"], "invalid literal for int()"),
+    (["--search-budget", "ten"], "invalid int value"),
+    (["--model", "resnet50"], "invalid choice"),
 ])
 def test_bad_cli_values_are_refused_before_any_work(flags, phrase, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))

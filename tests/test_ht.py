@@ -14,24 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.ht import (HT2Factors, KernelSpectra, energy_rank, ht2_decompose, svd_decompose,
-                       tucker2_decompose)
-from common.ranks import (RANK_NAMES, full_ranks, rank_bounds, ranks_from_level, resolve_ranks,
-                          round_rank, validate_ranks)
+from common.ht import HT2Factors, KernelSpectra
+from common.ranks import (RANK_NAMES, energy_rank, energy_ranks, evbmf_ranks, full_ranks, rank_bounds,
+                          ranks_from_level, resolve_ranks, round_rank, rounded_ranks, validate_ranks)
 
-settings.register_profile("ht2-tests", derandomize=True, deadline=None, max_examples=25, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile("ht2-tests")
-
-
-# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
-# 2-core machine can make a decomposition ~100x slower)
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.one_thread
 
 
 @st.composite
@@ -84,6 +72,65 @@ def test_round_rank():
     assert round_rank(5.2, 12, 8) == 6            # narrow mode: exact ceiling, no multiple
     assert round_rank(5.0, 64, 1) == 5
     assert round_rank(5.0000000001, 64, 1) == 5   # float noise does not bump a rank
+
+
+def test_rounded_ranks_assembles_every_method_in_rank_name_order():
+    calls = []
+
+    def raw(name, full, done):
+        calls.append((name, full, done))
+        return {"R1": 10.2, "R3": 70.0, "R13": 5.0, "R": 2.5}[name]
+
+    assert rounded_ranks("ht2", (64, 32, 3, 3), raw, multiple=8) == (16, 64, 8)
+    # R13 is asked for last, capped by the rounded R1 and R3: min(16*3, 64*3)
+    assert calls == [("R1", 32, ()), ("R3", 64, (16,)), ("R13", 48, (16, 64))]
+    calls.clear()
+    assert rounded_ranks("tucker2", (64, 32, 3, 3), raw) == (11, 64)
+    assert [c[0] for c in calls] == ["R1", "R3"]
+    calls.clear()
+    assert rounded_ranks("svd", (20, 8, 1, 1), raw) == (3,) and calls == [("R", 8, ())]
+    assert rounded_ranks("dense", (20, 8, 1, 1), raw) == ()
+    for method in RANK_NAMES:
+        names = []
+        rounded_ranks(method, (20, 8, 1, 1), lambda n, f, d: names.append(n) or 1.0)
+        assert tuple(names) == RANK_NAMES[method]
+    with pytest.raises(ValueError, match="cp"):
+        rounded_ranks("cp", (20, 8, 1, 1), raw)
+
+
+def _low_rank_kernel(t, c, k, r, noise, seed):
+    """A kernel whose C- and T-mode unfoldings have rank ``r`` (plus i.i.d. noise)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.einsum("ta,abij,cb->tcij", torch.randn(t, r, generator=g), torch.randn(r, r, k, k, generator=g),
+                     torch.randn(c, r, generator=g))
+    return w / w.norm() + noise * torch.randn(w.shape, generator=g)
+
+
+def test_energy_ranks_from_the_spectra():
+    g = torch.Generator().manual_seed(2)
+    sp = KernelSpectra(torch.randn(12, 10, 3, 3, generator=g))
+    for method in ("ht2", "tucker2"):
+        assert energy_ranks(sp, method, 1.0) == full_ranks(method, sp.kernel_shape)  # a generic kernel
+        ranks = [energy_ranks(sp, method, e) for e in (0.2, 0.5, 0.8, 0.95)]
+        assert all(all(a <= b for a, b in zip(lo, hi)) for lo, hi in zip(ranks, ranks[1:])), ranks
+        assert validate_ranks(method, sp.kernel_shape, ranks[1]) == ranks[1]
+    r1, r3, r13 = energy_ranks(sp, "ht2", 0.6)
+    assert (r1, r3) == (energy_rank(sp.s1, 0.6), energy_rank(sp.s3, 0.6))
+    assert r13 == energy_rank(sp.core_spectrum(r1, r3), 0.6)   # R13 from the core at those R1, R3
+    low = KernelSpectra(_low_rank_kernel(16, 12, 3, 2, 0.0, 0))
+    assert energy_ranks(low, "tucker2", 0.999999) == (2, 2)
+    assert energy_ranks(low, "tucker2", 0.999999, multiple=8) == (2, 8)   # C=12 stays exact, T=16 rounds
+    one = KernelSpectra(torch.randn(20, 8, 1, 1, generator=g))
+    assert energy_ranks(one, "svd", 1.0) == (8,)
+
+
+def test_evbmf_ranks_find_the_signal_rank_and_fall_back_to_one():
+    sp = KernelSpectra(_low_rank_kernel(48, 40, 3, 4, 1e-3, 1), name="blocks.2")
+    assert evbmf_ranks(sp, "tucker2") == (4, 4)
+    r1, r3, r13 = evbmf_ranks(sp, "ht2")
+    assert (r1, r3) == (4, 4) and 1 <= r13 <= min(r1 * 3, r3 * 3)
+    with pytest.warns(UserWarning, match="layer 'z': EVBMF found rank 0 for the C-mode unfolding"):
+        assert evbmf_ranks(KernelSpectra(torch.zeros(6, 5, 3, 3), name="z"), "ht2") == (1, 1, 1)
 
 
 @settings(PROFILE, max_examples=60)
@@ -147,14 +194,11 @@ def test_rank_count_and_type_errors():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("fn", [lambda w: ht2_decompose(w, (2, 2, 2), name="blocks.3.conv"),
-                                lambda w: tucker2_decompose(w, (2, 2), name="blocks.3.conv"),
-                                lambda w: KernelSpectra(w, name="blocks.3.conv")])
-def test_non_finite_kernel_raises_naming_layer(bad, fn):
+def test_non_finite_kernel_raises_naming_layer(bad):
     w = torch.randn(4, 4, 3, 3)
     w[1, 2, 0, 1] = bad
     with pytest.raises(ValueError, match=r"blocks\.3\.conv.*non-finite"):
-        fn(w)
+        KernelSpectra(w, name="blocks.3.conv")
 
 
 def test_malformed_kernels():
@@ -167,7 +211,7 @@ def test_malformed_kernels():
 
 
 def test_zero_kernel_has_zero_error():
-    f = ht2_decompose(torch.zeros(4, 3, 3, 3), (1, 1, 1))
+    f = KernelSpectra(torch.zeros(4, 3, 3, 3)).ht2((1, 1, 1))
     assert f.relative_error == 0.0 and not f.reconstruct().abs().any()
 
 
@@ -314,7 +358,7 @@ def _numpy_ht2(w: np.ndarray, r1: int, r3: int, r13: int) -> np.ndarray:
 def test_ht2_matches_numpy_reference(shape, ranks):
     g = torch.Generator().manual_seed(sum(shape) + sum(ranks))
     w = torch.randn(*shape, generator=g, dtype=torch.float64)
-    f = ht2_decompose(w, ranks)
+    f = KernelSpectra(w).ht2(ranks)
     ref = _numpy_ht2(w.numpy(), *ranks)
     np.testing.assert_allclose(f.reconstruct().numpy(), ref, atol=1e-5, rtol=1e-5)
     ref_err = np.linalg.norm(w.numpy() - ref) / np.linalg.norm(w.numpy())
@@ -332,7 +376,7 @@ def test_tucker2_matches_tensorly_hosvd_and_hooi():
     w = rng.standard_normal((24, 16, 3, 3)) * np.exp(-np.arange(24) / 6)[:, None, None, None]
     w = w * np.exp(-np.arange(16) / 5)[None, :, None, None]
     for r3, r1 in ((12, 8), (6, 10), (20, 4), (24, 16)):
-        ours = tucker2_decompose(torch.from_numpy(w), (r1, r3))
+        ours = KernelSpectra(torch.from_numpy(w)).tucker2((r1, r3))
         # HOSVD with tensorly's building blocks: identical to ours up to rounding
         u3 = np.linalg.svd(tl.unfold(w, 0), full_matrices=False)[0][:, :r3]
         u1 = np.linalg.svd(tl.unfold(w, 1), full_matrices=False)[0][:, :r1]
@@ -355,7 +399,7 @@ def test_svd_is_optimal_low_rank():
     m = w[:, :, 0, 0]
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     for r in (1, 5, 16):
-        f = svd_decompose(w, r)
+        f = KernelSpectra(w).svd((r,))
         best = (u[:, :r] * s[:r]) @ vh[:r]
         torch.testing.assert_close(f.reconstruct()[:, :, 0, 0], best, atol=1e-6, rtol=1e-6)  # float32 Gram
         assert f.first.shape == (1, r, 16) and f.second.shape == (1, 24, r)
@@ -376,7 +420,7 @@ def test_cached_spectra_agree_with_fresh_decompositions():
     first = {p: sp.ht2(p).reconstruct() for p in plans}   # > 16 (R1, R3) keys: LRU evicts and refills
     for p in reversed(plans):
         torch.testing.assert_close(sp.ht2(p).reconstruct(), first[p], atol=0, rtol=0)
-        torch.testing.assert_close(first[p], ht2_decompose(w, p).reconstruct(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(first[p], KernelSpectra(w).ht2(p).reconstruct(), atol=1e-6, rtol=1e-6)
     vals = sp.core_spectrum(6, 10)
     assert vals.shape == (1, 18) and (vals[:, :-1] >= vals[:, 1:]).all()
     m = sp.core_matrix(6, 10)

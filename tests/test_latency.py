@@ -1,11 +1,18 @@
-"""Tests for common.latency."""
+"""Tests for common.latency (plain timing) and the benchmarks/latency.py table built on it."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 
-from common.latency import fastest_latency, interleaved_latency, measure_latency
+from common.latency import interleaved_latency, measure_latency
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _model() -> nn.Module:
@@ -40,35 +47,6 @@ def test_measure_latency_larger_model_is_slower():
     assert large["median_ms"] > 5 * small["median_ms"]
 
 
-def test_fastest_latency_picks_the_faster_format_and_leaves_model_alone():
-    m = _model()
-    r = fastest_latency(m, (1, 3, 16, 16), threads=1, warmup=1, iters=5)
-    assert set(r["per_format"]) == {"contiguous", "channels_last"}
-    assert r["median_ms"] == min(r["per_format"].values())
-    assert r["channels_last"] == (r["per_format"]["channels_last"] < r["per_format"]["contiguous"])
-    assert r["forms"] == {} and not r["deployed"] and r["conv_macs"] == 8 * 3 * 9 * 16 * 16
-    assert m[0].weight.is_contiguous()
-
-
-def test_fastest_latency_deploys_factorized_layers():
-    from common.layers import HT2Conv2d
-
-    torch.manual_seed(0)
-    m = nn.Sequential(HT2Conv2d.from_conv(nn.Conv2d(16, 16, 3, padding=1), (8, 8, 8)))
-    r = fastest_latency(m, (1, 16, 8, 8), threads=1, formats=(False,), warmup=1, iters=3, deploy="macs")
-    if r["deployed"]:  # else the model as factorized was timed faster, which is allowed
-        assert sum(r["forms"].values()) == 1
-        form = eval(next(iter(r["forms"])))  # noqa: S307 - a tuple repr written by deploy
-        assert sum(form) == 4
-    else:
-        assert r["forms"] == {} and r["conv_macs"] == m[0].macs((8, 8))
-    fact = r["factorized"]  # the best as-factorized candidate, from the same timings
-    assert fact["forms"] == {} and not fact["deployed"] and fact["conv_macs"] == m[0].macs((8, 8))
-    assert r["median_ms"] <= fact["median_ms"]
-    keep = fastest_latency(m, (1, 16, 8, 8), threads=1, formats=(False,), warmup=1, iters=3, deploy=None)
-    assert keep["forms"] == {} and keep["conv_macs"] == m[0].macs((8, 8))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("graph", [False, True])
 def test_measure_latency_cuda(graph):
@@ -89,3 +67,44 @@ def test_interleaved_latency_ratios_and_reference():
         interleaved_latency({"a": small}, (1, 3, 8, 8), rounds=1, reference="b", warmup=0, iters=1)
     with pytest.raises(ValueError, match="rounds"):
         interleaved_latency({"a": small}, (1, 3, 8, 8), rounds=0)
+
+
+def test_latency_imports_neither_training_nor_deployment():
+    """Plain timing stands alone: deployment imports it, never the other way round (no import cycle)."""
+    code = ("import sys, common.latency; "
+            "print(sorted(m for m in ('common.train', 'common.deploy', 'common.experiment') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_latency_benchmark_table_and_resume(tmp_path, monkeypatch):
+    """benchmarks/latency.py on a one-plan run document: one CSV row per setting, the Markdown table, and a
+    re-run that measures nothing new."""
+    from benchmarks import latency as bench
+    from common.logs import RunLog, jsonify
+    from common.models import build_model
+    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+
+    torch.manual_seed(0)
+    layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
+    plan = {layers[1].name: LayerPlan("ht2", (16, 16, 16))}
+    log = RunLog(tmp_path / "logs", "alexnet", "bench")
+    log.write("plan", method="uniform", target=3.0, metric="macs", decomposition="ht2", seed=0,
+              plan=plan_to_dict(plan))
+    jsonify(log.path, tmp_path / "json")
+    argv = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "out"), "--device", "cpu", "--threads", "1",
+            "--batches", "1,2", "--weights", "random", "--iters", "2", "--warmup", "0", "--deploy-iters", "1",
+            "--rounds", "1"]
+    df = bench.main(argv)
+    assert list(df["setting"]) == ["cpu_b1", "cpu_b2"] and set(df["model"]) == {"alexnet"}
+    assert set(df["weights"]) == {"random"} and (df["rounds"] == 1).all()
+    for _, row in df.iterrows():
+        assert row["macs_factor"] > 1.0 and row["deployed_macs_factor"] >= 1.0
+        assert row["dense_ms"] > 0 and row["factorized_ms"] > 0 and row["deployed_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["deployed_ms"], rel=1e-9)  # one round
+    md = (tmp_path / "out" / "latency_cpu.md").read_text()
+    assert md.startswith("# CPU latency vs dense") and "| alexnet |" in md and "cpu_b2" in md
+
+    monkeypatch.setattr(bench, "interleaved_latency", lambda *a, **k: pytest.fail("re-measured a done row"))
+    again = bench.main(argv)
+    assert len(again) == 2 and len(pd.read_csv(tmp_path / "out" / "latency_cpu.csv")) == 2

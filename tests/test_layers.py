@@ -6,6 +6,7 @@ reconstructed kernel; at full rank that is the original conv itself.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,22 +19,10 @@ from common.layers import (LAYER_CLASSES, ConvGeometry, HT2Conv2d, SVDConv2d, Tu
                            group_kernel_shape)
 from common.ranks import full_ranks
 
-settings.register_profile("ht2-tests", derandomize=True, deadline=None, max_examples=25, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile("ht2-tests")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # PyTorch's note that 'same' with an even kernel copies the input: expected, not a problem here
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
-
-
-# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
-# 2-core machine can make a decomposition ~100x slower)
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"), pytest.mark.one_thread]
 
 
 @st.composite
@@ -136,8 +125,14 @@ def test_truncated_layer_matches_dense_oracle(case, data):
             f = sp.decompose(method, ranks)
             layer = LAYER_CLASSES[method].from_conv(conv, ranks, spectra=sp)
             assert layer.ranks == ranks and layer.method == method
-            # the layer holds exactly the factors: its kernel is the factors' reconstruction
-            torch.testing.assert_close(layer.reconstruct_weight(), f.reconstruct().float(), atol=1e-5, rtol=1e-4)
+            # the layer holds exactly the factors, and reads them back (the inverse of load_factors)
+            back = layer.factors()
+            assert type(back) is type(f) and back.ranks == f.ranks
+            for fld in dataclasses.fields(f):
+                if fld.name not in ("ranks", "relative_error"):
+                    torch.testing.assert_close(getattr(back, fld.name), getattr(f, fld.name).float(),
+                                               atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(back.reconstruct(), f.reconstruct().float(), atol=1e-5, rtol=1e-4)
             y_ref = _oracle(conv, f.reconstruct())(x)
             out = layer(x)
             scale = float(y_ref.norm()) + float(conv(x).norm())
@@ -145,7 +140,7 @@ def test_truncated_layer_matches_dense_oracle(case, data):
             assert float((layer.to_dense()(x) - out).norm()) <= 1e-4 * scale, (method, ranks, conv)
             # the relative error the factors report is the kernel's, measured directly
             w = conv.weight.double()
-            direct = float((w - layer.reconstruct_weight().double()).norm() / w.norm())
+            direct = float((w - layer.to_dense().weight.double()).norm() / w.norm())
             assert abs(f.relative_error - direct) <= 1e-5
 
 
@@ -164,6 +159,25 @@ def test_to_dense_tracks_finetuned_factors(case, data):
             assert isinstance(dense, nn.Conv2d)
             assert (dense.bias is None) == (conv.bias is None)
             assert float((dense(x) - out).norm()) <= 1e-4 * max(float(out.norm()), 1e-6), (method, conv)
+
+
+def test_from_conv_is_one_classmethod_for_every_layer_class():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 8, 1, bias=True)
+    for method, cls in LAYER_CLASSES.items():
+        layer = cls.from_conv(conv, 0.5, name="blocks.1")
+        assert type(layer) is cls and layer.method == method
+        assert layer.ranks == {"ht2": (3, 4, 2), "tucker2": (3, 4), "svd": (3,)}[method]
+        empty = cls.from_conv(conv, layer.ranks, init="empty")
+        assert [p.shape for p in empty.parameters()] == [p.shape for p in layer.parameters()]
+        with pytest.raises(ValueError, match="init"):
+            cls.from_conv(conv, 2, init="random")
+        with pytest.raises(TypeError, match="blocks.1.*Linear"):
+            cls.from_conv(nn.Linear(4, 4), 2, name="blocks.1")
+        with pytest.raises(ValueError, match="blocks.1"):
+            cls.from_conv(conv, 9, name="blocks.1")
+    with pytest.raises(ValueError, match="1x1"):
+        SVDConv2d.from_conv(nn.Conv2d(6, 8, 3), 2)
 
 
 def test_stage_geometry_ht2():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from common.logs import (
     jsonify,
     load_document,
     parse_log,
+    records_of,
 )
 from datetime import UTC
 
@@ -423,13 +425,13 @@ def test_jsonify_is_lossless_and_idempotent(tmp_path, caplog):
 
     for path, run_id in zip(paths, ["r1", "b1"]):
         raw = json.loads(path.read_text(), parse_constant=_reject_constant)
-        assert list(raw) == ["run_id", "model", "source", "records", "by_kind", "errors"]
+        assert list(raw) == ["run_id", "model", "source", "records", "errors"]  # records once
         doc = load_document(path)
         assert doc["run_id"] == run_id
         assert len(doc["records"]) == len(written[run_id])
         assert all(same(r, w) for r, w in zip(doc["records"], written[run_id]))
-        for kind, recs in doc["by_kind"].items():
-            assert same(recs, [r for r in doc["records"] if r["kind"] == kind])
+        for kind in {w["kind"] for w in written[run_id]}:
+            assert same(records_of(doc, kind), [w for w in written[run_id] if w["kind"] == kind])
     doc_b = load_document(paths[1])
     assert doc_b["model"] == "vgg16" and doc_b["source"].endswith("logs/vgg16/b1.log")
     assert len(doc_b["errors"]) == 1
@@ -461,3 +463,52 @@ def test_jsonify_cli(tmp_path, capsys):
     assert "no run logs" in capsys.readouterr().err
     assert jsonify_logs.main([str(tmp_path / "missing.log")]) == 2
     assert "missing.log" in capsys.readouterr().err
+
+
+def test_records_of_and_documents_with_the_old_by_kind_copy(tmp_path):
+    _two_runs(tmp_path / "logs")
+    (path, _) = jsonify(tmp_path / "logs", tmp_path / "json")
+    raw = json.loads(path.read_text())
+    kinds = [r["kind"] for r in raw["records"]]
+    assert records_of(raw, "nope") == [] and records_of({}, "config") == []
+    plans = records_of(raw, "plan")
+    assert plans and [r["seq"] for r in plans] == [
+        r["seq"] for r in raw["records"] if r["kind"] == "plan"
+    ]
+    assert plans[0] is next(r for r in raw["records"] if r["kind"] == "plan")  # not a copy
+    # A document written before by_kind was dropped loads to the same document.
+    old = dict(raw)
+    old["by_kind"] = {k: [r for r in raw["records"] if r["kind"] == k] for k in dict.fromkeys(kinds)}
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    assert same(load_document(old_path), load_document(path))
+    assert "by_kind" not in load_document(old_path)
+
+
+def test_atomic_write_replaces_whole_file_or_nothing(tmp_path):
+    from common.files import atomic_write
+
+    target = tmp_path / "sub" / "doc.json"
+    assert atomic_write(target, lambda fh: fh.write(b"first")) == target
+    assert target.read_bytes() == b"first" and (target.stat().st_mode & 0o777) == 0o644
+
+    def crash(fh):
+        fh.write(b"partial")
+        raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash)
+    assert target.read_bytes() == b"first"  # untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["doc.json"]  # no temp file left
+
+
+def test_jsonify_leaves_an_unchanged_document_alone(tmp_path):
+    _two_runs(tmp_path / "logs")
+    paths = jsonify(tmp_path / "logs", tmp_path / "json")
+    for p in paths:
+        os.utime(p, ns=(10**9, 10**9))
+    assert jsonify(tmp_path / "logs", tmp_path / "json") == paths
+    assert [p.stat().st_mtime_ns for p in paths] == [10**9, 10**9]  # not rewritten
+    paths[0].write_text("stale")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    assert load_document(paths[0])["run_id"] == "r1"  # a changed document is rewritten

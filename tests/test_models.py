@@ -15,14 +15,7 @@ CIFAR = ("resnet18", "vgg16", "alexnet")
 # torchvision's published parameter counts for the 1000-class ImageNet models
 IMAGENET_PARAMS = {"resnet18_imagenet": 11_689_512, "vgg16_imagenet": 138_357_544,
                    "alexnet_imagenet": 61_100_840, "mobilenet_v2_imagenet": 3_504_872}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.one_thread
 
 
 @pytest.mark.parametrize("name", CIFAR)

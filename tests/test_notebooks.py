@@ -119,19 +119,35 @@ def test_default_params_follow_the_shared_folder():
 
 
 def test_experiment_config_maps_notebook_parameters(tmp_path):
+    from common.experiment import DEFAULT_FINETUNE_EPOCHS
     from common.notebook import default_params, experiment_config, log_path
 
-    cfg = experiment_config("alexnet", finetune=0.0, target=2.5, methods=["uniform", "policy"],
+    cfg = experiment_config("alexnet", finetune_epochs=0.0, targets=2.5, methods=["uniform", "policy"],
                             sensitivity_levels=[0.5, 0.2], log_dir=str(tmp_path), seed=3)
     auto = default_params("alexnet")
     assert (cfg.dataset, cfg.data_root, cfg.checkpoint) == (auto["dataset"], auto["data_root"], auto["checkpoint"])
-    assert not cfg.finetune and cfg.targets == (2.5,) and cfg.methods == ("uniform", "policy")
+    assert cfg.finetune_epochs == 0.0 and cfg.targets == (2.5,) and cfg.methods == ("uniform", "policy")
     assert cfg.sensitivity_levels == (0.5, 0.2) and cfg.seed == 3
     assert log_path(cfg) == tmp_path / "alexnet" / f"alexnet-{auto['dataset']}-x2.5-s3.log"
-    ft = experiment_config("resnet18", dataset="digits", checkpoint=None, finetune=0.5, target=[2, 3])
-    assert ft.finetune and ft.finetune_epochs == 0.5 and ft.targets == (2.0, 3.0) and ft.checkpoint is None
+    ft = experiment_config("resnet18", dataset="digits", checkpoint=None, finetune_epochs=0.5, targets=[2, 3])
+    assert ft.finetune_epochs == 0.5 and ft.targets == (2.0, 3.0) and ft.checkpoint is None
     assert ft.dataset == "digits" and ft.data_root is None
-    with pytest.raises(ValueError, match="finetune"):
-        experiment_config("alexnet", finetune=-1)
+    # FINETUNE = True is the default budget (not 1 epoch); False and 0 are off
+    assert experiment_config("alexnet", finetune_epochs=True).finetune_epochs == DEFAULT_FINETUNE_EPOCHS == 3.0
+    assert experiment_config("alexnet", finetune_epochs=False).finetune_epochs == 0.0
+    assert experiment_config("alexnet", finetune_epochs=2).finetune_epochs == 2.0
+    for bad in (-1, "3", None):
+        with pytest.raises(ValueError, match="finetune"):
+            experiment_config("alexnet", finetune_epochs=bad)
     with pytest.raises(TypeError):
         experiment_config("alexnet", no_such_field=1)
+    with pytest.raises(TypeError):  # the config's own names only: not the old notebook spellings
+        experiment_config("alexnet", finetune=1)
+
+
+def test_notebook_plots_are_the_analysis_plots():
+    from common import analysis
+    from common.notebook import PLOTS
+
+    assert list(PLOTS) == ["acc_vs_macs", "ranks", "sensitivity", "search_trace"]
+    assert tuple(PLOTS.values()) == tuple(analysis.PLOTS)

@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from common.data import load_dataset
-from common.search import METHODS, MemoryRecorder, SearchConfig, SearchSpace, build_searcher, project, repair_plan
-from common.surgery import LayerPlan, list_conv_layers
+from common.policy import cem_refit, choice_pdf, drop_curve
+from common.ranks import energy_ranks
+from common.search import (METHODS, MemoryRecorder, SearchConfig, SearchSpace, build_searcher, check_method,
+                           check_metric, check_target, project, repair_plan)
+from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -121,6 +124,25 @@ def test_policy_pdf_prefers_insensitive_large_layers(digits):
     assert abs(s.space.dense_macs / exp_cost / 3.0 - 1) < 0.05
 
 
+def test_policy_math_drop_curve_pdf_and_cem_step():
+    # drops 0 / 0.2 / 0.5 at levels 1 / 0.5 / 0.2: interpolated between, extrapolated along the last segment
+    np.testing.assert_allclose(drop_curve([(0.5, 0.8), (0.2, 0.5)], 1.0, [1.0, 0.75, 0.5, 0.2, 0.1]),
+                               [0.0, 0.1, 0.2, 0.5, 0.6])
+    # a score that recovers at a lower level does not make the drop fall (monotone as f falls)
+    np.testing.assert_allclose(drop_curve([(0.5, 0.5), (0.2, 0.9)], 1.0, [0.5, 0.2, 0.1]), [0.5, 0.5, 0.5])
+    drops = np.array([[0.0, 0.1, 0.4], [0.0, 0.01, 0.02]])
+    cost = np.array([[0.5, 0.3, 0.1], [0.5, 0.3, 0.1]])
+    pdf, info = choice_pdf(drops, cost, 0.6, 1.0)
+    assert np.allclose(pdf.sum(1), 1) and abs(float((pdf * cost).sum()) - 0.6) < 1e-6
+    assert pdf[1, 2] > pdf[0, 2]  # the insensitive layer takes the cheap choice more often
+    assert info["drop_scale"] == pytest.approx(float(np.median([0.1, 0.4, 0.01, 0.02])))
+    hist = [{"index": i, "score": sc, "choices_drawn": ks}
+            for i, (sc, ks) in enumerate([(-3.0, [0, 0]), (-1.0, [2, 1]), (-2.0, [1, 1]), (-1.0, [2, 2])])]
+    np.testing.assert_allclose(cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 1.0),
+                               [[0, 0, 1], [0, 0.5, 0.5]])  # the two best (ties: earlier first)
+    np.testing.assert_allclose(cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 0.5).sum(1), 1)
+
+
 def test_projection_keeps_shape_and_hits_target():
     model = small_cnn()
     space = SearchSpace(list_conv_layers(model), "ht2", multiple=1)
@@ -142,10 +164,48 @@ def test_repair_moves_plan_into_tolerance():
 
 def test_bad_method_and_target(digits):
     s = make(digits)
-    with pytest.raises(ValueError, match="unknown rank-selection method"):
+    with pytest.raises(ValueError, match="unknown rank-selection method 'greedy'"):
         s.run("greedy", 3.0)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match="target reduction must be a finite number > 1, got 0.5"):
         s.run("uniform", 0.5)
+    with pytest.raises(ValueError, match="metric must be 'macs' or 'params', got 'flops'"):
+        s.run("uniform", 3.0, "flops")
+    with pytest.raises(ValueError, match="budget must be at least 1"):
+        s.run("random", 3.0, n_candidates=0)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, -2, float("nan"), float("inf"), "x", None, True, [3.0]])
+def test_check_target_names_the_bad_value(value):
+    with pytest.raises(ValueError, match="got " + repr(value).replace("[", r"\[").replace("]", r"\]")):
+        check_target(value)
+
+
+def test_validators_pass_good_values_through():
+    assert check_target(3) == 3.0 and isinstance(check_target(3), float) and check_target("2.5") == 2.5
+    assert [check_method(m) for m in METHODS] == list(METHODS)
+    assert check_metric("params") == "params"
+    for bad in ("Policy", "", None):
+        with pytest.raises(ValueError, match=f"unknown rank-selection method {bad!r}"):
+            check_method(bad)
+
+
+def test_searches_pick_once_among_their_candidates(digits):
+    """A search returns its scored candidates; run() picks once: the best score with rerank=1 (ties:
+    the earlier candidate), else the best val top-1 among the ``rerank`` best-scored ones."""
+    one = make(digits, config=SearchConfig(sensitivity_levels=(0.5, 0.2), rounds=2, rerank=1))
+    rec = MemoryRecorder()
+    s1 = one.run("random", 3.0, n_candidates=6, seed=4)
+    best = max(s1.history, key=lambda h: (h["score"], -h["index"]))
+    assert s1.score == best["score"] and s1.val_top1 is None
+    s = make(digits, recorder=rec)
+    r = s.run("random", 3.0, n_candidates=6, seed=4)
+    assert r.history == s1.history  # same draws and scores: only the pick differs
+    reranked = [x for x in rec.items if x["kind"] == "rerank"]
+    top3 = sorted(r.history, key=lambda h: (-h["score"], h["index"]))[:3]
+    assert [x["index"] for x in reranked] == [h["index"] for h in top3]
+    winner = max(zip(reranked, top3), key=lambda p: (p[0]["val_top1"], p[1]["score"], -p[1]["index"]))
+    assert r.val_top1 == winner[0]["val_top1"] and r.score == winner[1]["score"]
+    assert plan_to_dict(r.plan) == winner[0]["plan"]
 
 
 def test_energy_shape_matches_level_cost_and_keeps_uniform(digits):
@@ -158,7 +218,8 @@ def test_energy_shape_matches_level_cost_and_keeps_uniform(digits):
             m_e = ls_e.info.cost(ls_e.method, r_e)[1]
             # same layer cost up to rank rounding, and ranks from the spectra (an energy threshold)
             assert abs(m_e / m_l - 1) < 0.35, (ls_l.info.name, f, r_l, r_e)
-            e_ranks = [shaped._energy_ranks(ls_e, e) for e in np.linspace(0.05, 0.9999, 400)]
+            sp = shaped.spectra.get(ls_e.info.name)
+            e_ranks = [energy_ranks(sp, ls_e.method, e, ls_e.multiple) for e in np.linspace(0.05, 0.9999, 400)]
             assert r_e in e_ranks
     # uniform does not search: identical plans whatever shapes the searches may use
     assert level.run("uniform", 2.0).plan == shaped.run("uniform", 2.0).plan

@@ -14,37 +14,17 @@ from torch import nn
 
 from common.layers import HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
 from common.models import build_model
+from tests.helpers import fast_model
 from common.ranks import full_ranks, ranks_from_level
 from common.surgery import (LayerPlan, SpectraCache, apply_plan, list_conv_layers, plan_from_dict,
-                            plan_from_json, plan_to_dict, plan_to_json, validate_plan)
+                            plan_to_dict, validate_plan)
 
 CIFAR_CONVS = {"resnet18": 20, "vgg16": 13, "alexnet": 5}
 IMAGENET_CONVS = {"resnet18_imagenet": 20, "vgg16_imagenet": 13, "alexnet_imagenet": 5,
                   "mobilenet_v2_imagenet": 52}
+pytestmark = pytest.mark.one_thread
 
 
-# module scope: also covers module-scoped fixtures (two OpenMP threads that spin on a shared
-# 2-core machine can make a decomposition ~100x slower)
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def fast_model(name: str, seed: int = 0) -> nn.Module:
-    """``build_model(name)`` materialized cheaply: meta build, then per-module reset on the CPU."""
-    with torch.device("meta"):
-        m = build_model(name)
-    m = m.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    for mod in m.modules():
-        if hasattr(mod, "reset_parameters"):
-            mod.reset_parameters()
-        if hasattr(mod, "reset_running_stats"):
-            mod.reset_running_stats()
-    return m.eval()
 
 
 _MODELS: dict[str, nn.Module] = {}
@@ -231,12 +211,10 @@ def test_plan_json_round_trip_rebuilds_identical_model(name, tmp_path):
     plan[kxk[1]] = LayerPlan("tucker2", ranks_from_level("tucker2", infos[kxk[1]].group_shape, 0.4))
     plan[kxk[0]] = LayerPlan("dense")
     compressed = apply_plan(m, plan)
-    text = plan_to_json(plan, tmp_path / "plan.json", meta={"model": name, "level": 0.5})
-    assert json.loads(text)["meta"] == {"model": name, "level": 0.5}
-    for source in (text, tmp_path / "plan.json", str(tmp_path / "plan.json")):
-        assert plan_from_json(source) == plan
-    assert plan_from_dict(plan_to_dict(plan)) == plan
-    rebuilt = apply_plan(build_model(name), plan_from_json(tmp_path / "plan.json"), init="empty")
+    (tmp_path / "plan.json").write_text(json.dumps({"plan": plan_to_dict(plan)}))
+    loaded = plan_from_dict(json.loads((tmp_path / "plan.json").read_text())["plan"])
+    assert loaded == plan and list(plan_to_dict(plan)) == sorted(plan)
+    rebuilt = apply_plan(build_model(name), loaded, init="empty")
     rebuilt.load_state_dict(compressed.state_dict())
     rebuilt.eval()
     assert [type(x).__name__ for x in rebuilt.modules()] == [type(x).__name__ for x in compressed.modules()]
@@ -309,27 +287,15 @@ def test_plan_entries_as_tuples_and_dicts_are_normalized():
 
 
 @pytest.mark.parametrize("text,what", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "'plan' key"),
-    ('{"meta": {}}', "'plan' key"),
-    ('{"plan": [["conv1", "ht2"]]}', "JSON object"),
-    ('{"plan": {"conv1": "ht2"}}', "conv1"),
-    ('{"plan": {"conv1": {"ranks": [1, 2, 3]}}}', "conv1"),
-    ('{"plan": {"conv1": {"method": "ht2", "ranks": [1.5, 2, 3]}}}', "conv1.*integers"),
-    ('{"plan": {"conv1": {"method": "ht2", "ranks": ["1", 2, 3]}}}', "conv1.*integers"),
-    ('{"plan": {"conv1": {"method": "ht2", "ranks": [true, 2, 3]}}}', "conv1.*integers"),
-    ('{"plan": {"conv1": {"method": "ht2", "ranks": 3}}}', "conv1.*integers"),
-    ('{"plan": {"conv1": {"method": "cp", "ranks": [3]}}}', "conv1.*cp"),
+    ('[["conv1", "ht2"]]', "JSON object"),
+    ('{"conv1": "ht2"}', "conv1"),
+    ('{"conv1": {"ranks": [1, 2, 3]}}', "conv1"),
+    ('{"conv1": {"method": "ht2", "ranks": [1.5, 2, 3]}}', "conv1.*integers"),
+    ('{"conv1": {"method": "ht2", "ranks": ["1", 2, 3]}}', "conv1.*integers"),
+    ('{"conv1": {"method": "ht2", "ranks": [true, 2, 3]}}', "conv1.*integers"),
+    ('{"conv1": {"method": "ht2", "ranks": 3}}', "conv1.*integers"),
+    ('{"conv1": {"method": "cp", "ranks": [3]}}', "conv1.*cp"),
 ])
-def test_malformed_plan_json_raises_valueerror(text, what, tmp_path):
+def test_malformed_plan_dict_raises_valueerror(text, what):
     with pytest.raises(ValueError, match=what):
-        plan_from_json(text)
-    path = tmp_path / "bad.json"
-    path.write_text(text)
-    with pytest.raises(ValueError, match="bad.json"):
-        plan_from_json(path)
-
-
-def test_plan_json_missing_file():
-    with pytest.raises(FileNotFoundError):
-        plan_from_json("/nonexistent/plan.json")
+        plan_from_dict(json.loads(text))

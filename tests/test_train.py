@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from common.data import BatchLoader, TensorSplit, load_dataset, make_loader
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from common.train import bn_recalibrate, evaluate, finetune, resolve_device
+from common.device import resolve_device
+from common.train import FinetuneConfig, bn_recalibrate, evaluate, finetune
 
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
 
@@ -24,18 +25,7 @@ def tiny_cnn(seed: int = 0, bn: bool = True) -> nn.Module:
         nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # identical results need identical thread counts; also keeps the shared CPUs free
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.one_thread  # identical results need identical thread counts
 
 
 def test_resolve_device():
@@ -115,17 +105,31 @@ def _history_wo_time(h):
 
 
 def test_finetune_deterministic_on_cpu(digits):
+    """The same recipe twice, once by keywords and once as a FinetuneConfig: the same training."""
     runs = []
-    for _ in range(2):
+    recipe = FinetuneConfig(0.5, batch_size=64, lr=0.1, seed=11, val_subset=100)
+    for call in (lambda m: finetune(m, digits, 0.5, batch_size=64, lr=0.1, device="cpu", seed=11,
+                                    progress=False, val_subset=100),
+                 lambda m: finetune(m, digits, recipe, device="cpu", progress=False)):
         model = tiny_cnn(seed=3)
-        h = finetune(model, digits, 0.5, batch_size=64, lr=0.1, device="cpu", seed=11,
-                     progress=False, val_subset=100)
+        h = call(model)
         runs.append((_history_wo_time(h), model.state_dict()))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
-    other = finetune(tiny_cnn(seed=3), digits, 0.5, batch_size=64, lr=0.1, device="cpu",
-                     seed=12, progress=False, val_subset=100)
+    other = finetune(tiny_cnn(seed=3), digits, recipe, seed=12, device="cpu", progress=False)  # an override
     assert _history_wo_time(other) != runs[0][0]
+
+
+def test_finetune_config_checks_and_precision():
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        FinetuneConfig(0)
+    with pytest.raises(TypeError):
+        finetune(tiny_cnn(), None, 1, no_such_setting=1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert FinetuneConfig(1).precision(cpu) == (False, None)
+    assert FinetuneConfig(1).precision(cuda) == (True, torch.bfloat16)
+    assert FinetuneConfig(1, channels_last=False, amp=torch.float16).precision(cuda) == (False, torch.float16)
+    assert FinetuneConfig(1, amp=True).precision(cpu) == (False, torch.bfloat16)
 
 
 def test_finetune_lowers_loss_and_fractional_epochs(digits):

@@ -1,0 +1,114 @@
+"""Results analysis: run documents (``json/<model>/<run_id>.json``) to tables and plots.
+
+The documents are written by :func:`common.logs.jsonify` (see :mod:`common.logs` for the record
+kinds; :func:`common.logs.records_of` selects one kind). Conventions: accuracies are fractions in
+[0, 1] in the data and the CSV, shown in % in Markdown and plots; factors are dense / compressed;
+when the same (model, method, decomposition, target, seed) appears more than once, the record
+written last (largest ``t``, then ``seq``) wins.
+
+Seeds: a run may compute every configuration at several seeds (``final.seed``). Records without a
+``seed`` (older logs) take their run's ``config.seed`` (0 when absent). :func:`summary_table` keeps
+one row per seed, :func:`aggregate_seeds` folds the seeds into mean, std and count, and
+:func:`policy_margins` compares the policy with its rivals seed by seed.
+
+Metric: every summary row's ``metric`` (``"macs"`` or ``"params"``, what the budget counts) is the
+final record's own ``metric``; older logs carry it only in the run's ``config`` record, which then
+holds for the whole run. A final record with neither is an error naming the run's log file.
+
+Speed-ups have one source: the ``speedup`` dict of each ``final`` record (dense / compressed
+median forward latency per setting, both measured by the run itself with
+:func:`common.latency.fastest_latency` on its own machine when run with ``--latency``), split by
+:func:`split_speedup` into the best CPU setting and the best CUDA one. That is the only measurement
+made per run and per seed, of the very model the row describes; the latency tables of
+``benchmarks/latency.py`` (``results/latency_{cpu,cuda}.csv``) time one plan per configuration
+after the fact and are a report of their own (``results/latency_*.md``), no longer joined into the
+summary. Runs without latency show "–".
+
+Modules, by what they hold:
+
+* :mod:`~common.analysis.records`: loading documents, picking records (latest per key, baseline,
+  seed), :func:`summary_table` (one row per final record) and :func:`split_speedup`.
+* :mod:`~common.analysis.aggregate`: :func:`aggregate_seeds` (mean / std / count per
+  configuration).
+* :mod:`~common.analysis.margins`: paired per-seed margins of the policy over its rivals with
+  Student-t intervals (:func:`policy_margins`).
+* :mod:`~common.analysis.markdown`: :func:`markdown_table`, cell formats, mean ± std cells.
+* :mod:`~common.analysis.summary`: :func:`write_summary` (``summary.csv``,
+  ``summary_seeds.csv``, ``summary.md``).
+* :mod:`~common.analysis.readme`: the README results block between its marker lines.
+* :mod:`~common.analysis.plots`: the per-model plots, listed once in :data:`PLOTS`
+  (:mod:`~common.analysis.figures`: their figure helpers and :func:`pareto_front`).
+
+Every public name is re-exported here: ``from common.analysis import X``.
+"""
+
+from __future__ import annotations
+
+from .aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
+from .margins import (
+    POLICY_MARGIN_COLUMNS,
+    POLICY_RIVALS,
+    margin_verdict,
+    paired_interval,
+    policy_margins,
+)
+from .markdown import MARKDOWN_COLUMNS, markdown_table
+from .figures import pareto_front
+from .plots import (
+    PLOTS,
+    make_plots,
+    plot_acc_vs_macs,
+    plot_ranks,
+    plot_search_trace,
+    plot_sensitivity,
+)
+from .readme import (
+    README_BEGIN,
+    README_END,
+    machine_description,
+    readme_block,
+    replace_marked_block,
+    update_readme,
+)
+from .records import (
+    METHOD_ORDER,
+    SUMMARY_COLUMNS,
+    latest_records,
+    load_runs,
+    split_speedup,
+    summary_table,
+)
+from .summary import write_summary
+
+__all__ = [
+    "AGGREGATE_COLUMNS",
+    "MARKDOWN_COLUMNS",
+    "METHOD_ORDER",
+    "PLOTS",
+    "POLICY_MARGIN_COLUMNS",
+    "POLICY_RIVALS",
+    "README_BEGIN",
+    "README_END",
+    "SEED_STAT_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "aggregate_seeds",
+    "latest_records",
+    "load_runs",
+    "machine_description",
+    "make_plots",
+    "margin_verdict",
+    "markdown_table",
+    "paired_interval",
+    "pareto_front",
+    "plot_acc_vs_macs",
+    "plot_ranks",
+    "plot_search_trace",
+    "plot_sensitivity",
+    "policy_margins",
+    "readme_block",
+    "replace_marked_block",
+    "split_speedup",
+    "summary_table",
+    "update_readme",
+    "write_summary",
+]

@@ -1,0 +1,161 @@
+"""Does the HT-2 policy beat its rivals? Paired per-seed margins with Student-t intervals.
+
+:func:`policy_margins` compares, per (model, target), the policy's test accuracy with the best
+rival's, seed by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that
+shows it is :func:`common.analysis.summary.margins_section`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "POLICY_MARGIN_COLUMNS",
+    "POLICY_RIVALS",
+    "margin_verdict",
+    "paired_interval",
+    "policy_margins",
+]
+
+POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
+"""Methods :func:`policy_margins` compares the policy with (those present)."""
+
+_MARGIN_FIELDS = ("best_rival", "margin", "ci_low", "ci_high", "n", "verdict", "each_rival")
+STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
+"""``(stage, accuracy column)``: after BN recalibration and after finetuning."""
+STAGE_NAMES = {"bn": "BN", "ft": "FT"}
+
+POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
+    "model",
+    "target",
+    *(f"{field}_{stage}" for stage, _ in STAGES for field in _MARGIN_FIELDS),
+)
+"""Columns of :func:`policy_margins`: per stage (``bn``, ``ft``) the best rival, the mean paired
+margin and its 95 % interval in percentage points, the number of paired seeds, the verdict and
+every rival's mean paired margin as text."""
+
+
+def paired_interval(
+    differences: Sequence[float], level: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of paired differences and the two-sided Student-t confidence interval of that mean.
+
+    ``mean ± t.ppf((1 + level) / 2, n - 1) * std / sqrt(n)`` with the sample std (ddof 1).
+
+    Args:
+        differences: one difference per seed; NaN entries are ignored.
+        level: confidence level of the interval.
+
+    Returns:
+        ``(mean, low, high)``; the bounds are NaN below two differences (no spread to estimate),
+        everything is NaN without any.
+    """
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    from scipy import stats  # deferred: scipy.stats is slow to import and only this needs it
+
+    quantile = float(stats.t.ppf(0.5 + level / 2, d.size - 1))
+    half = quantile * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return mean, mean - half, mean + half
+
+
+def margin_verdict(low: float, high: float, n: int) -> str | None:
+    """Verdict on a paired margin's interval: is the policy ahead, behind, or within noise?
+
+    Returns:
+        ``"policy ahead"`` (low > 0), ``"policy behind"`` (high < 0), ``"within noise"``,
+        ``"1 seed: no interval"`` for ``n == 1``, None for ``n == 0``.
+    """
+    if n == 0:
+        return None
+    if n == 1:
+        return "1 seed: no interval"
+    if low > 0:
+        return "policy ahead"
+    if high < 0:
+        return "policy behind"
+    return "within noise"
+
+
+def _per_seed(group: pd.DataFrame, method: str, col: str) -> pd.Series:
+    """One method's accuracy per seed (index: seed), unmeasured seeds dropped."""
+    return group[group["method"] == method].groupby("seed")[col].mean().dropna()
+
+
+def _paired_pp(policy: pd.Series, rival: pd.Series) -> np.ndarray:
+    """Policy minus rival in percentage points, over the seeds both measured."""
+    common = policy.index.intersection(rival.index)
+    return 100.0 * (policy[common] - rival[common]).to_numpy(dtype=float)
+
+
+def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str]) -> dict[str, Any]:
+    """The :data:`_MARGIN_FIELDS` of one (model, target) group for accuracy column ``col``."""
+    out: dict[str, Any] = dict.fromkeys(_MARGIN_FIELDS, math.nan)
+    out.update(best_rival=None, n=0, verdict=None, each_rival=None)
+    if col not in group.columns:
+        return out
+    policy = _per_seed(group, "policy", col)
+    scores = {r: s for r in rivals if not (s := _per_seed(group, r, col)).empty}
+    if policy.empty or not scores:
+        return out
+    # The strongest rival over all its seeds, not only the ones paired with the policy.
+    best = max(scores, key=lambda r: scores[r].mean())
+    diffs = _paired_pp(policy, scores[best])
+    mean, low, high = paired_interval(diffs)
+    each = {r: _paired_pp(policy, s) for r, s in scores.items()}
+    out.update(
+        best_rival=best,
+        margin=mean,
+        ci_low=low,
+        ci_high=high,
+        n=len(diffs),
+        verdict=margin_verdict(low, high, len(diffs)),
+        each_rival=", ".join(f"{r} {d.mean():+.2f}" for r, d in each.items() if d.size) or None,
+    )
+    return out
+
+
+def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS) -> pd.DataFrame:
+    """Per (model, target): the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
+
+    The research claim is that the policy beats every other method at equal cost; this table says,
+    for each budget, whether it does beyond seed noise and which method it loses to. The best
+    rival has the highest mean test accuracy over its seeds; the margin pairs seeds: the mean of
+    ``policy_s - rival_s`` over the seeds both measured, with its 95 % Student-t interval (see
+    :func:`paired_interval`, :func:`margin_verdict`). Percentage points; NaN where a side was
+    not measured (e.g. no finetuning at that budget).
+
+    Args:
+        df: per-seed rows (:func:`~common.analysis.summary_table`); without a ``seed`` column all
+            rows count as seed 0. Rows of other decompositions than ``ht2`` (missing counts as
+            ``ht2``) are ignored.
+        rivals: methods to compare with, in order of preference on ties.
+
+    Returns:
+        :data:`POLICY_MARGIN_COLUMNS`, one row per (model, target) with the policy and a rival.
+    """
+    if "seed" not in df.columns:
+        df = df.assign(seed=0)
+    rows = []
+    ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
+    for (model, target), g in ht2.groupby(["model", "target"], sort=True):
+        if not (g["method"] == "policy").any() or not g["method"].isin(rivals).any():
+            continue
+        row = {"model": model, "target": target}
+        for stage, col in STAGES:
+            row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, col, rivals).items()})
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=list(POLICY_MARGIN_COLUMNS))
+    for stage, _ in STAGES:
+        out[f"n_{stage}"] = out[f"n_{stage}"].astype(int)
+    return out

@@ -1,0 +1,385 @@
+"""Run documents in, one summary row per final record out.
+
+Loading the documents (:func:`load_runs`), picking records (the latest of a kind per key, the
+baseline, the seed of a record) and :func:`summary_table`: one row per model x method x
+decomposition x target x seed, from the ``final`` records. Speed-ups come from the final records'
+own ``speedup`` (see :func:`split_speedup` and the package docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from common.logs import load_document, records_of
+
+__all__ = [
+    "METHOD_ORDER",
+    "SUMMARY_COLUMNS",
+    "latest_records",
+    "load_runs",
+    "split_speedup",
+    "summary_table",
+]
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "model",
+    "method",
+    "decomposition",
+    "target",
+    "seed",
+    "metric",
+    "macs_factor",
+    "params_factor",
+    "val_top1_bn",
+    "test_top1_bn",
+    "val_top1_ft",
+    "test_top1_ft",
+    "baseline_test_top1",
+    "delta_pp",
+    "speedup_cpu",
+    "speedup_cpu_setting",
+    "speedup_cuda",
+    "evaluations",
+    "finetune_epochs",
+    "wall_seconds",
+    "run_id",
+)
+"""Columns of :func:`summary_table`, one row per seed (accuracies as fractions; ``delta_pp`` in
+percentage points)."""
+
+METHOD_ORDER: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
+"""Row order of the methods in tables; other methods follow, alphabetically."""
+
+ACC_COLUMNS = ("val_top1_bn", "test_top1_bn", "val_top1_ft", "test_top1_ft", "baseline_test_top1")
+"""Accuracy columns (fractions in [0, 1])."""
+
+_NUMERIC_COLUMNS = (
+    "target",
+    "macs_factor",
+    "params_factor",
+    *ACC_COLUMNS,
+    "delta_pp",
+    "speedup_cpu",
+    "speedup_cuda",
+    "evaluations",
+    "finetune_epochs",
+    "wall_seconds",
+)
+
+# The final-record fields copied into a row as floats (NaN when absent or not a number).
+_FINAL_FLOATS = (
+    "macs_factor",
+    "params_factor",
+    "val_top1_bn",
+    "test_top1_bn",
+    "val_top1_ft",
+    "test_top1_ft",
+)
+_FINAL_COSTS = ("evaluations", "finetune_epochs", "wall_seconds")
+
+
+# --------------------------------------------------------------------------- values
+
+
+def to_float(value: Any) -> float:
+    """Numeric value or NaN (None, strings and containers become NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def target_key(value: Any) -> Any:
+    """A target as a float when it is a number (``3`` and ``3.0`` are one target)."""
+    return (
+        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    )
+
+
+def is_missing(value: Any) -> bool:
+    """Whether ``value`` is None or a pandas missing value (NaN, NaT, NA)."""
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_runs(json_dir: str | os.PathLike) -> list[dict]:
+    """Load every run document under ``json_dir`` (recursively, ``*.json``), sorted by path.
+
+    Raises:
+        FileNotFoundError: ``json_dir`` does not exist.
+        ValueError: a file is not a run document (names the file).
+    """
+    json_dir = Path(json_dir)
+    if not json_dir.is_dir():
+        raise FileNotFoundError(f"run-document folder not found: {json_dir}")
+    return [load_document(p) for p in sorted(json_dir.rglob("*.json"), key=lambda p: p.as_posix())]
+
+
+def _order(record: Mapping[str, Any]) -> tuple[float, int]:
+    t = record.get("t")
+    seq = record.get("seq")
+    return (
+        float(t) if isinstance(t, (int, float)) else -math.inf,
+        int(seq) if isinstance(seq, int) else -1,
+    )
+
+
+def kind_records(
+    runs: Iterable[Mapping], kind: str, model: str | None = None
+) -> list[tuple[dict, dict]]:
+    """``(run, record)`` pairs of one kind, optionally of one model, in write-time order."""
+    pairs = [
+        (run, record)
+        for run in runs
+        if model is None or run.get("model") == model
+        for record in records_of(run, kind)
+    ]
+    return sorted(pairs, key=lambda pr: _order(pr[1]))
+
+
+def latest_records(
+    runs: Iterable[Mapping], kind: str, key: Callable[[dict, dict], Any], model: str | None = None
+) -> dict[Any, tuple[dict, dict]]:
+    """The last-written record of ``kind`` per ``key(run, record)``.
+
+    Returns:
+        ``{key: (run, record)}`` in order of first appearance of each key.
+    """
+    out: dict[Any, tuple[dict, dict]] = {}
+    for run, record in kind_records(runs, kind, model):
+        out[key(run, record)] = (run, record)
+    return out
+
+
+def latest_baseline(
+    runs: Sequence[Mapping], model: str, run: Mapping | None = None
+) -> dict | None:
+    """The run's own last baseline record, else the model's last one across runs."""
+    if run is not None:
+        own = records_of(run, "baseline")
+        if own:
+            return max(own, key=_order)
+    pairs = kind_records(runs, "baseline", model)
+    return pairs[-1][1] if pairs else None
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def _int_seed(value: Any, default: int) -> int:
+    """``value`` as an integer seed, else ``default`` (None, text and fractions are no seeds)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    return int(value) if float(value).is_integer() else default
+
+
+def _config_seed(run: Mapping) -> int:
+    """The seed of the run's last ``config`` record; 0 when absent (the experiments' default)."""
+    configs = records_of(run, "config")
+    return _int_seed(configs[-1].get("seed"), 0) if configs else 0
+
+
+def _multi_seed(run: Mapping) -> bool:
+    """Whether the run's records carry their own run seed.
+
+    Older single-seed runs wrote a per-candidate sampling seed under ``candidate.seed``; it must
+    not be read as the run seed. A run is multi-seed when its config lists ``seeds`` or one of its
+    ``final`` records has a ``seed``.
+    """
+    return any(r.get("seeds") is not None for r in records_of(run, "config")) or any(
+        r.get("seed") is not None for r in records_of(run, "final")
+    )
+
+
+def seed_lookup() -> Callable[[Mapping, Mapping], int]:
+    """A ``seed(run, record)`` function; each run's defaults are computed once, not per record.
+
+    A ``final`` record's own ``seed`` always counts; other kinds' only in multi-seed runs (see
+    :func:`_multi_seed`); otherwise the run's config seed.
+    """
+    cache: dict[int, tuple[int, bool]] = {}
+
+    def seed(run: Mapping, record: Mapping) -> int:
+        if id(run) not in cache:
+            cache[id(run)] = (_config_seed(run), _multi_seed(run))
+        default, multi = cache[id(run)]
+        own = record.get("seed") if multi or record.get("kind") == "final" else None
+        return _int_seed(own, default)
+
+    return seed
+
+
+def lowest_seed(
+    pairs: Sequence[tuple[dict, dict]], key: Callable[[dict], Any] = lambda record: None
+) -> list[tuple[dict, dict]]:
+    """The ``(run, record)`` pairs of the lowest seed within each ``key(record)`` group, in order.
+
+    Plots of one search or one sensitivity sweep would mix unrelated curves across seeds; the
+    lowest seed (normally 0) is the one every run computes.
+    """
+    seed = seed_lookup()
+    seeds = [seed(run, rec) for run, rec in pairs]
+    lowest: dict[Any, int] = {}
+    for (_, rec), s in zip(pairs, seeds):
+        k = key(rec)
+        lowest[k] = min(s, lowest.get(k, s))
+    return [pr for pr, s in zip(pairs, seeds) if s == lowest[key(pr[1])]]
+
+
+# --------------------------------------------------------------------------- sorting
+
+
+def _method_sort_key(methods: pd.Series) -> pd.Series:
+    """Sort key for a method column: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
+    unknown = sorted({str(m) for m in methods if m not in METHOD_ORDER})
+    rank = {m: i for i, m in enumerate([*METHOD_ORDER, *unknown])}
+    return methods.map(lambda m: rank[m] if m in rank else rank[str(m)])
+
+
+def sort_rows(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows sorted by model, decomposition, method (:data:`METHOD_ORDER`), target, ``extra``."""
+    return df.sort_values(
+        ["model", "decomposition", "method", "target", *extra],
+        na_position="last",
+        kind="stable",
+        key=lambda col: _method_sort_key(col) if col.name == "method" else col,
+    ).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- summary rows
+
+
+def split_speedup(speedup: Mapping[str, Any] | None) -> tuple[float, str | None, float]:
+    """Best CPU and best CUDA speed-up from a ``final.speedup`` dict.
+
+    Settings whose name contains ``cuda`` or ``gpu`` (any case) are CUDA settings; all others CPU.
+    Non-numeric values are ignored.
+
+    Returns:
+        ``(best_cpu, best_cpu_setting, best_cuda)``; NaN / None where absent.
+    """
+    cpu: dict[str, float] = {}
+    cuda: list[float] = []
+    for name, value in (speedup or {}).items():
+        v = to_float(value)
+        if math.isnan(v):
+            continue
+        if "cuda" in name.lower() or "gpu" in name.lower():
+            cuda.append(v)
+        else:
+            cpu[name] = v
+    best = max(cpu, key=cpu.__getitem__) if cpu else None
+    best_cpu = cpu[best] if best is not None else math.nan
+    return best_cpu, best, (max(cuda) if cuda else math.nan)
+
+
+def run_file(run: Mapping) -> str:
+    """The run's log file (its ``source``) for messages, else its run id."""
+    return str(run.get("source") or f"run {run.get('run_id')!r}")
+
+
+def final_metric(run: Mapping, final: Mapping) -> str:
+    """The budget metric of a final record: its own ``metric``, else the run's config ``metric``.
+
+    Final records carry ``metric`` (``"macs"`` or ``"params"``); older logs have it only in the
+    run's ``config`` record, which then holds for every final record of the run.
+
+    Raises:
+        ValueError: neither the record nor any config record of the run has a metric (names the
+            run's log file and the record).
+    """
+    if final.get("metric") is not None:
+        return final["metric"]
+    configs = [r["metric"] for r in records_of(run, "config") if r.get("metric") is not None]
+    if configs:
+        return configs[-1]
+    raise ValueError(
+        f"{run_file(run)}: final record of {final.get('method')!r} at target "
+        f"{final.get('target')!r} has no 'metric', and the run has no config record with one"
+    )
+
+
+def _check_fractions(row: Mapping[str, Any]) -> None:
+    """Accuracies must be fractions in [0, 1]; a percentage would silently skew every table."""
+    for col in ACC_COLUMNS:
+        if not math.isnan(row[col]) and not 0.0 <= row[col] <= 1.0:
+            raise ValueError(
+                f"run {row['run_id']!r} ({row['model']}, {row['method']}, target "
+                f"{row['target']}): {col}={row[col]} is not a fraction in [0, 1]"
+            )
+
+
+def _summary_row(key: tuple, run: Mapping, final: Mapping, runs: Sequence[Mapping]) -> dict:
+    """One :data:`SUMMARY_COLUMNS` row from a final record (``key``: model … seed)."""
+    model, method, decomposition, target, seed = key
+    baseline = latest_baseline(runs, model, run)
+    cpu, cpu_setting, cuda = split_speedup(final.get("speedup"))
+    row: dict[str, Any] = {
+        "model": model,
+        "method": method,
+        "decomposition": decomposition,
+        "target": target,
+        "seed": seed,
+        "metric": final_metric(run, final),
+        **{col: to_float(final.get(col)) for col in _FINAL_FLOATS},
+        "baseline_test_top1": to_float(baseline.get("test_top1")) if baseline else math.nan,
+        "speedup_cpu": cpu,
+        "speedup_cpu_setting": cpu_setting,
+        "speedup_cuda": cuda,
+        **{col: to_float(final.get(col)) for col in _FINAL_COSTS},
+        "run_id": run.get("run_id"),
+    }
+    _check_fractions(row)
+    best = row["test_top1_ft"] if not math.isnan(row["test_top1_ft"]) else row["test_top1_bn"]
+    row["delta_pp"] = 100.0 * (best - row["baseline_test_top1"])
+    return row
+
+
+def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
+    """One row per model x method x decomposition x target x seed, from the ``final`` records.
+
+    ``delta_pp`` is the final test accuracy (after finetuning when present, else after BN
+    recalibration) minus the dense baseline's, in percentage points. The baseline is the run's own
+    ``baseline`` record, else the model's latest one. ``metric`` is the record's own, else the
+    run's config's (:func:`final_metric`). A final record without ``seed`` has its run's config
+    seed (0 when the run has no config); see :func:`~common.analysis.aggregate_seeds` for one row
+    per configuration.
+
+    Returns:
+        A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by model, decomposition, method (in
+        :data:`METHOD_ORDER`), target, seed.
+
+    Raises:
+        ValueError: an accuracy outside [0, 1] (they must be fractions), naming run and field; a
+            final record without a metric anywhere in its run (naming the run's log file).
+    """
+    seed_of = seed_lookup()
+    finals = latest_records(
+        runs,
+        "final",
+        key=lambda run, r: (
+            run.get("model"),
+            r.get("method"),
+            r.get("decomposition"),
+            target_key(r.get("target")),
+            seed_of(run, r),
+        ),
+    )
+    rows = [_summary_row(key, run, final, runs) for key, (run, final) in finals.items()]
+    df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    for col in _NUMERIC_COLUMNS:
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    df["seed"] = df["seed"].astype(int)
+    return sort_rows(df, extra=["seed"])
