@@ -28,8 +28,9 @@ if __package__ in (None, ""):  # run as a script from anywhere: make the repo im
 
 import torch  # noqa: E402
 
-from common.experiment import (DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, add_config_arguments,  # noqa: E402
-                               config_from_args, run_experiment)
+from common.config import (DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, add_config_arguments,  # noqa: E402
+                           config_from_args)
+from common.experiment import run_experiment  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
 
 # Fixed per model by this script, so not options.

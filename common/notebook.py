@@ -6,7 +6,7 @@ logic lives here and in :mod:`common.experiment` / :mod:`common.analysis`, so it
 * :func:`default_params`: what ``DATASET = "auto"`` / ``CHECKPOINT = "auto"`` mean on this machine
   (the shared cifar10-jpeg data and baseline when ``../shared`` exists, else the embedded digits
   dataset with a baseline trained once and cached).
-* :func:`experiment_config`: notebook parameters → :class:`common.experiment.ExperimentConfig`
+* :func:`experiment_config`: notebook parameters → :class:`common.config.ExperimentConfig`
   (keyword names are the config's field names).
 * :func:`show_results` / :func:`show_plots`: the run's summary table (a DataFrame) and its plots,
   read back from the run log and drawn inline.
@@ -23,7 +23,7 @@ import pandas as pd
 
 from .analysis import PLOTS as ANALYSIS_PLOTS
 from .analysis import summary_table
-from .experiment import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig
+from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig
 from .logs import run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
@@ -72,7 +72,7 @@ def experiment_config(model: str, *, dataset: str = "auto", data_root: str | os.
         checkpoint: state_dict path, ``"auto"`` (shared baseline, else a trained-and-cached one) or
             ``None`` (the seeded random init: for smoke runs only).
         finetune_epochs: epochs of finetuning after BN recalibration (fractions allowed); ``True`` =
-            :data:`common.experiment.DEFAULT_FINETUNE_EPOCHS` (3), ``False`` or 0 = off.
+            :data:`common.config.DEFAULT_FINETUNE_EPOCHS` (3), ``False`` or 0 = off.
         targets: reduction factor of total conv MACs, or several.
         **config: any other field (``methods``, ``search_budget``, ``calib_images``,
             ``val_images``, ``sensitivity_levels``, ``device``, ``seed``, ``run_id``, ``log_dir``, ...).

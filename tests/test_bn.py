@@ -139,7 +139,7 @@ def test_recalibrated_dense_baseline_keeps_its_accuracy(name):
     """Recalibrating a trained dense model as every final model is (4,096 augmented train images) moves
     val and test by at most 0.1 pp."""
     from common.data import calibration_loader, load_dataset
-    from common.experiment import ExperimentConfig
+    from common.config import ExperimentConfig
 
     torch.set_num_threads(2)
     data = load_dataset("cifar10-jpeg")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 import common.experiment as experiment
-from common.experiment import ExperimentConfig, parse_args, run_experiment
+from common.config import ExperimentConfig
+from common.experiment import parse_args, run_experiment
 from common.logs import encode_value, jsonify, load_document, parse_log, run_document
 from common.search import METHODS, ProxyEvaluator
 

@@ -119,7 +119,7 @@ def test_default_params_follow_the_shared_folder():
 
 
 def test_experiment_config_maps_notebook_parameters(tmp_path):
-    from common.experiment import DEFAULT_FINETUNE_EPOCHS
+    from common.config import DEFAULT_FINETUNE_EPOCHS
     from common.notebook import default_params, experiment_config, log_path
 
     cfg = experiment_config("alexnet", finetune_epochs=0.0, targets=2.5, methods=["uniform", "policy"],

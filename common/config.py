@@ -1,0 +1,223 @@
+"""The experiment's configuration: :class:`ExperimentConfig`, the one place every setting of a run is
+defined (type, default, validation, help), and the command-line options generated from its fields
+(:func:`add_config_arguments`, :func:`config_parser`, :func:`config_from_args`), which
+``python -m common.experiment``, ``benchmarks/run_results.py`` and the notebooks
+(``common.notebook.experiment_config``) all go through.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+
+
+from .data import DATASET_NAMES
+from .models import MODEL_NAMES
+from .proxy import PROXIES
+from .search import METHODS, SearchConfig, check_method, check_metric, check_target
+from .train import FinetuneConfig
+
+DEFAULT_FINETUNE_EPOCHS = 3.0
+"""The finetuning budget that "finetune: yes" stands for (the notebooks' ``FINETUNE = True``, CUDA runs)."""
+
+
+def _option(default: Any, help: str, **cli: Any) -> Any:
+    """A config field with its command-line help and CLI extras: ``choices``, ``metavar``, ``off_flag`` (an
+    extra flag that turns a bool off) and ``shown`` (the default in words, where its value says little)."""
+    return dataclasses.field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything an experiment depends on (written whole into the log's ``config`` record).
+
+    Each field's meaning is its ``help`` metadata, which is also the help of its command-line option
+    (``python -m common.experiment --help``). Validated on construction: a bad value raises
+    ``ValueError`` before any data or model work (on the command line: a usage error, exit 2).
+    """
+
+    model: str = _option("resnet18", "model to compress", choices=MODEL_NAMES)
+    dataset: str = _option("auto", "auto: the shared cifar10-jpeg when ../shared exists, else digits",
+                           choices=DATASET_NAMES)
+    data_root: str | None = _option(None, "dataset root", metavar="DIR", shown="the dataset's own")
+    checkpoint: str | None = _option(
+        "auto", "state_dict path; auto: the shared baseline for cifar10-jpeg, else a baseline trained once by "
+                "finetuned/train_baseline.py and cached", metavar="PATH")
+    targets: tuple[float, ...] = _option((3.0,), "reduction factors of the total conv metric (dense / compressed)")
+    metric: str = _option("macs", "what the targets reduce", choices=("macs", "params"))
+    methods: tuple[str, ...] = _option(METHODS, f"rank-selection methods, a subset of {','.join(METHODS)}")
+    policy_tucker2: bool = _option(False, "also run the policy method with Tucker-2 layers (HT-2 for every method)")
+    search_budget: int = _option(100, "candidate evaluations of random, tpe and policy")
+    n_seeds: int = _option(1, "every (target, method) at seeds seed .. seed+n_seeds-1: a seed picks the search's "
+                              "draws and the proxy's calibration subset")
+    proxy: str = _option("kl", "candidate score: kl (label-free, to the dense model) or top1 (val)",
+                         choices=PROXIES)
+    rerank: int = _option(SearchConfig.rerank, "val top-1 decides among this many best-scored candidates")
+    shapes: tuple[str, ...] = _option(SearchConfig.shapes, "per-layer rank shapes the searches may choose: "
+                                                           "level and/or energy")
+    final_calib_images: int = _option(4096, "BN-calibration train images of each final model")
+    finetune_epochs: float = _option(0.0, "finetuning epochs after BN recalibration (fractions allowed); 0 = off")
+    finetune_targets: tuple[float, ...] | None = _option(None, "targets to finetune at", shown="all targets")
+    # factorized chains amplify SGD steps (the effective lr grows with the product of factor norms);
+    # 0.01 diverged on AlexNet
+    finetune_lr: float = _option(0.0005, "finetuning peak learning rate (SGD, one-cycle)")
+    finetune_batch_size: int = _option(128, "finetuning batch size")
+    finetune_max_images: int | None = _option(None, "finetune on a stratified subset of this many train images",
+                                               shown="all")
+    distill: bool = _option(True, "finetune with distillation from the dense model")
+    calib_images: int = _option(256, "proxy: BN-recalibration (and KL-scoring) train images of each candidate")
+    val_images: int | None = _option(None, "val images of the re-ranking (and of every candidate with proxy "
+                                           "top1); 0 = the whole val split", shown="the whole val split")
+    sensitivity_levels: tuple[float, ...] = _option(SearchConfig.sensitivity_levels,
+                                                    "rank levels of each layer's sensitivity curve (policy)")
+    policy_rounds: int = _option(SearchConfig.rounds, "policy sampling rounds (>1: cross-entropy refits)")
+    temperature: float = _option(SearchConfig.temperature, "softness of the policy pdf")
+    rank_multiple: int = _option(8, "ranks are rounded to multiples of this")
+    latency: bool = _option(False, "measure latency of the dense model and of every final model")
+    latency_batches: tuple[int, ...] = _option((1, 64), "CPU latency batch sizes")
+    latency_threads: int = _option(2, "CPU latency threads")
+    latency_devices: tuple[str, ...] = _option(("cpu", "cuda"), "which of cpu, cuda to time (cuda only when "
+                                                                "present)")
+    device: str = _option("auto", "auto: CUDA when present, else CPU")
+    seed: int = _option(0, "first seed")
+    run_id: str | None = _option(None, "run id; an existing id resumes", metavar="ID",
+                                   shown="<model>-<dataset>-x<targets>-s<seed>")
+    log_dir: str = _option("logs", "logs go to <log_dir>/<model>/<run_id>.log", metavar="DIR")
+    threads: int | None = _option(None, "torch CPU threads", shown="torch's")
+    progress: bool = _option(True, "print progress", off_flag="--quiet")
+    deadline: float | None = _option(None, "unix time after which no new (target, method) stage starts",
+                                    shown="none")
+
+    def __post_init__(self) -> None:
+        # Refuse what would fail late or log nonsense, before any data or model work.
+        for name, (_, many, _) in _field_kinds().items():
+            if many and isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))  # e.g. notebook parameters
+        if not self.targets:
+            raise ValueError("targets: give at least one reduction factor, e.g. --targets 3")
+        self.targets = tuple(check_target(t) for t in self.targets)
+        for name in ("search_budget", "n_seeds", "rerank", "calib_images", "final_calib_images"):
+            if int(getattr(self, name)) < (2 if "calib" in name else 1):
+                raise ValueError(f"{name} must be at least {2 if 'calib' in name else 1}, "
+                                 f"got {getattr(self, name)}")
+        ft = self.finetune_epochs
+        if isinstance(ft, bool) or not (isinstance(ft, (int, float)) and math.isfinite(ft) and ft >= 0):
+            raise ValueError(f"finetune_epochs must be a number of epochs >= 0 (0 = off), got {self.finetune_epochs!r}")
+        if self.val_images == 0:
+            self.val_images = None  # the whole val split, as documented
+        for m in self.methods:
+            check_method(m)
+        if self.proxy not in PROXIES:
+            raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
+        check_metric(self.metric)
+        SearchConfig(shapes=tuple(self.shapes), rerank=self.rerank)  # validates the search options
+
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        t = "-".join(f"{x:g}" for x in self.targets)
+        return f"{self.model}-{self.dataset}-x{t}-s{self.seed}"
+
+    def finetune_targets_or_all(self) -> tuple[float, ...]:
+        """The targets at which plans are finetuned (when ``finetune_epochs > 0``)."""
+        return tuple(float(x) for x in (self.targets if self.finetune_targets is None else self.finetune_targets))
+
+    def finetune_config(self, seed: int, hflip: bool) -> FinetuneConfig:
+        """The recipe of each final model's finetuning (:func:`common.train.finetune`)."""
+        return FinetuneConfig(self.finetune_epochs, batch_size=self.finetune_batch_size, lr=self.finetune_lr,
+                              max_images=self.finetune_max_images, seed=seed, eval_every_epoch=True, hflip=hflip)
+
+
+# --- the command line, generated from the config's fields ------------------------------------------ #
+
+@functools.cache
+def _field_kinds() -> dict[str, tuple[type, bool, bool]]:
+    """``{field: (element type, is a tuple, may be None)}`` from the config's annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(ExperimentConfig).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+        if optional:
+            hint = next(a for a in args if a is not type(None))
+        many = typing.get_origin(hint) is tuple
+        out[name] = (typing.get_args(hint)[0] if many else hint, many, optional)
+    return out
+
+
+def _show(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(_show(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "none" if value is None else str(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (),
+                         defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None) -> None:
+    """One option per :class:`ExperimentConfig` field but ``exclude``, named ``--field-name``.
+
+    Booleans are ``--name`` / ``--no-name`` switches (plus an ``off_flag`` alias where the field names one,
+    e.g. ``--quiet``); tuples are comma-separated lists; other types convert with their own type; the help
+    is the field's ``help`` metadata and its default. An option not given is absent from the parsed
+    namespace, so the field keeps its default in :func:`config_from_args`; ``defaults`` (typed values)
+    replace fields' defaults for this parser, and ``helps`` replaces whole help texts.
+    """
+    defaults, helps = dict(defaults or {}), dict(helps or {})
+    kinds = _field_kinds()
+    for f in dataclasses.fields(ExperimentConfig):
+        if f.name in exclude:
+            continue
+        kind, many, _ = kinds[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        shown = _show(defaults[f.name]) if f.name in defaults else f.metadata.get("shown", _show(f.default))
+        text = helps.get(f.name, f"{f.metadata['help']} (default: {shown})")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            if "off_flag" in f.metadata:
+                parser.add_argument(f.metadata["off_flag"], dest=f.name, action="store_false",
+                                    default=argparse.SUPPRESS, help=f"same as --no-{flag[2:]}")
+        elif many:  # converted by config_from_args, where a bad element is a usage error that names it
+            parser.add_argument(flag, metavar=f"{kind.__name__.upper()},...", **kw)
+        elif "choices" in f.metadata:
+            parser.add_argument(flag, type=kind, choices=f.metadata["choices"], **kw)
+        else:
+            parser.add_argument(flag, type=kind, metavar=f.metadata.get("metavar", kind.__name__.upper()), **kw)
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k not in exclude})
+
+
+def config_parser(prog: str | None = None, description: str | None = None, **options: Any) -> argparse.ArgumentParser:
+    """An argument parser holding :func:`add_config_arguments` (``options``: its keyword arguments)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, **options)
+    return p
+
+
+def _from_text(name: str, value: Any) -> Any:
+    kind, many, optional = _field_kinds()[name]
+    if not (many and isinstance(value, str)):
+        return value
+    items = tuple(kind(x) for x in value.split(",") if x)
+    return None if optional and not items else items
+
+
+def config_from_args(args: argparse.Namespace | Mapping[str, Any], **fixed: Any) -> ExperimentConfig:
+    """The config of parsed options (:func:`add_config_arguments`); ``fixed`` fields win over them.
+
+    Raises:
+        ValueError: an element of a list that does not convert, or a value the config refuses.
+    """
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    values = {k: _from_text(k, v) for k, v in given.items() if k in names}
+    return ExperimentConfig(**{**values, **fixed})
