@@ -1,5 +1,6 @@
 # make venv  - .venv with the pinned requirements and a "python3" Jupyter kernel running it
 # make test  - the whole test suite (builds the venv first if needed)
+# make lint  - ruff: lint and format check (config in pyproject.toml); `make format` applies the formatter
 # make run   - the main job on the embedded digits data, then logs -> json/ -> results/digits/
 # make clean - remove json/ and results/digits/ (logs/ and the baseline cache in .cache/ are kept)
 
@@ -16,7 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 RUN_ARGS ?= --model resnet18 --dataset digits --targets 3 --search-budget 16 --finetune-epochs 0.25 \
 	--calib-images 128 --val-images 200 --sensitivity-levels 0.3 --run-id make-run
 
-.PHONY: venv test run clean
+.PHONY: venv test lint format run clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +29,14 @@ $(VENV)/.installed: requirements.txt
 
 test: venv
 	$(PY) -m pytest $(PYTEST_FLAGS) tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 run: venv
 	$(PY) -m common.experiment $(RUN_ARGS)

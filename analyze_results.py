@@ -61,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not runs:
         print(
-            f"analyze_results: error: no run documents (*.json) in {args.json}; "
-            "run jsonify_logs.py first",
+            f"analyze_results: error: no run documents (*.json) in {args.json}; run jsonify_logs.py first",
             file=sys.stderr,
         )
         return 2

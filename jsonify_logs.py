@@ -20,9 +20,7 @@ from common.logs import LogError, jsonify
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "paths", nargs="*", default=["logs"], help="log files or folders (default: logs/)"
-    )
+    parser.add_argument("paths", nargs="*", default=["logs"], help="log files or folders (default: logs/)")
     parser.add_argument("--out", default="json", help="output folder (default: json/)")
     args = parser.parse_args(argv)
 

@@ -18,13 +18,14 @@ Usage (from the repository root)::
 
     python -m benchmarks.bench_decompose --threads 2 --models vgg16 resnet18 alexnet
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,9 +45,11 @@ def machine_info(threads: int) -> str:
     # OMP_WAIT_POLICY matters on a shared machine: spinning OpenMP workers that lose their core to
     # another process can make a 2-thread eigh/matmul ~100x slower than one thread.
     omp = os.environ.get("OMP_WAIT_POLICY", "unset")
-    return (f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
-            f"{threads} torch threads (set), {torch.get_num_threads()} in use, OMP_WAIT_POLICY={omp}; "
-            f"load average (1/5/15 min): {load}")
+    return (
+        f"CPU: {cpu_name()} ({os.cpu_count()} logical cores); torch {torch.__version__}, "
+        f"{threads} torch threads (set), {torch.get_num_threads()} in use, OMP_WAIT_POLICY={omp}; "
+        f"load average (1/5/15 min): {load}"
+    )
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -87,7 +90,7 @@ def bench_model(name: str, model: nn.Module, levels: Sequence[float], repeats: i
         plan = level_plan(layers, level)
         kxk_plan = {n: plan[n] for n in kxk}
 
-        def decompose_all() -> None:
+        def decompose_all(kxk_plan=kxk_plan) -> None:
             cache.decompose(kxk_plan)
 
         dec, dec_cpu, new_apply, seen_apply = [], [], [], []
@@ -97,38 +100,59 @@ def bench_model(name: str, model: nn.Module, levels: Sequence[float], repeats: i
             dec.append(wall)
             dec_cpu.append(cpu)
             forget_plans(cache, kxk)
-            new_apply.append(timed(lambda: apply_plan(model, plan, cache))[0])
-            seen_apply.append(timed(lambda: apply_plan(model, plan, cache))[0])
-        rows.append({"level": level, "decompose": dec, "decompose_cpu": dec_cpu, "apply_new": new_apply,
-                     "apply_seen": seen_apply})
-    return {"model": name, "layers": len(names), "kxk": len(kxk), "warm_s": warm_s, "warm_cpu": warm_cpu,
-            "plans": rows}
+            new_apply.append(timed(lambda plan=plan: apply_plan(model, plan, cache))[0])
+            seen_apply.append(timed(lambda plan=plan: apply_plan(model, plan, cache))[0])
+        rows.append(
+            {
+                "level": level,
+                "decompose": dec,
+                "decompose_cpu": dec_cpu,
+                "apply_new": new_apply,
+                "apply_seen": seen_apply,
+            }
+        )
+    return {"model": name, "layers": len(names), "kxk": len(kxk), "warm_s": warm_s, "warm_cpu": warm_cpu, "plans": rows}
 
 
 def print_table(results: Sequence[dict]) -> None:
-    head = (f"{'model':9s} {'level':>5s} {'convs':>5s} {'k×k':>4s} {'cache s':>8s} {'(cpu s)':>8s} "
-            f"{'decomp min':>10s} {'decomp med':>10s} {'decomp max':>10s} {'(cpu med)':>9s} {'apply new med':>13s} "
-            f"{'apply new max':>13s} {'apply seen med':>14s}")
+    head = (
+        f"{'model':9s} {'level':>5s} {'convs':>5s} {'k×k':>4s} {'cache s':>8s} {'(cpu s)':>8s} "
+        f"{'decomp min':>10s} {'decomp med':>10s} {'decomp max':>10s} {'(cpu med)':>9s} {'apply new med':>13s} "
+        f"{'apply new max':>13s} {'apply seen med':>14s}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
         for i, p in enumerate(r["plans"]):
             cache_s = f"{r['warm_s']:8.3f} {r['warm_cpu']:8.3f}" if i == 0 else " " * 17
-            print(f"{r['model']:9s} {p['level']:5.2f} {r['layers']:5d} {r['kxk']:4d} {cache_s} "
-                  f"{min(p['decompose']):10.4f} {statistics.median(p['decompose']):10.4f} {max(p['decompose']):10.4f} "
-                  f"{statistics.median(p['decompose_cpu']):9.4f} "
-                  f"{statistics.median(p['apply_new']):13.4f} {max(p['apply_new']):13.4f} "
-                  f"{statistics.median(p['apply_seen']):14.4f}")
+            print(
+                f"{r['model']:9s} {p['level']:5.2f} {r['layers']:5d} {r['kxk']:4d} {cache_s} "
+                f"{min(p['decompose']):10.4f} {statistics.median(p['decompose']):10.4f} {max(p['decompose']):10.4f} "
+                f"{statistics.median(p['decompose_cpu']):9.4f} "
+                f"{statistics.median(p['apply_new']):13.4f} {max(p['apply_new']):13.4f} "
+                f"{statistics.median(p['apply_seen']):14.4f}"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=DEFAULT_MODELS,
-                    help="baselines to time (default: all three)")
-    ap.add_argument("--levels", nargs="+", type=float, default=list(DEFAULT_LEVELS),
-                    help="rank levels of the new plans (default 0.5 0.45 0.4 0.35)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        choices=DEFAULT_MODELS,
+        help="baselines to time (default: all three)",
+    )
+    ap.add_argument(
+        "--levels",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_LEVELS),
+        help="rank levels of the new plans (default 0.5 0.45 0.4 0.35)",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timings per plan (default 3)")
     args = ap.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
@@ -147,9 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no baselines found: nothing timed")
         return 1
     print_table(results)
-    print("times in seconds (wall; '(cpu ...)' = process CPU time, all threads); 'decomp' = HT-2 of every "
-          "k×k conv with C>3 for a plan new to the cache; 'apply' = apply_plan incl. model copy "
-          "(k×k HT-2 + 1×1 SVD), new plan or already seen")
+    print(
+        "times in seconds (wall; '(cpu ...)' = process CPU time, all threads); 'decomp' = HT-2 of every "
+        "k×k conv with C>3 for a plan new to the cache; 'apply' = apply_plan incl. model copy "
+        "(k×k HT-2 + 1×1 SVD), new plan or already seen"
+    )
     print(machine_info(args.threads).split("; ")[-1])
     return 0
 

@@ -11,13 +11,14 @@ reported separately. ``--shapes level,energy`` runs the richer per-layer space (
 
     python benchmarks/bench_search.py --model resnet18 --target 3 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shapes", default="level", help="per-layer rank shapes of the searches: level[,energy]")
-    p.add_argument("--test", action="store_true",
-                   help="also report each chosen plan's test top-1 (common.proxy.final_model)")
+    p.add_argument(
+        "--test", action="store_true", help="also report each chosen plan's test top-1 (common.proxy.final_model)"
+    )
     p.add_argument("--final-calib-images", type=int, default=4096)
     p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
@@ -63,39 +65,58 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"{name:<28s} {stages[name]:8.1f} s", flush=True)
         return out
 
-    print(f"{a.model} on {cpu_name()}, {a.threads} threads, torch "
-          f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
-          f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, proxy {a.proxy}, "
-          f"rerank {a.rerank}, shapes {a.shapes}",
-          flush=True)
+    print(
+        f"{a.model} on {cpu_name()}, {a.threads} threads, torch "
+        f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
+        f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, proxy {a.proxy}, "
+        f"rerank {a.rerank}, shapes {a.shapes}",
+        flush=True,
+    )
     data = stage("load data", lambda: load_dataset("cifar10-jpeg", root=a.data_root))
     model = stage("load model", lambda: load_baseline(a.model, a.checkpoint_dir))
-    searcher = stage("spectra cache + proxy setup", lambda: build_searcher(
-        model, data, proxy=a.proxy, calib_images=a.calib_images, val_images=a.val_images or None, seed=a.seed,
-        config=SearchConfig(shapes=tuple(a.shapes.split(",")), rerank=a.rerank)))
+    searcher = stage(
+        "spectra cache + proxy setup",
+        lambda: build_searcher(
+            model,
+            data,
+            proxy=a.proxy,
+            calib_images=a.calib_images,
+            val_images=a.val_images or None,
+            seed=a.seed,
+            config=SearchConfig(shapes=tuple(a.shapes.split(",")), rerank=a.rerank),
+        ),
+    )
     dense = stage("dense proxy score", searcher.dense_score)
     stage("sensitivity profile", searcher.sensitivity)
     n_layers = len(searcher.space.layers)
     results = {}
     for method in [m for m in a.methods.split(",") if m]:
-        results[method] = stage(f"search: {method}", lambda m=method: searcher.run(m, a.target, "macs",
-                                                                                     a.candidates, a.seed))
+        results[method] = stage(
+            f"search: {method}", lambda m=method: searcher.run(m, a.target, "macs", a.candidates, a.seed)
+        )
     total = time.perf_counter() - t_all
     print(f"{'total':<28s} {total:8.1f} s")
-    print(f"\ndense proxy score {dense:.5g}; {n_layers} layers profiled at "
-          f"{len(searcher.config.sensitivity_levels)} levels x {len(searcher.config.shapes)} shapes")
+    print(
+        f"\ndense proxy score {dense:.5g}; {n_layers} layers profiled at "
+        f"{len(searcher.config.sensitivity_levels)} levels x {len(searcher.config.shapes)} shapes"
+    )
     for m, r in results.items():
         test = ""
         if a.test:  # reporting only: the plan was chosen on val
             built = final_model(model, r.plan, searcher.spectra, data, a.final_calib_images, a.seed)
             test = f"  test {evaluate(built, make_loader(data, 'test', 500), 'cpu')['top1']:.4f}"
         val = "" if r.val_top1 is None else f"  val {r.val_top1:.4f}"
-        print(f"{m:<8s} {r.proxy} {r.score:.5g}{val}{test}  x{r.macs_factor:.2f} MACs  {r.evaluations} evaluations  "
-              f"{r.seconds:.1f} s", flush=True)
+        print(
+            f"{m:<8s} {r.proxy} {r.score:.5g}{val}{test}  x{r.macs_factor:.2f} MACs  {r.evaluations} evaluations  "
+            f"{r.seconds:.1f} s",
+            flush=True,
+        )
     if "search: policy" in stages:
         prof = stages["sensitivity profile"] + stages["search: policy"]
-        print(f"\nsensitivity profile + {a.candidates}-candidate policy search: {prof / 60:.1f} min "
-              f"(target: <= 6 min on the 2-core machine)")
+        print(
+            f"\nsensitivity profile + {a.candidates}-candidate policy search: {prof / 60:.1f} min "
+            f"(target: <= 6 min on the 2-core machine)"
+        )
     return stages
 
 

@@ -22,6 +22,7 @@ plan list is a function of the seed and settings, and a stored row whose plan di
 
     python benchmarks/proxy_fidelity.py --model resnet18 --target 3 --plans 24 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -87,8 +88,7 @@ def parse_proxies(text: str) -> list[ProxySpec]:
     for part in (p.strip() for p in text.split(",") if p.strip()):
         name, _, n = part.partition(":")
         if name not in PROXIES or not n.isdigit() or int(n) < 2:
-            raise ValueError(f"--proxies entry {part!r}: expected NAME:IMAGES with NAME in {PROXIES} "
-                             "and IMAGES >= 2")
+            raise ValueError(f"--proxies entry {part!r}: expected NAME:IMAGES with NAME in {PROXIES} and IMAGES >= 2")
         specs.append(ProxySpec(name, int(n)))
     if not specs or len(set(specs)) != len(specs):
         raise ValueError(f"--proxies {text!r}: give at least one proxy, each once")
@@ -109,19 +109,30 @@ def load_model(name: str, data: DatasetSplits, checkpoint: str | None, seed: int
     return build_model(name, num_classes=data.num_classes).float().eval()
 
 
-def make_evaluator(model: nn.Module, data: DatasetSplits, spectra: SpectraCache, spec: ProxySpec, seed: int,
-                   device: str) -> ProxyEvaluator:
+def make_evaluator(
+    model: nn.Module, data: DatasetSplits, spectra: SpectraCache, spec: ProxySpec, seed: int, device: str
+) -> ProxyEvaluator:
     """The :class:`ProxyEvaluator` of one proxy setting (same seed, so same image subsets per size)."""
     calib, val = (spec.images, 1000) if spec.name == "kl" else (TOP1_CALIB_IMAGES, spec.images)
-    ev = ProxyEvaluator(model, data, spectra, spec.name, calib_images=calib, val_images=val, device=device,
-                        seed=seed, channels_last=True)
+    ev = ProxyEvaluator(
+        model,
+        data,
+        spectra,
+        spec.name,
+        calib_images=calib,
+        val_images=val,
+        device=device,
+        seed=seed,
+        channels_last=True,
+    )
     if spec.name == "kl":
         ev.teacher_logits()  # a one-time cost: keep it out of the first plan's seconds
     return ev
 
 
-def draw_plans(space: SearchSpace, uniform: Mapping[str, LayerPlan], f0: float, n: int, sigma: float,
-               target: float, seed: int) -> list[dict[str, LayerPlan]]:
+def draw_plans(
+    space: SearchSpace, uniform: Mapping[str, LayerPlan], f0: float, n: int, sigma: float, target: float, seed: int
+) -> list[dict[str, LayerPlan]]:
     """The uniform plan, then ``n - 1`` distinct log-normal perturbations of its level on the budget.
 
     Plan i depends only on the draws before it, so a longer list starts with the shorter one.
@@ -139,8 +150,10 @@ def draw_plans(space: SearchSpace, uniform: Mapping[str, LayerPlan], f0: float, 
             seen.add(key)
             plans.append(plan)
     if len(plans) < n:
-        raise RuntimeError(f"only {len(plans)} distinct plans within ±{TOL:.0%} of {target}x after "
-                           f"{n * MAX_DRAWS_PER_PLAN} draws; raise --sigma or lower --plans")
+        raise RuntimeError(
+            f"only {len(plans)} distinct plans within ±{TOL:.0%} of {target}x after "
+            f"{n * MAX_DRAWS_PER_PLAN} draws; raise --sigma or lower --plans"
+        )
     return plans
 
 
@@ -162,14 +175,16 @@ def read_rows(path: Path, cols: Sequence[str]) -> list[dict]:
         return []
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):  # killed mid-write: the row was never complete
-        keep = raw[:raw.rfind(b"\n") + 1]
+        keep = raw[: raw.rfind(b"\n") + 1]
         print(f"note: dropping an incomplete last line of {path}", flush=True)
         path.write_bytes(keep)
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is not None and list(reader.fieldnames) != list(cols):
-            raise ValueError(f"{path} has columns {reader.fieldnames}, this run writes {list(cols)}: "
-                             "other --proxies; use another --out")
+            raise ValueError(
+                f"{path} has columns {reader.fieldnames}, this run writes {list(cols)}: "
+                "other --proxies; use another --out"
+            )
         return list(reader)
 
 
@@ -179,8 +194,10 @@ def check_resumed(rows: Sequence[dict], plans: Sequence[Mapping[str, LayerPlan]]
     for row in rows:
         i = int(row["plan"])
         if i < len(plans) and row["plan_json"] != plan_json(plans[i]):
-            raise ValueError(f"{path}: stored plan {i} differs from the plan this run draws (other --model, "
-                             "--target, --sigma, --seed or checkpoint?); use another --out")
+            raise ValueError(
+                f"{path}: stored plan {i} differs from the plan this run draws (other --model, "
+                "--target, --sigma, --seed or checkpoint?); use another --out"
+            )
         done.add(i)
     return done
 
@@ -207,8 +224,14 @@ def reference(ref: ProxyEvaluator, test_loader, plan: Mapping[str, LayerPlan]) -
     return {"test_top1": float(test), "val_top1": float(val), "reference_seconds": time.perf_counter() - t}
 
 
-def evaluate_plan(index: int, plan: Mapping[str, LayerPlan], space: SearchSpace,
-                  evaluators: Mapping[ProxySpec, ProxyEvaluator], ref: ProxyEvaluator, test_loader) -> dict:
+def evaluate_plan(
+    index: int,
+    plan: Mapping[str, LayerPlan],
+    space: SearchSpace,
+    evaluators: Mapping[ProxySpec, ProxyEvaluator],
+    ref: ProxyEvaluator,
+    test_loader,
+) -> dict:
     """One CSV row: every proxy's score and seconds, and the reference accuracies."""
     row: dict = {"plan": index, "macs_factor": space.factor(plan, "macs"), "plan_json": plan_json(plan)}
     for spec, ev in evaluators.items():
@@ -228,9 +251,14 @@ def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def summarize(rows: Sequence[Mapping], specs: Sequence[ProxySpec], n_test: int) -> dict:
     """Rank agreement of each proxy (and of whole-val top-1) with test top-1, and the context figures."""
     test = np.array([float(r["test_top1"]) for r in rows])
-    out: dict = {"plans": len(rows), "test_min": float(test.min()), "test_max": float(test.max()),
-                 "test_spread_pp": 100 * float(test.max() - test.min()),
-                 "test_se_pp": 100 * math.sqrt(test.mean() * (1 - test.mean()) / n_test), "proxies": {}}
+    out: dict = {
+        "plans": len(rows),
+        "test_min": float(test.min()),
+        "test_max": float(test.max()),
+        "test_spread_pp": 100 * float(test.max() - test.min()),
+        "test_se_pp": 100 * math.sqrt(test.mean() * (1 - test.mean()) / n_test),
+        "proxies": {},
+    }
     named = [(s.label, s.column, f"{s.column}_seconds") for s in specs]
     named.append(("val top-1, whole split (reference model)", "val_top1", None))
     for label, col, sec in named:
@@ -238,21 +266,29 @@ def summarize(rows: Sequence[Mapping], specs: Sequence[ProxySpec], n_test: int) 
         tau, rho = _correlations(score, test)
         best = int(np.argmax(score))  # the plan a search trusting this score would keep
         out["proxies"][label] = {
-            "kendall_tau": tau, "spearman_rho": rho, "regret_pp": 100 * float(test.max() - test[best]),
-            "seconds": float(np.mean([float(r[sec]) for r in rows])) if sec else math.nan}
+            "kendall_tau": tau,
+            "spearman_rho": rho,
+            "regret_pp": 100 * float(test.max() - test[best]),
+            "seconds": float(np.mean([float(r[sec]) for r in rows])) if sec else math.nan,
+        }
     return out
 
 
 def report_lines(summary: Mapping) -> list[str]:
     """The figures as a markdown table (also printed)."""
-    lines = ["| proxy | Kendall τ | Spearman ρ | regret of its best plan (pp) | s / candidate |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| proxy | Kendall τ | Spearman ρ | regret of its best plan (pp) | s / candidate |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for label, p in summary["proxies"].items():
         sec = "—" if math.isnan(p["seconds"]) else f"{p['seconds']:.1f}"
         lines.append(f"| {label} | {p['kendall_tau']:+.3f} | {p['spearman_rho']:+.3f} | {p['regret_pp']:.2f} | {sec} |")
-    lines += ["", f"{summary['plans']} plans; test top-1 {100 * summary['test_min']:.2f}-"
-                  f"{100 * summary['test_max']:.2f} % (spread {summary['test_spread_pp']:.2f} pp); binomial "
-                  f"standard error of one test accuracy {summary['test_se_pp']:.2f} pp."]
+    lines += [
+        "",
+        f"{summary['plans']} plans; test top-1 {100 * summary['test_min']:.2f}-"
+        f"{100 * summary['test_max']:.2f} % (spread {summary['test_spread_pp']:.2f} pp); binomial "
+        f"standard error of one test accuracy {summary['test_se_pp']:.2f} pp.",
+    ]
     return lines
 
 
@@ -263,22 +299,32 @@ def write_markdown(path: Path, header: Sequence[str], lines: Sequence[str]) -> N
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--dataset", default="cifar10-jpeg", choices=["cifar10-jpeg", "digits"],
-                   help="digits: embedded data, for smoke tests")
+    p.add_argument(
+        "--dataset",
+        default="cifar10-jpeg",
+        choices=["cifar10-jpeg", "digits"],
+        help="digits: embedded data, for smoke tests",
+    )
     p.add_argument("--target", type=float, default=3.0, help="conv-MACs reduction of every plan")
     p.add_argument("--plans", type=int, default=24, help="plans, the uniform one included")
     p.add_argument("--sigma", type=float, default=0.25, help="log-normal perturbation of the per-layer levels")
     p.add_argument("--seed", type=int, default=0, help="draws the plans; picks every image subset")
-    p.add_argument("--proxies", default="kl:256,kl:1024,top1:1000",
-                   help="NAME:IMAGES,...: kl: calibration (= scoring) images; top1: val images (calibrated "
-                        f"on {TOP1_CALIB_IMAGES})")
+    p.add_argument(
+        "--proxies",
+        default="kl:256,kl:1024,top1:1000",
+        help="NAME:IMAGES,...: kl: calibration (= scoring) images; top1: val images (calibrated "
+        f"on {TOP1_CALIB_IMAGES})",
+    )
     p.add_argument("--final-calib-images", type=int, default=1024, help="BN calibration of the reference")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="CSV (default results/proxy_fidelity_<model>.csv); .md beside it")
-    p.add_argument("--checkpoint", default=None,
-                   help="dense model state_dict (default: the shared cifar10-jpeg baseline; on digits a "
-                        "seeded random init, for smoke tests only)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="dense model state_dict (default: the shared cifar10-jpeg baseline; on digits a "
+        "seeded random init, for smoke tests only)",
+    )
     a = p.parse_args(argv)
     if a.plans < 2:
         p.error("--plans must be at least 2 (rank correlations need two plans)")
@@ -291,11 +337,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     out = Path(a.out) if a.out else REPO / "results" / f"proxy_fidelity_{a.model}.csv"
     command = "python benchmarks/proxy_fidelity.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
-    header = [f"`{command}`", "",
-              f"{a.model} on {a.dataset}, {cpu_name()}, {a.threads} threads, torch {torch.__version__}, "
-              f"{datetime.datetime.now().isoformat(timespec='seconds')}; target {a.target:g}x conv MACs, "
-              f"sigma {a.sigma:g}, seed {a.seed}; reference: test top-1 after BN recalibration on "
-              f"{a.final_calib_images} train images."]
+    header = [
+        f"`{command}`",
+        "",
+        f"{a.model} on {a.dataset}, {cpu_name()}, {a.threads} threads, torch {torch.__version__}, "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; target {a.target:g}x conv MACs, "
+        f"sigma {a.sigma:g}, seed {a.seed}; reference: test top-1 after BN recalibration on "
+        f"{a.final_calib_images} train images.",
+    ]
     print(header[-1], flush=True)
 
     data = load_dataset(a.dataset)
@@ -307,21 +356,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     plans = draw_plans(searcher.space, uniform.plan, f0, a.plans, a.sigma, a.target, a.seed)
     cols = columns(specs)
     done = check_resumed(read_rows(out, cols), plans, out)
-    print(f"uniform level {f0:.4f} (x{uniform.macs_factor:.3f}); {len(plans)} plans, "
-          f"{len(done & set(range(len(plans))))} already in {out}", flush=True)
+    print(
+        f"uniform level {f0:.4f} (x{uniform.macs_factor:.3f}); {len(plans)} plans, "
+        f"{len(done & set(range(len(plans))))} already in {out}",
+        flush=True,
+    )
 
     todo = [i for i in range(len(plans)) if i not in done]
     if todo:
         evaluators = {s: make_evaluator(model, data, searcher.spectra, s, a.seed, a.device) for s in specs}
-        ref = ProxyEvaluator(model, data, searcher.spectra, "top1", calib_images=a.final_calib_images,
-                             val_images=None, device=a.device, seed=a.seed, channels_last=True)
+        ref = ProxyEvaluator(
+            model,
+            data,
+            searcher.spectra,
+            "top1",
+            calib_images=a.final_calib_images,
+            val_images=None,
+            device=a.device,
+            seed=a.seed,
+            channels_last=True,
+        )
         test_loader = make_loader(data, "test", 500, device=a.device, channels_last=True)
         for i in todo:
             row = evaluate_plan(i, plans[i], searcher.space, evaluators, ref, test_loader)
             append_row(out, cols, row)
-            print(f"plan {i:3d} x{row['macs_factor']:.3f}  " + "  ".join(
-                f"{s.label} {row[s.column]:.5g} ({row[s.column + '_seconds']:.1f}s)" for s in specs)
-                + f"  test {row['test_top1']:.4f}  val {row['val_top1']:.4f}", flush=True)
+            print(
+                f"plan {i:3d} x{row['macs_factor']:.3f}  "
+                + "  ".join(f"{s.label} {row[s.column]:.5g} ({row[s.column + '_seconds']:.1f}s)" for s in specs)
+                + f"  test {row['test_top1']:.4f}  val {row['val_top1']:.4f}",
+                flush=True,
+            )
 
     by_index = {int(r["plan"]): r for r in read_rows(out, cols) if int(r["plan"]) < len(plans)}
     rows = [by_index[i] for i in sorted(by_index)]  # one row per plan even if two runs shared the file

@@ -15,29 +15,40 @@ Every ``ExperimentConfig`` field but the per-model ones is an option (as in ``py
 with this table's defaults: targets 3,2,5, 3 seeds, the Tucker-2 policy and latency on (``--no-tucker2``,
 ``--no-latency``), device-dependent finetuning and proxy sizes.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script from anywhere: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.config import (DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, add_config_arguments,  # noqa: E402
-                           config_from_args)
+from common.config import (
+    DEFAULT_FINETUNE_EPOCHS,
+    ExperimentConfig,
+    add_config_arguments,  # noqa: E402
+    config_from_args,
+)
 from common.experiment import run_experiment  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
 
 # Fixed per model by this script, so not options.
 PER_MODEL = ("model", "dataset", "checkpoint", "run_id", "deadline")
 # Where the results table departs from ExperimentConfig's defaults.
-DEFAULTS = {"targets": (3.0, 2.0, 5.0), "n_seeds": 3, "policy_tucker2": True, "latency": True,
-            "data_root": str(CIFAR_JPEG_ROOT), "log_dir": "logs/results"}
+DEFAULTS = {
+    "targets": (3.0, 2.0, 5.0),
+    "n_seeds": 3,
+    "policy_tucker2": True,
+    "latency": True,
+    "data_root": str(CIFAR_JPEG_ROOT),
+    "log_dir": "logs/results",
+}
 BY_DEVICE_HELP = {
     "finetune_epochs": f"finetuning epochs (default: {DEFAULT_FINETUNE_EPOCHS:g} on CUDA, 0.1 on CPU; 0 = off)",
     "calib_images": "proxy: BN-recalibration (and KL-scoring) train images (default: 1024 on CUDA, 256 on CPU)",
@@ -48,8 +59,12 @@ BY_DEVICE_HELP = {
 
 def _by_device(cuda: bool) -> dict:
     """The defaults that depend on the device (a given option wins over them)."""
-    return {"finetune_epochs": DEFAULT_FINETUNE_EPOCHS if cuda else 0.1, "calib_images": 1024 if cuda else 256,
-            "finetune_batch_size": 256 if cuda else 128, "latency_devices": ("cuda",) if cuda else ("cpu",)}
+    return {
+        "finetune_epochs": DEFAULT_FINETUNE_EPOCHS if cuda else 0.1,
+        "calib_images": 1024 if cuda else 256,
+        "finetune_batch_size": 256 if cuda else 128,
+        "latency_devices": ("cuda",) if cuda else ("cpu",),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-tag", default=None, help="run id suffix (default: the device type)")
     p.add_argument("--minutes", type=float, default=None, help="per model: start no new stage after this long")
     add_config_arguments(p, exclude=PER_MODEL, defaults=DEFAULTS, helps=BY_DEVICE_HELP)
-    p.add_argument("--no-tucker2", dest="policy_tucker2", action="store_false", default=argparse.SUPPRESS,
-                   help="same as --no-policy-tucker2: skip the Tucker-2 policy comparison")
+    p.add_argument(
+        "--no-tucker2",
+        dest="policy_tucker2",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="same as --no-policy-tucker2: skip the Tucker-2 policy comparison",
+    )
     return p
 
 
@@ -68,9 +88,15 @@ def model_config(a: argparse.Namespace, model: str, cuda: bool, deadline: float 
     """The experiment of one model: the options given, else this table's defaults, else the config's."""
     device = "cuda" if cuda else "cpu"
     given = {k: v for k, v in vars(a).items() if k not in ("models", "checkpoint_dir", "run_tag", "minutes")}
-    return config_from_args({**_by_device(cuda), **given}, model=model, dataset="cifar10-jpeg",
-                            checkpoint=str(Path(a.checkpoint_dir) / f"{model}.pt"), device=device,
-                            run_id=f"results-{model}-{a.run_tag or device}", deadline=deadline)
+    return config_from_args(
+        {**_by_device(cuda), **given},
+        model=model,
+        dataset="cifar10-jpeg",
+        checkpoint=str(Path(a.checkpoint_dir) / f"{model}.pt"),
+        device=device,
+        run_id=f"results-{model}-{a.run_tag or device}",
+        deadline=deadline,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

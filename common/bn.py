@@ -19,7 +19,7 @@ label-free search proxy (:mod:`common.proxy`) scores at no extra cost.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -58,8 +58,9 @@ class _Moments:
 
     def store(self, bn: _BatchNorm, name: str) -> None:
         if self.n < 2:
-            raise ValueError(f"bn_recalibrate: BatchNorm {name!r} saw {self.n} value(s) per channel; "
-                             "give it more calibration images")
+            raise ValueError(
+                f"bn_recalibrate: BatchNorm {name!r} saw {self.n} value(s) per channel; give it more calibration images"
+            )
         with torch.no_grad():
             bn.running_mean.copy_(self.mean.to(bn.running_mean.dtype))
             bn.running_var.copy_((self.m2 / (self.n - 1)).to(bn.running_var.dtype))
@@ -108,8 +109,10 @@ def _run_graph(gm: fx.GraphModule, batches: Sequence[Tensor]) -> list[Tensor]:
                 mod = modules[node.target]
                 if isinstance(mod, _BatchNorm) and mod.track_running_stats:
                     if node.target in calibrated:
-                        raise ValueError(f"bn_recalibrate: BatchNorm {node.target!r} is called more than once "
-                                         "per forward; its statistics are not defined")
+                        raise ValueError(
+                            f"bn_recalibrate: BatchNorm {node.target!r} is called more than once "
+                            "per forward; its statistics are not defined"
+                        )
                     moments = _Moments()
                     for a, _ in args:
                         moments.add(a[0])
@@ -152,7 +155,7 @@ def _run_sequential(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]
     for bn in order:
         moments = _Moments()
 
-        def grab(_mod, inp):
+        def grab(_mod, inp, moments=moments):
             moments.add(inp[0])
             raise _Stop
 
@@ -170,8 +173,13 @@ def _run_sequential(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]
 
 
 @torch.no_grad()
-def bn_recalibrate(model: nn.Module, batches: Iterable, device: str | torch.device | None = None,
-                   num_batches: int | None = None, return_outputs: bool = False):
+def bn_recalibrate(
+    model: nn.Module,
+    batches: Iterable,
+    device: str | torch.device | None = None,
+    num_batches: int | None = None,
+    return_outputs: bool = False,
+):
     """Set every BatchNorm's running mean/var to its exact statistics over the calibration images.
 
     Args:

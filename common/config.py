@@ -4,6 +4,7 @@ defined (type, default, validation, help), and the command-line options generate
 ``python -m common.experiment``, ``benchmarks/run_results.py`` and the notebooks
 (``common.notebook.experiment_config``) all go through.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,10 +13,9 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
-
-
+from typing import Any
 
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
@@ -43,24 +43,31 @@ class ExperimentConfig:
     """
 
     model: str = _option("resnet18", "model to compress", choices=MODEL_NAMES)
-    dataset: str = _option("auto", "auto: the shared cifar10-jpeg when ../shared exists, else digits",
-                           choices=DATASET_NAMES)
+    dataset: str = _option(
+        "auto", "auto: the shared cifar10-jpeg when ../shared exists, else digits", choices=DATASET_NAMES
+    )
     data_root: str | None = _option(None, "dataset root", metavar="DIR", shown="the dataset's own")
     checkpoint: str | None = _option(
-        "auto", "state_dict path; auto: the shared baseline for cifar10-jpeg, else a baseline trained once by "
-                "finetuned/train_baseline.py and cached", metavar="PATH")
+        "auto",
+        "state_dict path; auto: the shared baseline for cifar10-jpeg, else a baseline trained once by "
+        "finetuned/train_baseline.py and cached",
+        metavar="PATH",
+    )
     targets: tuple[float, ...] = _option((3.0,), "reduction factors of the total conv metric (dense / compressed)")
     metric: str = _option("macs", "what the targets reduce", choices=("macs", "params"))
     methods: tuple[str, ...] = _option(METHODS, f"rank-selection methods, a subset of {','.join(METHODS)}")
     policy_tucker2: bool = _option(False, "also run the policy method with Tucker-2 layers (HT-2 for every method)")
     search_budget: int = _option(100, "candidate evaluations of random, tpe and policy")
-    n_seeds: int = _option(1, "every (target, method) at seeds seed .. seed+n_seeds-1: a seed picks the search's "
-                              "draws and the proxy's calibration subset")
-    proxy: str = _option("kl", "candidate score: kl (label-free, to the dense model) or top1 (val)",
-                         choices=PROXIES)
+    n_seeds: int = _option(
+        1,
+        "every (target, method) at seeds seed .. seed+n_seeds-1: a seed picks the search's "
+        "draws and the proxy's calibration subset",
+    )
+    proxy: str = _option("kl", "candidate score: kl (label-free, to the dense model) or top1 (val)", choices=PROXIES)
     rerank: int = _option(SearchConfig.rerank, "val top-1 decides among this many best-scored candidates")
-    shapes: tuple[str, ...] = _option(SearchConfig.shapes, "per-layer rank shapes the searches may choose: "
-                                                           "level and/or energy")
+    shapes: tuple[str, ...] = _option(
+        SearchConfig.shapes, "per-layer rank shapes the searches may choose: level and/or energy"
+    )
     final_calib_images: int = _option(4096, "BN-calibration train images of each final model")
     finetune_epochs: float = _option(0.0, "finetuning epochs after BN recalibration (fractions allowed); 0 = off")
     finetune_targets: tuple[float, ...] | None = _option(None, "targets to finetune at", shown="all targets")
@@ -68,31 +75,35 @@ class ExperimentConfig:
     # 0.01 diverged on AlexNet
     finetune_lr: float = _option(0.0005, "finetuning peak learning rate (SGD, one-cycle)")
     finetune_batch_size: int = _option(128, "finetuning batch size")
-    finetune_max_images: int | None = _option(None, "finetune on a stratified subset of this many train images",
-                                               shown="all")
+    finetune_max_images: int | None = _option(
+        None, "finetune on a stratified subset of this many train images", shown="all"
+    )
     distill: bool = _option(True, "finetune with distillation from the dense model")
     calib_images: int = _option(256, "proxy: BN-recalibration (and KL-scoring) train images of each candidate")
-    val_images: int | None = _option(None, "val images of the re-ranking (and of every candidate with proxy "
-                                           "top1); 0 = the whole val split", shown="the whole val split")
-    sensitivity_levels: tuple[float, ...] = _option(SearchConfig.sensitivity_levels,
-                                                    "rank levels of each layer's sensitivity curve (policy)")
+    val_images: int | None = _option(
+        None,
+        "val images of the re-ranking (and of every candidate with proxy top1); 0 = the whole val split",
+        shown="the whole val split",
+    )
+    sensitivity_levels: tuple[float, ...] = _option(
+        SearchConfig.sensitivity_levels, "rank levels of each layer's sensitivity curve (policy)"
+    )
     policy_rounds: int = _option(SearchConfig.rounds, "policy sampling rounds (>1: cross-entropy refits)")
     temperature: float = _option(SearchConfig.temperature, "softness of the policy pdf")
     rank_multiple: int = _option(8, "ranks are rounded to multiples of this")
     latency: bool = _option(False, "measure latency of the dense model and of every final model")
     latency_batches: tuple[int, ...] = _option((1, 64), "CPU latency batch sizes")
     latency_threads: int = _option(2, "CPU latency threads")
-    latency_devices: tuple[str, ...] = _option(("cpu", "cuda"), "which of cpu, cuda to time (cuda only when "
-                                                                "present)")
+    latency_devices: tuple[str, ...] = _option(("cpu", "cuda"), "which of cpu, cuda to time (cuda only when present)")
     device: str = _option("auto", "auto: CUDA when present, else CPU")
     seed: int = _option(0, "first seed")
-    run_id: str | None = _option(None, "run id; an existing id resumes", metavar="ID",
-                                   shown="<model>-<dataset>-x<targets>-s<seed>")
+    run_id: str | None = _option(
+        None, "run id; an existing id resumes", metavar="ID", shown="<model>-<dataset>-x<targets>-s<seed>"
+    )
     log_dir: str = _option("logs", "logs go to <log_dir>/<model>/<run_id>.log", metavar="DIR")
     threads: int | None = _option(None, "torch CPU threads", shown="torch's")
     progress: bool = _option(True, "print progress", off_flag="--quiet")
-    deadline: float | None = _option(None, "unix time after which no new (target, method) stage starts",
-                                    shown="none")
+    deadline: float | None = _option(None, "unix time after which no new (target, method) stage starts", shown="none")
 
     def __post_init__(self) -> None:
         # Refuse what would fail late or log nonsense, before any data or model work.
@@ -104,8 +115,7 @@ class ExperimentConfig:
         self.targets = tuple(check_target(t) for t in self.targets)
         for name in ("search_budget", "n_seeds", "rerank", "calib_images", "final_calib_images"):
             if int(getattr(self, name)) < (2 if "calib" in name else 1):
-                raise ValueError(f"{name} must be at least {2 if 'calib' in name else 1}, "
-                                 f"got {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least {2 if 'calib' in name else 1}, got {getattr(self, name)}")
         ft = self.finetune_epochs
         if isinstance(ft, bool) or not (isinstance(ft, (int, float)) and math.isfinite(ft) and ft >= 0):
             raise ValueError(f"finetune_epochs must be a number of epochs >= 0 (0 = off), got {self.finetune_epochs!r}")
@@ -130,11 +140,19 @@ class ExperimentConfig:
 
     def finetune_config(self, seed: int, hflip: bool) -> FinetuneConfig:
         """The recipe of each final model's finetuning (:func:`common.train.finetune`)."""
-        return FinetuneConfig(self.finetune_epochs, batch_size=self.finetune_batch_size, lr=self.finetune_lr,
-                              max_images=self.finetune_max_images, seed=seed, eval_every_epoch=True, hflip=hflip)
+        return FinetuneConfig(
+            self.finetune_epochs,
+            batch_size=self.finetune_batch_size,
+            lr=self.finetune_lr,
+            max_images=self.finetune_max_images,
+            seed=seed,
+            eval_every_epoch=True,
+            hflip=hflip,
+        )
 
 
 # --- the command line, generated from the config's fields ------------------------------------------ #
+
 
 @functools.cache
 def _field_kinds() -> dict[str, tuple[type, bool, bool]]:
@@ -161,8 +179,13 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[str] = (),
-                         defaults: Mapping[str, Any] | None = None, helps: Mapping[str, str] | None = None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    exclude: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> None:
     """One option per :class:`ExperimentConfig` field but ``exclude``, named ``--field-name``.
 
     Booleans are ``--name`` / ``--no-name`` switches (plus an ``off_flag`` alias where the field names one,
@@ -184,8 +207,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             if "off_flag" in f.metadata:
-                parser.add_argument(f.metadata["off_flag"], dest=f.name, action="store_false",
-                                    default=argparse.SUPPRESS, help=f"same as --no-{flag[2:]}")
+                parser.add_argument(
+                    f.metadata["off_flag"],
+                    dest=f.name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help=f"same as --no-{flag[2:]}",
+                )
         elif many:  # converted by config_from_args, where a bad element is a usage error that names it
             parser.add_argument(flag, metavar=f"{kind.__name__.upper()},...", **kw)
         elif "choices" in f.metadata:
@@ -197,8 +225,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, exclude: Sequence[s
 
 def config_parser(prog: str | None = None, description: str | None = None, **options: Any) -> argparse.ArgumentParser:
     """An argument parser holding :func:`add_config_arguments` (``options``: its keyword arguments)."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_arguments(p, **options)
     return p
 

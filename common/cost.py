@@ -4,10 +4,11 @@ MACs count multiply-accumulates of Conv2d and Linear layers per image (what
 ``torch.utils.flop_counter.FlopCounterMode`` counts as FLOPs / 2); batch norm, activations and pooling
 are not counted, matching the shared checkpoints' manifest.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -26,14 +27,14 @@ class ModelCost:
     per_layer: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"params": self.params, "macs": self.macs, "conv_params": self.conv_params,
-                "conv_macs": self.conv_macs}
+        return {"params": self.params, "macs": self.macs, "conv_params": self.conv_params, "conv_macs": self.conv_macs}
 
 
 def _example(model: nn.Module, input_size: Sequence[int]) -> torch.Tensor:
     p = next(model.parameters(), None)
-    return torch.zeros(*input_size, device=p.device if p is not None else "cpu",
-                       dtype=p.dtype if p is not None else torch.float32)
+    return torch.zeros(
+        *input_size, device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else torch.float32
+    )
 
 
 def count_model(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) -> ModelCost:
@@ -45,6 +46,7 @@ def count_model(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) ->
         def hook(mod, inp, out):
             p, m = conv_cost("dense", ConvGeometry.of(mod), (), inp[0].shape[-2:])
             per_layer[name] = (p, m)
+
         return hook
 
     def linear_hook(name):
@@ -52,6 +54,7 @@ def count_model(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32)) ->
             rows = inp[0].numel() // inp[0].shape[-1] // max(inp[0].shape[0], 1) if inp[0].dim() > 2 else 1
             p = sum(t.numel() for t in mod.parameters(recurse=False))
             per_layer[name] = (p, rows * mod.in_features * mod.out_features)
+
         return hook
 
     for name, mod in model.named_modules():

@@ -19,6 +19,7 @@ Datasets (``load_dataset(name=...)``):
   train/val/test are 45,000/5,000/10,000 like cifar10-jpeg. Downloads only if ``download=True``.
 * ``"auto"``: ``"cifar10-jpeg"`` when the shared data exists, else ``"digits"``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,10 +27,10 @@ import io
 import math
 import os
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +41,7 @@ from common.paths import CIFAR_JPEG_ROOT, default_cache_dir
 
 CIFAR_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-CIFAR_CLASSES: list[str] = ["airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck"]
+CIFAR_CLASSES: list[str] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DIGITS_SPLIT_SEED = 0
 CIFAR10_VAL_SEED = 0
 CIFAR10_VAL_SIZE = 5000
@@ -68,17 +68,17 @@ class TensorSplit:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 N x 3 x H x W, got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+            raise ValueError(f"images must be uint8 N x 3 x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dim() != 1 or len(self.labels) != len(self.images):
-            raise ValueError(f"labels must be a vector of length {len(self.images)}, "
-                             f"got shape {tuple(self.labels.shape)}")
+            raise ValueError(
+                f"labels must be a vector of length {len(self.images)}, got shape {tuple(self.labels.shape)}"
+            )
         self.labels = self.labels.long()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, n: int, seed: int = 0) -> "TensorSplit":
+    def subset(self, n: int, seed: int = 0) -> TensorSplit:
         """Deterministic class-stratified subset of ``n`` images (kept in original order).
 
         Each class contributes in proportion to its frequency (±1 image): the images of each class
@@ -151,9 +151,13 @@ class DatasetSplits:
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
-def load_dataset(name: str = "auto", root: str | Path | None = None,
-                 cache_dir: str | Path | None = None, download: bool = False,
-                 workers: int | None = None) -> DatasetSplits:
+def load_dataset(
+    name: str = "auto",
+    root: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    download: bool = False,
+    workers: int | None = None,
+) -> DatasetSplits:
     """Load a dataset as uint8 tensors (see the module docstring for the datasets).
 
     Args:
@@ -173,8 +177,9 @@ def load_dataset(name: str = "auto", root: str | Path | None = None,
     if name == "digits":
         return _load_digits()
     if name == "cifar10-jpeg":
-        return _load_imagefolder(Path(root) if root else CIFAR_JPEG_ROOT, "cifar10-jpeg",
-                                 cache_dir, workers, CIFAR_MEAN, CIFAR_STD)
+        return _load_imagefolder(
+            Path(root) if root else CIFAR_JPEG_ROOT, "cifar10-jpeg", cache_dir, workers, CIFAR_MEAN, CIFAR_STD
+        )
     if name == "imagefolder":
         if root is None:
             raise ValueError("load_dataset('imagefolder') needs root=<folder with train/ val/ test/>")
@@ -195,13 +200,20 @@ def _load_digits() -> DatasetSplits:
     y = torch.from_numpy(d.target.astype(np.int64))
     idx = np.arange(len(y))
     tr, rest = train_test_split(idx, test_size=0.4, stratify=d.target, random_state=DIGITS_SPLIT_SEED)
-    va, te = train_test_split(rest, test_size=0.5, stratify=d.target[rest],
-                              random_state=DIGITS_SPLIT_SEED)
-    split = {k: TensorSplit(x[np.sort(v)], y[np.sort(v)]) for k, v in
-             (("train", tr), ("val", va), ("test", te))}
+    va, te = train_test_split(rest, test_size=0.5, stratify=d.target[rest], random_state=DIGITS_SPLIT_SEED)
+    split = {k: TensorSplit(x[np.sort(v)], y[np.sort(v)]) for k, v in (("train", tr), ("val", va), ("test", te))}
     mean, std = _mean_std(split["train"].images)
-    return DatasetSplits("digits", split["train"], split["val"], split["test"],
-                         [str(i) for i in range(10)], mean, std, 32, "embedded:digits")
+    return DatasetSplits(
+        "digits",
+        split["train"],
+        split["val"],
+        split["test"],
+        [str(i) for i in range(10)],
+        mean,
+        std,
+        32,
+        "embedded:digits",
+    )
 
 
 def _mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -214,8 +226,9 @@ def _load_cifar10(root: Path, download: bool) -> DatasetSplits:
     from torchvision.datasets import CIFAR10
 
     if not download and not (root / "cifar-10-batches-py").is_dir():
-        raise FileNotFoundError(f"CIFAR-10 binaries not found under {root / 'cifar-10-batches-py'} "
-                                "(pass download=True to fetch them)")
+        raise FileNotFoundError(
+            f"CIFAR-10 binaries not found under {root / 'cifar-10-batches-py'} (pass download=True to fetch them)"
+        )
     tr = CIFAR10(str(root), train=True, download=download)
     te = CIFAR10(str(root), train=False, download=download)
 
@@ -228,9 +241,17 @@ def _load_cifar10(root: Path, download: bool) -> DatasetSplits:
     val_idx = stratified_indices(full.labels, CIFAR10_VAL_SIZE, CIFAR10_VAL_SEED)
     keep = torch.ones(len(full), dtype=torch.bool)
     keep[val_idx] = False
-    return DatasetSplits("cifar10", TensorSplit(full.images[keep], full.labels[keep]),
-                         TensorSplit(full.images[val_idx], full.labels[val_idx]), to_split(te),
-                         list(tr.classes), CIFAR_MEAN, CIFAR_STD, 32, str(root.resolve()))
+    return DatasetSplits(
+        "cifar10",
+        TensorSplit(full.images[keep], full.labels[keep]),
+        TensorSplit(full.images[val_idx], full.labels[val_idx]),
+        to_split(te),
+        list(tr.classes),
+        CIFAR_MEAN,
+        CIFAR_STD,
+        32,
+        str(root.resolve()),
+    )
 
 
 def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[str], list[int], str]:
@@ -245,9 +266,10 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[str], list[int],
     h = hashlib.sha1()
     total, mtime_sum = 0, 0
     for ci, cls in enumerate(classes):
-        entries = sorted((e for e in os.scandir(split_dir / cls)
-                          if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)),
-                         key=lambda e: e.name)
+        entries = sorted(
+            (e for e in os.scandir(split_dir / cls) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)),
+            key=lambda e: e.name,
+        )
         if not entries:
             raise ValueError(f"empty class folder (no images): {split_dir / cls}")
         for e in entries:
@@ -277,8 +299,10 @@ def _decode_chunk(paths: Sequence[str]) -> np.ndarray:
         if out is None:
             out = np.empty((len(paths),) + a.shape, dtype=np.uint8)
         elif a.shape != out.shape[1:]:
-            raise ValueError(f"image {p} has size {a.shape[1]}x{a.shape[0]}, expected "
-                             f"{out.shape[2]}x{out.shape[1]} like the rest of the split")
+            raise ValueError(
+                f"image {p} has size {a.shape[1]}x{a.shape[0]}, expected "
+                f"{out.shape[2]}x{out.shape[1]} like the rest of the split"
+            )
         out[i] = a
     return out
 
@@ -287,7 +311,7 @@ def decode_images(paths: Sequence[str], workers: int | None = None) -> torch.Ten
     """Decode ``paths`` in a process pool into a uint8 ``N x 3 x H x W`` tensor."""
     workers = workers or os.cpu_count() or 1
     chunk = max(256, math.ceil(len(paths) / (workers * 8)))
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     if workers <= 1 or len(chunks) <= 1:
         arrays = [_decode_chunk(c) for c in chunks]
     else:
@@ -309,8 +333,9 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def _load_split(root: Path, split: str, cache_dir: Path | None,
-                workers: int | None) -> tuple[TensorSplit, list[str], dict]:
+def _load_split(
+    root: Path, split: str, cache_dir: Path | None, workers: int | None
+) -> tuple[TensorSplit, list[str], dict]:
     t0 = time.perf_counter()
     files, classes, labels, fp = _list_imagefolder(root / split)
     t_list = time.perf_counter() - t0
@@ -327,8 +352,7 @@ def _load_split(root: Path, split: str, cache_dir: Path | None,
     ts = TensorSplit(images, torch.tensor(labels, dtype=torch.int64))
     if path is not None:
         atomic_torch_save({"images": ts.images, "labels": ts.labels, "classes": classes}, path)
-    return ts, classes, {"list_s": t_list, "load_s": time.perf_counter() - t0 - t_list,
-                         "cached": False}
+    return ts, classes, {"list_s": t_list, "load_s": time.perf_counter() - t0 - t_list, "cached": False}
 
 
 def _load_imagefolder(root: Path, name: str, cache_dir, workers, mean, std) -> DatasetSplits:
@@ -340,17 +364,28 @@ def _load_imagefolder(root: Path, name: str, cache_dir, workers, mean, std) -> D
     for split in SPLITS:
         parts[split], cls, timings[split] = _load_split(root, split, cache, workers)
         if classes is not None and cls != classes:
-            raise ValueError(f"class folders of {root / split} differ from {root / 'train'}: "
-                             f"{cls} vs {classes}")
+            raise ValueError(f"class folders of {root / split} differ from {root / 'train'}: {cls} vs {classes}")
         classes = cls
     for split in SPLITS:
         if tuple(parts[split].images.shape[-2:]) != tuple(parts["train"].images.shape[-2:]):
-            raise ValueError(f"images in {root / split} are {tuple(parts[split].images.shape[-2:])}, "
-                             f"train/ has {tuple(parts['train'].images.shape[-2:])}")
+            raise ValueError(
+                f"images in {root / split} are {tuple(parts[split].images.shape[-2:])}, "
+                f"train/ has {tuple(parts['train'].images.shape[-2:])}"
+            )
     if mean is None:
         mean, std = _mean_std(parts["train"].images)
-    return DatasetSplits(name, parts["train"], parts["val"], parts["test"], classes, tuple(mean),
-                         tuple(std), int(parts["train"].images.shape[-2]), str(root), timings)
+    return DatasetSplits(
+        name,
+        parts["train"],
+        parts["val"],
+        parts["test"],
+        classes,
+        tuple(mean),
+        tuple(std),
+        int(parts["train"].images.shape[-2]),
+        str(root),
+        timings,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,12 +409,25 @@ class BatchLoader:
         ``(x, y)``: ``x`` is ``B x 3 x H x W`` of ``dtype`` on ``device``, ``y`` is ``int64`` ``B``.
     """
 
-    def __init__(self, split: TensorSplit, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], device: str | torch.device = "cpu", train: bool = False,
-                 augment: bool | None = None, seed: int = 0, drop_last: bool | None = None,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32,
-                 rank: int = 0, world_size: int = 1, pad: int = 4, flip: bool = True,
-                 auto_epoch: bool = False):
+    def __init__(
+        self,
+        split: TensorSplit,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: str | torch.device = "cpu",
+        train: bool = False,
+        augment: bool | None = None,
+        seed: int = 0,
+        drop_last: bool | None = None,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: int = 4,
+        flip: bool = True,
+        auto_epoch: bool = False,
+    ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if len(split) == 0:
@@ -405,8 +453,7 @@ class BatchLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         if self.drop_last and len(split) < batch_size:
-            raise ValueError(f"drop_last with batch_size {batch_size} > {len(split)} images "
-                             "would yield no batches")
+            raise ValueError(f"drop_last with batch_size {batch_size} > {len(split)} images would yield no batches")
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -425,7 +472,7 @@ class BatchLoader:
         n = len(self.labels)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             if self.augment:
                 offs = torch.randint(0, 2 * self.pad + 1, (len(idx), 2), generator=g)
                 flips = torch.rand(len(idx), generator=g) < 0.5
@@ -462,9 +509,16 @@ class BatchLoader:
         return out.permute(0, 3, 1, 2).contiguous()
 
 
-def make_loader(data: DatasetSplits, split: str, batch_size: int, device: str | torch.device = "cpu",
-                train: bool = False, seed: int = 0, subset: int | None = None,
-                **kw) -> BatchLoader:
+def make_loader(
+    data: DatasetSplits,
+    split: str,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    train: bool = False,
+    seed: int = 0,
+    subset: int | None = None,
+    **kw,
+) -> BatchLoader:
     """A :class:`BatchLoader` over ``data.<split>`` with the dataset's normalization.
 
     Args:
@@ -477,8 +531,14 @@ def make_loader(data: DatasetSplits, split: str, batch_size: int, device: str | 
     return BatchLoader(s, batch_size, data.mean, data.std, device=device, train=train, seed=seed, **kw)
 
 
-def calibration_loader(data: DatasetSplits, images: int, seed: int = 0, batch_size: int = 250,
-                       device: str | torch.device = "cpu", channels_last: bool = False) -> BatchLoader:
+def calibration_loader(
+    data: DatasetSplits,
+    images: int,
+    seed: int = 0,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+) -> BatchLoader:
     """The BN-calibration images: a seeded, class-stratified train subset with training augmentation.
 
     The baselines' running statistics were gathered on augmented images (random crop from reflect
@@ -487,6 +547,14 @@ def calibration_loader(data: DatasetSplits, images: int, seed: int = 0, batch_si
     own 91.44 %, on 4,096 augmented ones 91.48 % (``tests/test_bn.py`` checks the augmented case). The
     crops and flips are drawn from ``seed``.
     """
-    return make_loader(data, "train", batch_size, device=device, seed=seed,
-                       subset=min(images, len(data.train)), augment=True, flip=data.hflip,
-                       channels_last=channels_last)
+    return make_loader(
+        data,
+        "train",
+        batch_size,
+        device=device,
+        seed=seed,
+        subset=min(images, len(data.train)),
+        augment=True,
+        flip=data.hflip,
+        channels_last=channels_last,
+    )

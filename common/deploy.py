@@ -12,13 +12,14 @@ Every partition computes the same function up to float rounding; the tests check
 :func:`fastest_latency` (deployment, then timing of the whole model with :mod:`common.latency`) is
 the project's one way to time a model.
 """
+
 from __future__ import annotations
 
 import copy
 import itertools
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -30,8 +31,16 @@ from .layers import ConvGeometry, FactorizedConv, conv_cost
 
 Tensor = torch.Tensor
 
-__all__ = ["merge_convs", "chain_forms", "build_form", "form_macs", "deploy_model", "fastest_latency",
-           "DeployedChain", "LayerDeployment"]
+__all__ = [
+    "merge_convs",
+    "chain_forms",
+    "build_form",
+    "form_macs",
+    "deploy_model",
+    "fastest_latency",
+    "DeployedChain",
+    "LayerDeployment",
+]
 
 
 def _pad_of(conv: nn.Conv2d, axis: int) -> int | str:
@@ -72,8 +81,15 @@ def merge_convs(convs: Sequence[nn.Conv2d]) -> nn.Conv2d:
             raise ValueError(f"cannot merge: {a.out_channels} output channels feed {b.in_channels} inputs")
     geometry = _merged_geometry(convs)
     last = convs[-1]
-    merged = nn.Conv2d(convs[0].in_channels, last.out_channels, groups=g, bias=last.bias is not None,
-                       device=last.weight.device, dtype=last.weight.dtype, **geometry)
+    merged = nn.Conv2d(
+        convs[0].in_channels,
+        last.out_channels,
+        groups=g,
+        bias=last.bias is not None,
+        device=last.weight.device,
+        dtype=last.weight.dtype,
+        **geometry,
+    )
     with torch.no_grad():
         merged.weight.copy_(_weight_product(convs, g).reshape(merged.weight.shape).to(merged.weight.dtype))
         if last.bias is not None:
@@ -90,8 +106,11 @@ def _merged_geometry(convs: Sequence[nn.Conv2d]) -> dict:
         if len(active) > 1:
             raise ValueError(f"cannot merge: convs {active} all act along axis {'HW'[axis]}")
         spatial.append(active[0] if active else None)
-    modes = {convs[i].padding_mode for axis, i in enumerate(spatial)
-             if i is not None and _pad_of(convs[i], axis) not in (0, "valid")}
+    modes = {
+        convs[i].padding_mode
+        for axis, i in enumerate(spatial)
+        if i is not None and _pad_of(convs[i], axis) not in (0, "valid")
+    }
     if len(modes) > 1:
         raise ValueError(f"cannot merge convs with different padding modes {sorted(modes)}")
     kernel, stride, dilation, padding = [], [], [], []
@@ -110,8 +129,13 @@ def _merged_geometry(convs: Sequence[nn.Conv2d]) -> dict:
         pad_arg: tuple[int, int] | str = strings.pop()
     else:
         pad_arg = (int(padding[0]), int(padding[1]))
-    return {"kernel_size": tuple(kernel), "stride": tuple(stride), "padding": pad_arg, "dilation": tuple(dilation),
-            "padding_mode": modes.pop() if modes else "zeros"}
+    return {
+        "kernel_size": tuple(kernel),
+        "stride": tuple(stride),
+        "padding": pad_arg,
+        "dilation": tuple(dilation),
+        "padding_mode": modes.pop() if modes else "zeros",
+    }
 
 
 def _weight_product(convs: Sequence[nn.Conv2d], g: int) -> Tensor:
@@ -119,7 +143,7 @@ def _weight_product(convs: Sequence[nn.Conv2d], g: int) -> Tensor:
     weight = None
     for c in convs:
         w = c.weight.detach().to(torch.float64)
-        w = w.reshape(g, w.shape[0] // g, *w.shape[1:])                      # (G, out, in, kh, kw)
+        w = w.reshape(g, w.shape[0] // g, *w.shape[1:])  # (G, out, in, kh, kw)
         if weight is None:
             weight = w
             continue
@@ -166,7 +190,7 @@ def build_form(layer: FactorizedConv, form: Sequence[int]) -> DeployedChain:
         raise ValueError(f"form {tuple(form)} does not partition {len(stages)} stages of {layer.method} layer")
     convs, i = [], 0
     for length in form:
-        convs.append(merge_convs(stages[i:i + length]))
+        convs.append(merge_convs(stages[i : i + length]))
         i += length
     return DeployedChain(convs, tuple(form), f"{layer.method}{layer.ranks}")
 
@@ -195,19 +219,28 @@ class LayerDeployment:
     times_ms: dict = field(default_factory=dict)  # form (as str) -> median ms, when timed
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "method": self.method, "ranks": list(self.ranks),
-                "input_shape": list(self.input_shape), "form": list(self.form), "macs": self.macs,
-                "factorized_macs": self.factorized_macs, "times_ms": dict(self.times_ms)}
+        return {
+            "name": self.name,
+            "method": self.method,
+            "ranks": list(self.ranks),
+            "input_shape": list(self.input_shape),
+            "form": list(self.form),
+            "macs": self.macs,
+            "factorized_macs": self.factorized_macs,
+            "times_ms": dict(self.times_ms),
+        }
 
 
-def _layer_inputs(model: nn.Module, input_shape: Sequence[int], device: torch.device,
-                  dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
+def _layer_inputs(
+    model: nn.Module, input_shape: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, FactorizedConv):
-            hooks.append(mod.register_forward_hook(
-                lambda m, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape))))
+            hooks.append(
+                mod.register_forward_hook(lambda m, inp, out, name=name: shapes.__setitem__(name, tuple(inp[0].shape)))
+            )
     try:
         with torch.inference_mode():
             model(torch.zeros(*input_shape, device=device, dtype=dtype))
@@ -217,12 +250,23 @@ def _layer_inputs(model: nn.Module, input_shape: Sequence[int], device: torch.de
     return shapes
 
 
-def _time_forms(layer: FactorizedConv, forms: Sequence[tuple[int, ...]], shape: tuple[int, ...], setting: tuple,
-                timing_cache: dict | None, **timing) -> dict[str, float]:
+def _time_forms(
+    layer: FactorizedConv,
+    forms: Sequence[tuple[int, ...]],
+    shape: tuple[int, ...],
+    setting: tuple,
+    timing_cache: dict | None,
+    **timing,
+) -> dict[str, float]:
     """Median ms of each partition of ``layer`` on an input of ``shape`` (``timing``: measure_latency's
     setting, ``setting`` its hashable form); ``timing_cache`` serves and keeps the timings."""
-    key_base = (tuple(tuple(c.weight.shape) for c in layer.stages()), repr(layer.geometry), layer.padding_mode,
-                shape, setting)
+    key_base = (
+        tuple(tuple(c.weight.shape) for c in layer.stages()),
+        repr(layer.geometry),
+        layer.padding_mode,
+        shape,
+        setting,
+    )
     times: dict[str, float] = {}
     for f in forms:
         key = key_base + (f,)
@@ -235,11 +279,20 @@ def _time_forms(layer: FactorizedConv, forms: Sequence[tuple[int, ...]], shape: 
     return times
 
 
-def deploy_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), *, choose: str = "latency",
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 channels_last: bool = False, threads: int | None = None, cuda_graph: bool = False,
-                 warmup: int = 2, iters: int = 5, timing_cache: dict | None = None
-                 ) -> tuple[nn.Module, list[LayerDeployment]]:
+def deploy_model(
+    model: nn.Module,
+    input_shape: Sequence[int] = (1, 3, 32, 32),
+    *,
+    choose: str = "latency",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    threads: int | None = None,
+    cuda_graph: bool = False,
+    warmup: int = 2,
+    iters: int = 5,
+    timing_cache: dict | None = None,
+) -> tuple[nn.Module, list[LayerDeployment]]:
     """A copy of ``model`` with every factorized layer replaced by its fastest exact partition.
 
     Args:
@@ -274,23 +327,45 @@ def deploy_model(model: nn.Module, input_shape: Sequence[int] = (1, 3, 32, 32), 
         if choose == "macs":
             best = min(forms, key=lambda f: (macs[f], len(f)))
         else:
-            times = _time_forms(layer, forms, shape, setting, timing_cache, device=dev, threads=threads,
-                                channels_last=channels_last, dtype=dtype, cuda_graph=cuda_graph, warmup=warmup,
-                                iters=iters)
+            times = _time_forms(
+                layer,
+                forms,
+                shape,
+                setting,
+                timing_cache,
+                device=dev,
+                threads=threads,
+                channels_last=channels_last,
+                dtype=dtype,
+                cuda_graph=cuda_graph,
+                warmup=warmup,
+                iters=iters,
+            )
             best = min(forms, key=lambda f: (times[str(f)], macs[f]))
         chain = build_form(layer, best).to(device=dev, dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(out.get_submodule(parent_name) if parent_name else out, child, chain)
-        report.append(LayerDeployment(name, layer.method, layer.ranks, shape, best, macs[best],
-                                      macs[(1,) * n], times))
+        report.append(LayerDeployment(name, layer.method, layer.ranks, shape, best, macs[best], macs[(1,) * n], times))
     return out, report
 
 
-def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, threads: int | None = None, cuda_graph: bool = False,
-                    formats: tuple[bool, ...] = (False, True), deploy: str | None = "latency",
-                    warmup: int = 10, iters: int = 50, deploy_warmup: int = 2, deploy_iters: int = 5,
-                    timing_cache: dict | None = None, return_model: bool = False) -> dict:
+def fastest_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    cuda_graph: bool = False,
+    formats: tuple[bool, ...] = (False, True),
+    deploy: str | None = "latency",
+    warmup: int = 10,
+    iters: int = 50,
+    deploy_warmup: int = 2,
+    deploy_iters: int = 5,
+    timing_cache: dict | None = None,
+    return_model: bool = False,
+) -> dict:
     """Latency of ``model`` in its fastest exact form: the project's one way to time a model.
 
     For each memory format in ``formats`` (``False`` = contiguous, ``True`` = channels_last), the
@@ -315,9 +390,19 @@ def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
         # the chains as factorized are one more candidate: per-layer timings do not add up exactly
         candidates = [(copy.deepcopy(model), {})]
         if deploy and factorized:
-            m, report = deploy_model(model, input_shape, choose=deploy, device=device, dtype=dtype, channels_last=cl,
-                                     threads=threads, cuda_graph=cuda_graph, warmup=deploy_warmup,
-                                     iters=deploy_iters, timing_cache=timing_cache)
+            m, report = deploy_model(
+                model,
+                input_shape,
+                choose=deploy,
+                device=device,
+                dtype=dtype,
+                channels_last=cl,
+                threads=threads,
+                cuda_graph=cuda_graph,
+                warmup=deploy_warmup,
+                iters=deploy_iters,
+                timing_cache=timing_cache,
+            )
             candidates.append((m, dict(Counter(str(r.form) for r in report))))
         for m, forms in candidates:
             r = measure_latency(m, input_shape, device, threads, cl, dtype, cuda_graph, warmup, iters)
@@ -326,8 +411,13 @@ def fastest_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
             kind = bool(forms)
             if kind not in best or r["median_ms"] < best[kind]["median_ms"]:
                 macs = count_model(copy.deepcopy(m).float().cpu(), (1, *input_shape[1:])).conv_macs
-                best[kind] = {"median_ms": r["median_ms"], "channels_last": cl, "deployed": kind,
-                              "forms": forms, "conv_macs": macs}
+                best[kind] = {
+                    "median_ms": r["median_ms"],
+                    "channels_last": cl,
+                    "deployed": kind,
+                    "forms": forms,
+                    "conv_macs": macs,
+                }
                 if return_model:
                     best[kind]["model"] = m
         del candidates

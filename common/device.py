@@ -3,6 +3,7 @@
 Kept apart from training and timing so that :mod:`common.latency`, :mod:`common.deploy` and
 :mod:`common.train` can all resolve devices without importing each other.
 """
+
 from __future__ import annotations
 
 import torch

@@ -32,9 +32,10 @@ updates (checked in tests/test_evbmf.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -99,8 +100,9 @@ def _tau(x: np.ndarray, alpha: float) -> np.ndarray:
     return 0.5 * (b + np.sqrt(np.maximum(b * b - 4.0 * alpha, 0.0)))
 
 
-def _free_energy(log_s2: np.ndarray, s2_top: np.ndarray, tail_s2: float, L: int, M: int,
-                 alpha: float, x_bar: float) -> np.ndarray:
+def _free_energy(
+    log_s2: np.ndarray, s2_top: np.ndarray, tail_s2: float, L: int, M: int, alpha: float, x_bar: float
+) -> np.ndarray:
     """M-scaled EVB free energy (up to constants) at each ``log sigma^2`` in ``log_s2``.
 
     For a kept component ``x + Psi(tau(x))`` is evaluated as
@@ -121,13 +123,14 @@ def _free_energy(log_s2: np.ndarray, s2_top: np.ndarray, tail_s2: float, L: int,
         x = s2_top[None, :] / (M * sigma2[:, None])
         kept = x > x_bar
         tau = _tau(np.where(kept, x, x_bar), alpha)
-        kept_energy = (1.0 + alpha + alpha / tau + np.log1p(tau) + alpha * np.log1p(tau / alpha))
+        kept_energy = 1.0 + alpha + alpha / tau + np.log1p(tau) + alpha * np.log1p(tau / alpha)
         energy = energy + np.where(kept, kept_energy, x).sum(axis=1)
     return energy
 
 
-def _free_energy_slope(log_s2: float, s2_top: np.ndarray, tail_s2: float, L: int, M: int,
-                       alpha: float, x_bar: float) -> float:
+def _free_energy_slope(
+    log_s2: float, s2_top: np.ndarray, tail_s2: float, L: int, M: int, alpha: float, x_bar: float
+) -> float:
     """d F / d log(sigma^2) of :func:`_free_energy` at one point (piecewise smooth: it jumps
     where a component crosses the threshold, which sign bisection tolerates)."""
     sigma2 = math.exp(log_s2)
@@ -161,8 +164,7 @@ def _bisect_slope(slope: Callable[[float], float], a: float, b: float) -> float:
     return 0.5 * (a + b)
 
 
-def _estimate_sigma2(s: np.ndarray, L: int, M: int, alpha: float, x_bar: float,
-                     n_keep_max: int) -> float:
+def _estimate_sigma2(s: np.ndarray, L: int, M: int, alpha: float, x_bar: float, n_keep_max: int) -> float:
     """Global minimiser of the free energy over the paper's sigma^2 interval.
 
     ``s`` is normalised so that ``sum(s**2) == L*M`` (upper bound 1), which makes the result
@@ -170,20 +172,19 @@ def _estimate_sigma2(s: np.ndarray, L: int, M: int, alpha: float, x_bar: float,
     """
     h_bar = n_keep_max
     tail = s[h_bar:]
-    lower = max(s[h_bar] ** 2 / (M * x_bar), float(np.sum(tail ** 2)) / (M * (L - h_bar)))
+    lower = max(s[h_bar] ** 2 / (M * x_bar), float(np.sum(tail**2)) / (M * (L - h_bar)))
     lower = min(max(lower, _SIGMA2_REL_FLOOR), 1.0)
     lo, hi = math.log(lower), 0.0
     if hi - lo <= 1e-12:
         return lower
     s2_top = s[:h_bar] ** 2
-    tail_s2 = float(np.sum(tail ** 2))
+    tail_s2 = float(np.sum(tail**2))
 
     grid = np.linspace(lo, hi, _GRID_POINTS)
     values = _free_energy(grid, s2_top, tail_s2, L, M, alpha, x_bar)
     i = int(np.argmin(values))
     a, b = float(grid[max(i - 1, 0)]), float(grid[min(i + 1, _GRID_POINTS - 1)])
-    t_ref = _bisect_slope(
-        lambda t: _free_energy_slope(t, s2_top, tail_s2, L, M, alpha, x_bar), a, b)
+    t_ref = _bisect_slope(lambda t: _free_energy_slope(t, s2_top, tail_s2, L, M, alpha, x_bar), a, b)
     # Keep the refined point unless the bracket held two minima and bisection found the worse.
     f_ref = float(_free_energy(np.array([t_ref]), s2_top, tail_s2, L, M, alpha, x_bar)[0])
     t_best = t_ref if f_ref <= values[i] + 1e-12 * abs(values[i]) else float(grid[i])
@@ -201,8 +202,10 @@ def _validate_spectrum(s: Any, L: int, M: int) -> np.ndarray:
     if s.ndim != 1:
         raise ValueError(f"evbmf: singular values must be 1-D, got shape {s.shape}")
     if s.shape[0] != min(L, M):
-        raise ValueError(f"evbmf: expected min(L, M) = {min(L, M)} singular values for a "
-                         f"{L}x{M} matrix, got {s.shape[0]} (the full spectrum is needed)")
+        raise ValueError(
+            f"evbmf: expected min(L, M) = {min(L, M)} singular values for a "
+            f"{L}x{M} matrix, got {s.shape[0]} (the full spectrum is needed)"
+        )
     if not np.all(np.isfinite(s)):
         raise ValueError("evbmf: singular values contain NaN or Inf")
     if np.any(s < 0):
@@ -245,7 +248,7 @@ def evbmf_rank_from_singular_values(s: np.ndarray, L: int, M: int) -> EVBMFResul
     thr_n = math.sqrt(M * sig2_n * x_bar)
     rank = min(int(np.count_nonzero(s_n > thr_n)), max(h_bar, 0))
     kept = s_n[:rank]
-    x = kept ** 2 / (M * sig2_n)
+    x = kept**2 / (M * sig2_n)
     shrunk = kept * _tau(x, alpha) / x * scale if rank else np.zeros(0)
     return EVBMFResult(rank, sig2_n * scale2, _frozen(shrunk), thr_n * scale)
 

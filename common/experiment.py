@@ -7,6 +7,7 @@ field (``--field-name``), generated from the dataclass (:func:`config_parser`). 
 same ``run_id`` resumes: finished stages (baseline, each plan, each final) are read back from the log,
 and an interrupted search continues from its last recorded candidate.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,15 +16,16 @@ import datetime as _dt
 import json
 import platform
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from finetuned.train_baseline import main as train_baseline
 
+from .config import ExperimentConfig, config_from_args, config_parser
 from .cost import count_model
 from .data import DatasetSplits, load_dataset, make_loader
 from .deploy import fastest_latency
@@ -36,8 +38,6 @@ from .search import SearchConfig, SearchResult, build_searcher
 from .surgery import LayerPlan, list_conv_layers, plan_from_dict
 from .train import evaluate, finetune
 
-from .config import ExperimentConfig, config_from_args, config_parser
-
 
 def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
     p = config_parser("python -m common.experiment", __doc__)
@@ -49,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:
 
 
 # --- the run ---------------------------------------------------------------------------------------- #
+
 
 @dataclass
 class _Run:
@@ -69,6 +70,7 @@ def _log_say(log: RunLog, progress: bool):
         log.comment(msg)
         if progress:
             print(msg, flush=True)
+
     return say
 
 
@@ -87,8 +89,18 @@ def resolve_checkpoint(cfg: ExperimentConfig, data) -> Path | None:
     out = default_cache_dir() / "baselines"
     pt = out / f"{cfg.model}-{cfg.dataset if cfg.dataset != 'auto' else data.name}.pt"
     if not pt.exists():
-        args = ["--model", cfg.model, "--dataset", data.name, "--out", str(out), "--seed", str(cfg.seed),
-                "--device", cfg.device]
+        args = [
+            "--model",
+            cfg.model,
+            "--dataset",
+            data.name,
+            "--out",
+            str(out),
+            "--seed",
+            str(cfg.seed),
+            "--device",
+            cfg.device,
+        ]
         if cfg.data_root:
             args += ["--data-root", cfg.data_root]
         if not cfg.progress:
@@ -101,13 +113,19 @@ def _latency(model: nn.Module, cfg: ExperimentConfig, image_size: int, device: t
     """Median forward latency (ms) per setting, each in its fastest exact deployment and memory format."""
     out = {}
     cpu_model = copy.deepcopy(model).cpu().eval()
-    for b in (cfg.latency_batches if "cpu" in cfg.latency_devices else ()):
+    for b in cfg.latency_batches if "cpu" in cfg.latency_devices else ():
         r = fastest_latency(cpu_model, (b, 3, image_size, image_size), threads=cfg.latency_threads)
         out[f"cpu_b{b}"] = r["median_ms"]
         out[f"cpu_b{b}_channels_last"] = bool(r["channels_last"])
     if device.type == "cuda" and "cuda" in cfg.latency_devices:
-        r = fastest_latency(model, (256, 3, image_size, image_size), device=device, dtype=torch.bfloat16,
-                            formats=(True,), cuda_graph=True)
+        r = fastest_latency(
+            model,
+            (256, 3, image_size, image_size),
+            device=device,
+            dtype=torch.bfloat16,
+            formats=(True,),
+            cuda_graph=True,
+        )
         out["cuda_b256_bf16_graph"] = r["median_ms"]
     return out
 
@@ -121,8 +139,17 @@ def _plan_layer_costs(searcher, plan) -> list[dict]:
     for ls in searcher.space.layers:
         lp = plan.get(ls.info.name, LayerPlan("dense"))
         p, m = ls.cost(lp)
-        rows.append({"name": ls.info.name, "method": lp.method, "ranks": list(lp.ranks), "params": p, "macs": m,
-                     "dense_params": ls.info.params, "dense_macs": ls.info.macs})
+        rows.append(
+            {
+                "name": ls.info.name,
+                "method": lp.method,
+                "ranks": list(lp.ranks),
+                "params": p,
+                "macs": m,
+                "dense_params": ls.info.params,
+                "dense_macs": ls.info.macs,
+            }
+        )
     return rows
 
 
@@ -144,13 +171,29 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     model.to(device)
     layers = list_conv_layers(model, (1, 3, data.image_size, data.image_size))
     if log.find("layers") is None:
-        log.write("layers", f"{len(layers)} conv layers",
-                  layers=[{k: v for k, v in i.to_dict().items()} for i in layers])
+        log.write(
+            "layers", f"{len(layers)} conv layers", layers=[{k: v for k, v in i.to_dict().items()} for i in layers]
+        )
     return _run_stages(_Run(cfg, log, say, device, data, model, base, t_start))
 
 
-_RESUME_KEYS = ("model", "dataset", "checkpoint", "metric", "seed", "calib_images", "val_images", "sensitivity_levels",
-                "rank_multiple", "search_budget", "n_seeds", "proxy", "rerank", "shapes", "final_calib_images")
+_RESUME_KEYS = (
+    "model",
+    "dataset",
+    "checkpoint",
+    "metric",
+    "seed",
+    "calib_images",
+    "val_images",
+    "sensitivity_levels",
+    "rank_multiple",
+    "search_budget",
+    "n_seeds",
+    "proxy",
+    "rerank",
+    "shapes",
+    "final_calib_images",
+)
 """Config fields a resumed run must share with the logged one (the others may change between sessions)."""
 
 
@@ -162,15 +205,22 @@ def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Call
     cfg_dict = dataclasses.asdict(cfg) | {"run_id": run_id}
     prev = log.find("config")
     if prev is None:
-        log.write("config", f"{cfg.model} on {cfg.dataset}, targets {list(cfg.targets)}", **cfg_dict,
-                  torch=torch.__version__, host=platform.node(), machine=platform.processor() or platform.machine(),
-                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        log.write(
+            "config",
+            f"{cfg.model} on {cfg.dataset}, targets {list(cfg.targets)}",
+            **cfg_dict,
+            torch=torch.__version__,
+            host=platform.node(),
+            machine=platform.processor() or platform.machine(),
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
         return log, say
     changed = [k for k in _RESUME_KEYS if json.dumps(prev.get(k)) != json.dumps(cfg_dict.get(k), default=list)]
     if changed:
-        raise ValueError(f"run id {run_id!r} already exists in {log.path} with different {changed}; "
-                         "pick another run_id")
+        raise ValueError(
+            f"run id {run_id!r} already exists in {log.path} with different {changed}; pick another run_id"
+        )
     say(f"resuming run {run_id} from {log.path}")
     return log, say
 
@@ -185,8 +235,9 @@ def _dense_model(cfg: ExperimentConfig, data: DatasetSplits) -> tuple[nn.Module,
     return model.eval(), ckpt
 
 
-def _baseline(cfg: ExperimentConfig, log: RunLog, model: nn.Module, data: DatasetSplits, device: torch.device,
-              ckpt: Path | None) -> dict:
+def _baseline(
+    cfg: ExperimentConfig, log: RunLog, model: nn.Module, data: DatasetSplits, device: torch.device, ckpt: Path | None
+) -> dict:
     """The logged ``baseline`` record: read back, or the dense model evaluated, counted (and timed) now."""
     base = log.find("baseline")
     if base is not None:
@@ -196,9 +247,16 @@ def _baseline(cfg: ExperimentConfig, log: RunLog, model: nn.Module, data: Datase
     ev = _evaluate_splits(model, data, device)
     cost = count_model(model, (1, 3, size, size))
     lat = _latency(model, cfg, size, device) if cfg.latency else {}
-    base = log.write("baseline", f"val {ev['val']['top1']:.4f} test {ev['test']['top1']:.4f}",
-                     val_top1=ev["val"]["top1"], test_top1=ev["test"]["top1"], val_loss=ev["val"]["loss"],
-                     checkpoint=str(ckpt) if ckpt else None, latency=lat, **cost.to_dict())
+    base = log.write(
+        "baseline",
+        f"val {ev['val']['top1']:.4f} test {ev['test']['top1']:.4f}",
+        val_top1=ev["val"]["top1"],
+        test_top1=ev["test"]["top1"],
+        val_loss=ev["val"]["loss"],
+        checkpoint=str(ckpt) if ckpt else None,
+        latency=lat,
+        **cost.to_dict(),
+    )
     log.write("timing", stage="baseline", seconds=time.perf_counter() - t)
     return base
 
@@ -211,8 +269,9 @@ def _decompositions(cfg: ExperimentConfig) -> list[tuple[str, list[str]]]:
     return decomps
 
 
-def _stage_keys(cfg: ExperimentConfig, decomps: Sequence[tuple[str, list[str]]],
-                seeds: Sequence[int]) -> Iterator[dict]:
+def _stage_keys(
+    cfg: ExperimentConfig, decomps: Sequence[tuple[str, list[str]]], seeds: Sequence[int]
+) -> Iterator[dict]:
     """Every (method, target, decomposition, seed) stage, as the key of its records."""
     # Targets outermost, then seeds, so that an interrupted or time-boxed run has whole budgets done first.
     for target in cfg.targets:
@@ -245,20 +304,46 @@ def _run_stages(run: _Run) -> list[dict]:
     return finals
 
 
-def _build_searchers(cfg: ExperimentConfig, log: RunLog, say, model: nn.Module, data, device: torch.device,
-                     decompositions: Sequence[str], seeds: Sequence[int]) -> dict:
+def _build_searchers(
+    cfg: ExperimentConfig,
+    log: RunLog,
+    say,
+    model: nn.Module,
+    data,
+    device: torch.device,
+    decompositions: Sequence[str],
+    seeds: Sequence[int],
+) -> dict:
     """One searcher per (decomposition, seed), sharing the dense model's spectra cache."""
-    search_cfg = SearchConfig(sensitivity_levels=tuple(cfg.sensitivity_levels), rounds=cfg.policy_rounds,
-                              temperature=cfg.temperature, rerank=cfg.rerank, shapes=tuple(cfg.shapes))
+    search_cfg = SearchConfig(
+        sensitivity_levels=tuple(cfg.sensitivity_levels),
+        rounds=cfg.policy_rounds,
+        temperature=cfg.temperature,
+        rerank=cfg.rerank,
+        shapes=tuple(cfg.shapes),
+    )
     out, spectra = {}, None
     for decomposition in decompositions:
         for seed in seeds:
             t = time.perf_counter()
             out[decomposition, seed] = s = build_searcher(
-                model, data, decomposition=decomposition, proxy=cfg.proxy, calib_images=cfg.calib_images,
-                val_images=cfg.val_images, device=device, seed=seed, multiple=cfg.rank_multiple, recorder=log,
-                config=search_cfg, progress=say, spectra=spectra, tag={"decomposition": decomposition, "seed": seed},
-                channels_last=True, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                model,
+                data,
+                decomposition=decomposition,
+                proxy=cfg.proxy,
+                calib_images=cfg.calib_images,
+                val_images=cfg.val_images,
+                device=device,
+                seed=seed,
+                multiple=cfg.rank_multiple,
+                recorder=log,
+                config=search_cfg,
+                progress=say,
+                spectra=spectra,
+                tag={"decomposition": decomposition, "seed": seed},
+                channels_last=True,
+                amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
+            )
             spectra = s.spectra
             log.write("timing", stage=f"setup_{decomposition}_s{seed}", seconds=time.perf_counter() - t)
     return out
@@ -272,27 +357,43 @@ def _plan_record(cfg: ExperimentConfig, log: RunLog, searcher, method: str, targ
     if method == "policy" and not searcher.profiled:
         t = time.perf_counter()
         searcher.sensitivity()
-        log.write("timing", stage=f"sensitivity_{key['decomposition']}_s{key['seed']}",
-                  seconds=time.perf_counter() - t)
+        log.write("timing", stage=f"sensitivity_{key['decomposition']}_s{key['seed']}", seconds=time.perf_counter() - t)
     res: SearchResult = searcher.run(method, target, cfg.metric, cfg.search_budget, key["seed"])
     rec = res.record()
     val = f", val {res.val_top1:.4f}" if res.val_top1 is not None else ""
-    return log.write("plan", f"{method} x{target:g} {key['decomposition']} seed {key['seed']}: "
-                             f"{res.proxy} {res.score:.5g}{val}, x{res.macs_factor:.2f} MACs, "
-                             f"{res.evaluations} evals, {res.seconds:.0f}s",
-                     **{k: v for k, v in rec.items() if k not in ("method", "target", "seed")}, **key,
-                     search_seconds=res.seconds, layer_costs=_plan_layer_costs(searcher, res.plan))
+    return log.write(
+        "plan",
+        f"{method} x{target:g} {key['decomposition']} seed {key['seed']}: "
+        f"{res.proxy} {res.score:.5g}{val}, x{res.macs_factor:.2f} MACs, "
+        f"{res.evaluations} evals, {res.seconds:.0f}s",
+        **{k: v for k, v in rec.items() if k not in ("method", "target", "seed")},
+        **key,
+        search_seconds=res.seconds,
+        layer_costs=_plan_layer_costs(searcher, res.plan),
+    )
 
 
 def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
     """BN-recalibrate, evaluate, optionally finetune, count and time one chosen plan; log ``final``."""
     t0 = time.perf_counter()
     cfg = run.cfg
-    comp = final_model(run.model, plan_from_dict(prec["plan"]), searcher.spectra, run.data, cfg.final_calib_images,
-                       key["seed"], run.device)
+    comp = final_model(
+        run.model,
+        plan_from_dict(prec["plan"]),
+        searcher.spectra,
+        run.data,
+        cfg.final_calib_images,
+        key["seed"],
+        run.device,
+    )
     ev = _evaluate_splits(comp, run.data, run.device)
-    rec = {"val_top1_bn": ev["val"]["top1"], "test_top1_bn": ev["test"]["top1"], "val_top1_ft": None,
-           "test_top1_ft": None, "finetune_epochs": None}
+    rec = {
+        "val_top1_bn": ev["val"]["top1"],
+        "test_top1_bn": ev["test"]["top1"],
+        "val_top1_ft": None,
+        "test_top1_ft": None,
+        "finetune_epochs": None,
+    }
     if cfg.finetune_epochs > 0 and key["target"] in cfg.finetune_targets_or_all():
         rec.update(_finetune_best(run, comp, key, ev["val"]["top1"]))
     return _write_final(run, comp, prec, key, rec, t0)
@@ -318,13 +419,25 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float) ->
     cfg = run.cfg
     teacher = copy.deepcopy(run.model) if cfg.distill else None
     best = _BestValEpoch(run.log, key, val_top1_bn, comp)
-    finetune(comp, run.data, cfg.finetune_config(key["seed"], run.data.hflip), teacher=teacher, device=run.device,
-             progress=cfg.progress, on_epoch_end=best)
+    finetune(
+        comp,
+        run.data,
+        cfg.finetune_config(key["seed"], run.data.hflip),
+        teacher=teacher,
+        device=run.device,
+        progress=cfg.progress,
+        on_epoch_end=best,
+    )
     comp.load_state_dict(best.state)
     comp.to(memory_format=torch.contiguous_format).eval()
     ev = _evaluate_splits(comp, run.data, run.device)
-    return {"finetune_selected_epoch": best.epoch, "val_top1_ft": ev["val"]["top1"], "test_top1_ft": ev["test"]["top1"],
-            "finetune_epochs": cfg.finetune_epochs, "finetune_seconds": time.perf_counter() - t}
+    return {
+        "finetune_selected_epoch": best.epoch,
+        "val_top1_ft": ev["val"]["top1"],
+        "test_top1_ft": ev["test"]["top1"],
+        "finetune_epochs": cfg.finetune_epochs,
+        "finetune_seconds": time.perf_counter() - t,
+    }
 
 
 def _write_final(run: _Run, comp: nn.Module, prec: dict, key: dict, rec: dict, t0: float) -> dict:
@@ -337,16 +450,31 @@ def _write_final(run: _Run, comp: nn.Module, prec: dict, key: dict, rec: dict, t
         "final",
         f"{key['method']} x{key['target']:g} {key['decomposition']}: test {rec['test_top1_bn']:.4f} after BN"
         + (f", {rec['test_top1_ft']:.4f} after finetune" if rec["test_top1_ft"] is not None else ""),
-        **key, **rec, params=cost.params, macs=cost.macs, conv_params=cost.conv_params, conv_macs=cost.conv_macs,
-        macs_factor=base["conv_macs"] / cost.conv_macs, params_factor=base["conv_params"] / cost.conv_params,
-        model_params_factor=base["params"] / cost.params, latency_ms=lat, speedup=_speedups(dense_lat, lat),
-        evaluations=prec.get("evaluations"), search_seconds=prec.get("search_seconds"),
+        **key,
+        **rec,
+        params=cost.params,
+        macs=cost.macs,
+        conv_params=cost.conv_params,
+        conv_macs=cost.conv_macs,
+        macs_factor=base["conv_macs"] / cost.conv_macs,
+        params_factor=base["conv_params"] / cost.conv_params,
+        model_params_factor=base["params"] / cost.params,
+        latency_ms=lat,
+        speedup=_speedups(dense_lat, lat),
+        evaluations=prec.get("evaluations"),
+        search_seconds=prec.get("search_seconds"),
         wall_seconds=time.perf_counter() - t0 + (prec.get("search_seconds") or 0.0),
-        proxy=prec.get("proxy"), proxy_score=prec.get("score"), proxy_val_top1=prec.get("val_top1"),
-        metric=cfg.metric, baseline_test_top1=base["test_top1"])
-    run.say(f"final {key}: test {rec['test_top1_bn']:.4f} (BN)"
-            + (f" / {rec['test_top1_ft']:.4f} (finetuned)" if rec["test_top1_ft"] is not None else "")
-            + f", x{out['macs_factor']:.2f} conv MACs")
+        proxy=prec.get("proxy"),
+        proxy_score=prec.get("score"),
+        proxy_val_top1=prec.get("val_top1"),
+        metric=cfg.metric,
+        baseline_test_top1=base["test_top1"],
+    )
+    run.say(
+        f"final {key}: test {rec['test_top1_bn']:.4f} (BN)"
+        + (f" / {rec['test_top1_ft']:.4f} (finetuned)" if rec["test_top1_ft"] is not None else "")
+        + f", x{out['macs_factor']:.2f} conv MACs"
+    )
     return out
 
 

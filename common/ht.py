@@ -24,12 +24,13 @@ The expensive part (leaf spectra and the fully rotated core) is computed once pe
 small Gram matrix of ``M`` (cached per ``(R1, R3)``), which is what makes a rank search over hundreds
 of plans cheap.
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -57,8 +58,10 @@ def _spectral_norm(m: Tensor) -> Tensor:
 
 def _check_kernel(weight: Tensor, groups: int, name: str) -> Tensor:
     if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"layer {name!r}: expected a 4-D conv kernel (T, C, kh, kw), got "
-                         f"{type(weight).__name__} of shape {tuple(getattr(weight, 'shape', ()))}")
+        raise ValueError(
+            f"layer {name!r}: expected a 4-D conv kernel (T, C, kh, kw), got "
+            f"{type(weight).__name__} of shape {tuple(getattr(weight, 'shape', ()))}"
+        )
     if groups < 1 or weight.shape[0] % groups:
         raise ValueError(f"layer {name!r}: {weight.shape[0]} output channels do not split into {groups} groups")
     weight = weight.detach()
@@ -149,9 +152,9 @@ class KernelSpectra:
         self.s1_sq, self.u1 = _sym_eig_desc((w_c @ w_c.transpose(1, 2)).double())
         self.s3_sq, self.u3 = _sym_eig_desc((w_t @ w_t.transpose(1, 2)).double())
         # Fully rotated core K[a, i, b, j], built with two matmuls (a 3-operand einsum is far slower).
-        k = self.u1.float().transpose(1, 2) @ w_c                          # (G, A, T·kh·kw)
+        k = self.u1.float().transpose(1, 2) @ w_c  # (G, A, T·kh·kw)
         k = k.reshape(groups, c, t, kh * kw).transpose(1, 2).reshape(groups, t, -1)
-        k = self.u3.float().transpose(1, 2) @ k                            # (G, B, A·kh·kw)
+        k = self.u3.float().transpose(1, 2) @ k  # (G, B, A·kh·kw)
         self._core32 = k.reshape(groups, t, c, kh, kw).permute(0, 2, 3, 1, 4).contiguous()
         self.core = self._core32.double()
         # HT-2/Tucker-2 residuals are measured against the core's own energy, not ‖W‖²: both then
@@ -239,8 +242,9 @@ class KernelSpectra:
         g1 = a.reshape(self.groups, r1, kh, r13).double()
         g2 = b.reshape(self.groups, r13, r3, kw).double()
         err = self._relative_error(float(kept), self._core_sq)
-        return HT2Factors(self.u1[:, :, :r1] * t[:, None, None], g1, g2, self.u3[:, :, :r3] * t[:, None, None],
-                          (r1, r3, r13), err)
+        return HT2Factors(
+            self.u1[:, :, :r1] * t[:, None, None], g1, g2, self.u3[:, :, :r3] * t[:, None, None], (r1, r3, r13), err
+        )
 
     def tucker2(self, ranks: Sequence[int]) -> Tucker2Factors:
         """Tucker-2 (truncated HOSVD) factors at ``ranks`` = (R1, R3); validated."""
@@ -251,8 +255,13 @@ class KernelSpectra:
         sc = _spectral_norm(core.reshape(self.groups, r3, -1))
         t = sc.clamp_min(1e-30) ** (1.0 / 3.0)
         core = core * (t / sc.clamp_min(1e-30)).view(-1, 1, 1, 1, 1)
-        return Tucker2Factors(self.u1[:, :, :r1] * t[:, None, None], core.contiguous(),
-                              self.u3[:, :, :r3] * t[:, None, None], (r1, r3), err)
+        return Tucker2Factors(
+            self.u1[:, :, :r1] * t[:, None, None],
+            core.contiguous(),
+            self.u3[:, :, :r3] * t[:, None, None],
+            (r1, r3),
+            err,
+        )
 
     def svd(self, ranks: Sequence[int]) -> SVDFactors:
         """Optimal rank-R factors of a 1×1 kernel, ``ranks`` = (R,); validated."""

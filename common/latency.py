@@ -7,6 +7,7 @@ input so that kernel-launch overhead is excluded. Warm-up iterations are never t
 Timing a factorized model in its fastest exact deployment, the project's one way to time a model, is
 :func:`common.deploy.fastest_latency` (deployment first, then these timings).
 """
+
 from __future__ import annotations
 
 import platform
@@ -21,16 +22,26 @@ from .device import resolve_device
 
 def _summary(times_ms: list[float]) -> dict:
     t = np.asarray(times_ms, dtype=np.float64)
-    return {"median_ms": float(np.median(t)), "p10_ms": float(np.percentile(t, 10)),
-            "p90_ms": float(np.percentile(t, 90))}
+    return {
+        "median_ms": float(np.median(t)),
+        "p10_ms": float(np.percentile(t, 10)),
+        "p90_ms": float(np.percentile(t, 90)),
+    }
 
 
 @torch.inference_mode()
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32),
-                    device: str | torch.device = "cpu", threads: int | None = None,
-                    channels_last: bool = False, dtype: torch.dtype = torch.float32,
-                    cuda_graph: bool = False, warmup: int = 10, iters: int = 50,
-                    seed: int = 0) -> dict:
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...] = (1, 3, 32, 32),
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
+    cuda_graph: bool = False,
+    warmup: int = 10,
+    iters: int = 50,
+    seed: int = 0,
+) -> dict:
     """Time ``iters`` forward passes of ``model`` on a random input of ``input_shape`` (``B x C x H x W``).
 
     The model is put in eval mode and converted to ``device``/``dtype`` (and channels_last) in
@@ -59,10 +70,16 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 
             times = _time_cuda(model, x, warmup, iters, cuda_graph)
     finally:
         torch.set_num_threads(old_threads)
-    return {**_summary(times), "iters": iters, "batch": int(input_shape[0]), "device": str(dev),
-            "threads": torch.get_num_threads() if threads is None else threads,
-            "channels_last": channels_last, "dtype": str(dtype).replace("torch.", ""),
-            "cuda_graph": cuda_graph}
+    return {
+        **_summary(times),
+        "iters": iters,
+        "batch": int(input_shape[0]),
+        "device": str(dev),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "channels_last": channels_last,
+        "dtype": str(dtype).replace("torch.", ""),
+        "cuda_graph": cuda_graph,
+    }
 
 
 def _time_cpu(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> list[float]:
@@ -76,8 +93,7 @@ def _time_cpu(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> lis
     return times
 
 
-def _time_cuda(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
-               cuda_graph: bool) -> list[float]:
+def _time_cuda(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, cuda_graph: bool) -> list[float]:
     if cuda_graph:
         static_x = x.clone()
         # warm up on a side stream before capture, as the CUDA-graph docs require
@@ -92,8 +108,10 @@ def _time_cuda(model: nn.Module, x: torch.Tensor, warmup: int, iters: int,
             model(static_x)
         step = graph.replay
     else:
+
         def step():
             model(x)
+
         for _ in range(warmup):
             step()
     if cuda_graph:
@@ -122,11 +140,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], *, rounds: int = 5,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                        channels_last: dict[str, bool] | None = None, threads: int | None = None,
-                        cuda_graph: bool = False, warmup: int = 3, iters: int = 10,
-                        reference: str | None = None) -> dict:
+def interleaved_latency(
+    models: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    rounds: int = 5,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: dict[str, bool] | None = None,
+    threads: int | None = None,
+    cuda_graph: bool = False,
+    warmup: int = 3,
+    iters: int = 10,
+    reference: str | None = None,
+) -> dict:
     """Time several models in alternation, ``rounds`` times each, for ratios robust to machine drift.
 
     On a shared or virtualised machine the speed of the same model can drift by tens of percent
@@ -145,8 +172,9 @@ def interleaved_latency(models: dict[str, nn.Module], input_shape: tuple[int, ..
     per: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for name, m in models.items():
-            r = measure_latency(m, input_shape, device, threads, channels_last.get(name, False), dtype, cuda_graph,
-                                warmup, iters)
+            r = measure_latency(
+                m, input_shape, device, threads, channels_last.get(name, False), dtype, cuda_graph, warmup, iters
+            )
             per[name].append(r["median_ms"])
     out: dict = {k: {"median_ms": float(np.median(v)), "rounds_ms": v} for k, v in per.items()}
     if reference is not None:

@@ -16,11 +16,12 @@ HT-2, for input C and output T channels and a kh×kw kernel::
 
 For G groups every stage is a grouped conv with G groups (each group decomposed on its own).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -35,14 +36,36 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _conv(cin: int, cout: int, kernel, *, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
-          bias: bool = False, padding_mode: str = "zeros", like: nn.Conv2d | None = None) -> nn.Conv2d:
+def _conv(
+    cin: int,
+    cout: int,
+    kernel,
+    *,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    bias: bool = False,
+    padding_mode: str = "zeros",
+    like: nn.Conv2d | None = None,
+) -> nn.Conv2d:
     dev = like.weight.device if like is not None else None
     dt = like.weight.dtype if like is not None else None
     # skip_init: the weights are overwritten with factors, and random init costs as much as the copy.
-    return torch.nn.utils.skip_init(nn.Conv2d, cin, cout, kernel, stride=stride, padding=padding,
-                                    dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
-                                    device=dev, dtype=dt)
+    return torch.nn.utils.skip_init(
+        nn.Conv2d,
+        cin,
+        cout,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+        device=dev,
+        dtype=dt,
+    )
 
 
 def _split_padding(padding, axis: int):
@@ -73,10 +96,18 @@ class ConvGeometry:
     bias: bool
 
     @classmethod
-    def of(cls, conv: nn.Conv2d) -> "ConvGeometry":
+    def of(cls, conv: nn.Conv2d) -> ConvGeometry:
         pad = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-        return cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), tuple(conv.stride), pad,
-                   tuple(conv.dilation), conv.groups, conv.bias is not None)
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            tuple(conv.kernel_size),
+            tuple(conv.stride),
+            pad,
+            tuple(conv.dilation),
+            conv.groups,
+            conv.bias is not None,
+        )
 
     def out_hw(self, in_hw: Sequence[int]) -> tuple[int, int]:
         """Output spatial size for input ``in_hw`` (PyTorch's formula, string paddings included)."""
@@ -142,8 +173,14 @@ class FactorizedConv(nn.Module):
         self.geometry = ConvGeometry.of(source)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: RankSpec, spectra: KernelSpectra | None = None,
-                  name: str = "<layer>", init: str = "decompose") -> "FactorizedConv":
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        ranks: RankSpec,
+        spectra: KernelSpectra | None = None,
+        name: str = "<layer>",
+        init: str = "decompose",
+    ) -> FactorizedConv:
         """Decompose ``conv`` at ``ranks`` (a tuple in :data:`common.ranks.RANK_NAMES` order, an int
         or a level) into a layer of this class.
 
@@ -193,10 +230,19 @@ class FactorizedConv(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` computing the same function, from the current factor weights."""
         last = self.stages()[-1]
-        dense = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-                          padding=self.padding, dilation=self.dilation, groups=self.groups,
-                          bias=last.bias is not None, padding_mode=self.padding_mode,
-                          device=last.weight.device, dtype=last.weight.dtype)
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=last.bias is not None,
+            padding_mode=self.padding_mode,
+            device=last.weight.device,
+            dtype=last.weight.dtype,
+        )
         with torch.no_grad():
             dense.weight.copy_(self.factors().reconstruct().to(dense.weight.dtype))
             if last.bias is not None:
@@ -212,8 +258,10 @@ class FactorizedConv(nn.Module):
 
     def extra_repr(self) -> str:
         names = ",".join(RANK_NAMES[self.method])
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"ranks=({names})={self.ranks}, stride={self.stride}, groups={self.groups}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"ranks=({names})={self.ranks}, stride={self.stride}, groups={self.groups}"
+        )
 
 
 class HT2Conv2d(FactorizedConv):
@@ -227,27 +275,49 @@ class HT2Conv2d(FactorizedConv):
         g = source.groups
         kh, kw = source.kernel_size
         self.first = _conv(source.in_channels, g * r1, 1, groups=g, like=source)
-        self.vertical = _conv(g * r1, g * r13, (kh, 1), stride=(source.stride[0], 1),
-                              padding=_split_padding(source.padding, 0), dilation=(source.dilation[0], 1),
-                              groups=g, padding_mode=source.padding_mode, like=source)
-        self.horizontal = _conv(g * r13, g * r3, (1, kw), stride=(1, source.stride[1]),
-                                padding=_split_padding(source.padding, 1), dilation=(1, source.dilation[1]),
-                                groups=g, padding_mode=source.padding_mode, like=source)
+        self.vertical = _conv(
+            g * r1,
+            g * r13,
+            (kh, 1),
+            stride=(source.stride[0], 1),
+            padding=_split_padding(source.padding, 0),
+            dilation=(source.dilation[0], 1),
+            groups=g,
+            padding_mode=source.padding_mode,
+            like=source,
+        )
+        self.horizontal = _conv(
+            g * r13,
+            g * r3,
+            (1, kw),
+            stride=(1, source.stride[1]),
+            padding=_split_padding(source.padding, 1),
+            dilation=(1, source.dilation[1]),
+            groups=g,
+            padding_mode=source.padding_mode,
+            like=source,
+        )
         self.last = _conv(g * r3, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
 
     def _stage_weights(self, f: HT2Factors) -> list[Tensor]:
-        return [f.u1.transpose(1, 2),          # (G, R1, C)
-                f.g1.permute(0, 3, 1, 2),      # (G, R13, R1, kh)
-                f.g2.permute(0, 2, 1, 3),      # (G, R3, R13, kw)
-                f.u3]                          # (G, T, R3)
+        return [
+            f.u1.transpose(1, 2),  # (G, R1, C)
+            f.g1.permute(0, 3, 1, 2),  # (G, R13, R1, kh)
+            f.g2.permute(0, 2, 1, 3),  # (G, R3, R13, kw)
+            f.u3,
+        ]  # (G, T, R3)
 
     def factors(self) -> HT2Factors:
         r1, r3, r13 = self.ranks
         kh, kw = self.kernel_size
-        return HT2Factors(self._split(self.first, r1, -1).transpose(1, 2),
-                          self._split(self.vertical, r13, r1, kh).permute(0, 2, 3, 1),
-                          self._split(self.horizontal, r3, r13, kw).permute(0, 2, 1, 3),
-                          self._split(self.last, -1, r3), self.ranks, math.nan)
+        return HT2Factors(
+            self._split(self.first, r1, -1).transpose(1, 2),
+            self._split(self.vertical, r13, r1, kh).permute(0, 2, 3, 1),
+            self._split(self.horizontal, r3, r13, kw).permute(0, 2, 1, 3),
+            self._split(self.last, -1, r3),
+            self.ranks,
+            math.nan,
+        )
 
 
 class Tucker2Conv2d(FactorizedConv):
@@ -260,8 +330,17 @@ class Tucker2Conv2d(FactorizedConv):
         r1, r3 = self.ranks
         g = source.groups
         self.first = _conv(source.in_channels, g * r1, 1, groups=g, like=source)
-        self.core = _conv(g * r1, g * r3, source.kernel_size, stride=source.stride, padding=source.padding,
-                          dilation=source.dilation, groups=g, padding_mode=source.padding_mode, like=source)
+        self.core = _conv(
+            g * r1,
+            g * r3,
+            source.kernel_size,
+            stride=source.stride,
+            padding=source.padding,
+            dilation=source.dilation,
+            groups=g,
+            padding_mode=source.padding_mode,
+            like=source,
+        )
         self.last = _conv(g * r3, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
 
     def _stage_weights(self, f: Tucker2Factors) -> list[Tensor]:
@@ -269,9 +348,13 @@ class Tucker2Conv2d(FactorizedConv):
 
     def factors(self) -> Tucker2Factors:
         r1, r3 = self.ranks
-        return Tucker2Factors(self._split(self.first, r1, -1).transpose(1, 2),
-                              self._split(self.core, r3, r1, *self.kernel_size),
-                              self._split(self.last, -1, r3), self.ranks, math.nan)
+        return Tucker2Factors(
+            self._split(self.first, r1, -1).transpose(1, 2),
+            self._split(self.core, r3, r1, *self.kernel_size),
+            self._split(self.last, -1, r3),
+            self.ranks,
+            math.nan,
+        )
 
 
 class SVDConv2d(FactorizedConv):
@@ -283,8 +366,17 @@ class SVDConv2d(FactorizedConv):
         super().__init__(tuple(ranks), source)
         (r,) = self.ranks
         g = source.groups
-        self.first = _conv(source.in_channels, g * r, 1, stride=source.stride, padding=source.padding,
-                           dilation=source.dilation, groups=g, padding_mode=source.padding_mode, like=source)
+        self.first = _conv(
+            source.in_channels,
+            g * r,
+            1,
+            stride=source.stride,
+            padding=source.padding,
+            dilation=source.dilation,
+            groups=g,
+            padding_mode=source.padding_mode,
+            like=source,
+        )
         self.last = _conv(g * r, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
 
     def _stage_weights(self, f: SVDFactors) -> list[Tensor]:

@@ -14,11 +14,12 @@ ImageNet variants (224x224 inputs, torchvision as is, ``weights=None``; never do
 decomposition literature), ``alexnet_imagenet``, ``mobilenet_v2_imagenet``. Pass ``weights_path``
 to load a local state_dict file.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -75,8 +76,7 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODEL_NAMES)}")
 
 
-def build_model(name: str, num_classes: int | None = None,
-                weights_path: str | Path | None = None) -> nn.Module:
+def build_model(name: str, num_classes: int | None = None, weights_path: str | Path | None = None) -> nn.Module:
     """Build model ``name`` with fresh (seeded by the global RNG) weights, fp32, train mode.
 
     Args:
@@ -102,10 +102,11 @@ def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors, or a dict with a "
-                         "'model'/'state_dict' entry)")
+        raise ValueError(
+            f"{path} does not hold a state_dict (a dict of tensors, or a dict with a 'model'/'state_dict' entry)"
+        )
     if obj and all(k.startswith("module.") for k in obj):  # saved from a DDP wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
@@ -127,14 +128,25 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
+
         def fmt(items: list[str]) -> str:
             return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-        parts = [f"{label} [{fmt(items)}]" for label, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected),
-                  ("shape mismatches", shapes)) if items]
+
+        parts = [
+            f"{label} [{fmt(items)}]"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
         raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
     return model

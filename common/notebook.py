@@ -11,13 +11,15 @@ logic lives here and in :mod:`common.experiment` / :mod:`common.analysis`, so it
 * :func:`show_results` / :func:`show_plots`: the run's summary table (a DataFrame) and its plots,
   read back from the run log and drawn inline.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -57,9 +59,16 @@ def default_params(model: str) -> dict[str, str | None]:
     return {"dataset": "digits", "data_root": None, "checkpoint": "auto"}
 
 
-def experiment_config(model: str, *, dataset: str = "auto", data_root: str | os.PathLike | None = None,
-                      checkpoint: str | os.PathLike | None = "auto", finetune_epochs: float | bool = 0.0,
-                      targets: float | Sequence[float] = 3.0, **config: Any) -> ExperimentConfig:
+def experiment_config(
+    model: str,
+    *,
+    dataset: str = "auto",
+    data_root: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = "auto",
+    finetune_epochs: float | bool = 0.0,
+    targets: float | Sequence[float] = 3.0,
+    **config: Any,
+) -> ExperimentConfig:
     """The experiment config of notebook parameters: keyword names are :class:`ExperimentConfig` fields.
 
     Notebook values are taken as a notebook writes them: lists for tuples, one number for
@@ -88,8 +97,9 @@ def experiment_config(model: str, *, dataset: str = "auto", data_root: str | os.
     if isinstance(finetune_epochs, bool):
         finetune_epochs = DEFAULT_FINETUNE_EPOCHS if finetune_epochs else 0.0
     if not isinstance(finetune_epochs, Real) or finetune_epochs < 0:
-        raise ValueError(f"finetune_epochs must be a number of epochs >= 0 (0 = off) or True/False, "
-                         f"got {finetune_epochs!r}")
+        raise ValueError(
+            f"finetune_epochs must be a number of epochs >= 0 (0 = off) or True/False, got {finetune_epochs!r}"
+        )
     if dataset == "auto":
         auto = default_params(model)
         dataset = auto["dataset"]
@@ -98,9 +108,14 @@ def experiment_config(model: str, *, dataset: str = "auto", data_root: str | os.
             checkpoint = auto["checkpoint"]
     targets = (targets,) if isinstance(targets, Real) else targets
     return ExperimentConfig(
-        model=model, dataset=dataset, data_root=None if data_root is None else str(data_root),
-        checkpoint=None if checkpoint is None else str(checkpoint), targets=targets,
-        finetune_epochs=float(finetune_epochs), **config)
+        model=model,
+        dataset=dataset,
+        data_root=None if data_root is None else str(data_root),
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        targets=targets,
+        finetune_epochs=float(finetune_epochs),
+        **config,
+    )
 
 
 def log_path(cfg: ExperimentConfig) -> Path:
@@ -125,8 +140,12 @@ def _display_image(path: Path) -> None:
     display(Image(filename=str(path)))
 
 
-def show_plots(path: str | os.PathLike, kinds: Sequence[str] = tuple(PLOTS),
-               out_dir: str | os.PathLike | None = None, display: bool = True) -> list[Path]:
+def show_plots(
+    path: str | os.PathLike,
+    kinds: Sequence[str] = tuple(PLOTS),
+    out_dir: str | os.PathLike | None = None,
+    display: bool = True,
+) -> list[Path]:
     """Draw the run's plots as PNGs and show them inline.
 
     Args:
@@ -158,8 +177,12 @@ def show_plots(path: str | os.PathLike, kinds: Sequence[str] = tuple(PLOTS),
     return written
 
 
-def show_results(finals: Sequence[Mapping[str, Any]], path: str | os.PathLike, plots: bool = True,
-                 out_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+def show_results(
+    finals: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    plots: bool = True,
+    out_dir: str | os.PathLike | None = None,
+) -> pd.DataFrame:
     """The summary table of a run's final models (and its plots, drawn inline).
 
     Args:

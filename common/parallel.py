@@ -6,10 +6,12 @@ one thread and ~22 ms on two, whereas two layers on two threads at once take ~34
 independent layers go to worker threads (torch releases the GIL in its kernels) with one intra-op
 thread each, which also makes each layer's result independent of how many layers run with it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
 
 import torch
 

@@ -3,6 +3,7 @@
 Everything is resolved relative to the repository root so that the code works from any working
 directory and on any machine where ``shared/`` sits next to the repository checkout.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,10 +6,11 @@ loses at any level. :func:`choice_pdf` turns those drops and the choices' costs 
 distribution per layer that meets a budget in expectation, and :func:`cem_refit` moves it towards
 the choices of the best-scored plans (one cross-entropy step).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -18,7 +18,7 @@ by ``benchmarks/proxy_fidelity.py``, not assumed.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,15 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (t.exp() * (t - s)).sum(dim=1)
 
 
-def recalibrated(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: SpectraCache, batches: Iterable,
-                 device: str | torch.device = "cpu", channels_last: bool = False, outputs: bool = False):
+def recalibrated(
+    model: nn.Module,
+    plan: Mapping[str, LayerPlan],
+    spectra: SpectraCache,
+    batches: Iterable,
+    device: str | torch.device = "cpu",
+    channels_last: bool = False,
+    outputs: bool = False,
+):
     """The one way a compressed model is built, for scoring and for reporting alike: ``plan`` applied
     to a copy of ``model`` from cached factors, on ``device`` (channels_last if asked), every BN
     recalibrated exactly on ``batches`` (:func:`common.bn.bn_recalibrate`), eval mode.
@@ -54,8 +61,15 @@ def recalibrated(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: Spect
     return bn_recalibrate(m, batches, device, return_outputs=outputs)
 
 
-def final_model(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: SpectraCache, data: DatasetSplits,
-                calib_images: int = 4096, seed: int = 0, device: str | torch.device = "cpu") -> nn.Module:
+def final_model(
+    model: nn.Module,
+    plan: Mapping[str, LayerPlan],
+    spectra: SpectraCache,
+    data: DatasetSplits,
+    calib_images: int = 4096,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
     """A chosen plan's model as every reported number sees it: :func:`recalibrated` on
     ``calib_images`` augmented train images drawn with ``seed`` (contiguous, on ``device``)."""
     return recalibrated(model, plan, spectra, calibration_loader(data, calib_images, seed, device=device), device)
@@ -75,21 +89,33 @@ class ProxyEvaluator:
         channels_last / amp_dtype: speed settings for the val forward passes.
     """
 
-    def __init__(self, model: nn.Module, data: DatasetSplits, spectra: SpectraCache, proxy: str = "kl",
-                 calib_images: int = 256, val_images: int | None = None, batch_size: int = 250,
-                 device: str | torch.device = "cpu", seed: int = 0, channels_last: bool = False,
-                 amp_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: DatasetSplits,
+        spectra: SpectraCache,
+        proxy: str = "kl",
+        calib_images: int = 256,
+        val_images: int | None = None,
+        batch_size: int = 250,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        channels_last: bool = False,
+        amp_dtype: torch.dtype | None = None,
+    ):
         if proxy not in PROXIES:
             raise ValueError(f"unknown proxy {proxy!r}; expected one of {PROXIES}")
         if calib_images < 2:
             raise ValueError(f"calib_images must be at least 2, got {calib_images}")
         self.model, self.spectra, self.device, self.proxy = model, spectra, torch.device(device), proxy
         self.channels_last, self.amp_dtype = channels_last, amp_dtype
-        self.calib = [x for x, _ in calibration_loader(data, calib_images, seed, batch_size, self.device,
-                                                        channels_last)]
+        self.calib = [
+            x for x, _ in calibration_loader(data, calib_images, seed, batch_size, self.device, channels_last)
+        ]
         vn = None if val_images is None or val_images >= len(data.val) else val_images
-        self.val = list(make_loader(data, "val", batch_size, device=self.device, seed=seed, subset=vn,
-                                    channels_last=channels_last))
+        self.val = list(
+            make_loader(data, "val", batch_size, device=self.device, seed=seed, subset=vn, channels_last=channels_last)
+        )
         self.calib_images = sum(len(x) for x in self.calib)
         self.val_images = sum(len(y) for _, y in self.val)
         self._teacher: list[torch.Tensor] | None = None

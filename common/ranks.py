@@ -16,11 +16,13 @@ Every rule that turns real-valued per-mode ranks into a rank tuple (a level, an 
 scaled EVBMF ranks) goes through :func:`rounded_ranks`; the rules that read a kernel's spectra
 (:func:`energy_ranks`, :func:`evbmf_ranks`) take a :class:`common.ht.KernelSpectra`.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .evbmf import evbmf_rank_from_singular_values
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # ht imports this module
 
     from .ht import KernelSpectra
 
-RankSpec = Union[int, float, Sequence[int]]
+RankSpec = int | float | Sequence[int]
 # raw(rank name, its full value, the ranks rounded so far) -> unrounded rank; see rounded_ranks
 RawRank = Callable[[str, int, tuple], float]
 
@@ -72,7 +74,9 @@ def full_ranks(method: str, weight_shape: Sequence[int]) -> tuple[int, ...]:
     raise ValueError(f"unknown decomposition method {method!r}; expected one of {METHODS}")
 
 
-def validate_ranks(method: str, weight_shape: Sequence[int], ranks: Sequence[int], layer: str = "<layer>") -> tuple[int, ...]:
+def validate_ranks(
+    method: str, weight_shape: Sequence[int], ranks: Sequence[int], layer: str = "<layer>"
+) -> tuple[int, ...]:
     """Check ``ranks`` against :func:`rank_bounds`; raise ``ValueError`` naming layer, rank and range."""
     names = RANK_NAMES.get(method)
     if names is None:
@@ -146,7 +150,9 @@ def ranks_from_level(method: str, weight_shape: Sequence[int], level: float, mul
     return rounded_ranks(method, weight_shape, lambda name, full, done: level * full, multiple)
 
 
-def resolve_ranks(method: str, weight_shape: Sequence[int], rank: RankSpec, layer: str = "<layer>", multiple: int = 1) -> tuple[int, ...]:
+def resolve_ranks(
+    method: str, weight_shape: Sequence[int], rank: RankSpec, layer: str = "<layer>", multiple: int = 1
+) -> tuple[int, ...]:
     """Turn a rank spec (int, fraction or tuple) into validated concrete ranks for one layer.
 
     Args:
@@ -191,7 +197,7 @@ def _mode_spectrum(spectra: KernelSpectra, name: str, done: tuple) -> tuple[torc
     """(singular values (G, n), rows, cols, description) of the matrix whose rank ``name`` sets."""
     t, c, kh, kw = spectra.kernel_shape
     if name == "R":
-        return spectra.s3[:, :min(c, t)], t, c, "the 1x1 kernel"
+        return spectra.s3[:, : min(c, t)], t, c, "the 1x1 kernel"
     if name == "R1":
         return spectra.s1, c, t * kh * kw, "the C-mode unfolding"
     if name == "R3":
@@ -203,9 +209,12 @@ def _mode_spectrum(spectra: KernelSpectra, name: str, done: tuple) -> tuple[torc
 def energy_ranks(spectra: KernelSpectra, method: str, energy: float, multiple: int = 1) -> tuple[int, ...]:
     """Per-unfolding energy threshold (the HT-2 paper's rule): each rank keeps ``energy`` of its own
     spectrum (R13 that of the core for the rounded R1, R3), rounded up with :func:`round_rank`."""
-    return rounded_ranks(method, spectra.kernel_shape,
-                         lambda name, full, done: energy_rank(_mode_spectrum(spectra, name, done)[0], energy),
-                         multiple)
+    return rounded_ranks(
+        method,
+        spectra.kernel_shape,
+        lambda name, full, done: energy_rank(_mode_spectrum(spectra, name, done)[0], energy),
+        multiple,
+    )
 
 
 def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[int, ...]:
@@ -214,15 +223,16 @@ def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[int, ...]:
     For groups the largest singular value over groups is analysed. A mode where EVBMF keeps nothing
     (or fails) gets rank 1, with a warning naming the layer.
     """
+
     def raw(name: str, full: int, done: tuple) -> int:
         s, rows, cols, what = _mode_spectrum(spectra, name, done)
         try:
-            r = evbmf_rank_from_singular_values(s.max(0).values[:min(rows, cols)].numpy(), rows, cols).rank
+            r = evbmf_rank_from_singular_values(s.max(0).values[: min(rows, cols)].numpy(), rows, cols).rank
         except (ValueError, FloatingPointError) as e:
-            warnings.warn(f"layer {spectra.name!r}: EVBMF failed on {what} ({e}); using rank 1")
+            warnings.warn(f"layer {spectra.name!r}: EVBMF failed on {what} ({e}); using rank 1", stacklevel=2)
             return 1
         if r == 0:
-            warnings.warn(f"layer {spectra.name!r}: EVBMF found rank 0 for {what}; using rank 1")
+            warnings.warn(f"layer {spectra.name!r}: EVBMF found rank 0 for {what}; using rank 1", stacklevel=2)
         return max(int(r), 1)
 
     return rounded_ranks(method, spectra.kernel_shape, raw)  # EVBMF ranks are within [1, full]: kept as they are

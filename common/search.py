@@ -20,13 +20,15 @@ Resumability: every sensitivity point, candidate and re-ranking goes through a *
 the same recorder skips what is recorded and reproduces the same result, because the draws of a round
 are made before anything in it is evaluated (random, policy) or depend only on recorded scores (TPE).
 """
+
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,9 +45,23 @@ METHODS = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
 SEARCHING = ("random", "policy", "tpe")
 METRICS = ("macs", "params")
 
-__all__ = ["METHODS", "METRICS", "SEARCHING", "MemoryRecorder", "ProxyEvaluator", "SearchConfig", "SearchResult",
-           "SearchSpace", "Searcher", "build_searcher", "check_method", "check_metric", "check_target", "project",
-           "repair_plan"]
+__all__ = [
+    "METHODS",
+    "METRICS",
+    "SEARCHING",
+    "MemoryRecorder",
+    "ProxyEvaluator",
+    "SearchConfig",
+    "SearchResult",
+    "SearchSpace",
+    "Searcher",
+    "build_searcher",
+    "check_method",
+    "check_metric",
+    "check_target",
+    "project",
+    "repair_plan",
+]
 
 
 def check_method(name: str) -> str:
@@ -183,9 +199,16 @@ class Searcher:
         tag: merged into every record key (e.g. the decomposition and the seed).
     """
 
-    def __init__(self, space: SearchSpace, evaluator: ProxyEvaluator,
-                 spectra: SpectraCache, recorder: Recorder | None = None, config: SearchConfig | None = None,
-                 progress: Callable[[str], None] | None = None, tag: Mapping | None = None):
+    def __init__(
+        self,
+        space: SearchSpace,
+        evaluator: ProxyEvaluator,
+        spectra: SpectraCache,
+        recorder: Recorder | None = None,
+        config: SearchConfig | None = None,
+        progress: Callable[[str], None] | None = None,
+        tag: Mapping | None = None,
+    ):
         self.space, self.evaluator, self.spectra = space, evaluator, spectra
         self.tag = dict(tag or {})
         self.recorder = recorder if recorder is not None else MemoryRecorder()
@@ -208,8 +231,10 @@ class Searcher:
         hit = self.recorder.find(kind, **key)
         if hit is not None:
             if hit.get("plan") not in (None, plan_to_dict(plan)):
-                raise RuntimeError(f"resumed {kind} record {key} has a different plan than this run draws: "
-                                   "the log belongs to a run with other settings; use a new run id")
+                raise RuntimeError(
+                    f"resumed {kind} record {key} has a different plan than this run draws: "
+                    "the log belongs to a run with other settings; use a new run id"
+                )
             return float(hit["val_top1" if kind == "rerank" else "score"])
         f = self.space.factors(plan)
         if kind == "rerank":
@@ -217,8 +242,16 @@ class Searcher:
             self.recorder.write(kind, f"{key} val_top1={val:.4f}", **key, val_top1=val, plan=plan_to_dict(plan), **f)
             return val
         score = float(self.evaluator.score(plan))
-        self.recorder.write(kind, f"{key} {self.proxy}={score:.5g} x{f['macs_factor']:.2f} MACs",
-                            **key, score=score, proxy=self.proxy, plan=plan_to_dict(plan), **f, **(extra or {}))
+        self.recorder.write(
+            kind,
+            f"{key} {self.proxy}={score:.5g} x{f['macs_factor']:.2f} MACs",
+            **key,
+            score=score,
+            proxy=self.proxy,
+            plan=plan_to_dict(plan),
+            **f,
+            **(extra or {}),
+        )
         return score
 
     @property
@@ -246,12 +279,18 @@ class Searcher:
                 pts = []
                 for f in self.config.sensitivity_levels:
                     lp = ls.choice(f, shape)
-                    score = self._evaluate({n: lp}, "sensitivity", {"layer": n, "level": float(f), "shape": shape},
-                                           {"ranks": list(lp.ranks), "method": lp.method})
+                    score = self._evaluate(
+                        {n: lp},
+                        "sensitivity",
+                        {"layer": n, "level": float(f), "shape": shape},
+                        {"ranks": list(lp.ranks), "method": lp.method},
+                    )
                     pts.append((float(f), score))
                 out[n][shape] = pts
-            self.progress(f"sensitivity {i + 1}/{len(self.space.layers)} {n}: " + "; ".join(
-                f"{s} " + ", ".join(f"{f:g}->{v:.4g}" for f, v in p) for s, p in out[n].items()))
+            self.progress(
+                f"sensitivity {i + 1}/{len(self.space.layers)} {n}: "
+                + "; ".join(f"{s} " + ", ".join(f"{f:g}->{v:.4g}" for f, v in p) for s, p in out[n].items())
+            )
         self._sensitivity = out
         return out
 
@@ -273,15 +312,21 @@ class Searcher:
             for s in self.config.shapes:
                 cols = [k for k, (_, cs) in enumerate(self.choices) if cs == s]
                 drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [self.choices[k][0] for k in cols])
-        cost = np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in self.choices]
-                         for ls in self.space.layers]) / dense_total
+        cost = (
+            np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in self.choices] for ls in self.space.layers])
+            / dense_total
+        )
         pdf, info = choice_pdf(drops, cost, 1.0 / target - fixed / dense_total, self.config.temperature)
-        return pdf, {**info, "choices": [list(c) for c in self.choices],
-                     "drops": [[float(f"{v:.4g}") for v in row] for row in drops]}
+        return pdf, {
+            **info,
+            "choices": [list(c) for c in self.choices],
+            "drops": [[float(f"{v:.4g}") for v in row] for row in drops],
+        }
 
     # -- methods ------------------------------------------------------------------------------- #
-    def run(self, method: str, target: float, metric: str = "macs", n_candidates: int = 100,
-            seed: int = 0) -> SearchResult:
+    def run(
+        self, method: str, target: float, metric: str = "macs", n_candidates: int = 100, seed: int = 0
+    ) -> SearchResult:
         """Run one method at ``target``× reduction of total conv ``metric`` ("macs" or "params")."""
         method, target, metric = check_method(method), check_target(target), check_metric(metric)
         if method in SEARCHING and n_candidates < 1:
@@ -302,18 +347,33 @@ class Searcher:
             if abs(self.space.factor(plan, metric) / target - 1) > self.config.tol:
                 # Global knobs (e, β, α) move many layers' rounded ranks at once; finish layer by layer.
                 plan, params["repair_steps"] = repair_plan(self.space, plan, target, metric, self.config.tol)
-            score = self._evaluate(plan, "candidate", {"method": method, "target": float(target), "index": 0,
-                                                       "round": 0})
+            score = self._evaluate(
+                plan, "candidate", {"method": method, "target": float(target), "index": 0, "round": 0}
+            )
         if self.proxy == "top1":
             val = score
         f = self.space.factors(plan)
         achieved = f[f"{metric}_factor"]
         if abs(achieved / target - 1) > self.config.tol:
-            warnings.warn(f"{method}: achieved {achieved:.3f}x vs target {target}x (outside ±{self.config.tol:.0%})")
-        return SearchResult(method, float(target), metric, plan, score, val, self.proxy, f["macs_factor"],
-                            f["params_factor"], max(1, len(hist)), time.perf_counter() - t0, seed,
-                            {**params, "config": asdict(self.config), "decomposition": self.space.decomposition},
-                            _strip(hist))
+            warnings.warn(
+                f"{method}: achieved {achieved:.3f}x vs target {target}x (outside ±{self.config.tol:.0%})", stacklevel=2
+            )
+        return SearchResult(
+            method,
+            float(target),
+            metric,
+            plan,
+            score,
+            val,
+            self.proxy,
+            f["macs_factor"],
+            f["params_factor"],
+            max(1, len(hist)),
+            time.perf_counter() - t0,
+            seed,
+            {**params, "config": asdict(self.config), "decomposition": self.space.decomposition},
+            _strip(hist),
+        )
 
     def _pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None]:
         """The one choice among a search's scored candidates (with its val top-1, when measured).
@@ -325,12 +385,16 @@ class Searcher:
         ranked = sorted(hist, key=lambda h: (-h["score"], h["index"]))
         if self.proxy == "top1" or self.config.rerank == 1:
             return ranked[0], None
-        top = ranked[:self.config.rerank]
-        vals = [self._evaluate(h["plan"], "rerank", {"method": method, "target": float(target), "index": h["index"]})
-                for h in top]
+        top = ranked[: self.config.rerank]
+        vals = [
+            self._evaluate(h["plan"], "rerank", {"method": method, "target": float(target), "index": h["index"]})
+            for h in top
+        ]
         k = max(range(len(top)), key=lambda i: (vals[i], top[i]["score"], -top[i]["index"]))
-        self.progress(f"{method} x{target:g}: val top-1 of the {len(top)} best-scored candidates "
-                      + ", ".join(f"#{h['index']} {v:.4f}" for h, v in zip(top, vals)))
+        self.progress(
+            f"{method} x{target:g}: val top-1 of the {len(top)} best-scored candidates "
+            + ", ".join(f"#{h['index']} {v:.4f}" for h, v in zip(top, vals))
+        )
         return top[k], vals[k]
 
     def _explicit_plan(self, ranks_of: Callable[[LayerSpace, float], tuple[int, ...]], x: float) -> dict:
@@ -338,14 +402,19 @@ class Searcher:
         for ls in self.space.layers:
             ranks = ranks_of(ls, x)
             lp = LayerPlan(ls.method, ranks)
-            plan[ls.info.name] = LayerPlan("dense") if ranks == full_ranks(ls.method, ls.info.group_shape) \
-                or ls.cost(lp)[1] >= ls.info.macs else lp
+            plan[ls.info.name] = (
+                LayerPlan("dense")
+                if ranks == full_ranks(ls.method, ls.info.group_shape) or ls.cost(lp)[1] >= ls.info.macs
+                else lp
+            )
         return plan
 
     def _uniform(self, target, metric):
         def plan_at(f):  # one fraction of every full rank
-            return self._explicit_plan(lambda ls, v: ranks_from_level(ls.method, ls.info.group_shape, min(v, 1.0),
-                                                                      ls.multiple), f)
+            return self._explicit_plan(
+                lambda ls, v: ranks_from_level(ls.method, ls.info.group_shape, min(v, 1.0), ls.multiple), f
+            )
+
         f, _ = bisect(lambda v: self.space.factor(plan_at(v), metric), 1e-3, 1.0, target)
         return plan_at(f), {"level": f}
 
@@ -356,19 +425,22 @@ class Searcher:
         # Energy kept grows with e, so cost grows: bisect e in (0, 1] on a logit-like scale 1 - e.
         def plan_at(one_minus_e):
             return self._explicit_plan(ranks_of, 1.0 - one_minus_e)
+
         x, _ = bisect(lambda v: self.space.factor(plan_at(v), metric), 1e-7, 0.999, target)
         return plan_at(x), {"energy": 1.0 - x}
 
     def _vbmf(self, target, metric):
         if self._vbmf_base is None:
-            self._vbmf_base = {ls.info.name: evbmf_ranks(self.spectra.get(ls.info.name), ls.method)
-                               for ls in self.space.layers}
+            self._vbmf_base = {
+                ls.info.name: evbmf_ranks(self.spectra.get(ls.info.name), ls.method) for ls in self.space.layers
+            }
         base = self._vbmf_base
 
         def ranks_of(ls: LayerSpace, beta: float):  # every EVBMF rank scaled by β, rounded up
             b = base[ls.info.name]
-            return rounded_ranks(ls.method, ls.info.group_shape, lambda name, full, done: beta * b[len(done)],
-                                 ls.multiple)
+            return rounded_ranks(
+                ls.method, ls.info.group_shape, lambda name, full, done: beta * b[len(done)], ls.multiple
+            )
 
         beta, _ = bisect(lambda v: self.space.factor(self._explicit_plan(ranks_of, v), metric), 1e-3, 1e3, target)
         return self._explicit_plan(ranks_of, beta), {"beta": beta, "vbmf_ranks": base}
@@ -383,8 +455,18 @@ class Searcher:
         plan, achieved = project(self.space, levels, target, metric, self.config.tol, shapes)
         return plan, abs(achieved / target - 1) <= self.config.tol
 
-    def _sample_round(self, method: str, target: float, metric: str, pdf: np.ndarray, count: int,
-                      rng: np.random.Generator, rnd: int, start: int, seen: set) -> list[dict]:
+    def _sample_round(
+        self,
+        method: str,
+        target: float,
+        metric: str,
+        pdf: np.ndarray,
+        count: int,
+        rng: np.random.Generator,
+        rnd: int,
+        start: int,
+        seen: set,
+    ) -> list[dict]:
         """Draw ``count`` distinct plans from ``pdf`` (per-layer choice probabilities), project each onto
         the budget and evaluate; all draws happen before any evaluation (resume-safe)."""
         drawn = []
@@ -401,9 +483,12 @@ class Searcher:
         out = []
         for j, d in enumerate(drawn):
             idx = start + j
-            score = self._evaluate(d["plan"], "candidate",
-                                   {"method": method, "target": float(target), "index": idx, "round": rnd},
-                                   {"rng_state": seed_of(rng), "choices_drawn": d["choices_drawn"]})
+            score = self._evaluate(
+                d["plan"],
+                "candidate",
+                {"method": method, "target": float(target), "index": idx, "round": rnd},
+                {"rng_state": seed_of(rng), "choices_drawn": d["choices_drawn"]},
+            )
             out.append({"index": idx, "round": rnd, "score": score, **d})
             if (j + 1) % 10 == 0 or j + 1 == len(drawn):
                 best = max(o["score"] for o in out)
@@ -441,35 +526,55 @@ class Searcher:
             if key in known:
                 return known[key], False
             idx = len(hist)
-            score = self._evaluate(plan, "candidate", {"method": "tpe", "target": float(target), "index": idx,
-                                                       "round": 0}, {"choices_drawn": list(ks)})
+            score = self._evaluate(
+                plan,
+                "candidate",
+                {"method": "tpe", "target": float(target), "index": idx, "round": 0},
+                {"choices_drawn": list(ks)},
+            )
             known[key] = score
             hist.append({"index": idx, "round": 0, "score": score, "plan": plan, "choices_drawn": list(ks)})
             if len(hist) % 10 == 0 or len(hist) == n:
                 self.progress(f"tpe x{target:g}: {len(hist)}/{n} evaluated, best {max(known.values()):.5g}")
             return score, True
 
-        trials = tpe_search([len(self.choices)] * len(self.space.layers), objective, n, seed,
-                            n_startup=self.config.tpe_startup)
+        trials = tpe_search(
+            [len(self.choices)] * len(self.space.layers), objective, n, seed, n_startup=self.config.tpe_startup
+        )
         return hist, {"seed": seed, "trials": len(trials)}
 
 
 def seed_of(rng: np.random.Generator) -> int:
     """A compact id of the generator's state (recorded with candidates for traceability)."""
-    return int(rng.bit_generator.state["state"]["state"] % (2 ** 31))
+    return int(rng.bit_generator.state["state"]["state"] % (2**31))
 
 
 def _strip(hist: list[dict]) -> list[dict]:
     return [{"index": h["index"], "round": h["round"], "score": h["score"]} for h in hist]
 
 
-def build_searcher(model: nn.Module, data, *, decomposition: str = "ht2", input_size: Sequence[int] | None = None,
-                   proxy: str = "kl", calib_images: int = 256, val_images: int | None = None,
-                   batch_size: int = 250, device: str | torch.device = "cpu", seed: int = 0, multiple: int = 8,
-                   include_1x1: bool = True, recorder: Recorder | None = None,
-                   config: SearchConfig | None = None, progress: Callable[[str], None] | None = None,
-                   spectra: SpectraCache | None = None, channels_last: bool = True,
-                   amp_dtype: torch.dtype | None = None, tag: Mapping | None = None) -> Searcher:
+def build_searcher(
+    model: nn.Module,
+    data,
+    *,
+    decomposition: str = "ht2",
+    input_size: Sequence[int] | None = None,
+    proxy: str = "kl",
+    calib_images: int = 256,
+    val_images: int | None = None,
+    batch_size: int = 250,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    multiple: int = 8,
+    include_1x1: bool = True,
+    recorder: Recorder | None = None,
+    config: SearchConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+    spectra: SpectraCache | None = None,
+    channels_last: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    tag: Mapping | None = None,
+) -> Searcher:
     """Everything a search needs for ``model`` on ``data``: layers, space, spectra cache, proxy.
 
     ``seed`` picks the proxy's calibration (and val) subsets; the search methods take their own seed.
@@ -486,6 +591,17 @@ def build_searcher(model: nn.Module, data, *, decomposition: str = "ht2", input_
     space = SearchSpace(layers, decomposition, include_1x1=include_1x1, multiple=multiple)
     spectra = spectra or SpectraCache(model)
     spectra.warm(space.names)
-    evaluator = ProxyEvaluator(model, data, spectra, proxy, calib_images, val_images, batch_size, device, seed,
-                               channels_last=channels_last, amp_dtype=amp_dtype)
+    evaluator = ProxyEvaluator(
+        model,
+        data,
+        spectra,
+        proxy,
+        calib_images,
+        val_images,
+        batch_size,
+        device,
+        seed,
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+    )
     return Searcher(space, evaluator, spectra, recorder, config, progress, tag)

@@ -17,8 +17,8 @@ scale of all levels, then :func:`repair_plan` for what rank rounding leaves over
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,8 +45,10 @@ class LayerSpace:
         if shape == "level":
             return ranks_from_level(self.method, self.info.group_shape, f, self.multiple)
         if shape not in self.shapers:
-            raise ValueError(f"layer {self.info.name!r}: rank shape {shape!r} is not available "
-                             f"(have 'level', {', '.join(map(repr, self.shapers))})")
+            raise ValueError(
+                f"layer {self.info.name!r}: rank shape {shape!r} is not available "
+                f"(have 'level', {', '.join(map(repr, self.shapers))})"
+            )
         return self.shapers[shape](self, f)
 
     def choice(self, f: float, shape: str = "level") -> LayerPlan:
@@ -74,8 +76,14 @@ class SearchSpace:
         multiple: rank rounding multiple.
     """
 
-    def __init__(self, layers: Sequence[LayerInfo], decomposition: str = "ht2", include_1x1: bool = True,
-                 min_channels: int = 4, multiple: int = 8):
+    def __init__(
+        self,
+        layers: Sequence[LayerInfo],
+        decomposition: str = "ht2",
+        include_1x1: bool = True,
+        min_channels: int = 4,
+        multiple: int = 8,
+    ):
         if decomposition not in ("ht2", "tucker2"):
             raise ValueError(f"decomposition must be 'ht2' or 'tucker2', got {decomposition!r}")
         self.decomposition, self.multiple = decomposition, multiple
@@ -99,8 +107,7 @@ class SearchSpace:
 
     def plan(self, levels: Mapping[str, float], shapes: Mapping[str, str] | None = None) -> dict[str, LayerPlan]:
         shapes = shapes or {}
-        return {ls.info.name: ls.choice(levels[ls.info.name], shapes.get(ls.info.name, "level"))
-                for ls in self.layers}
+        return {ls.info.name: ls.choice(levels[ls.info.name], shapes.get(ls.info.name, "level")) for ls in self.layers}
 
     def cost(self, plan: Mapping[str, LayerPlan]) -> tuple[int, int]:
         """Total conv (params, MACs) of the whole model under ``plan``."""
@@ -124,14 +131,21 @@ def plan_key(plan: Mapping[str, LayerPlan]) -> tuple:
     return tuple(sorted((n, lp.method, lp.ranks) for n, lp in plan.items()))
 
 
-def bisect(fn: Callable[[float], float], lo: float, hi: float, target: float, iters: int = 40,
-           log: bool = True, close: float = 0.004) -> tuple[float, float]:
+def bisect(
+    fn: Callable[[float], float],
+    lo: float,
+    hi: float,
+    target: float,
+    iters: int = 40,
+    log: bool = True,
+    close: float = 0.004,
+) -> tuple[float, float]:
     """Find x in [lo, hi] with fn(x) closest to ``target`` for a monotone (either way) fn.
 
     Returns (x, fn(x)). Rank rounding makes fn stepwise, so the best seen point is kept.
     """
-    tr = (math.log if log else (lambda v: v))
-    inv = (math.exp if log else (lambda v: v))
+    tr = math.log if log else (lambda v: v)
+    inv = math.exp if log else (lambda v: v)
     a, b = tr(lo), tr(hi)
     fa, fb = fn(inv(a)), fn(inv(b))
     increasing = fb >= fa
@@ -172,8 +186,14 @@ def energy_shaper(spectra: SpectraCache) -> Shaper:
     return shaped
 
 
-def project(space: SearchSpace, levels: Mapping[str, float], target: float, metric: str = "macs",
-            tol: float = 0.03, shapes: Mapping[str, str] | None = None) -> tuple[dict[str, LayerPlan], float]:
+def project(
+    space: SearchSpace,
+    levels: Mapping[str, float],
+    target: float,
+    metric: str = "macs",
+    tol: float = 0.03,
+    shapes: Mapping[str, str] | None = None,
+) -> tuple[dict[str, LayerPlan], float]:
     """The plan of ``levels`` (and ``shapes``) moved onto ``target``× reduction of total conv ``metric``.
 
     All levels are scaled by one factor α (``f ← min(1, α f)``), which keeps the plan's shape (which
@@ -223,8 +243,14 @@ def _rank_moves(ls: LayerSpace, lp: LayerPlan, up: bool, step: int) -> list[Laye
     return out
 
 
-def repair_plan(space: SearchSpace, plan: Mapping[str, LayerPlan], target: float, metric: str = "macs",
-                tol: float = 0.03, max_steps: int = 400) -> tuple[dict[str, LayerPlan], int]:
+def repair_plan(
+    space: SearchSpace,
+    plan: Mapping[str, LayerPlan],
+    target: float,
+    metric: str = "macs",
+    tol: float = 0.03,
+    max_steps: int = 400,
+) -> tuple[dict[str, LayerPlan], int]:
     """Move single ranks of single layers until the plan is within ``tol`` of the target factor.
 
     The one budget repair of the package. Each step takes the move that brings the achieved factor

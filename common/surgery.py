@@ -5,11 +5,12 @@ as they are. Plans round-trip through JSON (:func:`plan_to_dict` / :func:`plan_f
 logs store them) so that a compressed model is rebuilt from its plan plus its ``state_dict``
 (:func:`apply_plan` with ``init="empty"``, then ``load_state_dict``).
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ class LayerInfo:
     @property
     def geometry(self) -> ConvGeometry:
         t, c = self.weight_shape[0], self.weight_shape[1]
-        return ConvGeometry(c * self.groups, t, self.kernel_size, self.stride, self.padding, self.dilation,
-                            self.groups, self.bias)
+        return ConvGeometry(
+            c * self.groups, t, self.kernel_size, self.stride, self.padding, self.dilation, self.groups, self.bias
+        )
 
     @property
     def group_shape(self) -> tuple[int, int, int, int]:
@@ -95,14 +97,18 @@ def list_conv_layers(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32
     def record(name):
         def hook(mod, inp, out):  # returns None: a hook's return value would replace the output
             seen.setdefault(name, (inp[0].shape, out.shape))
+
         return hook
 
     hooks = [m.register_forward_hook(record(n)) for n, m in convs]
     was_training = model.training
     try:
         p = next(model.parameters(), None)
-        x = torch.zeros(*input_size, device=p.device if p is not None else "cpu",
-                        dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+        x = torch.zeros(
+            *input_size,
+            device=p.device if p is not None else "cpu",
+            dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32,
+        )
         model.eval()
         with torch.no_grad():
             model(x)
@@ -119,9 +125,25 @@ def list_conv_layers(model: nn.Module, input_size: Sequence[int] = (1, 3, 32, 32
         in_hw = (int(in_shape[-2]), int(in_shape[-1]))
         params, macs = conv_cost("dense", geom, (), in_hw)
         eligible, reason = _eligibility(conv)
-        out.append(LayerInfo(name, tuple(conv.weight.shape), geom.kernel_size, geom.stride, geom.padding,
-                             geom.dilation, conv.groups, conv.padding_mode, conv.bias is not None, in_hw,
-                             (int(out_shape[-2]), int(out_shape[-1])), params, macs, eligible, reason))
+        out.append(
+            LayerInfo(
+                name,
+                tuple(conv.weight.shape),
+                geom.kernel_size,
+                geom.stride,
+                geom.padding,
+                geom.dilation,
+                conv.groups,
+                conv.padding_mode,
+                conv.bias is not None,
+                in_hw,
+                (int(out_shape[-2]), int(out_shape[-1])),
+                params,
+                macs,
+                eligible,
+                reason,
+            )
+        )
     return out
 
 
@@ -144,14 +166,14 @@ class SpectraCache:
             hit = self._cache[name] = KernelSpectra(conv.weight, conv.groups, name)
         return hit
 
-    def warm(self, names: Iterable[str]) -> "SpectraCache":
+    def warm(self, names: Iterable[str]) -> SpectraCache:
         """Compute the spectra of ``names`` (on parallel threads, biggest kernels first)."""
         todo = [n for n in dict.fromkeys(names) if n not in self._cache]
         todo.sort(key=lambda n: -self._kernel_numel(n))
         map_layers(self.get, todo)
         return self
 
-    def decompose(self, plan: Mapping[str, "LayerPlan"]) -> dict:
+    def decompose(self, plan: Mapping[str, LayerPlan]) -> dict:
         """Factors of every non-dense layer of ``plan``, ``{name: HT2Factors | Tucker2Factors |
         SVDFactors}``, computed on parallel threads (biggest kernels first; see :mod:`common.parallel`).
 
@@ -206,8 +228,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def apply_plan(model: nn.Module, plan: Mapping[str, LayerPlan], spectra: SpectraCache | None = None,
-               init: str = "decompose", inplace: bool = False) -> nn.Module:
+def apply_plan(
+    model: nn.Module,
+    plan: Mapping[str, LayerPlan],
+    spectra: SpectraCache | None = None,
+    init: str = "decompose",
+    inplace: bool = False,
+) -> nn.Module:
     """Return a copy of ``model`` with the layers in ``plan`` replaced by factorized layers.
 
     The whole plan is validated before anything is built, so on error the model is untouched.
@@ -261,7 +288,9 @@ def plan_from_dict(d: Mapping) -> dict[str, LayerPlan]:
         if not isinstance(e, Mapping) or "method" not in e:
             raise ValueError(f"plan entry {name!r}: expected {{'method': ..., 'ranks': [...]}}, got {e!r}")
         ranks = e.get("ranks", [])
-        if not isinstance(ranks, (list, tuple)) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        if not isinstance(ranks, (list, tuple)) or not all(
+            isinstance(r, int) and not isinstance(r, bool) for r in ranks
+        ):
             raise ValueError(f"plan entry {name!r}: ranks must be a list of integers, got {ranks!r}")
         try:
             out[name] = LayerPlan(e["method"], tuple(ranks))

@@ -32,12 +32,13 @@ evaluations or ``max_trials`` proposals, whichever comes first, and returns the 
 Given the same ``seed`` and the same objective values, the proposals are identical, so an
 interrupted search resumes by replaying its recorded scores through a fresh call.
 """
+
 from __future__ import annotations
 
 import math
 import operator
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -62,8 +63,9 @@ def _as_int(name: str, value: object, minimum: int) -> int:
     return out
 
 
-def _check_inputs(num_choices: Sequence[int], n_evals: int, n_startup: int,
-                  max_trials: int | None) -> tuple[list[int], int, int, int | None]:
+def _check_inputs(
+    num_choices: Sequence[int], n_evals: int, n_startup: int, max_trials: int | None
+) -> tuple[list[int], int, int, int | None]:
     choices = [_as_int(f"num_choices[{i}]", n, 1) for i, n in enumerate(num_choices)]
     if not choices:
         raise ValueError("num_choices must name at least one layer, got an empty sequence")
@@ -74,9 +76,16 @@ def _check_inputs(num_choices: Sequence[int], n_evals: int, n_startup: int,
     return choices, n_evals, n_startup, max_trials
 
 
-def tpe_search(num_choices: Sequence[int], objective: Callable[[list[int]], tuple[float, bool] | None],
-               n_evals: int, seed: int, *, n_startup: int = 10, max_trials: int | None = None,
-               multivariate: bool = True) -> list[dict]:
+def tpe_search(
+    num_choices: Sequence[int],
+    objective: Callable[[list[int]], tuple[float, bool] | None],
+    n_evals: int,
+    seed: int,
+    *,
+    n_startup: int = 10,
+    max_trials: int | None = None,
+    multivariate: bool = True,
+) -> list[dict]:
     """Maximize ``objective`` over one categorical index per layer with optuna's TPE sampler.
 
     Args:
@@ -139,21 +148,21 @@ def tpe_search(num_choices: Sequence[int], objective: Callable[[list[int]], tupl
                     # values is ranked below every COMPLETE trial, i.e. it lands in the "bad"
                     # density g(x) and steers proposals away from the region.
                     study.tell(trial, state=TrialState.PRUNED)
-                    history.append({"trial": k, "indices": indices, "score": None,
-                                    "counted": False})
+                    history.append({"trial": k, "indices": indices, "score": None, "counted": False})
                     continue
                 score, counted = result
                 score = float(score)
                 if not math.isfinite(score):
-                    raise ValueError(f"objective returned a non-finite score {score!r} for "
-                                     f"indices {indices}; return None for infeasible points")
+                    raise ValueError(
+                        f"objective returned a non-finite score {score!r} for "
+                        f"indices {indices}; return None for infeasible points"
+                    )
                 counted = bool(counted)
                 # Duplicates are told as well: the caller's projection maps many index vectors to
                 # one plan, and TPE should learn that all of them score the same.
                 study.tell(trial, score)
                 n_counted += counted
-                history.append({"trial": k, "indices": indices, "score": score,
-                                "counted": counted})
+                history.append({"trial": k, "indices": indices, "score": score, "counted": counted})
     finally:
         optuna.logging.set_verbosity(previous_verbosity)
     return history

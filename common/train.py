@@ -9,13 +9,15 @@ is deterministic for a given seed. When ``torch.distributed`` is initialized, :f
 wraps the model in ``DistributedDataParallel`` and every rank trains on a disjoint slice of each
 global batch (``batch_size`` is the global batch); metrics are all-reduced.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,8 +56,13 @@ def _loader_device(loader: Iterable) -> torch.device | None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | None = None,
-             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> dict:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: str | torch.device | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict:
     """Top-1/top-5 accuracy and mean cross-entropy of ``model`` over ``loader``.
 
     The model is put in eval mode and moved to ``device`` (default: the loader's device). When the
@@ -69,8 +76,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     Returns:
         ``{"top1", "top5", "loss", "n"}`` with accuracies as fractions in [0, 1].
     """
-    dev = resolve_device(device) if device is not None else (_loader_device(loader) or
-                                                              torch.device("cpu"))
+    dev = resolve_device(device) if device is not None else (_loader_device(loader) or torch.device("cpu"))
     model.eval().to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -96,13 +102,23 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device | No
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": int(n)}
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
-            alpha: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Hinton distillation: ``(1-alpha)*CE(student, y) + alpha*T^2*KL(teacher_T || student_T)``."""
     ce = F.cross_entropy(student_logits, target, label_smoothing=label_smoothing)
     t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                  reduction="batchmean", log_target=True)
+    kl = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
     return (1.0 - alpha) * ce + alpha * (t * t) * kl
 
 
@@ -116,24 +132,33 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
     raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adamw")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int,
-                    pct_start: float = 0.15) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int, pct_start: float = 0.15
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedule: ``onecycle`` (warm-up ``pct_start`` then cosine) or ``cosine`` (to 0)."""
     total_steps = max(1, total_steps)
     if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
-                                                   pct_start=pct_start)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     raise ValueError(f"unknown schedule {name!r}; valid: onecycle, cosine")
 
 
-def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
-                    max_steps: int | None = None, label_smoothing: float = 0.0,
-                    teacher: nn.Module | None = None, kd_alpha: float = 0.5,
-                    kd_temperature: float = 4.0, amp_dtype: torch.dtype | None = None,
-                    channels_last: bool = False, progress=None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    loader: BatchLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    max_steps: int | None = None,
+    label_smoothing: float = 0.0,
+    teacher: nn.Module | None = None,
+    kd_alpha: float = 0.5,
+    kd_temperature: float = 4.0,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress=None,
+) -> dict:
     """One pass (or its first ``max_steps`` batches) of training over ``loader``.
 
     ``model`` may be a DDP wrapper; ``teacher`` (if given) is run in eval mode without gradients.
@@ -154,8 +179,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
             if teacher is not None:
                 with torch.no_grad():
                     t_logits = teacher(x)
-                loss = kd_loss(logits.float(), t_logits.float(), y, kd_alpha, kd_temperature,
-                               label_smoothing)
+                loss = kd_loss(logits.float(), t_logits.float(), y, kd_alpha, kd_temperature, label_smoothing)
             else:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
@@ -174,8 +198,7 @@ def train_one_epoch(model: nn.Module, loader: BatchLoader, optimizer: torch.opti
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], dev)
-    return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": int(n),
-            "steps": steps}
+    return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": int(n), "steps": steps}
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -240,10 +263,17 @@ class FinetuneConfig:
         return channels_last, amp if isinstance(amp, torch.dtype) else (torch.bfloat16 if amp else None)
 
 
-def finetune(model: nn.Module, data: DatasetSplits, epochs: float | FinetuneConfig, *,
-             teacher: nn.Module | None = None, device: str | torch.device | None = "auto",
-             progress: bool = True, on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
-             **recipe: Any) -> list[dict]:
+def finetune(
+    model: nn.Module,
+    data: DatasetSplits,
+    epochs: float | FinetuneConfig,
+    *,
+    teacher: nn.Module | None = None,
+    device: str | torch.device | None = "auto",
+    progress: bool = True,
+    on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
+    **recipe: Any,
+) -> list[dict]:
     """Train ``model`` in place on ``data.train``; return the per-epoch history.
 
     Args:
@@ -266,8 +296,11 @@ def finetune(model: nn.Module, data: DatasetSplits, epochs: float | FinetuneConf
         ValueError: non-positive epochs, a batch not divisible by the world size, an unknown
             optimizer or schedule.
     """
-    cfg = (dataclasses.replace(epochs, **recipe) if isinstance(epochs, FinetuneConfig)
-           else FinetuneConfig(epochs, **recipe))
+    cfg = (
+        dataclasses.replace(epochs, **recipe)
+        if isinstance(epochs, FinetuneConfig)
+        else FinetuneConfig(epochs, **recipe)
+    )
     run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), progress)
     try:
         history = run.train(on_epoch_end)
@@ -297,8 +330,15 @@ class _FinetuneRun:
     bar: Any = None
 
     @classmethod
-    def start(cls, model: nn.Module, data: DatasetSplits, cfg: FinetuneConfig, teacher: nn.Module | None,
-              dev: torch.device, progress: bool) -> _FinetuneRun:
+    def start(
+        cls,
+        model: nn.Module,
+        data: DatasetSplits,
+        cfg: FinetuneConfig,
+        teacher: nn.Module | None,
+        dev: torch.device,
+        progress: bool,
+    ) -> _FinetuneRun:
         """Seed, place the models, build loaders, optimizer, schedule and progress bar (in this order)."""
         rank, world = _dist_world()
         if cfg.batch_size % world:
@@ -306,11 +346,31 @@ class _FinetuneRun:
         channels_last, amp_dtype = cfg.precision(dev)
         torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use inside the model
         _place(model, teacher, dev, channels_last)
-        train_loader = make_loader(data, "train", cfg.batch_size, device=dev, train=True, seed=cfg.seed,
-                                   subset=cfg.max_images, augment=cfg.augment, flip=cfg.hflip, drop_last=True,
-                                   rank=rank, world_size=world)
-        val_loader = make_loader(data, "val", cfg.eval_batch_size, device=dev, train=False, seed=cfg.seed,
-                                 subset=cfg.val_subset, rank=rank, world_size=world)
+        train_loader = make_loader(
+            data,
+            "train",
+            cfg.batch_size,
+            device=dev,
+            train=True,
+            seed=cfg.seed,
+            subset=cfg.max_images,
+            augment=cfg.augment,
+            flip=cfg.hflip,
+            drop_last=True,
+            rank=rank,
+            world_size=world,
+        )
+        val_loader = make_loader(
+            data,
+            "val",
+            cfg.eval_batch_size,
+            device=dev,
+            train=False,
+            seed=cfg.seed,
+            subset=cfg.val_subset,
+            rank=rank,
+            world_size=world,
+        )
         total_steps = max(1, round(cfg.epochs * len(train_loader)))
         net: nn.Module = model
         if world > 1:
@@ -318,8 +378,21 @@ class _FinetuneRun:
         opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
         sched = build_scheduler(opt, cfg.schedule, cfg.lr, total_steps, cfg.pct_start)
         bar = tqdm(total=total_steps, desc="finetune", leave=False) if progress and rank == 0 else None
-        return cls(cfg, model, net, teacher, dev, channels_last, amp_dtype, train_loader, val_loader, opt, sched,
-                   total_steps, bar)
+        return cls(
+            cfg,
+            model,
+            net,
+            teacher,
+            dev,
+            channels_last,
+            amp_dtype,
+            train_loader,
+            val_loader,
+            opt,
+            sched,
+            total_steps,
+            bar,
+        )
 
     def train(self, on_epoch_end: Callable[[dict, nn.Module], None] | None) -> list[dict]:
         """Whole epochs until ``total_steps`` (the last one possibly cut short); one record each."""
@@ -336,13 +409,19 @@ class _FinetuneRun:
             _sync_buffers(self.model)
             val = None
             if self.cfg.eval_every_epoch or done >= self.total_steps:
-                val = evaluate(self.model, self.val_loader, self.device, amp_dtype=self.amp_dtype,
-                               channels_last=self.channels_last)
-            record = {"epoch": done / steps_per_epoch, "images_seen": images_seen,
-                      "train_loss": stats["loss"], "train_top1": stats["top1"],
-                      "val_top1": None if val is None else val["top1"],
-                      "val_loss": None if val is None else val["loss"],
-                      "lr": self.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+                val = evaluate(
+                    self.model, self.val_loader, self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last
+                )
+            record = {
+                "epoch": done / steps_per_epoch,
+                "images_seen": images_seen,
+                "train_loss": stats["loss"],
+                "train_top1": stats["top1"],
+                "val_top1": None if val is None else val["top1"],
+                "val_loss": None if val is None else val["loss"],
+                "lr": self.opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
             history.append(record)
             if on_epoch_end is not None:
                 on_epoch_end(record, self.model)
@@ -350,10 +429,20 @@ class _FinetuneRun:
 
     def _epoch(self, steps: int) -> dict:
         c = self.cfg
-        return train_one_epoch(self.net, self.train_loader, self.opt, self.sched, max_steps=steps,
-                               label_smoothing=c.label_smoothing, teacher=self.teacher, kd_alpha=c.kd_alpha,
-                               kd_temperature=c.kd_temperature, amp_dtype=self.amp_dtype,
-                               channels_last=self.channels_last, progress=self.bar)
+        return train_one_epoch(
+            self.net,
+            self.train_loader,
+            self.opt,
+            self.sched,
+            max_steps=steps,
+            label_smoothing=c.label_smoothing,
+            teacher=self.teacher,
+            kd_alpha=c.kd_alpha,
+            kd_temperature=c.kd_temperature,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.channels_last,
+            progress=self.bar,
+        )
 
 
 def _place(model: nn.Module, teacher: nn.Module | None, dev: torch.device, channels_last: bool) -> None:

@@ -14,6 +14,7 @@ Recipe: SGD (nesterov, momentum 0.9) with OneCycleLR stepped per batch, cross-en
 label smoothing, random crop from 4-px reflect padding (+ horizontal flip except on digits, where
 mirroring changes the digit), bf16 autocast + channels_last on CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,8 +50,9 @@ DEFAULTS = {
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="resnet18", choices=MODEL_NAMES)
     p.add_argument("--dataset", default="digits", choices=[d for d in DATASET_NAMES if d != "auto"])
     p.add_argument("--data-root", default=None, help="dataset root (imagefolder/cifar10/cifar10-jpeg)")
@@ -62,8 +64,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--pct-start", type=float, default=0.15, help="OneCycle warm-up fraction")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
-    p.add_argument("--hflip", choices=["auto", "on", "off"], default="auto",
-                   help="horizontal flips (auto: off for digits)")
+    p.add_argument(
+        "--hflip", choices=["auto", "on", "off"], default="auto", help="horizontal flips (auto: off for digits)"
+    )
     p.add_argument("--max-images", type=int, default=None, help="train on a stratified subset")
     p.add_argument("--init-weights", default=None, help="local state_dict to start from")
     p.add_argument("--fp16", action="store_true", help="save the state_dict in float16")
@@ -114,15 +117,29 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
     model = build_model(args.model, num_classes=data.num_classes)
     if args.init_weights:
         load_checkpoint(model, args.init_weights)
-    history = finetune(model, data, epochs, batch_size=batch_size, lr=lr, optimizer="sgd",
-                       weight_decay=args.weight_decay, schedule="onecycle",
-                       label_smoothing=args.label_smoothing, max_images=args.max_images,
-                       device=device, seed=args.seed, pct_start=args.pct_start,
-                       augment=not args.no_augment, hflip=hflip, eval_every_epoch=False,
-                       progress=not args.no_progress)
+    history = finetune(
+        model,
+        data,
+        epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer="sgd",
+        weight_decay=args.weight_decay,
+        schedule="onecycle",
+        label_smoothing=args.label_smoothing,
+        max_images=args.max_images,
+        device=device,
+        seed=args.seed,
+        pct_start=args.pct_start,
+        augment=not args.no_augment,
+        hflip=hflip,
+        eval_every_epoch=False,
+        progress=not args.no_progress,
+    )
     model.to(memory_format=torch.contiguous_format)
-    results = {split: evaluate(model, make_loader(data, split, 256, device=device), device)
-               for split in ("val", "test")}
+    results = {
+        split: evaluate(model, make_loader(data, split, 256, device=device), device) for split in ("val", "test")
+    }
     train_seconds = time.perf_counter() - t0
 
     out = Path(args.out)
@@ -134,26 +151,37 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
     atomic_torch_save(state, pt_path)
 
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    recipe.update(epochs=epochs, batch_size=batch_size, lr=lr, hflip=hflip, optimizer="sgd nesterov 0.9",
-                  schedule="onecycle")
+    recipe.update(
+        epochs=epochs, batch_size=batch_size, lr=lr, hflip=hflip, optimizer="sgd nesterov 0.9", schedule="onecycle"
+    )
     sidecar = {
-        "model": args.model, "dataset": args.dataset, "data_source": data.source,
-        "file": pt_path.name, "sha256": sha256_file(pt_path),
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_source": data.source,
+        "file": pt_path.name,
+        "sha256": sha256_file(pt_path),
         "dtype": "float16" if args.fp16 else "float32",
-        "params": count_params(model), "num_classes": data.num_classes,
+        "params": count_params(model),
+        "num_classes": data.num_classes,
         "accuracy": {s: r["top1"] for s, r in results.items()},
         "top5": {s: r["top5"] for s, r in results.items()},
         "loss": {s: r["loss"] for s, r in results.items()},
         "n": {s: r["n"] for s, r in results.items()},
-        "recipe": recipe, "history": history, "seed": args.seed,
-        "seconds": train_seconds, "device": str(device),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe,
+        "history": history,
+        "seed": args.seed,
+        "seconds": train_seconds,
+        "device": str(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     _atomic_write_text(out / f"{stem}.json", json.dumps(sidecar, indent=1) + "\n")
     if not args.no_progress:
-        print(f"{stem}: val {results['val']['top1']:.4f} test {results['test']['top1']:.4f} "
-              f"in {train_seconds:.1f}s -> {pt_path}")
+        print(
+            f"{stem}: val {results['val']['top1']:.4f} test {results['test']['top1']:.4f} "
+            f"in {train_seconds:.1f}s -> {pt_path}"
+        )
     return sidecar
 
 

@@ -7,6 +7,7 @@ regression on one-hot labels over the penultimate features). For AlexNet that gi
 accuracy in a few seconds, so compression visibly costs accuracy and the searches have a real
 signal to follow; ``fit=False`` keeps the plain random init (cheapest, for smoke runs).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,22 +16,27 @@ import os
 # cores are shared (a notebook kernel beside pytest, other jobs); must be set before torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 from torch import nn  # noqa: E402
 
 from common.data import DatasetSplits, load_dataset, make_loader  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.train import bn_recalibrate  # noqa: E402
 
-
 # One hypothesis profile for the property tests: derandomized (seeded), no deadline on shared CPUs.
-settings.register_profile("ht2-tests", derandomize=True, deadline=None, max_examples=25, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ht2-tests",
+    derandomize=True,
+    deadline=None,
+    max_examples=25,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -253,9 +253,7 @@ def test_summary_files_and_plots(runs, tmp_path):
     plots = make_plots(runs, tmp_path)
     names = sorted(p.name for p in plots)
     assert names == sorted(
-        f"{kind}_{model}.png"
-        for model in MODELS
-        for kind in ("acc_vs_macs", "ranks", "sensitivity", "search_trace")
+        f"{kind}_{model}.png" for model in MODELS for kind in ("acc_vs_macs", "ranks", "sensitivity", "search_trace")
     )
     for plot in plots:
         data = plot.read_bytes()
@@ -417,9 +415,7 @@ def test_cli_speedups_come_from_run_records_only(tmp_path, capsys):
     assert list(pd.read_csv(out / "summary_seeds.csv").columns) == list(SUMMARY_COLUMNS)
     policy3 = agg[(agg.model == "resnet18") & (agg.method == "policy") & (agg.target == 3.0)]
     # build_logs: policy is method 2, so cpu_t1 = 3.5 beats cpu_t4 = 1.2; CUDA 1.1 * 3.
-    assert policy3.speedup_cpu.tolist() == [3.5] and policy3.speedup_cpu_setting.tolist() == [
-        "cpu_t1"
-    ]
+    assert policy3.speedup_cpu.tolist() == [3.5] and policy3.speedup_cpu_setting.tolist() == ["cpu_t1"]
     assert policy3.speedup_cuda.tolist() == pytest.approx([3.3])
     md = (out / "summary.md").read_text()
     assert "speed-ups from the runs' `final` records." in md and "40.00×" not in md
@@ -432,13 +428,17 @@ def _metric_logs(root: Path, config_metric: str | None, final_metric: str | None
     """One run, one final record; the config (when given) and the record carry the metrics."""
     log = RunLog(root / "logs", "vgg16", "m")
     if config_metric is not None:
-        log.write(
-            "config", model="vgg16", dataset="d", metric=config_metric, methods=["uniform"], seed=0
-        )
+        log.write("config", model="vgg16", dataset="d", metric=config_metric, methods=["uniform"], seed=0)
     extra = {} if final_metric is None else {"metric": final_metric}
     log.write(
-        "final", method="uniform", target=2.0, decomposition="ht2", test_top1_bn=0.7,
-        macs_factor=2.0, params_factor=2.0, **extra,
+        "final",
+        method="uniform",
+        target=2.0,
+        decomposition="ht2",
+        test_top1_bn=0.7,
+        macs_factor=2.0,
+        params_factor=2.0,
+        **extra,
     )
     jsonify(root / "logs", root / "json")
     return log.path
@@ -493,9 +493,7 @@ def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch):
     readme.write_text(README)
     out = tmp_path / "results"
     args = ["--json", str(tmp_path / "json"), "--out", str(out), "--readme", str(readme)]
-    monkeypatch.setattr(
-        analysis_summary, "utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
-    )
+    monkeypatch.setattr(analysis_summary, "utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC))
     assert analyze_results.main(args) == 0
     once = readme.read_text()
     assert analyze_results.main(args) == 0
@@ -531,8 +529,16 @@ def test_readme_missing_markers_leaves_file_untouched(tmp_path, capsys):
 def test_machine_description_from_config(runs, tmp_path):
     log = RunLog(tmp_path / "logs", "alexnet", "gpu")
     log.write(
-        "config", model="alexnet", dataset="d", metric="macs", methods=["uniform"], seed=0,
-        device_name="NVIDIA H100 80GB HBM3", machine="x86_64", torch="2.11.0", host="vm",
+        "config",
+        model="alexnet",
+        dataset="d",
+        metric="macs",
+        methods=["uniform"],
+        seed=0,
+        device_name="NVIDIA H100 80GB HBM3",
+        machine="x86_64",
+        torch="2.11.0",
+        host="vm",
     )
     jsonify(tmp_path / "logs", tmp_path / "json")
     gpu_runs = load_runs(tmp_path / "json")
@@ -548,10 +554,19 @@ def test_machine_description_from_config(runs, tmp_path):
 def test_policy_margins_names_the_winning_rival():
     from common.analysis import policy_margins
 
-    rows = [("policy", "ht2", 0.80, 0.85), ("uniform", "ht2", 0.81, 0.84), ("energy", "ht2", 0.79, float("nan")),
-            ("vbmf", "ht2", 0.70, 0.83), ("policy", "tucker2", 0.99, 0.99)]
-    df = pd.DataFrame([{"model": "m", "target": 3.0, "method": m, "decomposition": d, "test_top1_bn": bn,
-                        "test_top1_ft": ft} for m, d, bn, ft in rows])
+    rows = [
+        ("policy", "ht2", 0.80, 0.85),
+        ("uniform", "ht2", 0.81, 0.84),
+        ("energy", "ht2", 0.79, float("nan")),
+        ("vbmf", "ht2", 0.70, 0.83),
+        ("policy", "tucker2", 0.99, 0.99),
+    ]
+    df = pd.DataFrame(
+        [
+            {"model": "m", "target": 3.0, "method": m, "decomposition": d, "test_top1_bn": bn, "test_top1_ft": ft}
+            for m, d, bn, ft in rows
+        ]
+    )
     out = policy_margins(df)
     assert len(out) == 1
     r = out.iloc[0]
@@ -573,33 +588,67 @@ def build_seed_logs(root: Path) -> None:
     """One multi-seed run (resnet18, target 3, three seeds) with score-carrying search records."""
     log = RunLog(root, "resnet18", "seeds")
     log.write(
-        "config", model="resnet18", dataset="d", metric="macs", methods=list(SEED_RESULTS),
-        seed=0, seeds=[0, 1, 2],
+        "config",
+        model="resnet18",
+        dataset="d",
+        metric="macs",
+        methods=list(SEED_RESULTS),
+        seed=0,
+        seeds=[0, 1, 2],
     )
     log.write("baseline", val_top1=0.92, test_top1=0.91, params=1000, macs=1300)
     for seed in (0, 1):
         for level in (0.5, 1.0):
             log.write(
-                "sensitivity", layer="layer1.conv", level=level, ranks=[1], val_top1=0.5,
-                score=-(1.0 - level) - 10 * seed, macs=1, params=1, seed=seed,
+                "sensitivity",
+                layer="layer1.conv",
+                level=level,
+                ranks=[1],
+                val_top1=0.5,
+                score=-(1.0 - level) - 10 * seed,
+                macs=1,
+                params=1,
+                seed=seed,
             )
         for index in range(3):
             log.write(
-                "candidate", method="policy", target=3.0, decomposition="ht2", index=index,
-                val_top1=0.5, score=float(index) - 10 * seed, macs_factor=3.0, params_factor=3.0,
+                "candidate",
+                method="policy",
+                target=3.0,
+                decomposition="ht2",
+                index=index,
+                val_top1=0.5,
+                score=float(index) - 10 * seed,
+                macs_factor=3.0,
+                params_factor=3.0,
                 seed=seed,
             )
     # A seed-1 policy result that a later record of the same seed supersedes.
     log.write(
-        "final", method="policy", target=3.0, decomposition="ht2", seed=1, test_top1_bn=0.1,
-        macs_factor=3.0, params_factor=3.0,
+        "final",
+        method="policy",
+        target=3.0,
+        decomposition="ht2",
+        seed=1,
+        test_top1_bn=0.1,
+        macs_factor=3.0,
+        params_factor=3.0,
     )
     for method, per_seed in SEED_RESULTS.items():
         for seed, (bn, ft, macs) in enumerate(per_seed):
             log.write(
-                "final", method=method, target=3.0, decomposition="ht2", seed=seed,
-                val_top1_bn=bn, test_top1_bn=bn, val_top1_ft=ft, test_top1_ft=ft,
-                macs_factor=macs, params_factor=2.0, speedup={"cpu_b64": 1.0 + seed},
+                "final",
+                method=method,
+                target=3.0,
+                decomposition="ht2",
+                seed=seed,
+                val_top1_bn=bn,
+                test_top1_bn=bn,
+                val_top1_ft=ft,
+                test_top1_ft=ft,
+                macs_factor=macs,
+                params_factor=2.0,
+                speedup={"cpu_b64": 1.0 + seed},
             )
     log.write("end", status="ok", wall_seconds=1.0)
 
@@ -664,8 +713,15 @@ def test_policy_margin_paired_interval_policy_ahead():
     }
     df = pd.DataFrame(
         [
-            {"model": "m", "target": 3.0, "method": method, "decomposition": "ht2", "seed": seed,
-             "test_top1_bn": acc, "test_top1_ft": float("nan")}
+            {
+                "model": "m",
+                "target": 3.0,
+                "method": method,
+                "decomposition": "ht2",
+                "seed": seed,
+                "test_top1_bn": acc,
+                "test_top1_ft": float("nan"),
+            }
             for method, per_seed in accs.items()
             for seed, acc in per_seed.items()
         ]
@@ -689,10 +745,14 @@ def test_policy_margin_sign_changes_are_within_noise():
     policy = {0: 0.805, 1: 0.797, 2: 0.801}
     uniform = {0: 0.800, 1: 0.800, 2: 0.800, 3: 0.900}
     df = pd.DataFrame(
-        [{"model": "m", "target": 2.0, "method": "policy", "decomposition": "ht2", "seed": s,
-          "test_top1_bn": a} for s, a in policy.items()]
-        + [{"model": "m", "target": 2.0, "method": "uniform", "decomposition": "ht2", "seed": s,
-            "test_top1_bn": a} for s, a in uniform.items()]
+        [
+            {"model": "m", "target": 2.0, "method": "policy", "decomposition": "ht2", "seed": s, "test_top1_bn": a}
+            for s, a in policy.items()
+        ]
+        + [
+            {"model": "m", "target": 2.0, "method": "uniform", "decomposition": "ht2", "seed": s, "test_top1_bn": a}
+            for s, a in uniform.items()
+        ]
     )
     r = policy_margins(df).iloc[0]
     # mean 0.1; deviations 0.4, -0.4, 0: sd = sqrt(0.32 / 2) = 0.4.
@@ -728,8 +788,13 @@ def test_old_records_without_seed_make_a_one_seed_table(runs, tmp_path):
     log = RunLog(tmp_path / "logs", "alexnet", "seed5")
     log.write("config", model="alexnet", dataset="d", metric="macs", methods=["uniform"], seed=5)
     log.write(
-        "final", method="uniform", target=2.0, decomposition="ht2", test_top1_bn=0.7,
-        macs_factor=2.0, params_factor=2.0,
+        "final",
+        method="uniform",
+        target=2.0,
+        decomposition="ht2",
+        test_top1_bn=0.7,
+        macs_factor=2.0,
+        params_factor=2.0,
     )
     jsonify(tmp_path / "logs", tmp_path / "json")
     df = summary_table(load_runs(tmp_path / "json"))
@@ -764,9 +829,7 @@ def test_multi_seed_plots_use_scores_and_lowest_seed(seed_runs, tmp_path, monkey
 
 def test_legacy_search_records_keep_val_accuracy_and_every_candidate(runs, tmp_path, monkeypatch):
     figures = {}
-    monkeypatch.setattr(
-        analysis_plots, "_save", lambda fig, path: figures.setdefault(path.name, fig)
-    )
+    monkeypatch.setattr(analysis_plots, "_save", lambda fig, path: figures.setdefault(path.name, fig))
     plot_search_trace(runs, "vgg16", tmp_path)
     ax = figures["search_trace_vgg16.png"].axes[0]
     assert ax.get_ylabel() == "validation top-1 accuracy (%)"

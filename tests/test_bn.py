@@ -1,4 +1,5 @@
 """Exact BN recalibration (common.bn): population statistics, independent of batch boundaries."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,8 +64,9 @@ def test_each_bn_sees_its_input_in_eval_mode():
     model = _resnet()
     bn_recalibrate(model, _batches(x, 16))
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.__setitem__(mod, inp[0].detach()))
-             for m in bn_modules(model)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp: seen.__setitem__(mod, inp[0].detach())) for m in bn_modules(model)
+    ]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:
@@ -138,8 +140,8 @@ def test_no_batches_and_single_value_are_errors():
 def test_recalibrated_dense_baseline_keeps_its_accuracy(name):
     """Recalibrating a trained dense model as every final model is (4,096 augmented train images) moves
     val and test by at most 0.1 pp."""
-    from common.data import calibration_loader, load_dataset
     from common.config import ExperimentConfig
+    from common.data import calibration_loader, load_dataset
 
     torch.set_num_threads(2)
     data = load_dataset("cifar10-jpeg")

@@ -3,30 +3,28 @@
 The oracle for MACs is PyTorch's ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), for
 parameters ``sum(p.numel())``, and for the shared baselines their manifest.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.cost import count_model, flop_counter_macs
 from common.layers import LAYER_CLASSES, ConvGeometry, FactorizedConv, conv_cost, group_kernel_shape
-from common.models import build_model
-from tests.helpers import fast_model
 from common.paths import CHECKPOINT_DIR
 from common.ranks import ranks_from_level
 from common.space import SearchSpace
 from common.surgery import LayerPlan, apply_plan, list_conv_layers
+from tests.helpers import fast_model
 
 PROFILE = settings.get_profile("ht2-tests")
 CIFAR = ("resnet18", "vgg16", "alexnet")
 MANIFEST = CHECKPOINT_DIR / "manifest.json"
 pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning"), pytest.mark.one_thread]
-
-
 
 
 def ht2_plan(m: nn.Module, level: float) -> dict[str, LayerPlan]:
@@ -124,7 +122,7 @@ def test_linear_on_token_inputs():
             self.head = nn.Linear(16, 5)
 
         def forward(self, x):
-            t = self.conv(x).flatten(2).transpose(1, 2)   # (B, N, 8)
+            t = self.conv(x).flatten(2).transpose(1, 2)  # (B, N, 8)
             return self.head(self.proj(t).mean(1))
 
     m = Tokens()
@@ -169,8 +167,11 @@ def test_conv_cost_matches_flop_counter_for_every_method(case, data):
     methods = ["ht2", "tucker2"] + (["svd"] if kh * kw == 1 else [])
     for method in methods:
         r1, r3 = data.draw(st.integers(1, c)), data.draw(st.integers(1, t))
-        ranks = {"ht2": (r1, r3, data.draw(st.integers(1, min(r1 * kh, r3 * kw)))), "tucker2": (r1, r3),
-                 "svd": (min(r1, r3),)}[method]
+        ranks = {
+            "ht2": (r1, r3, data.draw(st.integers(1, min(r1 * kh, r3 * kw)))),
+            "tucker2": (r1, r3),
+            "svd": (min(r1, r3),),
+        }[method]
         layer = LAYER_CLASSES[method].from_conv(conv, ranks, init="empty")
         p, mac = conv_cost(method, geom, ranks, hw)
         assert p == layer.num_params() == sum(q.numel() for q in layer.parameters()), (method, ranks)

@@ -1,4 +1,5 @@
 """Tests for common.data: datasets, the decode cache, and the device-side batch loader."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import (BatchLoader, TensorSplit, load_dataset, make_loader,
-                         stratified_indices)
+from common.data import BatchLoader, TensorSplit, load_dataset, make_loader, stratified_indices
 from common.paths import CIFAR_JPEG_ROOT
 
 
@@ -80,6 +80,7 @@ def test_imagefolder_missing_root(tmp_path):
 def test_imagefolder_missing_split(tmp_path):
     root = _write_imagefolder(tmp_path / "ds")
     import shutil
+
     shutil.rmtree(root / "val")
     with pytest.raises(FileNotFoundError, match="val"):
         load_dataset("imagefolder", root=root, cache_dir=tmp_path / "c", workers=1)
@@ -149,6 +150,7 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 
 def test_process_pool_decode_matches_serial(tmp_path):
     from common.data import decode_images
+
     root = _write_imagefolder(tmp_path / "ds", n_per_class=300, classes=("a",))
     paths = sorted(str(p) for p in (root / "train" / "a").iterdir())
     assert torch.equal(decode_images(paths, workers=2), decode_images(paths, workers=1))
@@ -156,8 +158,7 @@ def test_process_pool_decode_matches_serial(tmp_path):
 
 def _split(n=20, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return TensorSplit(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
-                       torch.arange(n) % 3)
+    return TensorSplit(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 3)
 
 
 def test_batchloader_eval_order_and_normalization():
@@ -199,7 +200,7 @@ def test_batchloader_augmentation_is_crop_and_flip():
                 p = torch.nn.functional.pad(src.float()[None] / 255, (4, 4, 4, 4), mode="reflect")[0]
                 for dy in range(9):
                     for dx in range(9):
-                        win = p[:, dy:dy + 8, dx:dx + 8]
+                        win = p[:, dy : dy + 8, dx : dx + 8]
                         if torch.allclose(win, xi) or torch.allclose(win.flip(2), xi):
                             ok = True
                             break
@@ -223,8 +224,7 @@ def test_batchloader_shards_partition_global_batch():
 
 def test_batchloader_channels_last_dtype():
     s = _split()
-    x, _ = next(iter(BatchLoader(s, 4, (0.5,) * 3, (0.5,) * 3, channels_last=True,
-                                 dtype=torch.bfloat16)))
+    x, _ = next(iter(BatchLoader(s, 4, (0.5,) * 3, (0.5,) * 3, channels_last=True, dtype=torch.bfloat16)))
     assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -4,6 +4,7 @@
 Oracle: the factorized layer itself (its chain of convs), in float64 so that a wrong merge (lost
 bias, wrong padding mode, stride on the wrong axis) stands out from rounding.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from common.cost import count_model
-from common.deploy import (DeployedChain, build_form, chain_forms, deploy_model, fastest_latency, form_macs,
-                           merge_convs)
+from common.deploy import DeployedChain, build_form, chain_forms, deploy_model, fastest_latency, form_macs, merge_convs
 from common.layers import LAYER_CLASSES, HT2Conv2d
 from common.surgery import LayerPlan, apply_plan, list_conv_layers
 from tests.test_layers import PROFILE, _methods, _random_ranks, _rel, conv_cases
@@ -37,8 +37,9 @@ def test_every_form_matches_the_factorized_layer(case, data):
     conv, x = case
     conv, x = conv.double(), x.double()
     method = data.draw(st.sampled_from(_methods(conv)))
-    ranks = _random_ranks(method, (conv.out_channels // conv.groups, conv.in_channels // conv.groups,
-                                   *conv.kernel_size), data)
+    ranks = _random_ranks(
+        method, (conv.out_channels // conv.groups, conv.in_channels // conv.groups, *conv.kernel_size), data
+    )
     layer = LAYER_CLASSES[method].from_conv(conv, ranks)
     ref = layer(x)
     hw = x.shape[-2:]
@@ -73,9 +74,16 @@ def test_build_form_rejects_a_bad_partition():
 
 def _small_factorized(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                          nn.ReLU(), nn.Conv2d(32, 32, (3, 5), padding=(1, 2), padding_mode="reflect"),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, (3, 5), padding=(1, 2), padding_mode="reflect"),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
     names = [i.name for i in list_conv_layers(model, (1, 3, 16, 16))]
     plan = {names[1]: LayerPlan("ht2", (8, 16, 8)), names[2]: LayerPlan("tucker2", (16, 8))}
     return apply_plan(model, plan)
@@ -88,8 +96,9 @@ def test_deploy_model_is_exact_and_leaves_the_model_alone(choose):
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     ref = model.eval()(x)
     cache: dict = {}
-    deployed, report = deploy_model(model, (2, 3, 16, 16), choose=choose, threads=1, warmup=0, iters=1,
-                                    timing_cache=cache)
+    deployed, report = deploy_model(
+        model, (2, 3, 16, 16), choose=choose, threads=1, warmup=0, iters=1, timing_cache=cache
+    )
     assert _rel(deployed(x), ref) < 1e-5
     assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -101,7 +110,8 @@ def test_deploy_model_is_exact_and_leaves_the_model_alone(choose):
         else:
             assert len(r.times_ms) == len(chain_forms(4 if r.method == "ht2" else 3))
     assert count_model(deployed, (1, 3, 16, 16)).conv_macs == (
-        sum(r.macs for r in report) + count_model(model, (1, 3, 16, 16)).per_layer["0"][1])
+        sum(r.macs for r in report) + count_model(model, (1, 3, 16, 16)).per_layer["0"][1]
+    )
     if choose == "latency":  # a second call on the same shapes is served from the cache
         n = len(cache)
         deploy_model(model, (2, 3, 16, 16), choose=choose, threads=1, warmup=0, iters=1, timing_cache=cache)
@@ -115,8 +125,9 @@ def test_deploy_model_rejects_unknown_choice():
 
 def _plain_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
 
 
 def test_fastest_latency_picks_the_faster_format_and_leaves_model_alone():
@@ -151,8 +162,16 @@ def test_deploy_model_cuda_bf16_graph():
     model = _small_factorized()
     x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     ref = model.eval()(x)
-    deployed, report = deploy_model(model, (8, 3, 16, 16), device="cuda", dtype=torch.bfloat16, channels_last=True,
-                                    cuda_graph=True, warmup=1, iters=2)
+    deployed, report = deploy_model(
+        model,
+        (8, 3, 16, 16),
+        device="cuda",
+        dtype=torch.bfloat16,
+        channels_last=True,
+        cuda_graph=True,
+        warmup=1,
+        iters=2,
+    )
     assert len(report) == 2 and all(r.times_ms for r in report)
     out = deployed(x.to("cuda", torch.bfloat16).contiguous(memory_format=torch.channels_last)).float().cpu()
     assert _rel(out, ref) < 3e-2

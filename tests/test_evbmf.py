@@ -49,8 +49,9 @@ def iterative_evb(Y: np.ndarray, H: int, iters: int) -> tuple[float, np.ndarray]
         B = Y @ A @ SB / sig2
         ca = np.sum(A**2, 0) / M + np.diag(SA)
         cb = np.sum(B**2, 0) / L + np.diag(SB)
-        sig2 = (np.sum(Y**2) - 2 * np.trace(Y.T @ B @ A.T)
-                + np.trace((A.T @ A + M * SA) @ (B.T @ B + L * SB))) / (L * M)
+        sig2 = (np.sum(Y**2) - 2 * np.trace(Y.T @ B @ A.T) + np.trace((A.T @ A + M * SA) @ (B.T @ B + L * SB))) / (
+            L * M
+        )
     return float(sig2), np.linalg.svd(B @ A.T, compute_uv=False)
 
 
@@ -184,13 +185,17 @@ def test_invalid_arguments_raise():
 
 
 _matrices = st.tuples(st.integers(1, 12), st.integers(2, 12)).flatmap(
-    lambda lm: hnp.arrays(np.float64, lm, elements=st.floats(-1e3, 1e3, allow_nan=False,
-                                                             allow_infinity=False)))
+    lambda lm: hnp.arrays(np.float64, lm, elements=st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False))
+)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(Y=_matrices, transpose=st.booleans(), log2_scale=st.integers(-60, 60),
-       scale=st.sampled_from([1.0, 3.7, 1e-4, 123.456]))
+@given(
+    Y=_matrices,
+    transpose=st.booleans(),
+    log2_scale=st.integers(-60, 60),
+    scale=st.sampled_from([1.0, 3.7, 1e-4, 123.456]),
+)
 def test_property_rank_bounded_and_scale_invariant(Y, transpose, log2_scale, scale):
     Y = Y.T if transpose else Y
     res = evbmf_of(Y)

@@ -1,5 +1,6 @@
 """End-to-end experiments on digits: the log round-trips, every method meets the budget, a re-run
 resumes without evaluating anything, and an interrupted search resumes to the uninterrupted result."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,10 +20,20 @@ TARGET = 3.0
 
 def config(log_dir: Path, checkpoint: Path | None, run_id: str, methods=METHODS, **kw) -> ExperimentConfig:
     kw = {"targets": (TARGET,), "sensitivity_levels": (0.5, 0.2), **kw}
-    return ExperimentConfig(model="alexnet", dataset="digits",
-                            checkpoint=None if checkpoint is None else str(checkpoint),
-                            methods=tuple(methods), search_budget=3, calib_images=64, val_images=200,
-                            log_dir=str(log_dir), run_id=run_id, progress=False, seed=0, **kw)
+    return ExperimentConfig(
+        model="alexnet",
+        dataset="digits",
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        methods=tuple(methods),
+        search_budget=3,
+        calib_images=64,
+        val_images=200,
+        log_dir=str(log_dir),
+        run_id=run_id,
+        progress=False,
+        seed=0,
+        **kw,
+    )
 
 
 def log_file(cfg: ExperimentConfig) -> Path:
@@ -72,7 +83,7 @@ def test_log_round_trips_through_jsonify(reference, tmp_path):
     doc = load_document(written[0])
     assert doc["errors"] == [] and doc["model"] == "alexnet" and doc["run_id"] == "reference"
     assert canon(doc["records"]) == canon(records)
-    assert canon(of_kind(records, "final")[:len(finals)]) == canon(finals)
+    assert canon(of_kind(records, "final")[: len(finals)]) == canon(finals)
     config_rec = of_kind(records, "config")[0]
     assert config_rec["calib_images"] == 64 and config_rec["sensitivity_levels"] == [0.5, 0.2]
 
@@ -105,8 +116,8 @@ def test_rerun_resumes_without_evaluating(reference, monkeypatch):
     again = run_experiment(cfg)
     after, _ = parse_log(log_file(cfg))
     assert canon(again) == canon(finals)
-    assert canon(after[:len(before)]) == canon(before)
-    assert {r["kind"] for r in after[len(before):]} <= {"timing", "end"}
+    assert canon(after[: len(before)]) == canon(before)
+    assert {r["kind"] for r in after[len(before) :]} <= {"timing", "end"}
     for kind in ("sensitivity", "candidate", "plan", "final", "baseline"):
         assert len(of_kind(after, kind)) == len(of_kind(before, kind)), kind
 
@@ -164,9 +175,27 @@ def test_random_init_is_reproducible(tmp_path):
 
 
 def test_cli_maps_flags_to_the_config():
-    cfg = parse_args(["--model", "vgg16", "--dataset", "digits", "--targets", "2,3.5", "--methods", "uniform,policy",
-                      "--finetune-epochs", "0.5", "--val-images", "0", "--sensitivity-levels", "0.5,0.25",
-                      "--run-id", "x", "--quiet"])
+    cfg = parse_args(
+        [
+            "--model",
+            "vgg16",
+            "--dataset",
+            "digits",
+            "--targets",
+            "2,3.5",
+            "--methods",
+            "uniform,policy",
+            "--finetune-epochs",
+            "0.5",
+            "--val-images",
+            "0",
+            "--sensitivity-levels",
+            "0.5,0.25",
+            "--run-id",
+            "x",
+            "--quiet",
+        ]
+    )
     assert (cfg.model, cfg.dataset, cfg.targets, cfg.methods) == ("vgg16", "digits", (2.0, 3.5), ("uniform", "policy"))
     assert cfg.finetune_epochs == 0.5 and cfg.val_images is None
     assert cfg.sensitivity_levels == (0.5, 0.25) and cfg.run_id == "x" and not cfg.progress
@@ -186,7 +215,9 @@ def test_cli_is_generated_from_every_config_field(capsys):
     assert "finetune" not in {f.name for f in dataclasses.fields(ExperimentConfig)}  # finetune_epochs = 0 is off
     helps = {a.dest: a.help for a in parser._actions}
     assert helps["sensitivity_levels"].endswith("(default: 0.5,0.3,0.15)")
-    assert helps["val_images"].endswith("(default: the whole val split)") and helps["latency"].endswith("(default: off)")
+    assert helps["val_images"].endswith("(default: the whole val split)") and helps["latency"].endswith(
+        "(default: off)"
+    )
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = capsys.readouterr().out
@@ -194,8 +225,22 @@ def test_cli_is_generated_from_every_config_field(capsys):
 
 
 def test_cli_switches_lists_and_none():
-    cfg = parse_args(["--policy-tucker2", "--no-distill", "--latency", "--latency-batches", "1,8",
-                      "--latency-devices", "cpu", "--finetune-targets", "3", "--no-progress", "--threads", "1"])
+    cfg = parse_args(
+        [
+            "--policy-tucker2",
+            "--no-distill",
+            "--latency",
+            "--latency-batches",
+            "1,8",
+            "--latency-devices",
+            "cpu",
+            "--finetune-targets",
+            "3",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert cfg.policy_tucker2 and not cfg.distill and cfg.latency and not cfg.progress
     assert cfg.latency_batches == (1, 8) and cfg.latency_devices == ("cpu",) and cfg.finetune_targets == (3.0,)
     assert cfg.threads == 1
@@ -218,8 +263,24 @@ def test_run_results_options_are_the_config_with_the_tables_defaults():
     cuda = run_results.model_config(a, "vgg16", True, 123.0)
     assert (cuda.finetune_epochs, cuda.calib_images, cuda.finetune_batch_size) == (3.0, 1024, 256)
     assert cuda.latency_devices == ("cuda",) and cuda.deadline == 123.0 and cuda.run_id == "results-vgg16-cuda"
-    given = p.parse_args(["--no-tucker2", "--no-latency", "--finetune-epochs", "0", "--calib-images", "512",
-                          "--targets", "3", "--run-tag", "t", "--val-images", "0", "--shapes", "level,energy"])
+    given = p.parse_args(
+        [
+            "--no-tucker2",
+            "--no-latency",
+            "--finetune-epochs",
+            "0",
+            "--calib-images",
+            "512",
+            "--targets",
+            "3",
+            "--run-tag",
+            "t",
+            "--val-images",
+            "0",
+            "--shapes",
+            "level,energy",
+        ]
+    )
     cfg = run_results.model_config(given, "alexnet", True, None)
     assert not cfg.policy_tucker2 and not cfg.latency and cfg.finetune_epochs == 0.0 and cfg.calib_images == 512
     assert cfg.targets == (3.0,) and cfg.run_id == "results-alexnet-t" and cfg.val_images is None
@@ -229,8 +290,17 @@ def test_run_results_options_are_the_config_with_the_tables_defaults():
 def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
     """finetune_epochs > 0 finetunes the plans at finetune_targets only; each epoch is logged, and the final
     model is the best val epoch (0 = the recalibrated model itself)."""
-    cfg = config(tmp_path, None, "ft", methods=("uniform",), targets=(3.0, 2.0), finetune_targets=(3.0,),
-                 finetune_epochs=0.1, final_calib_images=64, sensitivity_levels=(0.5,))
+    cfg = config(
+        tmp_path,
+        None,
+        "ft",
+        methods=("uniform",),
+        targets=(3.0, 2.0),
+        finetune_targets=(3.0,),
+        finetune_epochs=0.1,
+        final_calib_images=64,
+        sensitivity_levels=(0.5,),
+    )
     finals = {f["target"]: f for f in run_experiment(cfg)}
     records, _ = parse_log(log_file(cfg))
     assert finals[2.0]["finetune_epochs"] is None and finals[2.0]["test_top1_ft"] is None
@@ -248,11 +318,16 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
     """n_seeds runs every method per seed; seeds change the draws and the calibration subset."""
     from common.analysis import aggregate_seeds, summary_table
 
-    cfg = config(tmp_path, digits_checkpoint("alexnet"), "seeds", methods=("uniform", "random"), n_seeds=2,
-                 final_calib_images=64)
+    cfg = config(
+        tmp_path, digits_checkpoint("alexnet"), "seeds", methods=("uniform", "random"), n_seeds=2, final_calib_images=64
+    )
     finals = run_experiment(cfg)
-    assert sorted((f["method"], f["seed"]) for f in finals) == [("random", 0), ("random", 1),
-                                                               ("uniform", 0), ("uniform", 1)]
+    assert sorted((f["method"], f["seed"]) for f in finals) == [
+        ("random", 0),
+        ("random", 1),
+        ("uniform", 0),
+        ("uniform", 1),
+    ]
     records, _ = parse_log(log_file(cfg))
     plans = {(p["method"], p["seed"]): p["plan"] for p in of_kind(records, "plan")}
     assert plans["uniform", 0] == plans["uniform", 1]  # deterministic: only its calibration differs
@@ -266,23 +341,26 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
     assert set(agg["n_seeds"]) == {2}
 
 
-@pytest.mark.parametrize("flags,phrase", [
-    (["--targets", ""], "at least one reduction factor"),
-    (["--targets", "nan"], "finite number > 1"),
-    (["--targets", "inf"], "finite number > 1"),
-    (["--targets", "0.5"], "finite number > 1"),
-    (["--targets", "three"], "could not convert"),
-    (["--search-budget", "0"], "search_budget must be at least 1"),
-    (["--n-seeds", "0"], "n_seeds must be at least 1"),
-    (["--calib-images", "1"], "calib_images must be at least 2"),
-    (["--methods", "uniform,greedy"], "unknown rank-selection method 'greedy'"),
-    (["--shapes", "spectral"], "shapes must be a non-empty subset"),
-    (["--finetune-epochs", "-1"], "finetune_epochs must be a number of epochs >= 0"),
-    (["--finetune-epochs", "inf"], "finetune_epochs must be a number of epochs >= 0"),
-    (["--latency-batches", "1,x"], "invalid literal for int()"),
-    (["--search-budget", "ten"], "invalid int value"),
-    (["--model", "resnet50"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "flags,phrase",
+    [
+        (["--targets", ""], "at least one reduction factor"),
+        (["--targets", "nan"], "finite number > 1"),
+        (["--targets", "inf"], "finite number > 1"),
+        (["--targets", "0.5"], "finite number > 1"),
+        (["--targets", "three"], "could not convert"),
+        (["--search-budget", "0"], "search_budget must be at least 1"),
+        (["--n-seeds", "0"], "n_seeds must be at least 1"),
+        (["--calib-images", "1"], "calib_images must be at least 2"),
+        (["--methods", "uniform,greedy"], "unknown rank-selection method 'greedy'"),
+        (["--shapes", "spectral"], "shapes must be a non-empty subset"),
+        (["--finetune-epochs", "-1"], "finetune_epochs must be a number of epochs >= 0"),
+        (["--finetune-epochs", "inf"], "finetune_epochs must be a number of epochs >= 0"),
+        (["--latency-batches", "1,x"], "invalid literal for int()"),
+        (["--search-budget", "ten"], "invalid int value"),
+        (["--model", "resnet50"], "invalid choice"),
+    ],
+)
 def test_bad_cli_values_are_refused_before_any_work(flags, phrase, capsys, monkeypatch):
     monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
     with pytest.raises(SystemExit) as exc:

@@ -4,6 +4,7 @@ Oracles: exactness at full rank, an independent numpy implementation of HT-2 fro
 (Gabor & Zdunek 2023), tensorly's HOSVD building blocks and its HOOI ``partial_tucker`` for Tucker-2,
 and the direct residual ``‖W − reconstruct‖ / ‖W‖`` for the errors the factors report.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,12 +12,23 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.ht import HT2Factors, KernelSpectra
-from common.ranks import (RANK_NAMES, energy_rank, energy_ranks, evbmf_ranks, full_ranks, rank_bounds,
-                          ranks_from_level, resolve_ranks, round_rank, rounded_ranks, validate_ranks)
+from common.ranks import (
+    RANK_NAMES,
+    energy_rank,
+    energy_ranks,
+    evbmf_ranks,
+    full_ranks,
+    rank_bounds,
+    ranks_from_level,
+    resolve_ranks,
+    round_rank,
+    rounded_ranks,
+    validate_ranks,
+)
 
 PROFILE = settings.get_profile("ht2-tests")
 pytestmark = pytest.mark.one_thread
@@ -49,6 +61,7 @@ def _group_shape(weight: torch.Tensor, groups: int) -> tuple[int, int, int, int]
 # ranks.py
 # ----------------------------------------------------------------------------------------------
 
+
 def test_full_ranks_and_bounds():
     assert full_ranks("ht2", (64, 32, 3, 3)) == (32, 64, 96)
     assert full_ranks("ht2", (8, 32, 5, 1)) == (32, 8, 8)
@@ -66,12 +79,12 @@ def test_full_ranks_and_bounds():
 
 
 def test_round_rank():
-    assert round_rank(0.2, 64, 8) == 8           # never below 1, rounded up to the multiple
+    assert round_rank(0.2, 64, 8) == 8  # never below 1, rounded up to the multiple
     assert round_rank(17, 64, 8) == 24
-    assert round_rank(63.5, 64, 8) == 64          # capped at full
-    assert round_rank(5.2, 12, 8) == 6            # narrow mode: exact ceiling, no multiple
+    assert round_rank(63.5, 64, 8) == 64  # capped at full
+    assert round_rank(5.2, 12, 8) == 6  # narrow mode: exact ceiling, no multiple
     assert round_rank(5.0, 64, 1) == 5
-    assert round_rank(5.0000000001, 64, 1) == 5   # float noise does not bump a rank
+    assert round_rank(5.0000000001, 64, 1) == 5  # float noise does not bump a rank
 
 
 def test_rounded_ranks_assembles_every_method_in_rank_name_order():
@@ -92,7 +105,7 @@ def test_rounded_ranks_assembles_every_method_in_rank_name_order():
     assert rounded_ranks("dense", (20, 8, 1, 1), raw) == ()
     for method in RANK_NAMES:
         names = []
-        rounded_ranks(method, (20, 8, 1, 1), lambda n, f, d: names.append(n) or 1.0)
+        rounded_ranks(method, (20, 8, 1, 1), lambda n, f, d, names=names: names.append(n) or 1.0)
         assert tuple(names) == RANK_NAMES[method]
     with pytest.raises(ValueError, match="cp"):
         rounded_ranks("cp", (20, 8, 1, 1), raw)
@@ -101,8 +114,12 @@ def test_rounded_ranks_assembles_every_method_in_rank_name_order():
 def _low_rank_kernel(t, c, k, r, noise, seed):
     """A kernel whose C- and T-mode unfoldings have rank ``r`` (plus i.i.d. noise)."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.einsum("ta,abij,cb->tcij", torch.randn(t, r, generator=g), torch.randn(r, r, k, k, generator=g),
-                     torch.randn(c, r, generator=g))
+    w = torch.einsum(
+        "ta,abij,cb->tcij",
+        torch.randn(t, r, generator=g),
+        torch.randn(r, r, k, k, generator=g),
+        torch.randn(c, r, generator=g),
+    )
     return w / w.norm() + noise * torch.randn(w.shape, generator=g)
 
 
@@ -116,10 +133,10 @@ def test_energy_ranks_from_the_spectra():
         assert validate_ranks(method, sp.kernel_shape, ranks[1]) == ranks[1]
     r1, r3, r13 = energy_ranks(sp, "ht2", 0.6)
     assert (r1, r3) == (energy_rank(sp.s1, 0.6), energy_rank(sp.s3, 0.6))
-    assert r13 == energy_rank(sp.core_spectrum(r1, r3), 0.6)   # R13 from the core at those R1, R3
+    assert r13 == energy_rank(sp.core_spectrum(r1, r3), 0.6)  # R13 from the core at those R1, R3
     low = KernelSpectra(_low_rank_kernel(16, 12, 3, 2, 0.0, 0))
     assert energy_ranks(low, "tucker2", 0.999999) == (2, 2)
-    assert energy_ranks(low, "tucker2", 0.999999, multiple=8) == (2, 8)   # C=12 stays exact, T=16 rounds
+    assert energy_ranks(low, "tucker2", 0.999999, multiple=8) == (2, 8)  # C=12 stays exact, T=16 rounds
     one = KernelSpectra(torch.randn(20, 8, 1, 1, generator=g))
     assert energy_ranks(one, "svd", 1.0) == (8,)
 
@@ -134,8 +151,14 @@ def test_evbmf_ranks_find_the_signal_rank_and_fall_back_to_one():
 
 
 @settings(PROFILE, max_examples=60)
-@given(t=st.integers(1, 600), c=st.integers(1, 600), kh=st.integers(1, 7), kw=st.integers(1, 7),
-       lv=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=2), multiple=st.sampled_from([1, 8]))
+@given(
+    t=st.integers(1, 600),
+    c=st.integers(1, 600),
+    kh=st.integers(1, 7),
+    kw=st.integers(1, 7),
+    lv=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=2),
+    multiple=st.sampled_from([1, 8]),
+)
 def test_ranks_from_level_monotone_and_valid(t, c, kh, kw, lv, multiple):
     lo, hi = sorted(lv)
     shape = (t, c, kh, kw)
@@ -160,15 +183,18 @@ def test_resolve_ranks_specs():
         assert "conv_x" in str(e.value)
 
 
-@pytest.mark.parametrize("method,shape,ranks,name,lo,hi", [
-    ("ht2", (16, 8, 3, 3), (0, 4, 4), "R1", 1, 8),
-    ("ht2", (16, 8, 3, 3), (9, 4, 4), "R1", 1, 8),
-    ("ht2", (16, 8, 3, 3), (8, 17, 4), "R3", 1, 16),
-    ("ht2", (16, 8, 3, 3), (2, 5, 7), "R13", 1, 6),      # min(R1*kh, R3*kw) = min(6, 15)
-    ("ht2", (16, 8, 3, 3), (2, 5, 0), "R13", 1, 6),
-    ("tucker2", (16, 8, 3, 3), (4, 17), "R3", 1, 16),
-    ("svd", (16, 8, 1, 1), (9,), "R", 1, 8),
-])
+@pytest.mark.parametrize(
+    "method,shape,ranks,name,lo,hi",
+    [
+        ("ht2", (16, 8, 3, 3), (0, 4, 4), "R1", 1, 8),
+        ("ht2", (16, 8, 3, 3), (9, 4, 4), "R1", 1, 8),
+        ("ht2", (16, 8, 3, 3), (8, 17, 4), "R3", 1, 16),
+        ("ht2", (16, 8, 3, 3), (2, 5, 7), "R13", 1, 6),  # min(R1*kh, R3*kw) = min(6, 15)
+        ("ht2", (16, 8, 3, 3), (2, 5, 0), "R13", 1, 6),
+        ("tucker2", (16, 8, 3, 3), (4, 17), "R3", 1, 16),
+        ("svd", (16, 8, 1, 1), (9,), "R", 1, 8),
+    ],
+)
 def test_ranks_out_of_range_name_layer_rank_and_range(method, shape, ranks, name, lo, hi):
     w = torch.randn(*shape)
     with pytest.raises(ValueError) as e:
@@ -192,6 +218,7 @@ def test_rank_count_and_type_errors():
 # ----------------------------------------------------------------------------------------------
 # ht.py: bad kernels
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_kernel_raises_naming_layer(bad):
@@ -218,6 +245,7 @@ def test_zero_kernel_has_zero_error():
 # ----------------------------------------------------------------------------------------------
 # ht.py: properties
 # ----------------------------------------------------------------------------------------------
+
 
 @settings(PROFILE)
 @given(kernels())
@@ -293,8 +321,9 @@ def test_groups_decompose_independently(kg, data):
     per_group = [KernelSpectra(wg).ht2((r1, r3, r13)).reconstruct() for wg in w.split(t)]
     torch.testing.assert_close(f.reconstruct(), torch.cat(per_group), atol=1e-5, rtol=1e-5)
     tk = sp.tucker2((r1, r3)).reconstruct()
-    torch.testing.assert_close(tk, torch.cat([KernelSpectra(wg).tucker2((r1, r3)).reconstruct()
-                                              for wg in w.split(t)]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tk, torch.cat([KernelSpectra(wg).tucker2((r1, r3)).reconstruct() for wg in w.split(t)]), atol=1e-5, rtol=1e-5
+    )
 
 
 @settings(PROFILE)
@@ -306,15 +335,17 @@ def test_factor_structure(kg, data):
     sp = KernelSpectra(w, groups)
     t, c, kh, kw = sp.kernel_shape
     r1, r3 = data.draw(st.integers(1, c)), data.draw(st.integers(1, t))
-    r13 = data.draw(st.integers(1, min(r1 * kh, r3 * kw)))   # the top value takes the no-truncation path
+    r13 = data.draw(st.integers(1, min(r1 * kh, r3 * kw)))  # the top value takes the no-truncation path
     f = sp.ht2((r1, r3, r13))
     tk = sp.tucker2((r1, r3))
     for g in range(groups):
         for u in (f.u1[g], f.u3[g], tk.u1[g], tk.u3[g]):
             gram = u.T @ u
             torch.testing.assert_close(gram, gram[0, 0] * torch.eye(u.shape[1], dtype=u.dtype), atol=1e-9, rtol=1e-9)
-        ht_norms = [torch.linalg.matrix_norm(x, ord=2) for x in
-                    (f.u1[g], f.g1[g].reshape(r1 * kh, r13), f.g2[g].reshape(r13, r3 * kw), f.u3[g])]
+        ht_norms = [
+            torch.linalg.matrix_norm(x, ord=2)
+            for x in (f.u1[g], f.g1[g].reshape(r1 * kh, r13), f.g2[g].reshape(r13, r3 * kw), f.u3[g])
+        ]
         tk_norms = [torch.linalg.matrix_norm(x, ord=2) for x in (tk.u1[g], tk.core[g].reshape(r3, -1), tk.u3[g])]
         for norms in (ht_norms, tk_norms):
             norms = torch.stack(norms)
@@ -322,8 +353,8 @@ def test_factor_structure(kg, data):
     w_hat = torch.zeros(groups, t, c, kh, kw, dtype=torch.float64)
     for g in range(groups):
         for r in range(r13):
-            left = f.u1[g] @ f.g1[g, :, :, r]                       # (C, kh)
-            right = torch.einsum("tb,bj->tj", f.u3[g], f.g2[g, r])    # (T, kw)
+            left = f.u1[g] @ f.g1[g, :, :, r]  # (C, kh)
+            right = torch.einsum("tb,bj->tj", f.u3[g], f.g2[g, r])  # (T, kw)
             w_hat[g] += torch.einsum("ci,tj->tcij", left, right)
     torch.testing.assert_close(f.reconstruct(), w_hat.reshape(w.shape), atol=1e-10, rtol=1e-10)
     # singular values reported by the spectra are those of the unfoldings
@@ -331,30 +362,38 @@ def test_factor_structure(kg, data):
     w64 = w.double().reshape(groups, t, c, kh, kw)
     s3 = torch.linalg.svdvals(w64.reshape(groups, t, -1))
     tol = 1e-5 * float(s3.max()) ** 2
-    torch.testing.assert_close(sp.s3[:, :s3.shape[1]] ** 2, s3 ** 2, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(sp.s3[:, : s3.shape[1]] ** 2, s3**2, atol=tol, rtol=1e-5)
     s1 = torch.linalg.svdvals(w64.transpose(1, 2).reshape(groups, c, -1))
-    torch.testing.assert_close(sp.s1[:, :s1.shape[1]] ** 2, s1 ** 2, atol=tol, rtol=1e-5)
+    torch.testing.assert_close(sp.s1[:, : s1.shape[1]] ** 2, s1**2, atol=tol, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
 # Oracles
 # ----------------------------------------------------------------------------------------------
 
+
 def _numpy_ht2(w: np.ndarray, r1: int, r3: int, r13: int) -> np.ndarray:
     """HT-2 from its definition: leaf SVDs, projected core as (R1·kh)×(R3·kw), truncated SVD."""
     t, c, kh, kw = w.shape
     u1 = np.linalg.svd(w.transpose(1, 0, 2, 3).reshape(c, -1), full_matrices=False)[0][:, :r1]
     u3 = np.linalg.svd(w.reshape(t, -1), full_matrices=False)[0][:, :r3]
-    core = np.einsum("tcij,ca,tb->aibj", w, u1, u3)                   # (R1, kh, R3, kw)
+    core = np.einsum("tcij,ca,tb->aibj", w, u1, u3)  # (R1, kh, R3, kw)
     m = core.reshape(r1 * kh, r3 * kw)
     u, s, vt = np.linalg.svd(m, full_matrices=False)
     m_hat = (u[:, :r13] * s[:r13]) @ vt[:r13]
     return np.einsum("aibj,ca,tb->tcij", m_hat.reshape(r1, kh, r3, kw), u1, u3)
 
 
-@pytest.mark.parametrize("shape,ranks", [((12, 10, 3, 3), (5, 7, 9)), ((9, 16, 5, 2), (8, 4, 6)),
-                                          ((20, 6, 1, 7), (5, 12, 4)), ((7, 7, 4, 4), (7, 7, 10)),
-                                          ((32, 24, 3, 3), (24, 20, 50))])
+@pytest.mark.parametrize(
+    "shape,ranks",
+    [
+        ((12, 10, 3, 3), (5, 7, 9)),
+        ((9, 16, 5, 2), (8, 4, 6)),
+        ((20, 6, 1, 7), (5, 12, 4)),
+        ((7, 7, 4, 4), (7, 7, 10)),
+        ((32, 24, 3, 3), (24, 20, 50)),
+    ],
+)
 def test_ht2_matches_numpy_reference(shape, ranks):
     g = torch.Generator().manual_seed(sum(shape) + sum(ranks))
     w = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -384,8 +423,7 @@ def test_tucker2_matches_tensorly_hosvd_and_hooi():
         hosvd = multi_mode_dot(core, [u3, u1], modes=[0, 1])
         np.testing.assert_allclose(ours.reconstruct().numpy(), hosvd, atol=1e-6, rtol=1e-6)
         # HOOI (tensorly) refines HOSVD: ours is at most 5 % worse, and never meaningfully better
-        (tcore, factors), _ = partial_tucker(w, rank=[r3, r1], modes=[0, 1], init="svd", n_iter_max=100,
-                                             tol=1e-10)
+        (tcore, factors), _ = partial_tucker(w, rank=[r3, r1], modes=[0, 1], init="svd", n_iter_max=100, tol=1e-10)
         hooi = multi_mode_dot(tcore, factors, modes=[0, 1])
         hooi_err = np.linalg.norm(w - hooi) / np.linalg.norm(w)
         ours_err = _direct_error(torch.from_numpy(w), ours.reconstruct())
@@ -404,7 +442,7 @@ def test_svd_is_optimal_low_rank():
         torch.testing.assert_close(f.reconstruct()[:, :, 0, 0], best, atol=1e-6, rtol=1e-6)  # float32 Gram
         assert f.first.shape == (1, r, 16) and f.second.shape == (1, 24, r)
         n1, n2 = torch.linalg.matrix_norm(f.first[0], ord=2), torch.linalg.matrix_norm(f.second[0], ord=2)
-        assert float(n1) == pytest.approx(float(n2), rel=1e-6)   # balanced factors
+        assert float(n1) == pytest.approx(float(n2), rel=1e-6)  # balanced factors
         assert f.relative_error == pytest.approx(float(s[r:].pow(2).sum().sqrt() / s.norm()), abs=1e-6)
 
 
@@ -412,12 +450,13 @@ def test_svd_is_optimal_low_rank():
 # Caching: new ranks come from the once-per-kernel spectra, and agree with fresh decompositions
 # ----------------------------------------------------------------------------------------------
 
+
 def test_cached_spectra_agree_with_fresh_decompositions():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(20, 12, 3, 3, generator=g)
     sp = KernelSpectra(w, name="c")
     plans = [(r1, r3, r13) for r1 in (3, 6, 12) for r3 in (4, 10, 20) for r13 in (1, 5, min(r1 * 3, r3 * 3))]
-    first = {p: sp.ht2(p).reconstruct() for p in plans}   # > 16 (R1, R3) keys: LRU evicts and refills
+    first = {p: sp.ht2(p).reconstruct() for p in plans}  # > 16 (R1, R3) keys: LRU evicts and refills
     for p in reversed(plans):
         torch.testing.assert_close(sp.ht2(p).reconstruct(), first[p], atol=0, rtol=0)
         torch.testing.assert_close(first[p], KernelSpectra(w).ht2(p).reconstruct(), atol=1e-6, rtol=1e-6)

@@ -1,4 +1,5 @@
 """Tests for common.latency (plain timing) and the benchmarks/latency.py table built on it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
 
 
 def test_measure_latency_cpu_dict_and_threads_restored():
@@ -41,8 +43,9 @@ def test_measure_latency_rejects_bad_args():
 def test_measure_latency_larger_model_is_slower():
     small = measure_latency(_model(), (1, 3, 16, 16), threads=1, warmup=2, iters=9)
     torch.manual_seed(0)
-    big = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1),
-                        nn.Conv2d(64, 64, 3, padding=1))
+    big = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1)
+    )
     large = measure_latency(big, (1, 3, 64, 64), threads=1, warmup=2, iters=9)
     assert large["median_ms"] > 5 * small["median_ms"]
 
@@ -58,8 +61,9 @@ def test_interleaved_latency_ratios_and_reference():
     torch.manual_seed(0)
     small = _model()
     big = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
-    r = interleaved_latency({"big": big, "small": small}, (1, 3, 32, 32), rounds=3, threads=1, warmup=1, iters=3,
-                            reference="big")
+    r = interleaved_latency(
+        {"big": big, "small": small}, (1, 3, 32, 32), rounds=3, threads=1, warmup=1, iters=3, reference="big"
+    )
     assert len(r["big"]["rounds_ms"]) == 3 and len(r["small"]["rounds_ms"]) == 3
     assert r["speedup"]["small"] > 2  # ~40x fewer MACs
     assert "big" not in r["speedup"]
@@ -71,8 +75,10 @@ def test_interleaved_latency_ratios_and_reference():
 
 def test_latency_imports_neither_training_nor_deployment():
     """Plain timing stands alone: deployment imports it, never the other way round (no import cycle)."""
-    code = ("import sys, common.latency; "
-            "print(sorted(m for m in ('common.train', 'common.deploy', 'common.experiment') if m in sys.modules))")
+    code = (
+        "import sys, common.latency; "
+        "print(sorted(m for m in ('common.train', 'common.deploy', 'common.experiment') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -89,12 +95,30 @@ def test_latency_benchmark_table_and_resume(tmp_path, monkeypatch):
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
     plan = {layers[1].name: LayerPlan("ht2", (16, 16, 16))}
     log = RunLog(tmp_path / "logs", "alexnet", "bench")
-    log.write("plan", method="uniform", target=3.0, metric="macs", decomposition="ht2", seed=0,
-              plan=plan_to_dict(plan))
+    log.write("plan", method="uniform", target=3.0, metric="macs", decomposition="ht2", seed=0, plan=plan_to_dict(plan))
     jsonify(log.path, tmp_path / "json")
-    argv = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "out"), "--device", "cpu", "--threads", "1",
-            "--batches", "1,2", "--weights", "random", "--iters", "2", "--warmup", "0", "--deploy-iters", "1",
-            "--rounds", "1"]
+    argv = [
+        "--json",
+        str(tmp_path / "json"),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batches",
+        "1,2",
+        "--weights",
+        "random",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--deploy-iters",
+        "1",
+        "--rounds",
+        "1",
+    ]
     df = bench.main(argv)
     assert list(df["setting"]) == ["cpu_b1", "cpu_b2"] and set(df["model"]) == {"alexnet"}
     assert set(df["weights"]) == {"random"} and (df["rounds"] == 1).all()

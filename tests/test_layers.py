@@ -3,6 +3,7 @@
 The oracle for every layer is a dense ``nn.Conv2d`` with the original geometry whose weight is the
 reconstructed kernel; at full rank that is the original conv itself.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,13 +11,12 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from common.ht import KernelSpectra
-from common.layers import (LAYER_CLASSES, ConvGeometry, HT2Conv2d, SVDConv2d, Tucker2Conv2d,
-                           group_kernel_shape)
+from common.layers import LAYER_CLASSES, ConvGeometry, HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
 from common.ranks import full_ranks
 
 PROFILE = settings.get_profile("ht2-tests")
@@ -45,9 +45,11 @@ def conv_cases(draw, max_per_group: int = 5):
         stride, padding = (1, 1), "same"
     else:
         stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-        padding = {"int": lambda: draw(st.integers(0, 3)),
-                   "tuple": lambda: (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
-                   "valid": lambda: "valid"}[pad_kind]()
+        padding = {
+            "int": lambda: draw(st.integers(0, 3)),
+            "tuple": lambda: (draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+            "valid": lambda: "valid",
+        }[pad_kind]()
     mode = draw(st.sampled_from(PADDING_MODES))
     bias = draw(st.booleans())
     # per-side padding each axis gets, so that reflect/circular pad less than the input size
@@ -64,8 +66,9 @@ def conv_cases(draw, max_per_group: int = 5):
         hw.append(draw(st.integers(lo, lo + 5)))
     seed = draw(st.integers(0, 2**31 - 1))
     torch.manual_seed(seed)
-    conv = nn.Conv2d(c, t, (kh, kw), stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     bias=bias, padding_mode=mode)
+    conv = nn.Conv2d(
+        c, t, (kh, kw), stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias, padding_mode=mode
+    )
     with torch.no_grad():  # biases as large as the weights, so a lost bias is visible
         if bias:
             conv.bias.normal_()
@@ -130,8 +133,9 @@ def test_truncated_layer_matches_dense_oracle(case, data):
             assert type(back) is type(f) and back.ranks == f.ranks
             for fld in dataclasses.fields(f):
                 if fld.name not in ("ranks", "relative_error"):
-                    torch.testing.assert_close(getattr(back, fld.name), getattr(f, fld.name).float(),
-                                               atol=1e-6, rtol=1e-5)
+                    torch.testing.assert_close(
+                        getattr(back, fld.name), getattr(f, fld.name).float(), atol=1e-6, rtol=1e-5
+                    )
             torch.testing.assert_close(back.reconstruct(), f.reconstruct().float(), atol=1e-5, rtol=1e-4)
             y_ref = _oracle(conv, f.reconstruct())(x)
             out = layer(x)
@@ -181,8 +185,9 @@ def test_from_conv_is_one_classmethod_for_every_layer_class():
 
 
 def test_stage_geometry_ht2():
-    conv = nn.Conv2d(8, 12, (5, 3), stride=(2, 3), padding=(2, 1), dilation=(1, 2), groups=2, bias=True,
-                     padding_mode="reflect")
+    conv = nn.Conv2d(
+        8, 12, (5, 3), stride=(2, 3), padding=(2, 1), dilation=(1, 2), groups=2, bias=True, padding_mode="reflect"
+    )
     layer = HT2Conv2d.from_conv(conv, (3, 4, 5))
     first, vert, hor, last = layer.stages()
     assert (first.in_channels, first.out_channels, first.kernel_size, first.groups) == (8, 6, (1, 1), 2)
@@ -236,11 +241,14 @@ def test_level_and_int_rank_specs():
     assert SVDConv2d.from_conv(nn.Conv2d(16, 32, 1), 0.25).ranks == (4,)
 
 
-@pytest.mark.parametrize("cls,ranks,rank_name,rng", [
-    (HT2Conv2d, (9, 4, 4), "R1", "[1, 8]"),
-    (HT2Conv2d, (4, 4, 13), "R13", "[1, 12]"),
-    (Tucker2Conv2d, (4, 0), "R3", "[1, 16]"),
-])
+@pytest.mark.parametrize(
+    "cls,ranks,rank_name,rng",
+    [
+        (HT2Conv2d, (9, 4, 4), "R1", "[1, 8]"),
+        (HT2Conv2d, (4, 4, 13), "R13", "[1, 12]"),
+        (Tucker2Conv2d, (4, 0), "R3", "[1, 16]"),
+    ],
+)
 def test_bad_ranks_name_layer_rank_and_range(cls, ranks, rank_name, rng):
     conv = nn.Conv2d(8, 16, 3)
     with pytest.raises(ValueError) as e:
@@ -261,9 +269,11 @@ def test_bad_inputs_name_layer():
 
 
 def test_geometry_out_hw_matches_pytorch():
-    cases = [dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
-             dict(kernel_size=(4, 4), padding="same", dilation=(2, 3)),
-             dict(kernel_size=(7, 1), stride=(3, 2), padding="valid")]
+    cases = [
+        dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+        dict(kernel_size=(4, 4), padding="same", dilation=(2, 3)),
+        dict(kernel_size=(7, 1), stride=(3, 2), padding="valid"),
+    ]
     for kw in cases:
         conv = nn.Conv2d(2, 3, **kw)
         x = torch.zeros(1, 2, 23, 17)
@@ -273,8 +283,7 @@ def test_geometry_out_hw_matches_pytorch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_full_rank_ht2_on_cuda_matches():
     torch.manual_seed(0)
-    conv = nn.Conv2d(32, 48, (3, 5), stride=(1, 2), padding=(1, 2), groups=2, bias=True,
-                     padding_mode="reflect").cuda()
+    conv = nn.Conv2d(32, 48, (3, 5), stride=(1, 2), padding=(1, 2), groups=2, bias=True, padding_mode="reflect").cuda()
     x = torch.randn(4, 32, 20, 20, device="cuda")
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32

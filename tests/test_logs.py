@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ from common.logs import (
     parse_log,
     records_of,
 )
-from datetime import UTC
 
 
 def same(a, b) -> bool:
@@ -243,9 +243,7 @@ def test_round_trip_every_kind(tmp_path):
     records, errors = parse_log(log.path)
     assert errors == []
     assert len(records) == len(PAYLOADS)
-    for seq, (record, back, (kind, (payload, expected))) in enumerate(
-        zip(records, written, PAYLOADS.items())
-    ):
+    for seq, (record, back, (kind, (payload, expected))) in enumerate(zip(records, written, PAYLOADS.items())):
         assert same(record, back), kind
         assert record["kind"] == kind and record["run_id"] == "r1" and record["seq"] == seq
         assert isinstance(record["t"], float)
@@ -472,9 +470,7 @@ def test_records_of_and_documents_with_the_old_by_kind_copy(tmp_path):
     kinds = [r["kind"] for r in raw["records"]]
     assert records_of(raw, "nope") == [] and records_of({}, "config") == []
     plans = records_of(raw, "plan")
-    assert plans and [r["seq"] for r in plans] == [
-        r["seq"] for r in raw["records"] if r["kind"] == "plan"
-    ]
+    assert plans and [r["seq"] for r in plans] == [r["seq"] for r in raw["records"] if r["kind"] == "plan"]
     assert plans[0] is next(r for r in raw["records"] if r["kind"] == "plan")  # not a copy
     # A document written before by_kind was dropped loads to the same document.
     old = dict(raw)

@@ -1,4 +1,5 @@
 """Tests for common.models: architectures, parameter counts, checkpoint loading."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,15 +7,18 @@ import hashlib
 import pytest
 import torch
 
-from common.models import (MODEL_NAMES, build_model, count_params, input_size, load_baseline,
-                           load_checkpoint, manifest)
+from common.models import MODEL_NAMES, build_model, count_params, input_size, load_baseline, load_checkpoint, manifest
 from common.paths import CHECKPOINT_DIR
 
 HAVE_CKPT = (CHECKPOINT_DIR / "manifest.json").is_file()
 CIFAR = ("resnet18", "vgg16", "alexnet")
 # torchvision's published parameter counts for the 1000-class ImageNet models
-IMAGENET_PARAMS = {"resnet18_imagenet": 11_689_512, "vgg16_imagenet": 138_357_544,
-                   "alexnet_imagenet": 61_100_840, "mobilenet_v2_imagenet": 3_504_872}
+IMAGENET_PARAMS = {
+    "resnet18_imagenet": 11_689_512,
+    "vgg16_imagenet": 138_357_544,
+    "alexnet_imagenet": 61_100_840,
+    "mobilenet_v2_imagenet": 3_504_872,
+}
 pytestmark = pytest.mark.one_thread
 
 
@@ -63,9 +67,12 @@ def test_load_checkpoint_roundtrip_fp16_and_wrappers(tmp_path):
     torch.manual_seed(1)
     src = build_model("alexnet")
     half = {k: v.half() for k, v in src.state_dict().items()}
-    variants = {"plain": half, "model": {"model": half, "epoch": torch.tensor(3)},
-                "state_dict": {"state_dict": half},
-                "ddp": {f"module.{k}": v for k, v in half.items()}}
+    variants = {
+        "plain": half,
+        "model": {"model": half, "epoch": torch.tensor(3)},
+        "state_dict": {"state_dict": half},
+        "ddp": {f"module.{k}": v for k, v in half.items()},
+    }
     for tag, obj in variants.items():
         path = tmp_path / f"{tag}.pt"
         torch.save(obj, path)

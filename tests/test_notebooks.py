@@ -1,5 +1,6 @@
 """The htd-*-res notebooks: clean and parameterized as committed, and they run end to end (papermill,
 smoke parameters on the embedded digits data) writing a complete run log."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,23 @@ from common.search import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {"htd-alexnet-res.ipynb": "alexnet", "htd-vgg-res.ipynb": "vgg16", "htd-resnet-res.ipynb": "resnet18"}
-PARAMETERS = ("MODEL", "DATASET", "DATA_ROOT", "CHECKPOINT", "TARGET", "METHODS", "SEARCH_BUDGET", "FINETUNE",
-              "CALIB_IMAGES", "VAL_IMAGES", "SENSITIVITY_LEVELS", "DEVICE", "SEED", "RUN_ID", "LOG_DIR")
+PARAMETERS = (
+    "MODEL",
+    "DATASET",
+    "DATA_ROOT",
+    "CHECKPOINT",
+    "TARGET",
+    "METHODS",
+    "SEARCH_BUDGET",
+    "FINETUNE",
+    "CALIB_IMAGES",
+    "VAL_IMAGES",
+    "SENSITIVITY_LEVELS",
+    "DEVICE",
+    "SEED",
+    "RUN_ID",
+    "LOG_DIR",
+)
 SMOKE_SECONDS = 120  # the budget each smoke run must fit on a 2-core CPU machine
 # ResNet-18 costs ~2.5x AlexNet per image, and every final model is evaluated on val+test twice and
 # finetuned: with all five methods its smoke run takes ~2.5 min on 2 cores. It runs one method of each
@@ -54,9 +70,15 @@ def python3_kernel(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("jupyter")
     spec = root / "kernels" / "python3"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (tests)", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (tests)",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch_module.setenv("JUPYTER_PATH", str(root))
     return "python3"
 
@@ -72,13 +94,31 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     papermill = pytest.importorskip("papermill")
     model = NOTEBOOKS[name]
     methods = SMOKE_METHODS.get(model, list(METHODS))
-    params = dict(DATASET="digits", CHECKPOINT=str(digits_checkpoint(model, fit=False)), SEARCH_BUDGET=3,
-                  FINETUNE=0.05, TARGET=3.0, METHODS=methods, CALIB_IMAGES=64, VAL_IMAGES=100,
-                  SENSITIVITY_LEVELS=[0.3], SEED=0, RUN_ID="smoke", LOG_DIR=str(tmp_path / "logs"))
+    params = dict(
+        DATASET="digits",
+        CHECKPOINT=str(digits_checkpoint(model, fit=False)),
+        SEARCH_BUDGET=3,
+        FINETUNE=0.05,
+        TARGET=3.0,
+        METHODS=methods,
+        CALIB_IMAGES=64,
+        VAL_IMAGES=100,
+        SENSITIVITY_LEVELS=[0.3],
+        SEED=0,
+        RUN_ID="smoke",
+        LOG_DIR=str(tmp_path / "logs"),
+    )
     out = tmp_path / name
     t0 = time.perf_counter()
-    papermill.execute_notebook(str(REPO / name), str(out), parameters=params, kernel_name=python3_kernel,
-                               cwd=str(REPO), progress_bar=False, execution_timeout=2 * SMOKE_SECONDS)
+    papermill.execute_notebook(
+        str(REPO / name),
+        str(out),
+        parameters=params,
+        kernel_name=python3_kernel,
+        cwd=str(REPO),
+        progress_bar=False,
+        execution_timeout=2 * SMOKE_SECONDS,
+    )
     seconds = time.perf_counter() - t0
     print(f"{name}: {seconds:.1f}s")
     # Twice the budget, so a busy machine does not fail it; the budget itself is what README states.
@@ -110,8 +150,11 @@ def test_default_params_follow_the_shared_folder():
 
     p = default_params("vgg16")
     if CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "vgg16.pt").is_file():
-        assert p == {"dataset": "cifar10-jpeg", "data_root": str(CIFAR_JPEG_ROOT),
-                     "checkpoint": str(CHECKPOINT_DIR / "vgg16.pt")}
+        assert p == {
+            "dataset": "cifar10-jpeg",
+            "data_root": str(CIFAR_JPEG_ROOT),
+            "checkpoint": str(CHECKPOINT_DIR / "vgg16.pt"),
+        }
     else:
         assert p == {"dataset": "digits", "data_root": None, "checkpoint": "auto"}
     with pytest.raises(ValueError, match="unknown model 'vgg19'"):
@@ -122,8 +165,15 @@ def test_experiment_config_maps_notebook_parameters(tmp_path):
     from common.config import DEFAULT_FINETUNE_EPOCHS
     from common.notebook import default_params, experiment_config, log_path
 
-    cfg = experiment_config("alexnet", finetune_epochs=0.0, targets=2.5, methods=["uniform", "policy"],
-                            sensitivity_levels=[0.5, 0.2], log_dir=str(tmp_path), seed=3)
+    cfg = experiment_config(
+        "alexnet",
+        finetune_epochs=0.0,
+        targets=2.5,
+        methods=["uniform", "policy"],
+        sensitivity_levels=[0.5, 0.2],
+        log_dir=str(tmp_path),
+        seed=3,
+    )
     auto = default_params("alexnet")
     assert (cfg.dataset, cfg.data_root, cfg.checkpoint) == (auto["dataset"], auto["data_root"], auto["checkpoint"])
     assert cfg.finetune_epochs == 0.0 and cfg.targets == (2.5,) and cfg.methods == ("uniform", "policy")

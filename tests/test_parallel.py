@@ -1,4 +1,5 @@
 """Tests for common.parallel and the parallel paths of SpectraCache (warm, decompose)."""
+
 from __future__ import annotations
 
 import threading
@@ -49,10 +50,20 @@ def test_map_layers_raises_first_error_in_order_and_restores_caller(two_threads)
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 40, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(40, 48, (3, 5), padding=(1, 2)), nn.ReLU(), nn.Conv2d(48, 160, 3), nn.ReLU(),
-                         # big enough for the float32 core route (R1*kh > 256 at level 0.6)
-                         nn.Conv2d(160, 160, 3, padding=1), nn.ReLU(), nn.Conv2d(160, 24, 1))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 40, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(40, 48, (3, 5), padding=(1, 2)),
+        nn.ReLU(),
+        nn.Conv2d(48, 160, 3),
+        nn.ReLU(),
+        # big enough for the float32 core route (R1*kh > 256 at level 0.6)
+        nn.Conv2d(160, 160, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(160, 24, 1),
+    )
 
 
 def _plan(model: nn.Module, level: float) -> dict[str, LayerPlan]:
@@ -91,8 +102,12 @@ def test_layer_factors_do_not_depend_on_the_rest_of_the_plan(two_threads):
 def test_decompose_keeps_plan_order_fills_the_core_cache_and_validates_ranks(two_threads):
     m = _model(2)
     cache = SpectraCache(m)
-    plan = {"2": LayerPlan("ht2", (8, 16, 10)), "10": LayerPlan("svd", (4,)), "0": LayerPlan("dense"),
-            "8": LayerPlan("tucker2", (16, 16))}
+    plan = {
+        "2": LayerPlan("ht2", (8, 16, 10)),
+        "10": LayerPlan("svd", (4,)),
+        "0": LayerPlan("dense"),
+        "8": LayerPlan("tucker2", (16, 16)),
+    }
     assert list(cache.decompose(plan)) == ["2", "10", "8"]
     assert (8, 16) in cache.get("2")._gram_cache and "0" not in cache
     with pytest.raises(ValueError, match=r"'4'.*R1"):
@@ -117,7 +132,7 @@ def test_bench_decompose_runs_on_a_small_model(capsys):
 
     m = _model(4)
     result = bench_model("tiny", m, levels=(0.5, 0.3), repeats=2)
-    assert result["layers"] == 5 and result["kxk"] == 4   # the 3-channel stem is left out
+    assert result["layers"] == 5 and result["kxk"] == 4  # the 3-channel stem is left out
     assert [p["level"] for p in result["plans"]] == [0.5, 0.3]
     assert all(len(p["decompose"]) == 2 and min(p["decompose"]) > 0 for p in result["plans"])
     print_table([result])

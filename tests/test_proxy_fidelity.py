@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/proxy_fidelity.py on the embedded digits data: rows, values, resume."""
+
 from __future__ import annotations
 
 import csv
@@ -19,9 +20,24 @@ def test_proxy_fidelity_smoke_and_resume(tmp_path, digits_checkpoint, monkeypatc
     torch.set_num_threads(1)
     out = tmp_path / "pf.csv"
     # A fitted digits AlexNet (conftest): compression visibly costs accuracy, so the ranks are defined.
-    argv = ["--dataset", "digits", "--model", "alexnet", "--checkpoint", str(digits_checkpoint("alexnet")),
-            "--plans", "4", "--proxies", "kl:64,top1:100", "--final-calib-images", "64", "--threads", "1",
-            "--out", str(out)]
+    argv = [
+        "--dataset",
+        "digits",
+        "--model",
+        "alexnet",
+        "--checkpoint",
+        str(digits_checkpoint("alexnet")),
+        "--plans",
+        "4",
+        "--proxies",
+        "kl:64,top1:100",
+        "--final-calib-images",
+        "64",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     summary = pf.main(argv)
     rows = _rows(out)
     assert [int(r["plan"]) for r in rows] == [0, 1, 2, 3]

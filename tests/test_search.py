@@ -1,4 +1,5 @@
 """Rank selection: every method hits the budget; determinism; resume after an interruption."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,18 @@ from torch import nn
 from common.data import load_dataset
 from common.policy import cem_refit, choice_pdf, drop_curve
 from common.ranks import energy_ranks
-from common.search import (METHODS, MemoryRecorder, SearchConfig, SearchSpace, build_searcher, check_method,
-                           check_metric, check_target, project, repair_plan)
+from common.search import (
+    METHODS,
+    MemoryRecorder,
+    SearchConfig,
+    SearchSpace,
+    build_searcher,
+    check_method,
+    check_metric,
+    check_target,
+    project,
+    repair_plan,
+)
 from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
 
 
@@ -21,8 +32,7 @@ def small_cnn(seed: int = 0) -> nn.Module:
     chans = [3, 16, 32, 48, 64]
     layers: list[nn.Module] = []
     for i in range(4):
-        layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]),
-                   nn.ReLU()]
+        layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False), nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
         if i % 2 == 1:
             layers.append(nn.MaxPool2d(2))
     layers += [nn.Conv2d(64, 64, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)]
@@ -38,8 +48,17 @@ CFG = SearchConfig(sensitivity_levels=(0.5, 0.2), rounds=2)
 
 
 def make(digits, recorder=None, config=CFG, **kw):
-    return build_searcher(small_cnn(), digits, calib_images=64, val_images=120, batch_size=64,
-                          multiple=kw.pop("multiple", 8), recorder=recorder, config=config, **kw)
+    return build_searcher(
+        small_cnn(),
+        digits,
+        calib_images=64,
+        val_images=120,
+        batch_size=64,
+        multiple=kw.pop("multiple", 8),
+        recorder=recorder,
+        config=config,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("method,target", [(m, 3.0) for m in METHODS] + [("uniform", 2.0), ("vbmf", 2.0)])
@@ -126,8 +145,9 @@ def test_policy_pdf_prefers_insensitive_large_layers(digits):
 
 def test_policy_math_drop_curve_pdf_and_cem_step():
     # drops 0 / 0.2 / 0.5 at levels 1 / 0.5 / 0.2: interpolated between, extrapolated along the last segment
-    np.testing.assert_allclose(drop_curve([(0.5, 0.8), (0.2, 0.5)], 1.0, [1.0, 0.75, 0.5, 0.2, 0.1]),
-                               [0.0, 0.1, 0.2, 0.5, 0.6])
+    np.testing.assert_allclose(
+        drop_curve([(0.5, 0.8), (0.2, 0.5)], 1.0, [1.0, 0.75, 0.5, 0.2, 0.1]), [0.0, 0.1, 0.2, 0.5, 0.6]
+    )
     # a score that recovers at a lower level does not make the drop fall (monotone as f falls)
     np.testing.assert_allclose(drop_curve([(0.5, 0.5), (0.2, 0.9)], 1.0, [0.5, 0.2, 0.1]), [0.5, 0.5, 0.5])
     drops = np.array([[0.0, 0.1, 0.4], [0.0, 0.01, 0.02]])
@@ -136,10 +156,13 @@ def test_policy_math_drop_curve_pdf_and_cem_step():
     assert np.allclose(pdf.sum(1), 1) and abs(float((pdf * cost).sum()) - 0.6) < 1e-6
     assert pdf[1, 2] > pdf[0, 2]  # the insensitive layer takes the cheap choice more often
     assert info["drop_scale"] == pytest.approx(float(np.median([0.1, 0.4, 0.01, 0.02])))
-    hist = [{"index": i, "score": sc, "choices_drawn": ks}
-            for i, (sc, ks) in enumerate([(-3.0, [0, 0]), (-1.0, [2, 1]), (-2.0, [1, 1]), (-1.0, [2, 2])])]
-    np.testing.assert_allclose(cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 1.0),
-                               [[0, 0, 1], [0, 0.5, 0.5]])  # the two best (ties: earlier first)
+    hist = [
+        {"index": i, "score": sc, "choices_drawn": ks}
+        for i, (sc, ks) in enumerate([(-3.0, [0, 0]), (-1.0, [2, 1]), (-2.0, [1, 1]), (-1.0, [2, 2])])
+    ]
+    np.testing.assert_allclose(
+        cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 1.0), [[0, 0, 1], [0, 0.5, 0.5]]
+    )  # the two best (ties: earlier first)
     np.testing.assert_allclose(cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 0.5).sum(1), 1)
 
 
@@ -150,8 +173,9 @@ def test_projection_keeps_shape_and_hits_target():
     plan, achieved = project(space, levels, 3.0)
     assert abs(achieved / 3.0 - 1) <= 0.03 and achieved == space.factor(plan, "macs")
     # one common scale α of every level (no per-layer repair was needed at multiple 1)
-    assert any(plan == space.plan({n: min(1.0, a * f) for n, f in levels.items()})
-               for a in np.geomspace(0.2, 5.0, 4000))
+    assert any(
+        plan == space.plan({n: min(1.0, a * f) for n, f in levels.items()}) for a in np.geomspace(0.2, 5.0, 4000)
+    )
 
 
 def test_repair_moves_plan_into_tolerance():

@@ -4,6 +4,7 @@ Models are built on the ``meta`` device and then materialized on the CPU with ea
 ``reset_parameters`` (same architecture and init scheme as ``build_model``, but without paying for
 the 120M-parameter VGG classifier that the CIFAR variant replaces).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,17 +15,21 @@ from torch import nn
 
 from common.layers import HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
 from common.models import build_model
-from tests.helpers import fast_model
 from common.ranks import full_ranks, ranks_from_level
-from common.surgery import (LayerPlan, SpectraCache, apply_plan, list_conv_layers, plan_from_dict,
-                            plan_to_dict, validate_plan)
+from common.surgery import (
+    LayerPlan,
+    SpectraCache,
+    apply_plan,
+    list_conv_layers,
+    plan_from_dict,
+    plan_to_dict,
+    validate_plan,
+)
+from tests.helpers import fast_model
 
 CIFAR_CONVS = {"resnet18": 20, "vgg16": 13, "alexnet": 5}
-IMAGENET_CONVS = {"resnet18_imagenet": 20, "vgg16_imagenet": 13, "alexnet_imagenet": 5,
-                  "mobilenet_v2_imagenet": 52}
+IMAGENET_CONVS = {"resnet18_imagenet": 20, "vgg16_imagenet": 13, "alexnet_imagenet": 5, "mobilenet_v2_imagenet": 52}
 pytestmark = pytest.mark.one_thread
-
-
 
 
 _MODELS: dict[str, nn.Module] = {}
@@ -39,8 +44,10 @@ def model(name: str) -> nn.Module:
 
 def snapshot(m: nn.Module) -> tuple[dict, list]:
     """State (cloned tensors) and module structure, to prove a model was left untouched."""
-    return ({k: v.detach().clone() for k, v in m.state_dict().items()},
-            [(n, type(x).__name__, id(x)) for n, x in m.named_modules()])
+    return (
+        {k: v.detach().clone() for k, v in m.state_dict().items()},
+        [(n, type(x).__name__, id(x)) for n, x in m.named_modules()],
+    )
 
 
 def assert_unchanged(m: nn.Module, snap: tuple[dict, list]) -> None:
@@ -55,9 +62,11 @@ def assert_unchanged(m: nn.Module, snap: tuple[dict, list]) -> None:
 def hooked_convs(m: nn.Module, size: int) -> list[tuple[str, nn.Conv2d, tuple, tuple]]:
     """Independent oracle: (name, conv, input shape, output shape) in call order."""
     seen = []
-    hooks = [c.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, mod, tuple(i[0].shape),
-                                                                        tuple(o.shape))))
-             for n, c in m.named_modules() if isinstance(c, nn.Conv2d)]
+    hooks = [
+        c.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, mod, tuple(i[0].shape), tuple(o.shape))))
+        for n, c in m.named_modules()
+        if isinstance(c, nn.Conv2d)
+    ]
     p = next(m.parameters())
     with torch.no_grad():
         m(torch.zeros(1, 3, size, size, device=p.device))
@@ -82,7 +91,7 @@ def _check_listing(m: nn.Module, size: int, expected: int):
     seen = hooked_convs(m, size)
     assert len(infos) == expected == len(seen)
     assert [i.name for i in infos] == [s[0] for s in seen]  # forward order
-    for info, (name, conv, ishape, oshape) in zip(infos, seen):
+    for info, (_name, conv, ishape, oshape) in zip(infos, seen):
         assert info.weight_shape == tuple(conv.weight.shape)
         assert info.in_hw == ishape[-2:] and info.out_hw == oshape[-2:]
         assert info.geometry.out_hw(info.in_hw) == info.out_hw
@@ -97,7 +106,7 @@ def _check_listing(m: nn.Module, size: int, expected: int):
 
 @pytest.mark.parametrize("name", sorted(CIFAR_CONVS))
 def test_list_conv_layers_cifar(name):
-    m = model(name).train()   # mode is restored afterwards
+    m = model(name).train()  # mode is restored afterwards
     try:
         infos = _check_listing(m, 32, CIFAR_CONVS[name])
         assert m.training and all(x.training for x in m.modules())
@@ -186,10 +195,10 @@ def test_spectra_cache_reuse_gives_identical_models():
     plan = level_plan(m, 0.5)
     with torch.no_grad():
         assert torch.equal(apply_plan(m, plan, spectra=cache)(x), apply_plan(m, plan)(x))
-        for level in (0.45, 0.3):   # later plans reuse the cache and match fresh decompositions
+        for level in (0.45, 0.3):  # later plans reuse the cache and match fresh decompositions
             plan = level_plan(m, level)
             assert torch.allclose(apply_plan(m, plan, spectra=cache)(x), apply_plan(m, plan)(x), atol=1e-6)
-    assert "features.0" in cache   # filled lazily by the plan
+    assert "features.0" in cache  # filled lazily by the plan
     with pytest.raises(KeyError, match="bn1"):
         cache.get("bn1")
 
@@ -227,6 +236,7 @@ def test_plan_json_round_trip_rebuilds_identical_model(name, tmp_path):
 # Bad input: clear errors, original model unchanged
 # ----------------------------------------------------------------------------------------------
 
+
 def test_unknown_layer_raises_keyerror_listing_valid_names():
     m = fast_model("alexnet")
     snap = snapshot(m)
@@ -235,20 +245,23 @@ def test_unknown_layer_raises_keyerror_listing_valid_names():
         apply_plan(m, plan)
     msg = str(e.value)
     assert "features.99" in msg and "features.0" in msg and "features.10" in msg
-    with pytest.raises(KeyError, match="classifier.1"):   # a Linear is not a conv layer
+    with pytest.raises(KeyError, match="classifier.1"):  # a Linear is not a conv layer
         apply_plan(m, {"classifier.1": LayerPlan("svd", (4,))})
     assert_unchanged(m, snap)
 
 
-@pytest.mark.parametrize("entry,rank_name,rng", [
-    (LayerPlan("ht2", (65, 8, 8)), "R1", "[1, 64]"),
-    (LayerPlan("ht2", (8, 8, 41)), "R13", "[1, 40]"),
-    (LayerPlan("tucker2", (0, 8)), "R1", "[1, 64]"),
-])
+@pytest.mark.parametrize(
+    "entry,rank_name,rng",
+    [
+        (LayerPlan("ht2", (65, 8, 8)), "R1", "[1, 64]"),
+        (LayerPlan("ht2", (8, 8, 41)), "R13", "[1, 40]"),
+        (LayerPlan("tucker2", (0, 8)), "R1", "[1, 64]"),
+    ],
+)
 def test_out_of_range_ranks_in_plan(entry, rank_name, rng):
     m = fast_model("alexnet")
     snap = snapshot(m)
-    plan = {"features.0": LayerPlan("ht2", (2, 8, 8)), "features.3": entry}   # features.3: 64 -> 192, 5x5
+    plan = {"features.0": LayerPlan("ht2", (2, 8, 8)), "features.3": entry}  # features.3: 64 -> 192, 5x5
     with pytest.raises(ValueError) as e:
         apply_plan(m, plan, inplace=True)
     msg = str(e.value)
@@ -272,7 +285,7 @@ def test_non_finite_weights_raise_naming_layer_and_leave_model(inplace):
     with torch.no_grad():
         m.features[6].weight[3, 4, 1, 1] = float("nan")
     snap = snapshot(m)
-    plan = level_plan(m, 0.5)   # features.0 and .3 are fine and come first
+    plan = level_plan(m, 0.5)  # features.0 and .3 are fine and come first
     with pytest.raises(ValueError, match=r"features\.6.*non-finite"):
         apply_plan(m, plan, inplace=inplace)
     assert_unchanged(m, snap)
@@ -286,16 +299,19 @@ def test_plan_entries_as_tuples_and_dicts_are_normalized():
         LayerPlan("cp", (1,))
 
 
-@pytest.mark.parametrize("text,what", [
-    ('[["conv1", "ht2"]]', "JSON object"),
-    ('{"conv1": "ht2"}', "conv1"),
-    ('{"conv1": {"ranks": [1, 2, 3]}}', "conv1"),
-    ('{"conv1": {"method": "ht2", "ranks": [1.5, 2, 3]}}', "conv1.*integers"),
-    ('{"conv1": {"method": "ht2", "ranks": ["1", 2, 3]}}', "conv1.*integers"),
-    ('{"conv1": {"method": "ht2", "ranks": [true, 2, 3]}}', "conv1.*integers"),
-    ('{"conv1": {"method": "ht2", "ranks": 3}}', "conv1.*integers"),
-    ('{"conv1": {"method": "cp", "ranks": [3]}}', "conv1.*cp"),
-])
+@pytest.mark.parametrize(
+    "text,what",
+    [
+        ('[["conv1", "ht2"]]', "JSON object"),
+        ('{"conv1": "ht2"}', "conv1"),
+        ('{"conv1": {"ranks": [1, 2, 3]}}', "conv1"),
+        ('{"conv1": {"method": "ht2", "ranks": [1.5, 2, 3]}}', "conv1.*integers"),
+        ('{"conv1": {"method": "ht2", "ranks": ["1", 2, 3]}}', "conv1.*integers"),
+        ('{"conv1": {"method": "ht2", "ranks": [true, 2, 3]}}', "conv1.*integers"),
+        ('{"conv1": {"method": "ht2", "ranks": 3}}', "conv1.*integers"),
+        ('{"conv1": {"method": "cp", "ranks": [3]}}', "conv1.*cp"),
+    ],
+)
 def test_malformed_plan_dict_raises_valueerror(text, what):
     with pytest.raises(ValueError, match=what):
         plan_from_dict(json.loads(text))

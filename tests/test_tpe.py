@@ -1,4 +1,5 @@
 """TPE rival search: determinism, it optimizes, duplicate/infeasible handling, bounds, inputs, logging."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,10 @@ OPT12 = np.array([0, 7, 3, 5, 1, 6, 2, 4, 7, 0, 5, 3])
 
 def separable(opt: np.ndarray):
     """Score = -sum((idx - opt)^2): maximum 0 at ``opt``, every call counted."""
+
     def objective(indices: list[int]) -> tuple[float, bool]:
         return -float(((np.asarray(indices) - opt) ** 2).sum()), True
+
     return objective
 
 
@@ -137,16 +140,19 @@ def test_numpy_integers_accepted():
     assert sum(h["counted"] for h in hist) == 4
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(num_choices=[3, 0]), r"num_choices\[1\]"),
-    (dict(num_choices=[2.5]), r"num_choices\[0\]"),
-    (dict(num_choices=[True, 3]), r"num_choices\[0\]"),
-    (dict(num_choices=[]), "num_choices"),
-    (dict(n_evals=0), "n_evals"),
-    (dict(n_evals=1.0), "n_evals"),
-    (dict(n_startup=-1), "n_startup"),
-    (dict(max_trials=0), "max_trials"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_choices=[3, 0]), r"num_choices\[1\]"),
+        (dict(num_choices=[2.5]), r"num_choices\[0\]"),
+        (dict(num_choices=[True, 3]), r"num_choices\[0\]"),
+        (dict(num_choices=[]), "num_choices"),
+        (dict(n_evals=0), "n_evals"),
+        (dict(n_evals=1.0), "n_evals"),
+        (dict(n_startup=-1), "n_startup"),
+        (dict(max_trials=0), "max_trials"),
+    ],
+)
 def test_bad_input_names_argument(kwargs, name):
     args = dict(num_choices=[3, 3], objective=lambda idx: (0.0, True), n_evals=3, seed=0)
     args.update(kwargs)

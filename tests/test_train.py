@@ -1,4 +1,5 @@
 """Tests for common.train: evaluation, BN recalibration, fine-tuning (incl. 2-process DDP)."""
+
 from __future__ import annotations
 
 import copy
@@ -8,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from common.data import BatchLoader, TensorSplit, load_dataset, make_loader
-from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.device import resolve_device
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.train import FinetuneConfig, bn_recalibrate, evaluate, finetune
 
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
@@ -19,10 +20,18 @@ def tiny_cnn(seed: int = 0, bn: bool = True) -> nn.Module:
     """A ~10k-parameter CNN for 3x32x32 inputs: an epoch of digits takes well under a second."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=not bn), nn.BatchNorm2d(16) if bn else nn.Identity(),
-        nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1, bias=not bn), nn.BatchNorm2d(32) if bn else nn.Identity(),
-        nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
+        nn.Conv2d(3, 16, 3, padding=1, bias=not bn),
+        nn.BatchNorm2d(16) if bn else nn.Identity(),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1, bias=not bn),
+        nn.BatchNorm2d(32) if bn else nn.Identity(),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
 
 
 pytestmark = pytest.mark.one_thread  # identical results need identical thread counts
@@ -40,7 +49,7 @@ def test_evaluate_counts_exactly():
     split = TensorSplit(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.arange(n) % 10)
     table = torch.eye(10)[split.labels]
     table[:3] = torch.eye(10)[(split.labels[:3] + 1) % 10]  # 3 wrong at top-1
-    table[:3] += 0.5 * torch.eye(10)[split.labels[:3]]        # ... but right at top-2
+    table[:3] += 0.5 * torch.eye(10)[split.labels[:3]]  # ... but right at top-2
 
     class Lookup(nn.Module):
         def __init__(self):
@@ -48,7 +57,7 @@ def test_evaluate_counts_exactly():
             self.i = 0
 
         def forward(self, x):
-            out = table[self.i:self.i + len(x)]
+            out = table[self.i : self.i + len(x)]
             self.i += len(x)
             return out
 
@@ -84,8 +93,9 @@ def test_bn_recalibrate_without_bn_is_noop():
 
 def test_bn_recalibrate_restores_accuracy(digits):
     model = tiny_cnn()
-    finetune(model, digits, 4, batch_size=64, lr=0.1, device="cpu", augment=False,
-             progress=False, eval_every_epoch=False)
+    finetune(
+        model, digits, 4, batch_size=64, lr=0.1, device="cpu", augment=False, progress=False, eval_every_epoch=False
+    )
     val = make_loader(digits, "val", 512)
     good = evaluate(model, val)["top1"]
     assert good > 0.8
@@ -108,9 +118,12 @@ def test_finetune_deterministic_on_cpu(digits):
     """The same recipe twice, once by keywords and once as a FinetuneConfig: the same training."""
     runs = []
     recipe = FinetuneConfig(0.5, batch_size=64, lr=0.1, seed=11, val_subset=100)
-    for call in (lambda m: finetune(m, digits, 0.5, batch_size=64, lr=0.1, device="cpu", seed=11,
-                                    progress=False, val_subset=100),
-                 lambda m: finetune(m, digits, recipe, device="cpu", progress=False)):
+    for call in (
+        lambda m: finetune(
+            m, digits, 0.5, batch_size=64, lr=0.1, device="cpu", seed=11, progress=False, val_subset=100
+        ),
+        lambda m: finetune(m, digits, recipe, device="cpu", progress=False),
+    ):
         model = tiny_cnn(seed=3)
         h = call(model)
         runs.append((_history_wo_time(h), model.state_dict()))
@@ -135,8 +148,17 @@ def test_finetune_config_checks_and_precision():
 def test_finetune_lowers_loss_and_fractional_epochs(digits):
     model = tiny_cnn()
     seen = []
-    h = finetune(model, digits, 2.5, batch_size=64, lr=0.1, device="cpu", augment=False,
-                 progress=False, on_epoch_end=lambda rec, m: seen.append(rec["epoch"]))
+    h = finetune(
+        model,
+        digits,
+        2.5,
+        batch_size=64,
+        lr=0.1,
+        device="cpu",
+        augment=False,
+        progress=False,
+        on_epoch_end=lambda rec, m: seen.append(rec["epoch"]),
+    )
     steps = len(digits.train) // 64
     assert [r["epoch"] for r in h] == pytest.approx([1.0, 2.0, round(2.5 * steps) / steps])
     assert seen == [r["epoch"] for r in h]
@@ -148,12 +170,25 @@ def test_finetune_lowers_loss_and_fractional_epochs(digits):
 
 def test_finetune_kd_adamw_cosine_max_images(digits):
     teacher = tiny_cnn(seed=1)
-    finetune(teacher, digits, 2, batch_size=64, lr=0.1, device="cpu", augment=False,
-             progress=False, eval_every_epoch=False)
+    finetune(
+        teacher, digits, 2, batch_size=64, lr=0.1, device="cpu", augment=False, progress=False, eval_every_epoch=False
+    )
     student = tiny_cnn(seed=2)
-    h = finetune(student, digits, 1, batch_size=32, lr=3e-3, optimizer="adamw", schedule="cosine",
-                 teacher=teacher, kd_alpha=0.7, max_images=320, device="cpu", progress=False,
-                 label_smoothing=0.1)
+    h = finetune(
+        student,
+        digits,
+        1,
+        batch_size=32,
+        lr=3e-3,
+        optimizer="adamw",
+        schedule="cosine",
+        teacher=teacher,
+        kd_alpha=0.7,
+        max_images=320,
+        device="cpu",
+        progress=False,
+        label_smoothing=0.1,
+    )
     assert len(h) == 1 and h[0]["images_seen"] == 320
     assert h[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine ends at 0
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -165,13 +200,23 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
         data = load_dataset("digits")
         model = tiny_cnn(seed=0)
-        h = finetune(model, data, 1, batch_size=64, lr=0.1, device="cpu", seed=5, hflip=False,
-                     max_images=256, progress=False, val_subset=120)
+        h = finetune(
+            model,
+            data,
+            1,
+            batch_size=64,
+            lr=0.1,
+            device="cpu",
+            seed=5,
+            hflip=False,
+            max_images=256,
+            progress=False,
+            val_subset=120,
+        )
         torch.save({"state": model.state_dict(), "history": h}, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -200,8 +245,24 @@ def test_train_baseline_smoke(tmp_path):
     from common.models import build_model, load_checkpoint
     from finetuned.train_baseline import main
 
-    side = main(["--model", "alexnet", "--dataset", "digits", "--epochs", "1", "--max-images",
-                 "64", "--batch-size", "32", "--out", str(tmp_path), "--no-progress", "--fp16"])
+    side = main(
+        [
+            "--model",
+            "alexnet",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--max-images",
+            "64",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--fp16",
+        ]
+    )
     pt, js = tmp_path / "alexnet-digits.pt", tmp_path / "alexnet-digits.json"
     assert pt.is_file() and js.is_file() and not list(tmp_path.glob("*.tmp"))
     on_disk = json.loads(js.read_text())

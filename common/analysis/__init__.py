@@ -45,6 +45,7 @@ Every public name is re-exported here: ``from common.analysis import X``.
 from __future__ import annotations
 
 from .aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
+from .figures import pareto_front
 from .margins import (
     POLICY_MARGIN_COLUMNS,
     POLICY_RIVALS,
@@ -53,7 +54,6 @@ from .margins import (
     policy_margins,
 )
 from .markdown import MARKDOWN_COLUMNS, markdown_table
-from .figures import pareto_front
 from .plots import (
     PLOTS,
     make_plots,

@@ -31,9 +31,7 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
     x = np.asarray(xs, dtype=float)
     y = np.asarray(ys, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(
-            f"pareto_front: xs and ys must be 1-D of equal length, got {x.shape}, {y.shape}"
-        )
+        raise ValueError(f"pareto_front: xs and ys must be 1-D of equal length, got {x.shape}, {y.shape}")
     ok = ~(np.isnan(x) | np.isnan(y))
     front = []
     for i in np.flatnonzero(ok):

@@ -40,9 +40,7 @@ margin and its 95 % interval in percentage points, the number of paired seeds, t
 every rival's mean paired margin as text."""
 
 
-def paired_interval(
-    differences: Sequence[float], level: float = 0.95
-) -> tuple[float, float, float]:
+def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """Mean of paired differences and the two-sided Student-t confidence interval of that mean.
 
     ``mean ± t.ppf((1 + level) / 2, n - 1) * std / sqrt(n)`` with the sample std (ddof 1).

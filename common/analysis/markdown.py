@@ -53,12 +53,7 @@ def markdown_table(
 
     lines = [
         "| " + " | ".join(headers.values()) + " |",
-        "|"
-        + "|".join(
-            "---:" if c in right or pd.api.types.is_numeric_dtype(df[c]) else ":---"
-            for c in headers
-        )
-        + "|",
+        "|" + "|".join("---:" if c in right or pd.api.types.is_numeric_dtype(df[c]) else ":---" for c in headers) + "|",
     ]
     for _, row in df.iterrows():
         lines.append("| " + " | ".join(cell(c, row[c]) for c in headers) + " |")

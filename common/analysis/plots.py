@@ -85,9 +85,7 @@ def _draw_accuracy_series(ax: Axes, df: pd.DataFrame) -> tuple[list[float], list
             ("test_top1_bn", "-", "o", "BN recal."),
             ("test_top1_ft", "--", "^", "finetuned"),
         ):
-            pts = group[["macs_factor", f"{col}_mean", f"{col}_std"]].dropna(
-                subset=["macs_factor", f"{col}_mean"]
-            )
+            pts = group[["macs_factor", f"{col}_mean", f"{col}_std"]].dropna(subset=["macs_factor", f"{col}_mean"])
             if pts.empty:
                 continue
             std = 100 * pts[f"{col}_std"]
@@ -123,9 +121,7 @@ def _draw_pareto(ax: Axes, px: Sequence[float], py: Sequence[float]) -> None:
         )
 
 
-def plot_acc_vs_macs(
-    runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike
-) -> Path | None:
+def plot_acc_vs_macs(runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike) -> Path | None:
     """Plot test accuracy vs MACs reduction factor per method: ``acc_vs_macs_<model>.png``.
 
     Solid lines: after BN recalibration; dashed: after finetuning (when present). Points are means
@@ -177,9 +173,7 @@ def _pick_target(targets: Sequence[Any]) -> Any:
     return max(counts, key=lambda t: (counts[t], to_float(t)))
 
 
-def _chosen_plans(
-    runs: Sequence[Mapping], model: str, target: float | None
-) -> tuple[Any, dict[tuple, dict]] | None:
+def _chosen_plans(runs: Sequence[Mapping], model: str, target: float | None) -> tuple[Any, dict[tuple, dict]] | None:
     """``(target, {(method, decomposition): plan record})`` of the latest plans at one target.
 
     None (logged) without plans, or without a plan at the requested target.
@@ -224,9 +218,7 @@ def _kept_table(
     return table
 
 
-def _draw_ranks(
-    model: str, target: Any, chosen: Mapping[tuple, dict], layers: Sequence[Mapping], table
-) -> Figure:
+def _draw_ranks(model: str, target: Any, chosen: Mapping[tuple, dict], layers: Sequence[Mapping], table) -> Figure:
     """Grouped bars: one group per layer, one bar per plan."""
     fig = new_figure(width=max(7.5, 0.45 * len(layers) * max(1, len(chosen) / 2) + 2))
     ax = fig.add_subplot()
@@ -243,16 +235,12 @@ def _draw_ranks(
         )
     metric = next(iter(chosen.values())).get("metric")
     if metric == "macs" and isinstance(target, float) and target > 0:
-        ax.axhline(
-            1.0 / target, color="gray", linestyle=":", label=f"1 / target = {1 / target:.3f}"
-        )
+        ax.axhline(1.0 / target, color="gray", linestyle=":", label=f"1 / target = {1 / target:.3f}")
     ax.set_xticks(pos)
     ax.set_xticklabels([ly["name"] for ly in layers], rotation=90, fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept MACs (fraction of dense layer)")
-    ax.set_title(
-        f"{model}: per-layer allocation of each method's plan at target {target}× ({metric})"
-    )
+    ax.set_title(f"{model}: per-layer allocation of each method's plan at target {target}× ({metric})")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     return fig
@@ -291,8 +279,7 @@ def plot_ranks(
         skip(
             "ranks",
             model,
-            "plan entries carry no per-layer 'macs' (store them in the plan "
-            "record or pass kept_fraction)",
+            "plan entries carry no per-layer 'macs' (store them in the plan record or pass kept_fraction)",
         )
         return None
     fig = _draw_ranks(model, target, chosen, layers, table)
@@ -316,9 +303,7 @@ def _proxy_label(use_score: bool) -> str:
     return "proxy score (higher is better)" if use_score else "validation top-1 accuracy (%)"
 
 
-def _sensitivity_curves(
-    runs: Sequence[Mapping], model: str
-) -> tuple[dict[str, list[tuple[float, float]]], bool]:
+def _sensitivity_curves(runs: Sequence[Mapping], model: str) -> tuple[dict[str, list[tuple[float, float]]], bool]:
     """``({layer: [(level, value)]}, use_score)`` from the lowest seed's sensitivity records."""
     pairs = lowest_seed(kind_records(runs, "sensitivity", model))
     records = {(r.get("layer"), to_float(r.get("level"))): r for _, r in pairs}  # last one wins
@@ -329,9 +314,7 @@ def _sensitivity_curves(
     return by_layer, use_score
 
 
-def plot_sensitivity(
-    runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike
-) -> Path | None:
+def plot_sensitivity(runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike) -> Path | None:
     """Proxy score (or validation accuracy) vs rank level, one line per layer:
     ``sensitivity_<model>.png``.
 
@@ -409,9 +392,7 @@ def _draw_searches(ax: Axes, searches: Mapping[tuple, list[float]]) -> None:
         )
 
 
-def plot_search_trace(
-    runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike
-) -> Path | None:
+def plot_search_trace(runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike) -> Path | None:
     """Best-so-far proxy score (or validation accuracy) vs evaluations per search:
     ``search_trace_<model>.png``.
 
@@ -462,10 +443,8 @@ _CAPTIONS: dict[str, str] = {
     "acc_vs_macs": "mean test accuracy (error bars: std over seeds) vs MACs reduction factor, "
     "per method, with Pareto front",
     "ranks": "per-layer kept-MACs fraction of each method's chosen plan",
-    "sensitivity": "proxy score (validation accuracy in older runs) vs rank level, per layer, "
-    "lowest seed",
-    "search_trace": "best-so-far proxy score (validation accuracy in older runs) vs number of "
-    "evaluations, lowest seed",
+    "sensitivity": "proxy score (validation accuracy in older runs) vs rank level, per layer, lowest seed",
+    "search_trace": "best-so-far proxy score (validation accuracy in older runs) vs number of evaluations, lowest seed",
 }
 
 
@@ -480,9 +459,4 @@ def plot_caption(stem: str) -> str:
 def make_plots(runs: Sequence[Mapping], out_dir: str | os.PathLike) -> list[Path]:
     """Draw every plot in :data:`PLOTS` for every model; skipped plots are logged, not returned."""
     models = sorted({str(r.get("model")) for r in runs})
-    return [
-        p
-        for model in models
-        for plot in PLOTS
-        if (p := plot(runs, model, out_dir)) is not None
-    ]
+    return [p for model in models for plot in PLOTS if (p := plot(runs, model, out_dir)) is not None]

@@ -119,9 +119,7 @@ def readme_block(
         lines += [
             seed_sentence(rows),
             "",
-            markdown_table(
-                seed_display(rows), _README_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS
-            ),
+            markdown_table(seed_display(rows), _README_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS),
         ]
     lines.append(
         f"Target {target:g}× MACs reduction only; the full table (2× and 5× targets, validation "

@@ -96,9 +96,7 @@ def to_float(value: Any) -> float:
 
 def target_key(value: Any) -> Any:
     """A target as a float when it is a number (``3`` and ``3.0`` are one target)."""
-    return (
-        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    )
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def is_missing(value: Any) -> bool:
@@ -136,15 +134,10 @@ def _order(record: Mapping[str, Any]) -> tuple[float, int]:
     )
 
 
-def kind_records(
-    runs: Iterable[Mapping], kind: str, model: str | None = None
-) -> list[tuple[dict, dict]]:
+def kind_records(runs: Iterable[Mapping], kind: str, model: str | None = None) -> list[tuple[dict, dict]]:
     """``(run, record)`` pairs of one kind, optionally of one model, in write-time order."""
     pairs = [
-        (run, record)
-        for run in runs
-        if model is None or run.get("model") == model
-        for record in records_of(run, kind)
+        (run, record) for run in runs if model is None or run.get("model") == model for record in records_of(run, kind)
     ]
     return sorted(pairs, key=lambda pr: _order(pr[1]))
 
@@ -163,9 +156,7 @@ def latest_records(
     return out
 
 
-def latest_baseline(
-    runs: Sequence[Mapping], model: str, run: Mapping | None = None
-) -> dict | None:
+def latest_baseline(runs: Sequence[Mapping], model: str, run: Mapping | None = None) -> dict | None:
     """The run's own last baseline record, else the model's last one across runs."""
     if run is not None:
         own = records_of(run, "baseline")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -69,9 +69,7 @@ def write_summary(
         lines += ["No `final` records found.", ""]
     else:
         display = seed_display(agg)
-        lines.append(
-            markdown_table(display, MARKDOWN_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS)
-        )
+        lines.append(markdown_table(display, MARKDOWN_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS))
         lines += margins_section(policy_margins(df))
     lines += _plots_section(plots, out_dir)
     md_path.write_text("\n".join(lines), encoding="utf-8")
