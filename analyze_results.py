@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Summarize run documents into ``results/summary.{csv,md}`` and per-model PNG plots.
+"""Summarize run documents into ``summary.{csv,md}`` and per-model PNG plots (each with its data as CSV).
 
-Usage: ``python analyze_results.py [--json json/] [--out results/] [--readme README.md]``. The
-documents come from ``jsonify_logs.py``; the logic lives in :mod:`common.analysis`. Speed-ups are
-the runs' own measurements (their ``final`` records; see :mod:`common.analysis`). ``--readme``
-rewrites the block between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in that file.
-Exit status: 0 on success, 2 when no run document was found or an input is malformed.
+Usage: ``python analyze_results.py [--json json/] [--out out/analysis/] [--readme README.md]
+[--overwrite-committed]``. The documents come from ``jsonify_logs.py``; the logic lives in
+:mod:`common.analysis`. Speed-ups are the runs' own measurements (their ``final`` records; see
+:mod:`common.analysis`). ``--readme`` rewrites the block between ``<!-- results:begin -->`` and
+``<!-- results:end -->`` in that file.
+
+Committed results are never replaced by accident: the default output folder, ``out/analysis/``,
+is ignored by git, and writing into a folder that holds files tracked by git (``results/``), or
+rewriting a tracked README, is refused unless ``--overwrite-committed`` says so.
+Exit status: 0 on success, 2 when no run document was found, an input is malformed, or a tracked
+file would be replaced without ``--overwrite-committed``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +34,11 @@ from common.analysis import (
     write_summary,
 )
 
+DEFAULT_OUT = "out/analysis"
+"""The default output folder: under ``out/``, which git ignores."""
+
+OVERWRITE_FLAG = "--overwrite-committed"
+
 
 def summary_link(readme: str, out_dir: str) -> str:
     """Link from the README to ``<out>/summary.md``: relative when the summary lies under the
@@ -38,43 +50,104 @@ def summary_link(readme: str, out_dir: str) -> str:
         return summary.as_posix()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def tracked_files(path: str | Path) -> list[str]:
+    """The files git tracks at or under ``path`` (paths relative to the repository root).
+
+    Empty outside a git repository or without git. Files staged but not yet committed count.
+
+    Raises:
+        OSError: git is there but cannot answer (e.g. a repository it refuses to read), so the
+            path cannot be checked.
+    """
+    path = Path(path).resolve()
+    anchor = path
+    while not anchor.is_dir():
+        anchor = anchor.parent
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(anchor), "ls-files", "-z", "--full-name", "--", str(path)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except FileNotFoundError:  # no git: nothing can be tracked
+        return []
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(f"cannot tell whether {path} is tracked by git: {exc}") from exc
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip()
+        if "not a git repository" in message:
+            return []
+        raise OSError(f"cannot tell whether {path} is tracked by git: {message}")
+    return [f for f in done.stdout.decode(errors="replace").split("\0") if f]
+
+
+def check_not_committed(out_dir: str, readme: str | None) -> None:
+    """Refuse to replace files tracked by git (without ``--overwrite-committed``).
+
+    Raises:
+        ValueError: ``out_dir`` holds tracked files, or ``readme`` is tracked (names them and the flag).
+    """
+    tracked = tracked_files(out_dir)
+    if tracked:
+        shown = ", ".join(tracked[:3]) + (", …" if len(tracked) > 3 else "")
+        raise ValueError(
+            f"{out_dir} holds {len(tracked)} file(s) tracked by git ({shown}): committed results are "
+            f"replaced only with {OVERWRITE_FLAG} (default output: {DEFAULT_OUT}/, ignored by git)"
+        )
+    if readme and tracked_files(readme):
+        raise ValueError(f"{readme} is tracked by git: its results block is rewritten only with {OVERWRITE_FLAG}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="json", help="folder of run documents (default: json/)")
-    parser.add_argument("--out", default="results", help="output folder (default: results/)")
+    parser.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help=f"output folder (default: {DEFAULT_OUT}/, ignored by git)",
+    )
     parser.add_argument(
         "--readme",
         metavar="PATH",
         help="also rewrite the results block between the marker lines of this file",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        OVERWRITE_FLAG,
+        action="store_true",
+        help="allow replacing files tracked by git: an --out folder of committed results (results/), "
+        "a tracked --readme",
+    )
+    return parser
+
+
+def _fail(message: object) -> int:
+    print(f"analyze_results: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    try:
-        if args.readme:  # fail before the slow part when the README cannot take the block
+    try:  # everything that can refuse does so before the slow part and before writing anything
+        if not args.overwrite_committed:
+            check_not_committed(args.out, args.readme)
+        if args.readme:
             replace_marked_block(Path(args.readme).read_text(encoding="utf-8"), "", args.readme)
         runs = load_runs(args.json)
+        if not runs:
+            raise ValueError(f"no run documents (*.json) in {args.json}; run jsonify_logs.py first")
+        df = summary_table(runs)  # ValueError e.g. for a final record without a metric
     except (OSError, ValueError) as exc:
-        print(f"analyze_results: error: {exc}", file=sys.stderr)
-        return 2
-    if not runs:
-        print(
-            f"analyze_results: error: no run documents (*.json) in {args.json}; run jsonify_logs.py first",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        df = summary_table(runs)
-    except ValueError as exc:  # e.g. a final record without a metric, or a percentage accuracy
-        print(f"analyze_results: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
     plots = make_plots(runs, args.out)
     command = " ".join(["python analyze_results.py", *map(shlex.quote, argv)])
     written = [
-        *write_summary(df, args.out, plots=plots, command=command, n_runs=len(runs)),
-        *plots,
+        *write_summary(df, args.out, plots=plots, command=command, n_runs=len(runs), runs=runs),
+        *(path for png in plots for path in (png, png.with_suffix(".csv"))),
     ]
     if args.readme:
         block = readme_block(df, runs, command, summary_link=summary_link(args.readme, args.out))

@@ -25,8 +25,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from common.data import load_dataset, make_loader  # noqa: E402
+from common.data import load_dataset  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
+from common.loader import make_loader  # noqa: E402
 from common.models import load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
 from common.proxy import final_model  # noqa: E402

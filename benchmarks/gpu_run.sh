@@ -3,7 +3,8 @@
 # folder PACK holding all.npz.xz (cifar10-jpeg packed by ../shared/tools/imagefolder_pack.py, then xz)
 # and <model>.pt.xz checkpoints. Nothing is built there. Logs go to $OUT/logs, seeded from the
 # committed results/logs so that a run continues where an earlier device session stopped; then the
-# CUDA latency of every 3x plan goes to $OUT/latency_cuda.csv (also resumable).
+# CUDA latency of every 3x plan goes to $OUT/latency_cuda.csv (also resumable). Each final record carries
+# its own CUDA latency (the summary's speed-ups); latency_cuda.csv is the standalone deployment benchmark.
 #   bash benchmarks/gpu_run.sh PACK MODELS MINUTES [LATENCY_MINUTES]
 set -euo pipefail
 pack=$1; models=$2; minutes=$3; lat_minutes=${4:-0}
@@ -28,7 +29,7 @@ echo "unpacked in $(( $(date +%s) - t0 ))s"
 timeout 120 python3 -m pytest -q -x tests/test_latency.py tests/test_layers.py tests/test_deploy.py -k cuda -p no:cacheprovider 2>&1 | tail -3 || true
 if [ "$minutes" != 0 ]; then
   python3 benchmarks/run_results.py --models "$models" --data-root /tmp/cifar10-jpeg --checkpoint-dir /tmp/ckpt \
-    --log-dir "$out/logs" --minutes "$minutes" --run-tag cuda2 --no-latency
+    --log-dir "$out/logs" --minutes "$minutes" --run-tag cuda2
 fi
 if [ "$lat_minutes" != 0 ]; then
   python3 jsonify_logs.py "$out/logs" --out /tmp/json >/dev/null

@@ -50,8 +50,9 @@ import torch  # noqa: E402
 from scipy.stats import kendalltau, spearmanr  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.data import DatasetSplits, load_dataset, make_loader  # noqa: E402
+from common.data import DatasetSplits, load_dataset  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
+from common.loader import make_loader  # noqa: E402
 from common.models import build_model, load_baseline, load_checkpoint  # noqa: E402
 from common.paths import CHECKPOINT_DIR, REPO  # noqa: E402
 from common.proxy import PROXIES, ProxyEvaluator  # noqa: E402

@@ -10,14 +10,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 from .data import DATASET_NAMES
+from .device import resolve_device
 from .models import MODEL_NAMES
 from .proxy import PROXIES
 from .search import METHODS, SearchConfig, check_method, check_metric, check_target
@@ -27,10 +32,17 @@ DEFAULT_FINETUNE_EPOCHS = 3.0
 """The finetuning budget that "finetune: yes" stands for (the notebooks' ``FINETUNE = True``, CUDA runs)."""
 
 
-def _option(default: Any, help: str, **cli: Any) -> Any:
+EXTENDING_FIELDS = ("targets", "methods", "policy_tucker2", "n_seeds")
+"""Result-affecting fields that a resumed run (same run id) may change: they only add or drop stages
+(target × method × decomposition × seed), and the stages already logged are read back unchanged."""
+
+
+def _option(default: Any, help: str, *, affects_results: bool = True, **cli: Any) -> Any:
     """A config field with its command-line help and CLI extras: ``choices``, ``metavar``, ``off_flag`` (an
-    extra flag that turns a bool off) and ``shown`` (the default in words, where its value says little)."""
-    return dataclasses.field(default=default, metadata={"help": help, **cli})
+    extra flag that turns a bool off) and ``shown`` (the default in words, where its value says little).
+    ``affects_results=False`` marks the fields that change nothing a run logs as a result (where the
+    log goes, how much it prints, threads, time box): they are left out of the default run id."""
+    return dataclasses.field(default=default, metadata={"help": help, "affects_results": affects_results, **cli})
 
 
 @dataclass
@@ -40,6 +52,16 @@ class ExperimentConfig:
     Each field's meaning is its ``help`` metadata, which is also the help of its command-line option
     (``python -m common.experiment --help``). Validated on construction: a bad value raises
     ``ValueError`` before any data or model work (on the command line: a usage error, exit 2).
+
+    Values are taken as a notebook, YAML or the command line gives them (see :func:`field_value`): a
+    list field takes a list or tuple, one number, or a string of comma-separated items (``"0.5,0.3"``,
+    also in brackets: ``"[0.5, 0.3]"``); anything else, or an item of the wrong type, is a
+    ``ValueError`` naming the field. A string is never taken apart character by character.
+
+    The default run id (:meth:`resolved_run_id`) is ``<model>-<dataset>-x<targets>-s<seed>-<hash>``
+    where the hash covers every field that affects results (:data:`RESULT_FIELDS`: all but
+    ``run_id``, ``log_dir``, ``threads``, ``progress`` and ``deadline``; ``device`` as the device type
+    it resolves to), so a run with different settings never resumes another one's log.
     """
 
     model: str = _option("resnet18", "model to compress", choices=MODEL_NAMES)
@@ -95,23 +117,36 @@ class ExperimentConfig:
     latency_batches: tuple[int, ...] = _option((1, 64), "CPU latency batch sizes")
     latency_threads: int = _option(2, "CPU latency threads")
     latency_devices: tuple[str, ...] = _option(("cpu", "cuda"), "which of cpu, cuda to time (cuda only when present)")
-    device: str = _option("auto", "auto: CUDA when present, else CPU")
+    device: str = _option("auto", "auto: CUDA when present, else CPU (cpu, cuda, cuda:N)")
     seed: int = _option(0, "first seed")
     run_id: str | None = _option(
-        None, "run id; an existing id resumes", metavar="ID", shown="<model>-<dataset>-x<targets>-s<seed>"
+        None,
+        "run id; an existing id resumes its log, whose config must then agree on every setting that affects "
+        "results except targets, methods, policy_tucker2 and n_seeds (these add stages). The default id "
+        "is a readable stem plus an 8-hex hash of every setting that affects results (all but run_id, "
+        "log_dir, threads, progress, deadline; device as cpu/cuda), so other settings get another log",
+        metavar="ID",
+        shown="<model>-<dataset>-x<targets>-s<seed>-<hash>",
+        affects_results=False,
     )
-    log_dir: str = _option("logs", "logs go to <log_dir>/<model>/<run_id>.log", metavar="DIR")
-    threads: int | None = _option(None, "torch CPU threads", shown="torch's")
-    progress: bool = _option(True, "print progress", off_flag="--quiet")
-    deadline: float | None = _option(None, "unix time after which no new (target, method) stage starts", shown="none")
+    log_dir: str = _option("logs", "logs go to <log_dir>/<model>/<run_id>.log", metavar="DIR", affects_results=False)
+    threads: int | None = _option(None, "torch CPU threads", shown="torch's", affects_results=False)
+    progress: bool = _option(True, "print progress", off_flag="--quiet", affects_results=False)
+    deadline: float | None = _option(
+        None, "unix time after which no new (target, method) stage starts", shown="none", affects_results=False
+    )
 
     def __post_init__(self) -> None:
         # Refuse what would fail late or log nonsense, before any data or model work.
-        for name, (_, many, _) in _field_kinds().items():
-            if many and isinstance(getattr(self, name), list):
-                setattr(self, name, tuple(getattr(self, name)))  # e.g. notebook parameters
+        for f in dataclasses.fields(self):
+            value = field_value(f.name, getattr(self, f.name))
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+            setattr(self, f.name, value)
         if not self.targets:
             raise ValueError("targets: give at least one reduction factor, e.g. --targets 3")
+        if not self.methods:
+            raise ValueError(f"methods: give at least one of {','.join(METHODS)}")
         self.targets = tuple(check_target(t) for t in self.targets)
         for name in ("search_budget", "n_seeds", "rerank", "calib_images", "final_calib_images"):
             if int(getattr(self, name)) < (2 if "calib" in name else 1):
@@ -127,12 +162,29 @@ class ExperimentConfig:
             raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
         check_metric(self.metric)
         SearchConfig(shapes=tuple(self.shapes), rerank=self.rerank)  # validates the search options
+        try:
+            resolve_device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
+    def result_settings(self) -> dict[str, Any]:
+        """Every field that affects results (:data:`RESULT_FIELDS`) as JSON values, ``device`` as the
+        type it resolves to on this machine (``cpu`` / ``cuda``): what the default run id hashes."""
+        out = {name: json.loads(json.dumps(getattr(self, name))) for name in RESULT_FIELDS}
+        out["device"] = resolve_device(self.device).type
+        return out
+
+    def fingerprint(self) -> str:
+        """8 hex digits of the SHA-256 of :meth:`result_settings`: equal exactly when the settings are."""
+        text = json.dumps(self.result_settings(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def resolved_run_id(self) -> str:
+        """``run_id``, else ``<model>-<dataset>-x<targets>-s<seed>-<fingerprint>`` (see :meth:`fingerprint`)."""
         if self.run_id:
             return self.run_id
         t = "-".join(f"{x:g}" for x in self.targets)
-        return f"{self.model}-{self.dataset}-x{t}-s{self.seed}"
+        return f"{self.model}-{self.dataset}-x{t}-s{self.seed}-{self.fingerprint()}"
 
     def finetune_targets_or_all(self) -> tuple[float, ...]:
         """The targets at which plans are finetuned (when ``finetune_epochs > 0``)."""
@@ -149,6 +201,108 @@ class ExperimentConfig:
             eval_every_epoch=True,
             hflip=hflip,
         )
+
+
+RESULT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata["affects_results"]
+)
+"""The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``threads``, ``progress``
+and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
+
+RESUME_FIELDS: tuple[str, ...] = tuple(n for n in RESULT_FIELDS if n not in EXTENDING_FIELDS)
+"""The fields a resumed run must share with its log's ``config`` record (``device`` by its type)."""
+
+
+# --- values as notebooks, YAML and the command line give them ---------------------------------------- #
+
+_WORDS = {float: "number", int: "whole number", str: "string", bool: "True or False"}
+
+
+def _list_items(text: str) -> list[str]:
+    """The items of ``"a,b"``, ``"[a, b]"`` or ``"(a, b)"`` (quotes around an item are dropped)."""
+    s = text.strip()
+    if len(s) >= 2 and (s[0], s[-1]) in (("[", "]"), ("(", ")")):
+        s = s[1:-1]
+    items = [x.strip() for x in s.split(",")]
+    return [x[1:-1] if len(x) >= 2 and x[0] == x[-1] and x[0] in "'\"" else x for x in items if x]
+
+
+def _one(kind: type, value: Any) -> Any:
+    """``value`` as one ``kind``; ``None`` when it is not one (a bool is no number)."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if kind is int:
+        if isinstance(value, Integral):
+            return int(value)
+        return int(value) if isinstance(value, float) and value.is_integer() else None
+    if kind is float:
+        return float(value) if isinstance(value, Real) else None
+    if kind is str:
+        return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    return value
+
+
+def field_value(name: str, value: Any, label: str | None = None, hint: str | None = None) -> Any:
+    """``value`` as :class:`ExperimentConfig` field ``name`` holds it (what ``__post_init__`` applies).
+
+    A list field takes a list or tuple of its items, one item (one number: ``TARGET = 2.5``), or a
+    string of comma-separated items, optionally in brackets (``"0.5,0.3"``, ``"[0.5, 0.3]"``,
+    ``"[uniform, policy]"``; what papermill's ``-p`` and the command line pass), each item converted
+    to the item type; an empty list is ``None`` where the field may be ``None``. Other fields take
+    their own type (a whole float for an int, a path for a string); nothing else is converted.
+
+    Args:
+        name: the field.
+        value: the given value.
+        label: the name in the error message (default ``name``; e.g. a notebook parameter).
+        hint: appended to the error message (e.g. how to pass a list with papermill).
+
+    Raises:
+        ValueError: a value or item of the wrong type, naming ``label`` and the offending value.
+    """
+    kind, many, optional = _field_kinds()[name]
+    label = label or name
+    word = _WORDS.get(kind, kind.__name__)
+    if many:  # one number stands for a list of one
+        want = f"a {word} or a list of {word}s" if kind in (int, float) else f"a list of {word}s"
+    else:
+        want = word if kind is bool else f"a {word}"
+    if optional:
+        want += " or None"
+
+    def fail(detail: str = "") -> ValueError:
+        return ValueError(f"{label} must be {want}, got {value!r}{detail}" + (f"; {hint}" if hint else ""))
+
+    if value is None:
+        if optional:
+            return None
+        raise fail()
+    if not many:
+        out = _one(kind, value)
+        if out is None:
+            raise fail()
+        return out
+    if isinstance(value, str) and kind is not bool:
+        items = []
+        for text in _list_items(value):
+            try:
+                items.append(kind(text))
+            except ValueError as e:
+                raise fail(f" ({text!r} is not a {word}: {e})") from None
+    elif isinstance(value, (list, tuple)):
+        items = []
+        for item in value:
+            one = _one(kind, item)
+            if one is None:
+                raise fail(f" ({item!r} is not a {word})")
+            items.append(one)
+    elif kind is not str and _one(kind, value) is not None:
+        items = [_one(kind, value)]  # one number for a list of numbers
+    else:
+        raise fail()
+    return None if optional and not items else tuple(items)
 
 
 # --- the command line, generated from the config's fields ------------------------------------------ #
@@ -214,7 +368,7 @@ def add_config_arguments(
                     default=argparse.SUPPRESS,
                     help=f"same as --no-{flag[2:]}",
                 )
-        elif many:  # converted by config_from_args, where a bad element is a usage error that names it
+        elif many:  # converted by the config (field_value), where a bad element is a usage error that names it
             parser.add_argument(flag, metavar=f"{kind.__name__.upper()},...", **kw)
         elif "choices" in f.metadata:
             parser.add_argument(flag, type=kind, choices=f.metadata["choices"], **kw)
@@ -232,14 +386,6 @@ def config_parser(prog: str | None = None, description: str | None = None, **opt
     return p
 
 
-def _from_text(name: str, value: Any) -> Any:
-    kind, many, optional = _field_kinds()[name]
-    if not (many and isinstance(value, str)):
-        return value
-    items = tuple(kind(x) for x in value.split(",") if x)
-    return None if optional and not items else items
-
-
 def config_from_args(args: argparse.Namespace | Mapping[str, Any], **fixed: Any) -> ExperimentConfig:
     """The config of parsed options (:func:`add_config_arguments`); ``fixed`` fields win over them.
 
@@ -248,5 +394,5 @@ def config_from_args(args: argparse.Namespace | Mapping[str, Any], **fixed: Any)
     """
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    values = {k: _from_text(k, v) for k, v in given.items() if k in names}
+    values = {k: v for k, v in given.items() if k in names}  # list text is converted by the config
     return ExperimentConfig(**{**values, **fixed})

@@ -254,12 +254,12 @@ def _time_forms(
     layer: FactorizedConv,
     forms: Sequence[tuple[int, ...]],
     shape: tuple[int, ...],
-    setting: tuple,
+    timing: dict,
     timing_cache: dict | None,
-    **timing,
 ) -> dict[str, float]:
-    """Median ms of each partition of ``layer`` on an input of ``shape`` (``timing``: measure_latency's
-    setting, ``setting`` its hashable form); ``timing_cache`` serves and keeps the timings."""
+    """Median ms of each partition of ``layer`` on an input of ``shape`` (``timing``: the setting, as
+    :func:`common.latency.measure_latency` keywords); ``timing_cache`` serves and keeps the timings."""
+    setting = tuple(str(v) if isinstance(v, (torch.device, torch.dtype)) else v for v in timing.values())
     key_base = (
         tuple(tuple(c.weight.shape) for c in layer.stages()),
         repr(layer.geometry),
@@ -315,7 +315,8 @@ def deploy_model(
     out = copy.deepcopy(model).eval().to(device=dev, dtype=dtype)
     shapes = _layer_inputs(out, input_shape, dev, dtype)
     report = []
-    setting = (str(dev), str(dtype), channels_last, threads, cuda_graph, warmup, iters)
+    timing = {"device": dev, "dtype": dtype, "channels_last": channels_last, "threads": threads}
+    timing |= {"cuda_graph": cuda_graph, "warmup": warmup, "iters": iters}
     for name, layer in list(out.named_modules()):
         if not isinstance(layer, FactorizedConv) or name not in shapes:
             continue
@@ -327,20 +328,7 @@ def deploy_model(
         if choose == "macs":
             best = min(forms, key=lambda f: (macs[f], len(f)))
         else:
-            times = _time_forms(
-                layer,
-                forms,
-                shape,
-                setting,
-                timing_cache,
-                device=dev,
-                threads=threads,
-                channels_last=channels_last,
-                dtype=dtype,
-                cuda_graph=cuda_graph,
-                warmup=warmup,
-                iters=iters,
-            )
+            times = _time_forms(layer, forms, shape, timing, timing_cache)
             best = min(forms, key=lambda f: (times[str(f)], macs[f]))
         chain = build_form(layer, best).to(device=dev, dtype=dtype)
         parent_name, _, child = name.rpartition(".")
@@ -384,28 +372,21 @@ def fastest_latency(
         for the fastest candidate that ran as factorized, from the same timings.
     """
     factorized = any(isinstance(m, FactorizedConv) for m in model.modules())
+    setting = {"device": device, "dtype": dtype, "threads": threads, "cuda_graph": cuda_graph}
     best: dict[bool, dict] = {}  # deployed? -> fastest candidate of that kind
     per_format = {}
     for cl in formats:
         # the chains as factorized are one more candidate: per-layer timings do not add up exactly
         candidates = [(copy.deepcopy(model), {})]
         if deploy and factorized:
+            # deployed in the very setting it is then timed in (its own, shorter timing runs)
+            deployment = {"choose": deploy, "warmup": deploy_warmup, "iters": deploy_iters}
             m, report = deploy_model(
-                model,
-                input_shape,
-                choose=deploy,
-                device=device,
-                dtype=dtype,
-                channels_last=cl,
-                threads=threads,
-                cuda_graph=cuda_graph,
-                warmup=deploy_warmup,
-                iters=deploy_iters,
-                timing_cache=timing_cache,
+                model, input_shape, channels_last=cl, timing_cache=timing_cache, **deployment, **setting
             )
             candidates.append((m, dict(Counter(str(r.form) for r in report))))
         for m, forms in candidates:
-            r = measure_latency(m, input_shape, device, threads, cl, dtype, cuda_graph, warmup, iters)
+            r = measure_latency(m, input_shape, channels_last=cl, warmup=warmup, iters=iters, **setting)
             fmt = "channels_last" if cl else "contiguous"
             per_format[fmt] = min(per_format.get(fmt, float("inf")), r["median_ms"])
             kind = bool(forms)

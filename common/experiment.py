@@ -5,7 +5,9 @@ finetune → final val/test metrics, params/MACs and latency, every step logged 
 ``python -m common.experiment --help`` exposes the same config on the command line: one option per
 field (``--field-name``), generated from the dataclass (:func:`config_parser`). Re-running with the
 same ``run_id`` resumes: finished stages (baseline, each plan, each final) are read back from the log,
-and an interrupted search continues from its last recorded candidate.
+and an interrupted search continues from its last recorded candidate. The default run id hashes every
+setting that affects results (:meth:`ExperimentConfig.resolved_run_id`); an explicit one whose log was
+written with other settings (:data:`common.config.RESUME_FIELDS`) is refused, naming each difference.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from torch import nn
 
 from finetuned.train_baseline import main as train_baseline
 
-from .config import ExperimentConfig, config_from_args, config_parser
+from .config import RESUME_FIELDS, ExperimentConfig, config_from_args, config_parser
 from .cost import count_model
-from .data import DatasetSplits, load_dataset, make_loader
+from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
 from .device import resolve_device
+from .loader import make_loader
 from .logs import RunLog
 from .models import build_model, load_checkpoint
 from .paths import CHECKPOINT_DIR, default_cache_dir
@@ -177,24 +180,16 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     return _run_stages(_Run(cfg, log, say, device, data, model, base, t_start))
 
 
-_RESUME_KEYS = (
-    "model",
-    "dataset",
-    "checkpoint",
-    "metric",
-    "seed",
-    "calib_images",
-    "val_images",
-    "sensitivity_levels",
-    "rank_multiple",
-    "search_budget",
-    "n_seeds",
-    "proxy",
-    "rerank",
-    "shapes",
-    "final_calib_images",
-)
-"""Config fields a resumed run must share with the logged one (the others may change between sessions)."""
+def _config_changes(prev: dict, cfg: ExperimentConfig, device: torch.device) -> list[tuple[str, object, object]]:
+    """``(field, logged, now)`` for every :data:`RESUME_FIELDS` field where this config differs from the
+    logged ``config`` record (``device`` by its type); fields an older log does not record are not compared."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg))) | {"device_type": device.type}
+    changes = []
+    for name in RESUME_FIELDS:
+        key = "device_type" if name == "device" else name
+        if key in prev and prev[key] != now[key]:  # == after JSON: 3 == 3.0, tuples are lists
+            changes.append((name, prev[key], now[key]))
+    return changes
 
 
 def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Callable[[str], None]]:
@@ -202,13 +197,14 @@ def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Call
     run_id = cfg.resolved_run_id()
     log = RunLog(Path(cfg.log_dir), cfg.model, run_id)
     say = _log_say(log, cfg.progress)
-    cfg_dict = dataclasses.asdict(cfg) | {"run_id": run_id}
     prev = log.find("config")
     if prev is None:
         log.write(
             "config",
             f"{cfg.model} on {cfg.dataset}, targets {list(cfg.targets)}",
-            **cfg_dict,
+            **dataclasses.asdict(cfg) | {"run_id": run_id},
+            device_type=device.type,
+            fingerprint=cfg.fingerprint(),
             torch=torch.__version__,
             host=platform.node(),
             machine=platform.processor() or platform.machine(),
@@ -216,10 +212,15 @@ def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Call
             date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
         return log, say
-    changed = [k for k in _RESUME_KEYS if json.dumps(prev.get(k)) != json.dumps(cfg_dict.get(k), default=list)]
-    if changed:
+    changes = _config_changes(prev, cfg, device)
+    if changes:
+        lines = "\n".join(f"  {name}: logged {old!r}, now {new!r}" for name, old, new in changes)
         raise ValueError(
-            f"run id {run_id!r} already exists in {log.path} with different {changed}; pick another run_id"
+            f"run id {run_id!r} already has a log, {log.path}, whose config differs in "
+            f"{', '.join(name for name, _, _ in changes)}:\n{lines}\n"
+            "Resuming it would mix results of different settings. To resume that run, set these back to the "
+            "logged values; to start a separate run, give another run id, or none (run_id / RUN_ID = None): "
+            "the default run id hashes every setting that affects results, so these settings get their own log."
         )
     say(f"resuming run {run_id} from {log.path}")
     return log, say

@@ -36,22 +36,20 @@ def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _conv(
+def _stage(
+    source: nn.Conv2d,
     cin: int,
     cout: int,
-    kernel,
+    kernel=1,
     *,
-    stride=(1, 1),
-    padding=(0, 0),
-    dilation=(1, 1),
-    groups: int = 1,
-    bias: bool = False,
-    padding_mode: str = "zeros",
-    like: nn.Conv2d | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    padding_mode="zeros",
+    bias=False,
 ) -> nn.Conv2d:
-    dev = like.weight.device if like is not None else None
-    dt = like.weight.dtype if like is not None else None
-    # skip_init: the weights are overwritten with factors, and random init costs as much as the copy.
+    """One stage conv of ``source``'s factorization: ``source``'s groups, device and dtype; weights not
+    initialized (``skip_init``: they are overwritten with factors, and random init costs as much as the copy)."""
     return torch.nn.utils.skip_init(
         nn.Conv2d,
         cin,
@@ -60,11 +58,11 @@ def _conv(
         stride=stride,
         padding=padding,
         dilation=dilation,
-        groups=groups,
+        groups=source.groups,
         bias=bias,
         padding_mode=padding_mode,
-        device=dev,
-        dtype=dt,
+        device=source.weight.device,
+        dtype=source.weight.dtype,
     )
 
 
@@ -74,6 +72,35 @@ def _split_padding(padding, axis: int):
         return padding  # 'same'/'valid' act per axis, and a size-1 axis gets no padding
     p = _pair(padding)
     return (p[0], 0) if axis == 0 else (0, p[1])
+
+
+def _on_axis(v, axis: int) -> tuple[int, int]:
+    """A kernel size, stride or dilation kept on ``axis`` (0 = H, 1 = W) and 1 on the other."""
+    p = _pair(v)
+    return (p[0], 1) if axis == 0 else (1, p[1])
+
+
+def _mixing_stage(source: nn.Conv2d, cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
+    """A plain 1×1 stage of ``source``'s factorization (no padding: channel mixing commutes with any)."""
+    return _stage(source, cin, cout, bias=bias)
+
+
+def _output_stage(source: nn.Conv2d, cin: int) -> nn.Conv2d:
+    """The last stage: 1×1 to ``source``'s output channels, with a bias where ``source`` has one."""
+    return _mixing_stage(source, cin, source.out_channels, bias=source.bias is not None)
+
+
+def _geometry_stage(source: nn.Conv2d, cin: int, cout: int, axis: int | None = None) -> nn.Conv2d:
+    """The stage that carries ``source``'s kernel, stride, padding and dilation: on both axes
+    (``axis=None``), or on height (0) or width (1) only, as a kh×1 or 1×kw conv."""
+    if axis is None:
+        kernel, stride, padding, dilation = source.kernel_size, source.stride, source.padding, source.dilation
+    else:
+        kernel, stride = _on_axis(source.kernel_size, axis), _on_axis(source.stride, axis)
+        padding, dilation = _split_padding(source.padding, axis), _on_axis(source.dilation, axis)
+    return _stage(
+        source, cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, padding_mode=source.padding_mode
+    )
 
 
 def _check_conv(conv: nn.Module, name: str) -> nn.Conv2d:
@@ -155,14 +182,14 @@ def conv_cost(method: str, geom: ConvGeometry, ranks: Sequence[int], in_hw: Sequ
 class FactorizedConv(nn.Module):
     """Shared machinery: an ordered chain of convs plus geometry of the conv it replaces.
 
-    A subclass names its ``method``, builds its stages in ``__init__`` and maps factors to stage
+    A subclass names its ``method``, builds its stages (:meth:`_build`) and maps factors to stage
     kernels and back (:meth:`_stage_weights`, :meth:`factors`); decomposing (:meth:`from_conv`),
     loading and rebuilding the dense conv (:meth:`to_dense`) are done here, once for all methods.
     """
 
     method: str = ""
 
-    def __init__(self, ranks: tuple[int, ...], source: nn.Conv2d):
+    def __init__(self, source: nn.Conv2d, ranks: Sequence[int]):
         super().__init__()
         self.ranks = tuple(int(r) for r in ranks)
         self.in_channels, self.out_channels = source.in_channels, source.out_channels
@@ -171,6 +198,11 @@ class FactorizedConv(nn.Module):
         self.padding = source.padding if isinstance(source.padding, str) else tuple(source.padding)
         self.padding_mode, self.groups = source.padding_mode, source.groups
         self.geometry = ConvGeometry.of(source)
+        self._build(source, source.groups, *self.ranks)
+
+    def _build(self, source: nn.Conv2d, g: int, *ranks: int) -> None:  # pragma: no cover - abstract
+        """Create the stage convs (for ``g`` groups at :attr:`ranks`) as attributes, in forward order."""
+        raise NotImplementedError
 
     @classmethod
     def from_conv(
@@ -269,35 +301,11 @@ class HT2Conv2d(FactorizedConv):
 
     method = "ht2"
 
-    def __init__(self, source: nn.Conv2d, ranks: Sequence[int]):
-        super().__init__(tuple(ranks), source)
-        r1, r3, r13 = self.ranks
-        g = source.groups
-        kh, kw = source.kernel_size
-        self.first = _conv(source.in_channels, g * r1, 1, groups=g, like=source)
-        self.vertical = _conv(
-            g * r1,
-            g * r13,
-            (kh, 1),
-            stride=(source.stride[0], 1),
-            padding=_split_padding(source.padding, 0),
-            dilation=(source.dilation[0], 1),
-            groups=g,
-            padding_mode=source.padding_mode,
-            like=source,
-        )
-        self.horizontal = _conv(
-            g * r13,
-            g * r3,
-            (1, kw),
-            stride=(1, source.stride[1]),
-            padding=_split_padding(source.padding, 1),
-            dilation=(1, source.dilation[1]),
-            groups=g,
-            padding_mode=source.padding_mode,
-            like=source,
-        )
-        self.last = _conv(g * r3, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
+    def _build(self, source: nn.Conv2d, g: int, r1: int, r3: int, r13: int) -> None:
+        self.first = _mixing_stage(source, source.in_channels, g * r1)
+        self.vertical = _geometry_stage(source, g * r1, g * r13, axis=0)
+        self.horizontal = _geometry_stage(source, g * r13, g * r3, axis=1)
+        self.last = _output_stage(source, g * r3)
 
     def _stage_weights(self, f: HT2Factors) -> list[Tensor]:
         return [
@@ -325,23 +333,10 @@ class Tucker2Conv2d(FactorizedConv):
 
     method = "tucker2"
 
-    def __init__(self, source: nn.Conv2d, ranks: Sequence[int]):
-        super().__init__(tuple(ranks), source)
-        r1, r3 = self.ranks
-        g = source.groups
-        self.first = _conv(source.in_channels, g * r1, 1, groups=g, like=source)
-        self.core = _conv(
-            g * r1,
-            g * r3,
-            source.kernel_size,
-            stride=source.stride,
-            padding=source.padding,
-            dilation=source.dilation,
-            groups=g,
-            padding_mode=source.padding_mode,
-            like=source,
-        )
-        self.last = _conv(g * r3, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
+    def _build(self, source: nn.Conv2d, g: int, r1: int, r3: int) -> None:
+        self.first = _mixing_stage(source, source.in_channels, g * r1)
+        self.core = _geometry_stage(source, g * r1, g * r3)
+        self.last = _output_stage(source, g * r3)
 
     def _stage_weights(self, f: Tucker2Factors) -> list[Tensor]:
         return [f.u1.transpose(1, 2), f.core, f.u3]
@@ -362,22 +357,9 @@ class SVDConv2d(FactorizedConv):
 
     method = "svd"
 
-    def __init__(self, source: nn.Conv2d, ranks: Sequence[int]):
-        super().__init__(tuple(ranks), source)
-        (r,) = self.ranks
-        g = source.groups
-        self.first = _conv(
-            source.in_channels,
-            g * r,
-            1,
-            stride=source.stride,
-            padding=source.padding,
-            dilation=source.dilation,
-            groups=g,
-            padding_mode=source.padding_mode,
-            like=source,
-        )
-        self.last = _conv(g * r, source.out_channels, 1, groups=g, bias=source.bias is not None, like=source)
+    def _build(self, source: nn.Conv2d, g: int, r: int) -> None:
+        self.first = _geometry_stage(source, source.in_channels, g * r)  # the 1×1 kernel's stride and padding
+        self.last = _output_stage(source, g * r)
 
     def _stage_weights(self, f: SVDFactors) -> list[Tensor]:
         return [f.first, f.second]

@@ -12,8 +12,9 @@ header comment at the top of a new file), except a line that starts like a recor
 which is a record cut off before its payload and is reported as corrupt.
 
 The JSON is standard (RFC 8259): non-finite floats are written as the strings ``"nan"``,
-``"inf"`` and ``"-inf"`` and decoded back to floats by every reader here (:func:`decode_value`).
-For that to be lossless, those three exact strings are refused as payload values.
+``"inf"`` and ``"-inf"`` and decoded back to floats by every reader here (the value codec of
+:mod:`common.jsonvalues`: :func:`encode_value`, :func:`decode_value`). For that to be lossless, those
+three exact strings are refused as payload values.
 
 Records are written, flushed and fsynced the moment they are produced, so an interrupted run loses
 nothing it already logged, and a run restarted with the same ``run_id`` appends to the same file
@@ -34,10 +35,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write
+from common.jsonvalues import decode_value, dumps, encode_value, values_equal
 
 __all__ = [
     "KIND_KEYS",
@@ -93,114 +93,6 @@ _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _RECORD_START_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T")
 _KIND_WIDTH = max(len(k) for k in KIND_KEYS)
-_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _float_token(x: float) -> float | str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return x
-
-
-def encode_value(value: Any, where: str = "payload") -> Any:
-    """Convert a payload value into plain, standard-JSON-ready Python data.
-
-    numpy / torch scalars become Python scalars, numpy arrays and torch tensors nested lists,
-    tuples lists, ``os.PathLike`` and ``torch.device`` / ``torch.dtype`` strings, and non-finite
-    floats the strings ``"nan"``, ``"inf"``, ``"-inf"``.
-
-    Args:
-        value: the value to convert.
-        where: the value's location, used in error messages (e.g. ``"candidate.plan"``).
-
-    Returns:
-        A structure of dict (str keys) / list / str / int / float / bool / None.
-
-    Raises:
-        TypeError: a dict key that is not a string, or a value of an unsupported type.
-        ValueError: a string equal to ``"nan"``, ``"inf"`` or ``"-inf"`` (reserved, see module doc).
-    """
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)  # int subclasses (IntEnum, ...) become plain ints
-    if isinstance(value, float):
-        return _float_token(float(value))
-    if isinstance(value, str):
-        if value in _NONFINITE:
-            raise ValueError(
-                f"{where}: the string {value!r} is reserved for non-finite floats in run logs; "
-                "pass a float instead or use another spelling"
-            )
-        return str(value)
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(
-                    f"{where}: dict key {key!r} is a {type(key).__name__}; run-log keys must be "
-                    "str (JSON would silently turn it into a string)"
-                )
-            out[key] = encode_value(item, f"{where}.{key}")
-        return out
-    if isinstance(value, (list, tuple)):
-        return [encode_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        if isinstance(value, numpy.ndarray):
-            return encode_value(value.tolist(), where)
-        if isinstance(value, numpy.generic):
-            return encode_value(value.item(), where)
-    torch = sys.modules.get("torch")  # never import torch here: readers must not need it
-    if torch is not None:
-        if isinstance(value, torch.Tensor):
-            return encode_value(value.detach().cpu().tolist(), where)
-        if isinstance(value, (torch.device, torch.dtype)):
-            return str(value)
-    raise TypeError(f"{where}: cannot log a value of type {type(value).__name__}: {value!r:.80}")
-
-
-def decode_value(value: Any) -> Any:
-    """Inverse of the non-finite encoding: turn ``"nan"``/``"inf"``/``"-inf"`` back into floats.
-
-    Args:
-        value: data as loaded by :func:`json.loads`.
-
-    Returns:
-        The same structure (new containers) with those strings replaced; dict keys untouched.
-    """
-    if isinstance(value, str):
-        return _NONFINITE.get(value, value)
-    if isinstance(value, dict):
-        return {k: decode_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode_value(v) for v in value]
-    return value
-
-
-def _dumps(data: Any, *, indent: int | None = None) -> str:
-    # allow_nan=False guards the standard-JSON promise even if encoding was bypassed.
-    if indent is None:
-        return json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-    return json.dumps(data, ensure_ascii=True, allow_nan=False, indent=indent)
-
-
-def _values_equal(a: Any, b: Any) -> bool:
-    """Equality that treats NaN as equal to NaN (record matching must find NaN-valued keys)."""
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_values_equal(x, y) for x, y in zip(a, b))
-    return bool(a == b)
 
 
 def _check_name(what: str, name: str) -> str:
@@ -410,7 +302,7 @@ class RunLog:
         stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         human = _one_line(text) if text else _one_line(_auto_text(body))
         line = f"{stamp.replace('+00:00', 'Z')} {kind.upper():<{_KIND_WIDTH}} {human}"
-        self._append(f"{line.rstrip()}{SEPARATOR}{_dumps(record)}\n")
+        self._append(f"{line.rstrip()}{SEPARATOR}{dumps(record)}\n")
         self._next_seq += 1
         stored = decode_value(record)
         self._records.append(stored)
@@ -444,7 +336,7 @@ class RunLog:
         for record in reversed(self._records):
             if record["kind"] != kind:
                 continue
-            if all(k in record and _values_equal(record[k], v) for k, v in want.items()):
+            if all(k in record and values_equal(record[k], v) for k, v in want.items()):
                 return copy.deepcopy(record)
         return None
 
@@ -505,7 +397,7 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
 
 def dumps_document(document: Mapping[str, Any]) -> str:
     """Serialize a run document: standard JSON, indent 1, key order as built, final newline."""
-    return _dumps(encode_value(document, "document"), indent=1) + "\n"
+    return dumps(encode_value(document, "document"), indent=1) + "\n"
 
 
 def records_of(document: Mapping[str, Any], kind: str) -> list[dict]:

@@ -7,14 +7,23 @@ logic lives here and in :mod:`common.experiment` / :mod:`common.analysis`, so it
   (the shared cifar10-jpeg data and baseline when ``../shared`` exists, else the embedded digits
   dataset with a baseline trained once and cached).
 * :func:`experiment_config`: notebook parameters → :class:`common.config.ExperimentConfig`
-  (keyword names are the config's field names).
-* :func:`show_results` / :func:`show_plots`: the run's summary table (a DataFrame) and its plots,
-  read back from the run log and drawn inline.
+  (keyword names are the config's field names; :data:`PARAMETERS` maps the notebook names), each
+  value checked first, with an error naming the notebook parameter.
+* :func:`show_results` / :func:`show_plots`: the run's results table (:func:`results_table`) and its
+  plots, read back from the run log and drawn inline.
+
+List parameters (``METHODS``, ``SENSITIVITY_LEVELS``, several ``TARGET`` values) are real lists:
+papermill passes them with ``-y "SENSITIVITY_LEVELS: [0.3]"`` (YAML). ``-p`` passes text, which is
+read like the command line reads lists: comma-separated items, optionally in brackets
+(``-p SENSITIVITY_LEVELS 0.3,0.15`` or ``"[0.3, 0.15]"``, ``-p METHODS uniform,policy``); an item
+that is not of the list's type is an error naming the parameter and showing the ``-y`` form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
@@ -25,18 +34,78 @@ import pandas as pd
 
 from .analysis import PLOTS as ANALYSIS_PLOTS
 from .analysis import summary_table
-from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig
+from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
 from .logs import run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from .search import METHODS, check_method, check_target
 
-__all__ = ["PLOTS", "default_params", "experiment_config", "log_path", "load_run", "show_plots", "show_results"]
+__all__ = [
+    "PARAMETERS",
+    "PLOTS",
+    "default_params",
+    "experiment_config",
+    "log_path",
+    "load_run",
+    "results_table",
+    "show_plots",
+    "show_results",
+]
 
 _LOG = logging.getLogger(__name__)
 
 PLOTS: dict[str, Callable] = {plot.__name__.removeprefix("plot_"): plot for plot in ANALYSIS_PLOTS}
 """The plots a notebook shows, by name (``acc_vs_macs``, ``ranks``, ...), in display order: the
 per-model plots of :data:`common.analysis.PLOTS`, each named after its function without ``plot_``."""
+
+PARAMETERS: dict[str, str] = {
+    "MODEL": "model",
+    "DATASET": "dataset",
+    "DATA_ROOT": "data_root",
+    "CHECKPOINT": "checkpoint",
+    "TARGET": "targets",
+    "METHODS": "methods",
+    "SEARCH_BUDGET": "search_budget",
+    "FINETUNE": "finetune_epochs",
+    "CALIB_IMAGES": "calib_images",
+    "VAL_IMAGES": "val_images",
+    "SENSITIVITY_LEVELS": "sensitivity_levels",
+    "DEVICE": "device",
+    "SEED": "seed",
+    "RUN_ID": "run_id",
+    "LOG_DIR": "log_dir",
+}
+"""The notebooks' papermill parameters and the :class:`ExperimentConfig` field each one sets."""
+
+_PARAMETER_OF = {field: param for param, field in PARAMETERS.items()}
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ExperimentConfig))
+
+_HINTS = {
+    "TARGET": 'with papermill: -p TARGET 2.5, or several as YAML: -y "TARGET: [2, 3]"',
+    "METHODS": f'with papermill pass a list as YAML, e.g. -y "METHODS: [uniform, policy]" (of {", ".join(METHODS)})',
+    "SENSITIVITY_LEVELS": 'with papermill pass a list as YAML: -y "SENSITIVITY_LEVELS: [0.5, 0.3, 0.15]"',
+}
+"""How each list parameter is passed to papermill (``-y`` YAML), shown in its errors."""
+
+_ITEM_CHECKS: dict[str, Callable[[Any], Any]] = {"targets": check_target, "methods": check_method}
+
+
+def _parameter_value(field: str, value: Any) -> Any:
+    """``value`` checked as field ``field`` (:func:`common.config.field_value`, and each item of
+    ``targets`` / ``methods``), errors naming the notebook parameter (and the field, where the names
+    differ) and, for lists, papermill's ``-y`` form."""
+    param = _PARAMETER_OF.get(field)
+    if param is None:
+        return field_value(field, value)
+    label = param if param.lower() == field else f"{param} ({field})"
+    hint = _HINTS.get(param)
+    out = field_value(field, value, label=label, hint=hint)
+    for item in out if field in _ITEM_CHECKS else ():
+        try:
+            _ITEM_CHECKS[field](item)
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}" + (f"; {hint}" if hint else "")) from None
+    return out
 
 
 def default_params(model: str) -> dict[str, str | None]:
@@ -73,6 +142,10 @@ def experiment_config(
 
     Notebook values are taken as a notebook writes them: lists for tuples, one number for
     ``targets``, paths for ``data_root`` / ``checkpoint``, and a yes/no or a number for finetuning.
+    Every value is checked before anything else (:func:`common.config.field_value`): a wrong type,
+    e.g. ``SENSITIVITY_LEVELS = "[0.3"``, is a ``ValueError`` naming the notebook parameter
+    (:data:`PARAMETERS`) and, for a list, papermill's ``-y`` form. Text for a list is read as
+    comma-separated items, optionally in brackets (what papermill's ``-p`` passes).
 
     Args:
         model: a name of :data:`common.models.MODEL_NAMES`.
@@ -91,14 +164,20 @@ def experiment_config(
         log's ``config`` record names the data and weights actually used.
 
     Raises:
-        ValueError: a negative or non-numeric ``finetune_epochs``, or any value the config refuses;
+        ValueError: a value of the wrong type (naming the notebook parameter), a negative
+            ``finetune_epochs``, or any value the config refuses;
         TypeError: an unknown config field.
     """
+    given = {"model": model, "dataset": dataset, "data_root": data_root, "checkpoint": checkpoint, "targets": targets}
+    checked = {name: _parameter_value(name, value) for name, value in {**given, **config}.items() if name in _FIELDS}
+    model, dataset, data_root, checkpoint, targets = (checked[name] for name in given)
+    config = {name: checked.get(name, value) for name, value in config.items()}
     if isinstance(finetune_epochs, bool):
         finetune_epochs = DEFAULT_FINETUNE_EPOCHS if finetune_epochs else 0.0
-    if not isinstance(finetune_epochs, Real) or finetune_epochs < 0:
+    if not isinstance(finetune_epochs, Real) or not finetune_epochs >= 0:
         raise ValueError(
-            f"finetune_epochs must be a number of epochs >= 0 (0 = off) or True/False, got {finetune_epochs!r}"
+            "FINETUNE (finetune_epochs) must be a number of epochs >= 0 (0 = off) or True/False, "
+            f"got {finetune_epochs!r}"
         )
     if dataset == "auto":
         auto = default_params(model)
@@ -106,7 +185,6 @@ def experiment_config(
         data_root = data_root if data_root is not None else auto["data_root"]
         if checkpoint == "auto":
             checkpoint = auto["checkpoint"]
-    targets = (targets,) if isinstance(targets, Real) else targets
     return ExperimentConfig(
         model=model,
         dataset=dataset,
@@ -177,13 +255,68 @@ def show_plots(
     return written
 
 
+_MISSING = "–"
+"""What the results table shows where a step did not run (e.g. finetuning) or a value is absent."""
+
+# (column, source column, format): accuracies in %, factors and percentage points with two decimals.
+_RESULT_COLUMNS = (
+    ("MACs ×", "macs_factor", "{:.2f}"),
+    ("params ×", "params_factor", "{:.2f}"),
+    ("val BN %", "val_top1_bn", "pct"),
+    ("test BN %", "test_top1_bn", "pct"),
+    ("val FT %", "val_top1_ft", "pct"),
+    ("test FT %", "test_top1_ft", "pct"),
+    ("FT epochs", "finetune_epochs", "{:g}"),
+    ("dense test %", "baseline_test_top1", "pct"),
+    ("Δ test pp", "delta_pp", "{:+.2f}"),
+    ("CPU speed-up", "speedup_cpu", "{:.2f}"),
+    ("CUDA speed-up", "speedup_cuda", "{:.2f}"),
+    ("evaluations", "evaluations", "{:.0f}"),
+    ("seconds", "wall_seconds", "{:.0f}"),
+)
+_STEP_COLUMNS = ("val FT %", "test FT %")
+"""Columns of a step that may not run: shown with "–" even when no row ran it, so the table says so."""
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return _MISSING
+    return f"{100.0 * value:.2f}" if fmt == "pct" else fmt.format(value)
+
+
+def results_table(summary: pd.DataFrame, methods: Sequence[str] = METHODS) -> pd.DataFrame:
+    """The notebook's display of :func:`common.analysis.summary_table` rows: formatted text cells.
+
+    One row per method (in the order of ``methods``, others after them alphabetically) within each
+    target and decomposition, indexed by method and, where the rows differ in them, target,
+    decomposition and seed. Accuracies are in %
+    with two decimals (BN = after BN recalibration, FT = after finetuning), factors (dense /
+    compressed) and ``Δ test pp`` (final test accuracy minus the dense model's, in percentage points)
+    with two; "–" where a step did not run (FT columns of a model not finetuned: never the BN value)
+    or a value is absent. Columns without any value (e.g. speed-ups without latency) are left out,
+    except the FT accuracies.
+    """
+    order = {m: i for i, m in enumerate(methods)}
+    rank = [(order.get(m, len(order)), m) for m in summary["method"]]
+    df = summary.assign(_order=rank).sort_values(["target", "decomposition", "_order", "seed"], kind="stable")
+    df = df.reset_index(drop=True)
+    varying = {k for k in ("target", "decomposition", "seed") if df[k].nunique(dropna=False) > 1}
+    keys = [k for k in ("target", "decomposition", "method", "seed") if k == "method" or k in varying]
+    out = pd.DataFrame({k: [f"{v:g}" if k == "target" else v for v in df[k]] for k in keys})
+    for label, col, fmt in _RESULT_COLUMNS:
+        if col in df and (label in _STEP_COLUMNS or df[col].notna().any()):
+            out[label] = [_cell(v, fmt) for v in df[col]]
+    return out.set_index(keys)
+
+
 def show_results(
     finals: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
     plots: bool = True,
     out_dir: str | os.PathLike | None = None,
+    raw: bool = False,
 ) -> pd.DataFrame:
-    """The summary table of a run's final models (and its plots, drawn inline).
+    """The results table of a run's final models (and its plots, drawn inline).
 
     Args:
         finals: what :func:`common.experiment.run_experiment` returned (rows are limited to these
@@ -191,9 +324,11 @@ def show_results(
         path: the run log.
         plots: also draw every plot of :data:`PLOTS` (see :func:`show_plots`).
         out_dir: folder of the PNGs (default: next to the log).
+        raw: return the :func:`common.analysis.summary_table` rows themselves (accuracies as
+            fractions, every column) instead of the display.
 
     Returns:
-        :func:`common.analysis.summary_table` rows (accuracies as fractions, factors dense/compressed).
+        :func:`results_table` of the run's rows (or the raw rows).
     """
     df = summary_table([load_run(path)])
     if finals:
@@ -202,4 +337,4 @@ def show_results(
         df = df[keep].reset_index(drop=True)
     if plots:
         show_plots(path, out_dir=out_dir)
-    return df
+    return df if raw else results_table(df)

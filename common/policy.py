@@ -1,18 +1,57 @@
-"""The sensitivity-guided policy's distribution over per-layer choices (pure numpy, no model).
+"""The sensitivity-guided policy's distribution over per-layer choices (no model: scores come in).
 
-From a layer's *sensitivity profile* (its proxy score when only it is compressed, at a few levels;
-measured by :meth:`common.search.Searcher.sensitivity`) :func:`drop_curve` interpolates the score it
+:func:`sensitivity_profile` measures each layer's *sensitivity profile* (its proxy score when only it
+is compressed, at a few levels), through the search's recorded evaluation
+(:meth:`common.search.Searcher.sensitivity`). From it :func:`drop_curve` interpolates the score a layer
 loses at any level. :func:`choice_pdf` turns those drops and the choices' costs into one categorical
-distribution per layer that meets a budget in expectation, and :func:`cem_refit` moves it towards
-the choices of the best-scored plans (one cross-entropy step).
+distribution per layer that meets a budget in expectation (:func:`policy_pdf` assembles both for a
+search space), and :func:`cem_refit` moves it towards the choices of the best-scored plans (one
+cross-entropy step).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .space import SearchSpace
+
+Profile = dict[str, dict[str, list[tuple[float, float]]]]
+"""``{layer: {shape: [(level, score), ...]}}``: each layer alone at each sensitivity level and shape."""
+
+
+def sensitivity_profile(
+    space: SearchSpace,
+    shapes: Sequence[str],
+    levels: Sequence[float],
+    evaluate: Callable[[dict, dict, dict], float],
+    progress: Callable[[str], None],
+) -> Profile:
+    """Each layer of ``space`` alone at each of ``levels`` in each of ``shapes``, scored.
+
+    ``evaluate(plan, key, extra)`` scores the one-layer ``plan``; ``key`` (layer, level, shape) names the
+    point and ``extra`` (its ranks and method) is recorded with it. ``progress`` gets one line per layer.
+    """
+    out: Profile = {}
+    for i, ls in enumerate(space.layers):
+        n = ls.info.name
+        out[n] = {}
+        for shape in shapes:
+            pts = []
+            for f in levels:
+                lp = ls.choice(f, shape)
+                key = {"layer": n, "level": float(f), "shape": shape}
+                pts.append((float(f), evaluate({n: lp}, key, {"ranks": list(lp.ranks), "method": lp.method})))
+            out[n][shape] = pts
+        progress(
+            f"sensitivity {i + 1}/{len(space.layers)} {n}: "
+            + "; ".join(f"{s} " + ", ".join(f"{f:g}->{v:.4g}" for f, v in p) for s, p in out[n].items())
+        )
+    return out
 
 
 def drop_curve(points: Sequence[tuple[float, float]], dense: float, levels: Sequence[float]) -> np.ndarray:
@@ -66,6 +105,43 @@ def choice_pdf(drops: np.ndarray, cost: np.ndarray, budget: float, temperature: 
             hi = mid
     mu = math.sqrt(lo * hi)
     return pdf(mu), {"mu": mu, "temperature_abs": temp, "drop_scale": scale}
+
+
+def policy_pdf(
+    space: SearchSpace,
+    choices: Sequence[tuple[float, str]],
+    profile: Profile,
+    dense: float,
+    target: float,
+    metric: str,
+    temperature: float,
+) -> tuple[np.ndarray, dict]:
+    """The policy's per-layer distribution over ``choices`` ((level, shape) pairs): :func:`choice_pdf`.
+
+    A choice's ``drop`` is the layer's interpolated sensitivity (:func:`drop_curve` of its ``profile``
+    against the ``dense`` model's score: the score lost when only that layer is compressed to that
+    choice) and its ``cost`` the layer's MACs (or params) there as a share of the model's total, so big
+    layers gain most by compressing; the expected total cost under the pdf meets ``target``× reduction
+    of ``metric``, and the temperature is ``temperature`` times the median drop.
+
+    Returns:
+        (pdf, the :func:`choice_pdf` info plus the ``choices`` and the ``drops``, rounded).
+    """
+    idx = 0 if metric == "params" else 1
+    dense_total = space.dense_params if metric == "params" else space.dense_macs
+    fixed = space.fixed_params if metric == "params" else space.fixed_macs
+    drops = np.zeros((len(space.layers), len(choices)))
+    for li, ls in enumerate(space.layers):
+        for s in dict.fromkeys(cs for _, cs in choices):
+            cols = [k for k, (_, cs) in enumerate(choices) if cs == s]
+            drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [choices[k][0] for k in cols])
+    cost = np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in choices] for ls in space.layers]) / dense_total
+    pdf, info = choice_pdf(drops, cost, 1.0 / target - fixed / dense_total, temperature)
+    return pdf, {
+        **info,
+        "choices": [list(c) for c in choices],
+        "drops": [[float(f"{v:.4g}") for v in row] for row in drops],
+    }
 
 
 def cem_refit(pdf: np.ndarray, hist: Sequence[dict], elite_frac: float, smoothing: float) -> np.ndarray:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn import bn_recalibrate
-from .data import DatasetSplits, calibration_loader, make_loader
+from .data import DatasetSplits
+from .loader import calibration_loader, make_loader
 from .surgery import LayerPlan, SpectraCache, apply_plan
 from .train import evaluate
 

@@ -217,12 +217,18 @@ def energy_ranks(spectra: KernelSpectra, method: str, energy: float, multiple: i
     )
 
 
-def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[int, ...]:
+def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """EVBMF ranks of each unfolding (Kim et al. 2016's rule; R13 from the core at those R1, R3).
 
-    For groups the largest singular value over groups is analysed. A mode where EVBMF keeps nothing
-    (or fails) gets rank 1, with a warning naming the layer.
+    For groups the largest singular value over groups is analysed. A matrix where EVBMF keeps nothing
+    gets rank 1; where EVBMF fails it gets rank 1 too, with a warning naming the layer.
+
+    Returns:
+        ``(ranks, rank0)``: the ranks, and the matrices where EVBMF found rank 0 (e.g.
+        ``"the C-mode unfolding"``; empty when none), for the caller to report (one warning per plan
+        rather than one per layer: :func:`common.rules.evbmf_base`).
     """
+    rank0: list[str] = []
 
     def raw(name: str, full: int, done: tuple) -> int:
         s, rows, cols, what = _mode_spectrum(spectra, name, done)
@@ -232,7 +238,8 @@ def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[int, ...]:
             warnings.warn(f"layer {spectra.name!r}: EVBMF failed on {what} ({e}); using rank 1", stacklevel=2)
             return 1
         if r == 0:
-            warnings.warn(f"layer {spectra.name!r}: EVBMF found rank 0 for {what}; using rank 1", stacklevel=2)
+            rank0.append(what)
         return max(int(r), 1)
 
-    return rounded_ranks(method, spectra.kernel_shape, raw)  # EVBMF ranks are within [1, full]: kept as they are
+    # EVBMF ranks are within [1, full]: kept as they are
+    return rounded_ranks(method, spectra.kernel_shape, raw), tuple(rank0)

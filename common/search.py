@@ -12,13 +12,14 @@ The per-layer choices are the pairs (level, shape) of :mod:`common.space`: ``Sea
 sensitivity (the proxy's loss when only that layer is compressed) and its cost, refined by
 cross-entropy steps (:mod:`common.policy`); random draws them uniformly; TPE (:mod:`common.tpe`,
 Optuna) models them. A search returns its scored candidates and :meth:`Searcher.run` picks once
-among them; the rule-based methods (uniform, energy, VBMF: rank rules of :mod:`common.ranks`) bisect
-one global knob.
+among them; the rule-based methods (uniform, energy, VBMF: :mod:`common.rules`) bisect one global
+knob.
 
-Resumability: every sensitivity point, candidate and re-ranking goes through a *recorder* (a
-:class:`common.logs.RunLog` or :class:`MemoryRecorder`) the moment it is evaluated; re-running with
-the same recorder skips what is recorded and reproduces the same result, because the draws of a round
-are made before anything in it is evaluated (random, policy) or depend only on recorded scores (TPE).
+Resumability: every sensitivity point, candidate and re-ranking goes through a *recorder*
+(:mod:`common.recorder`: a :class:`common.logs.RunLog` or a :class:`MemoryRecorder`) the moment it is
+evaluated; re-running with the same recorder skips what is recorded and reproduces the same result,
+because the draws of a round are made before anything in it is evaluated (random, policy) or depend
+only on recorded scores (TPE).
 """
 
 from __future__ import annotations
@@ -28,28 +29,26 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 import numpy as np
-import torch
 from torch import nn
 
-from .policy import cem_refit, choice_pdf, drop_curve
-from .proxy import PROXIES, ProxyEvaluator
-from .ranks import energy_ranks, evbmf_ranks, full_ranks, ranks_from_level, rounded_ranks
-from .space import SHAPES, LayerSpace, SearchSpace, bisect, energy_shaper, plan_key, project, repair_plan
+from .policy import Profile, cem_refit, policy_pdf, sensitivity_profile
+from .proxy import ProxyEvaluator
+from .recorder import MemoryRecorder, Recorder
+from .rules import RULES, energy_plan, evbmf_base, uniform_plan, vbmf_plan
+from .space import SHAPES, SearchSpace, energy_shaper, plan_key, project, repair_plan
 from .surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 from .tpe import tpe_search
 
-METHODS = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
 SEARCHING = ("random", "policy", "tpe")
+METHODS = RULES + SEARCHING  # uniform, energy, vbmf, random, policy, tpe
 METRICS = ("macs", "params")
 
 __all__ = [
     "METHODS",
     "METRICS",
     "SEARCHING",
-    "MemoryRecorder",
     "ProxyEvaluator",
     "SearchConfig",
     "SearchResult",
@@ -88,29 +87,6 @@ def check_target(value) -> float:
     if isinstance(value, bool) or not (math.isfinite(target) and target > 1.0):
         raise ValueError(f"target reduction must be a finite number > 1, got {value!r}")
     return target
-
-
-class Recorder(Protocol):
-    def write(self, kind: str, text: str = "", **payload) -> dict: ...
-    def find(self, kind: str, **match) -> dict | None: ...
-
-
-class MemoryRecorder:
-    """In-memory stand-in for :class:`common.logs.RunLog` (same ``write``/``find`` contract)."""
-
-    def __init__(self):
-        self.items: list[dict] = []
-
-    def write(self, kind: str, text: str = "", **payload) -> dict:
-        rec = {"kind": kind, **payload}
-        self.items.append(rec)
-        return rec
-
-    def find(self, kind: str, **match) -> dict | None:
-        for rec in reversed(self.items):
-            if rec["kind"] == kind and all(rec.get(k) == v for k, v in match.items()):
-                return rec
-        return None
 
 
 @dataclass
@@ -218,7 +194,7 @@ class Searcher:
         self.choices = self.config.choices()
         self._sensitivity: dict | None = None
         self._dense_score: float | None = None
-        self._vbmf_base: dict[str, tuple[int, ...]] | None = None
+        self._vbmf_base: tuple[dict, dict] | None = None
         energy = energy_shaper(spectra)
         for ls in self.space.layers:
             ls.shapers["energy"] = energy
@@ -265,63 +241,26 @@ class Searcher:
             self._dense_score = self._evaluate({}, "sensitivity", {"layer": "<dense>", "level": 1.0})
         return self._dense_score
 
-    # -- sensitivity ------------------------------------------------------------------------- #
-    def sensitivity(self) -> dict[str, dict[str, list[tuple[float, float]]]]:
-        """Each layer alone at each sensitivity level and shape: ``{name: {shape: [(f, score), ...]}}``."""
-        if self._sensitivity is not None:
-            return self._sensitivity
-        self.dense_score()
-        out = {}
-        for i, ls in enumerate(self.space.layers):
-            n = ls.info.name
-            out[n] = {}
-            for shape in self.config.shapes:
-                pts = []
-                for f in self.config.sensitivity_levels:
-                    lp = ls.choice(f, shape)
-                    score = self._evaluate(
-                        {n: lp},
-                        "sensitivity",
-                        {"layer": n, "level": float(f), "shape": shape},
-                        {"ranks": list(lp.ranks), "method": lp.method},
-                    )
-                    pts.append((float(f), score))
-                out[n][shape] = pts
-            self.progress(
-                f"sensitivity {i + 1}/{len(self.space.layers)} {n}: "
-                + "; ".join(f"{s} " + ", ".join(f"{f:g}->{v:.4g}" for f, v in p) for s, p in out[n].items())
+    # -- sensitivity and the policy's pdf ----------------------------------------------------- #
+    def sensitivity(self) -> Profile:
+        """Each layer alone at each sensitivity level and shape: ``{name: {shape: [(f, score), ...]}}``
+        (:func:`common.policy.sensitivity_profile`, every point recorded)."""
+        if self._sensitivity is None:
+            self.dense_score()
+            self._sensitivity = sensitivity_profile(
+                self.space,
+                self.config.shapes,
+                self.config.sensitivity_levels,
+                lambda plan, key, extra: self._evaluate(plan, "sensitivity", key, extra),
+                self.progress,
             )
-        self._sensitivity = out
-        return out
+        return self._sensitivity
 
-    # -- policy pdf ---------------------------------------------------------------------------- #
     def policy_pdf(self, target: float, metric: str) -> tuple[np.ndarray, dict]:
-        """Per-layer distribution over :attr:`choices` (:func:`common.policy.choice_pdf`).
-
-        A choice's ``drop`` is the layer's interpolated sensitivity (proxy score lost when only it is
-        compressed to that choice) and its ``cost`` the layer's MACs (or params) there as a share of
-        the model's total, so big layers gain most by compressing; the expected total cost under the
-        pdf meets the budget, and the temperature is ``config.temperature`` times the median drop.
-        """
+        """Per-layer distribution over :attr:`choices` from the sensitivity profile
+        (:func:`common.policy.policy_pdf`)."""
         profile, dense = self.sensitivity(), self.dense_score()
-        idx = 0 if metric == "params" else 1
-        dense_total = self.space.dense_params if metric == "params" else self.space.dense_macs
-        fixed = self.space.fixed_params if metric == "params" else self.space.fixed_macs
-        drops = np.zeros((len(self.space.layers), len(self.choices)))
-        for li, ls in enumerate(self.space.layers):
-            for s in self.config.shapes:
-                cols = [k for k, (_, cs) in enumerate(self.choices) if cs == s]
-                drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [self.choices[k][0] for k in cols])
-        cost = (
-            np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in self.choices] for ls in self.space.layers])
-            / dense_total
-        )
-        pdf, info = choice_pdf(drops, cost, 1.0 / target - fixed / dense_total, self.config.temperature)
-        return pdf, {
-            **info,
-            "choices": [list(c) for c in self.choices],
-            "drops": [[float(f"{v:.4g}") for v in row] for row in drops],
-        }
+        return policy_pdf(self.space, self.choices, profile, dense, target, metric, self.config.temperature)
 
     # -- methods ------------------------------------------------------------------------------- #
     def run(
@@ -332,7 +271,6 @@ class Searcher:
         if method in SEARCHING and n_candidates < 1:
             raise ValueError(f"{method}: the search budget must be at least 1 candidate, got {n_candidates}")
         t0 = time.perf_counter()
-        val = None
         if method in SEARCHING:
             search = {"random": self._random, "policy": self._policy, "tpe": self._tpe}[method]
             hist, params = search(target, metric, n_candidates, seed)
@@ -341,12 +279,7 @@ class Searcher:
             best, val = self._pick(method, target, hist)
             plan, score = best["plan"], best["score"]
         else:
-            rule = {"uniform": self._uniform, "energy": self._energy, "vbmf": self._vbmf}[method]
-            plan, params = rule(target, metric)
-            hist = []
-            if abs(self.space.factor(plan, metric) / target - 1) > self.config.tol:
-                # Global knobs (e, β, α) move many layers' rounded ranks at once; finish layer by layer.
-                plan, params["repair_steps"] = repair_plan(self.space, plan, target, metric, self.config.tol)
+            (plan, params), hist, val = self._rule(method, target, metric), [], None
             score = self._evaluate(
                 plan, "candidate", {"method": method, "target": float(target), "index": 0, "round": 0}
             )
@@ -397,53 +330,20 @@ class Searcher:
         )
         return top[k], vals[k]
 
-    def _explicit_plan(self, ranks_of: Callable[[LayerSpace, float], tuple[int, ...]], x: float) -> dict:
-        plan = {}
-        for ls in self.space.layers:
-            ranks = ranks_of(ls, x)
-            lp = LayerPlan(ls.method, ranks)
-            plan[ls.info.name] = (
-                LayerPlan("dense")
-                if ranks == full_ranks(ls.method, ls.info.group_shape) or ls.cost(lp)[1] >= ls.info.macs
-                else lp
-            )
-        return plan
-
-    def _uniform(self, target, metric):
-        def plan_at(f):  # one fraction of every full rank
-            return self._explicit_plan(
-                lambda ls, v: ranks_from_level(ls.method, ls.info.group_shape, min(v, 1.0), ls.multiple), f
-            )
-
-        f, _ = bisect(lambda v: self.space.factor(plan_at(v), metric), 1e-3, 1.0, target)
-        return plan_at(f), {"level": f}
-
-    def _energy(self, target, metric):
-        def ranks_of(ls: LayerSpace, e: float):  # one energy threshold e for every unfolding
-            return energy_ranks(self.spectra.get(ls.info.name), ls.method, e, ls.multiple)
-
-        # Energy kept grows with e, so cost grows: bisect e in (0, 1] on a logit-like scale 1 - e.
-        def plan_at(one_minus_e):
-            return self._explicit_plan(ranks_of, 1.0 - one_minus_e)
-
-        x, _ = bisect(lambda v: self.space.factor(plan_at(v), metric), 1e-7, 0.999, target)
-        return plan_at(x), {"energy": 1.0 - x}
-
-    def _vbmf(self, target, metric):
-        if self._vbmf_base is None:
-            self._vbmf_base = {
-                ls.info.name: evbmf_ranks(self.spectra.get(ls.info.name), ls.method) for ls in self.space.layers
-            }
-        base = self._vbmf_base
-
-        def ranks_of(ls: LayerSpace, beta: float):  # every EVBMF rank scaled by β, rounded up
-            b = base[ls.info.name]
-            return rounded_ranks(
-                ls.method, ls.info.group_shape, lambda name, full, done: beta * b[len(done)], ls.multiple
-            )
-
-        beta, _ = bisect(lambda v: self.space.factor(self._explicit_plan(ranks_of, v), metric), 1e-3, 1e3, target)
-        return self._explicit_plan(ranks_of, beta), {"beta": beta, "vbmf_ranks": base}
+    def _rule(self, method: str, target: float, metric: str) -> tuple[dict, dict]:
+        """The plan of a rule-based method (:mod:`common.rules`) on the budget, and its params."""
+        if method == "vbmf":
+            if self._vbmf_base is None:  # EVBMF ranks once per searcher, for every target
+                self._vbmf_base = evbmf_base(self.space, self.spectra)
+            plan, params = vbmf_plan(self.space, *self._vbmf_base, target, metric)
+        elif method == "energy":
+            plan, params = energy_plan(self.space, self.spectra, target, metric)
+        else:
+            plan, params = uniform_plan(self.space, target, metric)
+        if abs(self.space.factor(plan, metric) / target - 1) > self.config.tol:
+            # Global knobs (e, β, α) move many layers' rounded ranks at once; finish layer by layer.
+            plan, params["repair_steps"] = repair_plan(self.space, plan, target, metric, self.config.tol)
+        return plan, params
 
     def _draw(self, pdf: np.ndarray, rng: np.random.Generator) -> list[int]:
         return [int(rng.choice(len(self.choices), p=p)) for p in pdf]
@@ -559,49 +459,33 @@ def build_searcher(
     *,
     decomposition: str = "ht2",
     input_size: Sequence[int] | None = None,
-    proxy: str = "kl",
-    calib_images: int = 256,
-    val_images: int | None = None,
-    batch_size: int = 250,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
     multiple: int = 8,
     include_1x1: bool = True,
     recorder: Recorder | None = None,
     config: SearchConfig | None = None,
     progress: Callable[[str], None] | None = None,
     spectra: SpectraCache | None = None,
-    channels_last: bool = True,
-    amp_dtype: torch.dtype | None = None,
     tag: Mapping | None = None,
+    **proxy_options,
 ) -> Searcher:
     """Everything a search needs for ``model`` on ``data``: layers, space, spectra cache, proxy.
 
-    ``seed`` picks the proxy's calibration (and val) subsets; the search methods take their own seed.
-    ``channels_last`` (default on) is for speed on both devices: on a 2-core Xeon at batch 250 a
-    3x-compressed ResNet-18 runs ~1.9x faster in channels_last than contiguous (where oneDNN's
-    1×k / k×1 convs are as slow as the dense model), and CUDA tensor cores want it too.
+    ``proxy_options`` are the :class:`common.proxy.ProxyEvaluator` settings (``proxy``,
+    ``calib_images``, ``val_images``, ``batch_size``, ``device``, ``seed``, ``channels_last``,
+    ``amp_dtype``), its defaults but for ``channels_last``, on here. ``seed`` picks the proxy's
+    calibration (and val) subsets; the search methods take their own seed. ``channels_last`` is for
+    speed on both devices: on a 2-core Xeon at batch 250 a 3x-compressed ResNet-18 runs ~1.9x faster
+    in channels_last than contiguous (where oneDNN's 1×k / k×1 convs are as slow as the dense model),
+    and CUDA tensor cores want it too.
     """
-    if proxy not in PROXIES:
-        raise ValueError(f"unknown proxy {proxy!r}; expected one of {PROXIES}")
     if input_size is None:
         input_size = (1, 3, data.image_size, data.image_size)
     model = model.eval()
+    spectra = spectra or SpectraCache(model)
+    proxy_options.setdefault("channels_last", True)
+    # Built first: it checks its settings before the costly steps (the forward pass, the spectra).
+    evaluator = ProxyEvaluator(model, data, spectra, **proxy_options)
     layers = list_conv_layers(model, input_size)
     space = SearchSpace(layers, decomposition, include_1x1=include_1x1, multiple=multiple)
-    spectra = spectra or SpectraCache(model)
     spectra.warm(space.names)
-    evaluator = ProxyEvaluator(
-        model,
-        data,
-        spectra,
-        proxy,
-        calib_images,
-        val_images,
-        batch_size,
-        device,
-        seed,
-        channels_last=channels_last,
-        amp_dtype=amp_dtype,
-    )
     return Searcher(space, evaluator, spectra, recorder, config, progress, tag)

@@ -35,10 +35,11 @@ interrupted search resumes by replaying its recorded scores through a fresh call
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -124,45 +125,61 @@ def tpe_search(
     space = {name: CategoricalDistribution(tuple(range(n))) for name, n in zip(names, choices)}
 
     history: list[dict] = []
+    with _quiet_optuna():
+        sampler = TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=multivariate)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        n_counted = 0
+        for k in range(max_trials):
+            if n_counted >= n_evals:
+                break
+            history.append(_trial(study, space, names, objective, k))
+            n_counted += history[-1]["counted"]
+    return history
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Run a block with optuna's per-trial INFO lines and its ``ExperimentalWarning`` silenced.
+
+    The verbosity is lowered only while the block runs, so a caller who chose one (or a notebook that
+    imports this module) keeps its own setting; older optuna versions flag ``multivariate`` as
+    experimental, which says nothing actionable here.
+    """
     previous_verbosity = optuna.logging.get_verbosity()
-    # optuna logs one INFO line per trial; silence it only while we run, so a caller who chose a
-    # verbosity (or a notebook that imports this module) keeps its own setting.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         with warnings.catch_warnings():
-            # Older optuna versions flag ``multivariate`` as experimental; the warning says nothing
-            # actionable here.
             warnings.simplefilter("ignore", ExperimentalWarning)
-            sampler = TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=multivariate)
-            study = optuna.create_study(direction="maximize", sampler=sampler)
-            n_counted = 0
-            for k in range(max_trials):
-                if n_counted >= n_evals:
-                    break
-                trial = study.ask(space)
-                indices = [int(trial.params[name]) for name in names]
-                result = objective(indices)
-                if result is None:
-                    # PRUNED, not FAIL: TPE ignores FAIL trials entirely, so it would keep
-                    # proposing the infeasible region. A PRUNED trial without intermediate
-                    # values is ranked below every COMPLETE trial, i.e. it lands in the "bad"
-                    # density g(x) and steers proposals away from the region.
-                    study.tell(trial, state=TrialState.PRUNED)
-                    history.append({"trial": k, "indices": indices, "score": None, "counted": False})
-                    continue
-                score, counted = result
-                score = float(score)
-                if not math.isfinite(score):
-                    raise ValueError(
-                        f"objective returned a non-finite score {score!r} for "
-                        f"indices {indices}; return None for infeasible points"
-                    )
-                counted = bool(counted)
-                # Duplicates are told as well: the caller's projection maps many index vectors to
-                # one plan, and TPE should learn that all of them score the same.
-                study.tell(trial, score)
-                n_counted += counted
-                history.append({"trial": k, "indices": indices, "score": score, "counted": counted})
+            yield
     finally:
         optuna.logging.set_verbosity(previous_verbosity)
-    return history
+
+
+def _trial(
+    study: optuna.Study,
+    space: dict[str, CategoricalDistribution],
+    names: Sequence[str],
+    objective: Callable[[list[int]], tuple[float, bool] | None],
+    k: int,
+) -> dict:
+    """Ask ``study`` for proposal ``k``, evaluate it with ``objective``, tell the result; its history entry."""
+    trial = study.ask(space)
+    indices = [int(trial.params[name]) for name in names]
+    result = objective(indices)
+    if result is None:
+        # PRUNED, not FAIL: TPE ignores FAIL trials entirely, so it would keep proposing the
+        # infeasible region. A PRUNED trial without intermediate values is ranked below every
+        # COMPLETE trial, i.e. it lands in the "bad" density g(x) and steers proposals away from it.
+        study.tell(trial, state=TrialState.PRUNED)
+        return {"trial": k, "indices": indices, "score": None, "counted": False}
+    score, counted = result
+    score = float(score)
+    if not math.isfinite(score):
+        raise ValueError(
+            f"objective returned a non-finite score {score!r} for indices {indices}; return None for infeasible points"
+        )
+    counted = bool(counted)
+    # Duplicates are told as well: the caller's projection maps many index vectors to one plan, and
+    # TPE should learn that all of them score the same.
+    study.tell(trial, score)
+    return {"trial": k, "indices": indices, "score": score, "counted": counted}

@@ -1,7 +1,7 @@
 """Evaluation, batch-norm recalibration and (distributed-aware) fine-tuning.
 
 Written in the style of torchvision's reference scripts: small functions with explicit arguments.
-All loaders are :class:`common.data.BatchLoader` objects yielding normalized ``B x 3 x H x W``
+All loaders are :class:`common.loader.BatchLoader` objects yielding normalized ``B x 3 x H x W``
 batches already on the device.
 
 On CUDA, :func:`finetune` uses bf16 autocast and channels_last by default; on CPU it runs fp32 and
@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common.bn import bn_recalibrate  # noqa: F401  (re-exported: the one recalibration)
-from common.data import BatchLoader, DatasetSplits, make_loader
+from common.data import DatasetSplits
 from common.device import resolve_device
+from common.loader import BatchLoader, make_loader
 
 
 def _dist_world() -> tuple[int, int]:
@@ -346,35 +347,9 @@ class _FinetuneRun:
         channels_last, amp_dtype = cfg.precision(dev)
         torch.manual_seed(cfg.seed)  # dropout and any other global-RNG use inside the model
         _place(model, teacher, dev, channels_last)
-        train_loader = make_loader(
-            data,
-            "train",
-            cfg.batch_size,
-            device=dev,
-            train=True,
-            seed=cfg.seed,
-            subset=cfg.max_images,
-            augment=cfg.augment,
-            flip=cfg.hflip,
-            drop_last=True,
-            rank=rank,
-            world_size=world,
-        )
-        val_loader = make_loader(
-            data,
-            "val",
-            cfg.eval_batch_size,
-            device=dev,
-            train=False,
-            seed=cfg.seed,
-            subset=cfg.val_subset,
-            rank=rank,
-            world_size=world,
-        )
+        train_loader, val_loader = _loaders(data, cfg, dev, rank, world)
         total_steps = max(1, round(cfg.epochs * len(train_loader)))
-        net: nn.Module = model
-        if world > 1:
-            net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        net = _data_parallel(model, dev) if world > 1 else model
         opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
         sched = build_scheduler(opt, cfg.schedule, cfg.lr, total_steps, cfg.pct_start)
         bar = tqdm(total=total_steps, desc="finetune", leave=False) if progress and rank == 0 else None
@@ -443,6 +418,30 @@ class _FinetuneRun:
             channels_last=self.channels_last,
             progress=self.bar,
         )
+
+
+def _loaders(
+    data: DatasetSplits, cfg: FinetuneConfig, dev: torch.device, rank: int, world: int
+) -> tuple[BatchLoader, BatchLoader]:
+    """This rank's finetuning loaders: augmented train batches (full global batches only), and val."""
+    shared = {"device": dev, "seed": cfg.seed, "rank": rank, "world_size": world}
+    train = make_loader(
+        data,
+        "train",
+        cfg.batch_size,
+        train=True,
+        subset=cfg.max_images,
+        augment=cfg.augment,
+        flip=cfg.hflip,
+        drop_last=True,
+        **shared,
+    )
+    return train, make_loader(data, "val", cfg.eval_batch_size, train=False, subset=cfg.val_subset, **shared)
+
+
+def _data_parallel(model: nn.Module, dev: torch.device) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` (on this rank's GPU when on CUDA)."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def _place(model: nn.Module, teacher: nn.Module | None, dev: torch.device, channels_last: bool) -> None:

@@ -34,8 +34,9 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import torch
 import torchvision
 
-from common.data import DATASET_NAMES, atomic_torch_save, load_dataset, make_loader
+from common.data import DATASET_NAMES, atomic_torch_save, load_dataset
 from common.device import resolve_device
+from common.loader import make_loader
 from common.models import MODEL_NAMES, build_model, count_params, load_checkpoint
 from common.paths import REPO
 from common.train import evaluate, finetune

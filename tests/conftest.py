@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.data import DatasetSplits, load_dataset, make_loader  # noqa: E402
+from common.data import DatasetSplits, load_dataset  # noqa: E402
+from common.loader import make_loader  # noqa: E402
 from common.models import build_model  # noqa: E402
 from common.train import bn_recalibrate  # noqa: E402
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -14,12 +16,18 @@ import pytest
 
 import analyze_results
 from common.analysis import (
+    ACC_PLOT_COLUMNS,
     AGGREGATE_COLUMNS,
     PLOTS,
+    RANKS_PLOT_COLUMNS,
     README_BEGIN,
     README_END,
+    SEARCH_PLOT_COLUMNS,
+    SENSITIVITY_PLOT_COLUMNS,
     SUMMARY_COLUMNS,
     aggregate_seeds,
+    budget_front,
+    checkpoint_fingerprint,
     load_runs,
     machine_description,
     make_plots,
@@ -27,20 +35,23 @@ from common.analysis import (
     markdown_table,
     paired_interval,
     pareto_front,
+    plot_acc_vs_macs,
     plot_ranks,
     plot_search_trace,
     plot_sensitivity,
     policy_margins,
     readme_block,
     replace_marked_block,
+    run_context,
     split_speedup,
     summary_table,
     update_readme,
     write_summary,
 )
+from common.analysis import figures as analysis_figures
 from common.analysis import plots as analysis_plots
 from common.analysis import summary as analysis_summary
-from common.logs import KIND_KEYS, RunLog, jsonify
+from common.logs import KIND_KEYS, RunLog, jsonify, records_of
 
 MODELS = {"resnet18": (0.9142, 0.9125), "vgg16": (0.9010, 0.8964)}  # val, test baseline
 METHODS = ("uniform", "random", "policy")
@@ -71,7 +82,7 @@ def legacy_records() -> Iterator[None]:
 
 
 def build_logs(root: Path, seed: int = 0) -> None:
-    """2 models x 3 methods x 2 targets, plus an older duplicate run that must lose.
+    """2 models x 3 methods x 2 targets, plus an older run of policy @ 3 that stays a row of its own.
 
     Older single-seed format: no ``final.seed``, ``val_top1`` (no ``score``) in sensitivity and
     candidate records, whose ``seed`` is a per-candidate sampling seed.
@@ -83,20 +94,10 @@ def build_logs(root: Path, seed: int = 0) -> None:
 def _build_logs(root: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for m, (model, (val, test)) in enumerate(MODELS.items()):
-        # An older run whose policy @ 3.0 result is superseded by the main run below.
+        # An older run of policy @ 3.0 (no config, no baseline): its own row, never merged.
         old = RunLog(root, model, f"{model}-old")
-        old.write(
-            "final",
-            method="policy",
-            target=3.0,
-            decomposition="ht2",
-            val_top1_bn=0.1,
-            test_top1_bn=0.1,
-            macs_factor=3.0,
-            params_factor=2.0,
-            speedup={"cpu_t1": 9.0},
-            metric="macs",  # no config record in this run: the record must carry it
-        )
+        # No config record in this run: the record must carry its metric.
+        write_final(old, "policy", 3.0, 0.1, 3.0, val_top1_bn=0.1, speedup={"cpu_t1": 9.0}, metric="macs")
         old.write("end", status="interrupted", wall_seconds=1.0)
 
         log = RunLog(root, model, f"{model}-main")
@@ -109,6 +110,7 @@ def _build_logs(root: Path, seed: int) -> None:
             seed=seed,
             target=list(TARGETS),
             run_id=f"{model}-main",
+            checkpoint="auto",
         )
         log.write(
             "baseline",
@@ -117,6 +119,7 @@ def _build_logs(root: Path, seed: int) -> None:
             params=1000,
             macs=1300,
             latency={"cpu_t1": 10.0},
+            checkpoint=f"/ckpt/cifar10-jpeg/{model}.pt",
         )
         log.write(
             "layers",
@@ -211,6 +214,27 @@ def _build_logs(root: Path, seed: int) -> None:
         log.write("end", status="ok", wall_seconds=500.0)
 
 
+def write_final(
+    log: RunLog,
+    method: str = "uniform",
+    target: float = 2.0,
+    test_top1_bn: float = 0.7,
+    factor: float = 2.0,
+    **fields,
+) -> None:
+    """One ``final`` record (HT-2 unless ``decomposition`` says otherwise) with both factors ``factor``."""
+    fields.setdefault("decomposition", "ht2")
+    log.write(
+        "final",
+        method=method,
+        target=target,
+        test_top1_bn=test_top1_bn,
+        macs_factor=factor,
+        params_factor=factor,
+        **fields,
+    )
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("analysis")
@@ -223,18 +247,20 @@ def test_summary_table_rows(runs):
     assert len(runs) == 4
     df = summary_table(runs)
     assert list(df.columns) == list(SUMMARY_COLUMNS)
-    assert len(df) == len(MODELS) * len(METHODS) * len(TARGETS)
-    assert not df.duplicated(["model", "method", "decomposition", "target"]).any()
+    # The "-old" runs' policy @ 3 is a row of its own, not merged with (or replaced by) the main run's.
+    assert len(df) == len(MODELS) * len(METHODS) * len(TARGETS) + len(MODELS)
+    assert not df.duplicated(["run_id", "method", "decomposition", "target"]).any()
     assert (df.seed == 0).all()  # no final.seed: the config's seed
+    main = df[df.run_id.str.endswith("-main")]
     for m, (model, (_, test)) in enumerate(MODELS.items()):
         for k, method in enumerate(METHODS):
             for target in TARGETS:
-                row = df[(df.model == model) & (df.method == method) & (df.target == target)]
+                row = main[(main.model == model) & (main.method == method) & (main.target == target)]
                 assert len(row) == 1
                 row = row.iloc[0]
                 bn = expected_test_bn(m, k, target)
-                assert row.test_top1_bn == pytest.approx(bn)  # latest run won over "-old"
-                assert row.run_id == f"{model}-main"
+                assert row.test_top1_bn == pytest.approx(bn)
+                assert (row.run_id, row.dataset, row.checkpoint) == (f"{model}-main", "cifar10-jpeg", f"{model}.pt")
                 assert row.metric == "macs" and row.decomposition == "ht2"
                 assert row.baseline_test_top1 == pytest.approx(test)
                 final = bn if method == "uniform" else bn + 0.03
@@ -245,6 +271,11 @@ def test_summary_table_rows(runs):
                 assert row.speedup_cuda == pytest.approx(1.1 * target)
                 assert row.macs_factor == pytest.approx(target + 0.01 * k)
                 assert row.wall_seconds == pytest.approx(60 * target)
+        old = df[df.run_id == f"{model}-old"]
+        assert len(old) == 1 and old.test_top1_bn.tolist() == [0.1]
+        # No config and no baseline of its own: unknown context, and never another run's baseline.
+        assert old.dataset.isna().all() and old.checkpoint.isna().all()
+        assert old.baseline_test_top1.isna().all() and old.delta_pp.isna().all()
     assert list(df.model) == sorted(df.model)
 
 
@@ -258,28 +289,34 @@ def test_summary_files_and_plots(runs, tmp_path):
     for plot in plots:
         data = plot.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, plot
+        assert not pd.read_csv(plot.with_suffix(".csv")).empty, plot  # the data drawn, next to it
 
     csv_path, md_path, seeds_path = write_summary(
-        df, tmp_path, plots=plots, command="python x.py --y", n_runs=len(runs)
+        df, tmp_path, plots=plots, command="python x.py --y", n_runs=len(runs), runs=runs
     )
     back = pd.read_csv(csv_path)
     assert list(back.columns) == list(AGGREGATE_COLUMNS) and len(back) == len(df)
     assert np.allclose(back.test_top1_bn_mean, df.test_top1_bn)
     assert back.test_top1_bn_std.isna().all() and (back.n_seeds == 1).all()
+    assert back.run_id.tolist() == df.run_id.tolist() and back.checkpoint.tolist()[:6] == ["resnet18.pt"] * 6
     seeds = pd.read_csv(seeds_path)
     assert list(seeds.columns) == list(SUMMARY_COLUMNS) and len(seeds) == len(df)
     assert np.allclose(seeds.test_top1_bn, df.test_top1_bn)
     md = md_path.read_text()
     assert "Generated by `python x.py --y` on " in md and "from 4 run(s)" in md
-    main_table = md.split("## Does the policy win?")[0]
+    runs_table = md.split("## Runs")[1].split("## Results")[0]
+    assert "| resnet18-main | resnet18 | cifar10-jpeg | resnet18.pt | /ckpt/cifar10-jpeg/resnet18.pt |" in runs_table
+    main_table = md.split("## Results")[1].split("## Does the policy win?")[0]
     table = [line for line in main_table.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(df)
+    assert table[0].startswith("| Model | Dataset | Checkpoint | Run | Method |")
     first = df.iloc[0]
+    assert table[1].startswith("| resnet18 | cifar10-jpeg | resnet18.pt | resnet18-main | uniform |")
     assert f"| {100 * first.test_top1_bn:.2f} |" in table[1]  # one seed: no "±"
     assert not any("±" in line for line in table) and "| Seeds |" in table[0]
     assert "(1 seed per configuration)" in md
     for plot in plots:
-        assert f"]({plot.name})" in md
+        assert f"]({plot.name}) ([data]({plot.stem}.csv))" in md
 
 
 def test_markdown_table_formats_and_missing_values():
@@ -324,16 +361,7 @@ def test_split_speedup():
 
 def test_plots_skip_missing_kinds(tmp_path, caplog):
     log = RunLog(tmp_path / "logs", "alexnet", "only-final")
-    log.write(
-        "final",
-        method="uniform",
-        target=2.0,
-        decomposition="svd",
-        test_top1_bn=0.7,
-        macs_factor=2.0,
-        params_factor=2.0,
-        metric="params",
-    )
+    write_final(log, decomposition="svd", metric="params")
     jsonify(tmp_path / "logs", tmp_path / "json")
     runs = load_runs(tmp_path / "json")
     caplog.set_level("INFO")
@@ -360,29 +388,117 @@ def test_ranks_plot_without_layer_costs_is_skipped(tmp_path, caplog):
     runs = load_runs(tmp_path / "json")
     caplog.set_level("INFO")
     assert plot_ranks(runs, "alexnet", tmp_path) is None
-    assert "no per-layer 'macs'" in caplog.text
+    assert "no per-layer MACs ('layer_costs'" in caplog.text
+    assert not (tmp_path / "ranks_alexnet.png").exists() and not (tmp_path / "ranks_alexnet.csv").exists()
     path = plot_ranks(runs, "alexnet", tmp_path, kept_fraction=lambda layer, entry: 0.5)
     assert path == tmp_path / "ranks_alexnet.png" and path.stat().st_size > 0
+    data = pd.read_csv(tmp_path / "ranks_alexnet.csv")
+    assert data[["layer", "compressed", "kept_fraction"]].values.tolist() == [["c1", True, 0.5]]
+
+
+def _capture_figures(monkeypatch) -> dict:
+    """Keep every figure a plot saves, by file name, with the data it writes (nothing written)."""
+    saved: dict = {}
+
+    def keep(fig, path, data):
+        saved[Path(path).name] = (fig, data)
+        return Path(path)
+
+    monkeypatch.setattr(analysis_figures, "save_plot", keep)
+    return saved
+
+
+def _drawn(monkeypatch, plot, runs: list[dict], model: str, out: Path):
+    """Draw one plot without writing it: ``(figure, data it would write)``."""
+    saved = _capture_figures(monkeypatch)
+    plot(runs, model, out)
+    return saved[f"{analysis_plots.plot_name(plot)}_{model}.png"]
+
+
+def _bar_heights(ax) -> dict[str, list[float]]:
+    """Bar heights per legend label (one bar container per plan)."""
+    return {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+
+
+def test_ranks_from_layer_costs_one_panel_per_target(tmp_path, monkeypatch):
+    """The plan records' ``layer_costs`` give each layer's kept MACs; a layer in no plan is dense."""
+    log = RunLog(tmp_path / "logs", "vgg16", "lc")
+    log.write("config", model="vgg16", dataset="cifar10-jpeg", metric="macs", methods=["uniform"], seed=0)
+    layers = [("first", 100), ("mid", 400), ("last", 800)]
+    log.write("layers", layers=[{"name": n, "macs": m, "params": 1, "eligible": ["ht2"]} for n, m in layers])
+    costs = {  # per (method, target): compressed MACs of mid and last ("dense": kept as it is)
+        ("uniform", 2.0): (200, 400),
+        ("policy", 2.0): (400, 300),
+        ("uniform", 4.0): (100, 200),
+    }
+    for (method, target), (mid, last) in costs.items():
+        log.write(
+            "plan",
+            method=method,
+            target=target,
+            metric="macs",
+            decomposition="ht2",
+            plan={"mid": {"method": "ht2", "ranks": [1, 1, 1]}, "last": {"method": "ht2", "ranks": [1, 1, 1]}},
+            layer_costs=[
+                {"name": "mid", "method": "dense" if mid == 400 else "ht2", "macs": mid, "dense_macs": 400},
+                {"name": "last", "method": "ht2", "macs": last, "dense_macs": 800},
+            ],
+        )
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    runs = load_runs(tmp_path / "json")
+    fig, data = _drawn(monkeypatch, plot_ranks, runs, "vgg16", tmp_path)
+    assert list(data.columns) == list(RANKS_PLOT_COLUMNS)
+    assert len(data) == len(costs) * len(layers)  # one row per plan and layer
+    assert set(data.dataset) == {"cifar10-jpeg"} and set(data.run_id) == {"lc"}
+    kept = {(r.method, r.target, r.layer): (r.compressed, r.kept_fraction) for r in data.itertuples()}
+    assert kept[("uniform", 2.0, "first")] == (False, 1.0)  # in no plan: kept dense
+    assert kept[("uniform", 2.0, "mid")] == (True, 0.5) and kept[("uniform", 2.0, "last")] == (True, 0.5)
+    assert kept[("policy", 2.0, "mid")] == (False, 1.0) and kept[("policy", 2.0, "last")] == (True, 0.375)
+    assert kept[("uniform", 4.0, "mid")] == (True, 0.25) and kept[("uniform", 4.0, "last")] == (True, 0.25)
+    # One panel per target; the bars drawn are the data written, in network order.
+    axes = fig.axes
+    assert len(axes) == 2 and "at 2×" in axes[0].get_title() and "at 4×" in axes[1].get_title()
+    assert all("vgg16 on cifar10-jpeg" in ax.get_title() for ax in axes)
+    assert _bar_heights(axes[0]) == {"uniform": [1.0, 0.5, 0.5], "policy": [1.0, 1.0, 0.375]}
+    assert _bar_heights(axes[1]) == {"uniform": [1.0, 0.25, 0.25]}
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["first (dense)", "mid", "last"]
+
+
+COMMITTED_CPU_LOG = Path(__file__).resolve().parents[1] / "results/cpu/logs/alexnet/results-alexnet-cpu.log"
+
+
+@pytest.mark.skipif(not COMMITTED_CPU_LOG.exists(), reason="committed CPU run log absent")
+def test_ranks_on_a_committed_run_log(tmp_path):
+    """A real run: every compressed layer has a kept fraction strictly between 0 and 1, and the
+    layers' MACs add up to each plan's own conv MACs factor."""
+    jsonify(COMMITTED_CPU_LOG, tmp_path / "json")
+    runs = load_runs(tmp_path / "json")
+    png = plot_ranks(runs, "alexnet", tmp_path / "out")
+    assert png is not None and png.stat().st_size > 10_000
+    data = pd.read_csv(png.with_suffix(".csv"))
+    methods = ["uniform", "energy", "vbmf", "random", "policy", "tpe"]
+    assert data.groupby("method").size().to_dict() == dict.fromkeys(methods, 5)  # 5 conv layers each
+    assert set(data.seed) == {0} and set(data.target) == {3.0} and set(data.dataset) == {"cifar10-jpeg"}
+    compressed = data[data.compressed]
+    assert len(compressed) >= 4 * len(methods)
+    assert ((compressed.kept_fraction > 0) & (compressed.kept_fraction < 1)).all()
+    assert data[~data.compressed].kept_fraction.eq(1.0).all()
+    assert set(data[~data.compressed].layer) == {"features.0"}  # the first conv is not searched
+    plans = {r["method"]: r["macs_factor"] for r in records_of(runs[0], "plan") if r.get("seed") == 0}
+    totals = data.groupby("method")[["dense_macs", "macs"]].sum()
+    for method, factor in plans.items():
+        assert totals.dense_macs[method] / totals.macs[method] == pytest.approx(factor, rel=1e-9)
 
 
 def test_accuracy_must_be_a_fraction(tmp_path):
     log = RunLog(tmp_path / "logs", "vgg16", "pct")
-    log.write(
-        "final",
-        method="uniform",
-        target=2.0,
-        decomposition="ht2",
-        test_top1_bn=91.2,
-        macs_factor=2.0,
-        params_factor=2.0,
-        metric="macs",
-    )
+    write_final(log, test_top1_bn=91.2, metric="macs")
     jsonify(tmp_path / "logs", tmp_path / "json")
     with pytest.raises(ValueError, match=r"'pct'.*test_top1_bn=91.2"):
         summary_table(load_runs(tmp_path / "json"))
 
 
-def test_cli_end_to_end(tmp_path, capsys):
+def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     build_logs(tmp_path / "logs", seed=1)
     jsonify(tmp_path / "logs", tmp_path / "json")
     out = tmp_path / "results"
@@ -390,10 +506,57 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert (out / "summary.csv").stat().st_size > 0
     md = (out / "summary.md").read_text()
     assert f"python analyze_results.py --json {tmp_path / 'json'} --out {out}" in md
-    assert len(list(out.glob("*.png"))) == 8
-    assert str(out / "summary.md") in capsys.readouterr().out
+    pngs = sorted(p.stem for p in out.glob("*.png"))
+    assert len(pngs) == 8 and sorted(p.stem for p in out.glob("*_*.csv") if not p.stem.startswith("summary")) == pngs
+    printed = capsys.readouterr().out
+    assert str(out / "summary.md") in printed and str(out / "ranks_vgg16.csv") in printed
     assert analyze_results.main(["--json", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
+    # Without --out: the git-ignored out/analysis/ of the working folder.
+    monkeypatch.chdir(tmp_path)
+    assert analyze_results.DEFAULT_OUT == "out/analysis"
+    assert analyze_results.main(["--json", "json"]) == 0
+    assert (tmp_path / "out" / "analysis" / "summary.md").exists()
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_cli_refuses_to_replace_committed_results(tmp_path, capsys):
+    """A folder of tracked files and a tracked README are replaced only with --overwrite-committed."""
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    committed = "committed summary\n"
+    (repo / "results" / "summary.md").write_text(committed)
+    (repo / "README.md").write_text(README)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "results/summary.md", "README.md")
+    build_logs(tmp_path / "logs")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    json_dir = str(tmp_path / "json")
+
+    assert analyze_results.main(["--json", json_dir, "--out", str(repo / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "tracked by git (results/summary.md)" in err and "--overwrite-committed" in err
+    assert (repo / "results" / "summary.md").read_text() == committed
+    assert sorted(p.name for p in (repo / "results").iterdir()) == ["summary.md"]  # nothing written
+
+    readme_args = ["--json", json_dir, "--out", str(repo / "new"), "--readme", str(repo / "README.md")]
+    assert analyze_results.main(readme_args) == 2
+    assert "README.md is tracked by git" in capsys.readouterr().err
+    assert (repo / "README.md").read_text() == README and not (repo / "new").exists()
+
+    # A folder without tracked files (new, or ignored) needs no flag; the explicit flag allows both.
+    assert analyze_results.main(["--json", json_dir, "--out", str(repo / "new")]) == 0
+    assert analyze_results.main([*readme_args, "--overwrite-committed"]) == 0
+    assert "old table" not in (repo / "README.md").read_text()
+    args = ["--json", json_dir, "--out", str(repo / "results"), "--overwrite-committed"]
+    assert analyze_results.main(args) == 0
+    assert (repo / "results" / "summary.md").read_text().startswith("# Compression results")
+    assert analyze_results.tracked_files(repo / "results") == ["results/summary.md"]
+    assert analyze_results.tracked_files(tmp_path / "json") == []  # outside any repository
 
 
 # --------------------------------------------------------------------------- speed-ups and metric
@@ -413,7 +576,7 @@ def test_cli_speedups_come_from_run_records_only(tmp_path, capsys):
     agg = pd.read_csv(out / "summary.csv")
     assert list(agg.columns) == list(AGGREGATE_COLUMNS)
     assert list(pd.read_csv(out / "summary_seeds.csv").columns) == list(SUMMARY_COLUMNS)
-    policy3 = agg[(agg.model == "resnet18") & (agg.method == "policy") & (agg.target == 3.0)]
+    policy3 = agg[(agg.run_id == "resnet18-main") & (agg.method == "policy") & (agg.target == 3.0)]
     # build_logs: policy is method 2, so cpu_t1 = 3.5 beats cpu_t4 = 1.2; CUDA 1.1 * 3.
     assert policy3.speedup_cpu.tolist() == [3.5] and policy3.speedup_cpu_setting.tolist() == ["cpu_t1"]
     assert policy3.speedup_cuda.tolist() == pytest.approx([3.3])
@@ -430,16 +593,7 @@ def _metric_logs(root: Path, config_metric: str | None, final_metric: str | None
     if config_metric is not None:
         log.write("config", model="vgg16", dataset="d", metric=config_metric, methods=["uniform"], seed=0)
     extra = {} if final_metric is None else {"metric": final_metric}
-    log.write(
-        "final",
-        method="uniform",
-        target=2.0,
-        decomposition="ht2",
-        test_top1_bn=0.7,
-        macs_factor=2.0,
-        params_factor=2.0,
-        **extra,
-    )
+    write_final(log, **extra)
     jsonify(root / "logs", root / "json")
     return log.path
 
@@ -504,10 +658,16 @@ def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch):
     assert "on 2030-01-02 03:04 UTC" in (out / "summary.md").read_text()  # one clock for both
     assert "[results/summary.md](results/summary.md)" in once
     table = [line for line in once.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(MODELS) * len(METHODS)  # header + the target-3 rows only
-    assert table[0].startswith("| Model | Method | Decomp. | MACs × |")
+    # header + the target-3 rows only: each main run's and each "-old" run's policy, never merged
+    assert len(table) == 1 + len(MODELS) * (len(METHODS) + 1)
+    assert table[0].startswith("| Model | Dataset | Run | Method | Decomp. | MACs × |")
+    main = [line for line in table[1:] if "-main |" in line]
+    assert len(main) == len(MODELS) * len(METHODS)
+    assert all(line.startswith(("| resnet18 | cifar10-jpeg | resnet18-main |", "| vgg16 |")) for line in main)
     # build_logs's CPU speed-ups are cpu_t1/cpu_t4, not batch 64; its CUDA one is 1.1 * 3.
-    assert all(line.endswith("| – | 3.30× |") for line in table[1:])
+    assert all(line.endswith("| – | 3.30× |") for line in main)
+    assert "| resnet18 | – | resnet18-old | policy | ht2 | 3.00× |" in once
+    assert "checkpoints `resnet18.pt` (resnet18-main), `vgg16.pt` (vgg16-main);" in once
 
 
 def test_readme_missing_markers_leaves_file_untouched(tmp_path, capsys):
@@ -548,7 +708,31 @@ def test_machine_description_from_config(runs, tmp_path):
     assert machine_description([]) == "runs on an unrecorded machine"
     assert machine_description(runs) == "runs on CPU"  # build_logs's configs have no device
     block = readme_block(summary_table(runs), runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
-    assert block.startswith("Generated by `cmd` on 2030-01-02 (UTC); runs on CPU; speed-ups from")
+    assert block.startswith(
+        "Generated by `cmd` on 2030-01-02 (UTC); runs on CPU; checkpoints `resnet18.pt` (resnet18-main), "
+        "`vgg16.pt` (vgg16-main); speed-ups from"
+    )
+
+
+def _doc(*records: dict) -> dict:
+    return {"run_id": "r", "model": "m", "records": [dict(r, t=float(i), seq=i) for i, r in enumerate(records)]}
+
+
+def test_run_context_dataset_and_checkpoint_fingerprint():
+    path = "/data/ckpt/cifar10-jpeg/alexnet.pt"
+    config = {"kind": "config", "dataset": "cifar10-jpeg", "checkpoint": "auto"}
+    base = {"kind": "baseline", "checkpoint": path}
+    assert run_context(_doc(config, base)) == {
+        "model": "m",
+        "dataset": "cifar10-jpeg",
+        "checkpoint": "alexnet.pt",  # no hash logged: the file name ("auto" names no file)
+        "run_id": "r",
+    }
+    digest = "0123456789abcdef" * 4
+    assert checkpoint_fingerprint(_doc(config, dict(base, checkpoint_sha256=digest))) == digest[:12]
+    assert checkpoint_fingerprint(_doc(dict(config, checkpoint=path))) == "alexnet.pt"
+    assert checkpoint_fingerprint(_doc(dict(config, checkpoint=None), dict(base, checkpoint=None))) == "random init"
+    assert checkpoint_fingerprint(_doc()) is None and run_context(_doc())["dataset"] is None
 
 
 def test_policy_margins_names_the_winning_rival():
@@ -624,16 +808,7 @@ def build_seed_logs(root: Path) -> None:
                 seed=seed,
             )
     # A seed-1 policy result that a later record of the same seed supersedes.
-    log.write(
-        "final",
-        method="policy",
-        target=3.0,
-        decomposition="ht2",
-        seed=1,
-        test_top1_bn=0.1,
-        macs_factor=3.0,
-        params_factor=3.0,
-    )
+    write_final(log, "policy", 3.0, 0.1, 3.0, seed=1)
     for method, per_seed in SEED_RESULTS.items():
         for seed, (bn, ft, macs) in enumerate(per_seed):
             log.write(
@@ -690,7 +865,7 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     assert back.test_top1_bn_std.iloc[1] == pytest.approx(0.02)
     assert len(pd.read_csv(seeds_path)) == 6
     md = md_path.read_text()
-    policy_line = next(line for line in md.splitlines() if line.startswith("| resnet18 | policy |"))
+    policy_line = next(line for line in md.splitlines() if line.startswith("| resnet18 | d | – | seeds | policy |"))
     assert "| 3 |" in policy_line and "| 82.00 ± 2.00 |" in policy_line
     assert f"| 87.00 ± {100 * math.sqrt(0.0007):.2f} |" in policy_line
     assert f"| -4.00 ± {math.sqrt(7.0):.2f} |" in policy_line
@@ -699,7 +874,7 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     block = readme_block(per_seed, seed_runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
     assert "mean ± std over 3 seeds per configuration" in block
     lines = block.splitlines()
-    readme_policy = next(line for line in lines if line.startswith("| resnet18 | policy"))
+    readme_policy = next(line for line in lines if line.startswith("| resnet18 | d | seeds | policy"))
     assert "| 82.00 ± 2.00 |" in readme_policy and readme_policy.endswith("| 2.00× | – |")
 
 
@@ -787,58 +962,141 @@ def test_old_records_without_seed_make_a_one_seed_table(runs, tmp_path):
     # Without final.seed, a run's config seed is the seed.
     log = RunLog(tmp_path / "logs", "alexnet", "seed5")
     log.write("config", model="alexnet", dataset="d", metric="macs", methods=["uniform"], seed=5)
-    log.write(
-        "final",
-        method="uniform",
-        target=2.0,
-        decomposition="ht2",
-        test_top1_bn=0.7,
-        macs_factor=2.0,
-        params_factor=2.0,
-    )
+    write_final(log)
     jsonify(tmp_path / "logs", tmp_path / "json")
     df = summary_table(load_runs(tmp_path / "json"))
     assert list(df.seed) == [5] and aggregate_seeds(df).seeds.tolist() == ["5"]
 
 
 def test_multi_seed_plots_use_scores_and_lowest_seed(seed_runs, tmp_path, monkeypatch):
-    figures = {}
-
-    def keep(fig, path):
-        figures[path.name] = fig
-        return path
-
-    monkeypatch.setattr(analysis_plots, "_save", keep)
-    plot_sensitivity(seed_runs, "resnet18", tmp_path)
-    ax = figures["sensitivity_resnet18.png"].axes[0]
+    fig, data = _drawn(monkeypatch, plot_sensitivity, seed_runs, "resnet18", tmp_path)
+    ax = fig.axes[0]
     assert ax.get_ylabel() == "proxy score (higher is better)"
     assert [list(line.get_ydata()) for line in ax.lines] == [[-0.5, 0.0]]  # seed 0, no dense line
+    assert list(data.columns) == list(SENSITIVITY_PLOT_COLUMNS)
+    assert data[["seed", "layer", "level", "proxy", "value"]].values.tolist() == [
+        [0, "layer1.conv", 0.5, "score", -0.5],
+        [0, "layer1.conv", 1.0, "score", 0.0],
+    ]
 
-    plot_search_trace(seed_runs, "resnet18", tmp_path)
-    ax = figures["search_trace_resnet18.png"].axes[0]
+    fig, data = _drawn(monkeypatch, plot_search_trace, seed_runs, "resnet18", tmp_path)
+    ax = fig.axes[0]
     assert ax.get_ylabel() == "proxy score (higher is better)"
     assert [list(line.get_ydata()) for line in ax.lines] == [[0.0, 1.0, 2.0]]
+    assert list(data.columns) == list(SEARCH_PLOT_COLUMNS)
+    assert data.evaluation.tolist() == [1, 2, 3] and data.value.tolist() == data.best_so_far.tolist() == [0, 1, 2]
+    assert set(data.seed) == {0} and set(data.method) == {"policy"}
 
-    analysis_plots.plot_acc_vs_macs(seed_runs, "resnet18", tmp_path)
-    ax = figures["acc_vs_macs_resnet18.png"].axes[0]
+    fig, data = _drawn(monkeypatch, plot_acc_vs_macs, seed_runs, "resnet18", tmp_path)
+    ax = fig.axes[0]
     bars = [c for c in ax.containers if getattr(c, "has_yerr", False)]
     assert len(bars) == 4  # BN and FT of both methods, each with std error bars
     policy_bn = next(c for c in bars if c.get_label() == "policy, BN recal.")
     assert list(policy_bn.lines[0].get_ydata()) == pytest.approx([82.0])
+    assert "resnet18 on d" in ax.get_title() and "run seeds" in ax.get_title()
+    # The data drawn: per method and stage one point, mean ± std over the 3 seeds; one target only,
+    # so no Pareto front at all (it would only reward overshooting the budget).
+    assert list(data.columns) == list(ACC_PLOT_COLUMNS)
+    points = {(r.method, r.stage): (r.test_top1_mean, r.test_top1_std, r.n_seeds) for r in data.itertuples()}
+    assert points[("policy", "bn")] == pytest.approx((0.82, 0.02, 3))
+    # uniform FT 0.84, 0.85, 0.88: deviations -1/60, -1/150, +7/300, var = 0.0013 / 3.
+    assert points[("uniform", "ft")] == pytest.approx((2.57 / 3, math.sqrt(0.0013 / 3), 3))
+    assert len(points) == 4 and not data.pareto_front.any() and (data.dense_test_top1 == 0.91).all()
+    assert not [line for line in ax.lines if "Pareto" in line.get_label()]
 
 
 def test_legacy_search_records_keep_val_accuracy_and_every_candidate(runs, tmp_path, monkeypatch):
-    figures = {}
-    monkeypatch.setattr(analysis_plots, "_save", lambda fig, path: figures.setdefault(path.name, fig))
-    plot_search_trace(runs, "vgg16", tmp_path)
-    ax = figures["search_trace_vgg16.png"].axes[0]
-    assert ax.get_ylabel() == "validation top-1 accuracy (%)"
+    fig, data = _drawn(monkeypatch, plot_search_trace, runs, "vgg16", tmp_path)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "validation top-1 (%)"
     # build_logs's candidate.seed is a per-candidate seed (0..11), not a run seed: all 12 count.
     assert [len(line.get_ydata()) for line in ax.lines] == [12] * 4
-    plot_sensitivity(runs, "vgg16", tmp_path)
-    ax = figures["sensitivity_vgg16.png"].axes[0]
-    assert ax.get_ylabel() == "validation top-1 accuracy (%)"
+    assert data.groupby(["method", "target"]).size().tolist() == [12] * 4
+    assert set(data.proxy) == {"val_top1"} and data.value.between(0.3, 0.8).all()  # fractions in the CSV
+    drawn = np.concatenate([line.get_ydata() for line in ax.lines])
+    assert np.allclose(np.sort(drawn), np.sort(100 * data.best_so_far))  # drawn in %
+    fig, data = _drawn(monkeypatch, plot_sensitivity, runs, "vgg16", tmp_path)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "validation top-1 (%)"
     assert ax.lines[-1].get_label().startswith("dense (")  # dense line only for accuracies
+    assert data.groupby("layer").size().to_dict() == {"layer1.conv": 3, "layer2.conv": 3}
+
+
+def _acc_run(log: RunLog, results: dict[tuple[str, float], tuple[float, float]], checkpoint: str) -> None:
+    """One run of final records: ``{(method, target): (macs_factor, test_top1_bn)}``."""
+    log.write("config", model="vgg16", dataset="cifar10-jpeg", metric="macs", methods=["uniform"], seed=0)
+    log.write("baseline", val_top1=0.9, test_top1=0.9, params=1, macs=1, checkpoint=checkpoint)
+    for (method, target), (factor, acc) in results.items():
+        write_final(log, method, target, acc, factor, metric="macs")
+
+
+def test_pareto_front_only_across_budgets(tmp_path, monkeypatch):
+    """One budget: no front (the method that overshot 3× most would be "on" it); several: the
+    front across budgets, each budget represented by its most accurate point; one panel per run."""
+    single = {("policy", 3.0): (2.96, 0.85), ("vbmf", 3.0): (3.07, 0.80)}
+    _acc_run(RunLog(tmp_path / "logs", "vgg16", "one-budget"), single, "/c/a.pt")
+    several = {
+        ("policy", 2.0): (1.98, 0.88),
+        ("uniform", 2.0): (2.04, 0.87),
+        ("policy", 3.0): (2.96, 0.85),
+        ("vbmf", 3.0): (3.07, 0.80),
+        ("uniform", 5.0): (5.0, 0.70),
+    }
+    _acc_run(RunLog(tmp_path / "logs", "vgg16", "three-budgets"), several, "/c/b.pt")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    fig, data = _drawn(monkeypatch, plot_acc_vs_macs, load_runs(tmp_path / "json"), "vgg16", tmp_path)
+    assert len(fig.axes) == 2  # one panel per run
+    one, three = (data[data.run_id == r] for r in ("one-budget", "three-budgets"))
+    assert len(one) == 2 and not one.pareto_front.any()
+    front = three[three.pareto_front].sort_values("macs_factor")
+    assert list(zip(front.method, front.target)) == [("policy", 2.0), ("policy", 3.0), ("uniform", 5.0)]
+    assert set(three.checkpoint) == {"b.pt"} and set(one.checkpoint) == {"a.pt"}
+    fronts = {ax.get_title().split("\n")[1]: [ln for ln in ax.lines if "Pareto" in ln.get_label()] for ax in fig.axes}
+    assert fronts["run one-budget, checkpoint a.pt"] == []
+    (drawn,) = fronts["run three-budgets, checkpoint b.pt"]
+    assert list(drawn.get_xdata()) == [1.98, 2.96, 5.0] and list(drawn.get_ydata()) == pytest.approx([88, 85, 70])
+
+
+def test_budget_front_hand_made():
+    # At 3×, vbmf's 3.07× does not put it on the front: 3× is represented by its most accurate point.
+    assert budget_front([3.0, 3.0], [2.96, 3.07], [85.0, 80.0]) == []
+    targets = [2.0, 2.0, 3.0, 3.0, 5.0, 5.0]
+    xs = [1.98, 2.04, 2.96, 3.07, 5.0, 4.9]
+    ys = [88.0, 87.0, 85.0, 80.0, 70.0, 70.0]
+    assert budget_front(targets, xs, ys) == [0, 2, 4]  # a tie at 5×: the larger factor
+    # A budget whose best is dominated by another budget's best is off the front.
+    assert budget_front([2.0, 3.0], [2.0, 3.0], [80.0, 81.0]) == [1]
+    assert budget_front([2.0, 3.0], [2.0, float("nan")], [80.0, 81.0]) == []
+
+
+def test_two_runs_of_one_configuration_are_never_merged(tmp_path):
+    """Two runs (other checkpoints) of the same model, target and methods: separate rows, and the
+    policy's margin is computed within each run (across them it would read +4 pp, not -1)."""
+    _acc_run(
+        RunLog(tmp_path / "logs", "vgg16", "run-a"),
+        {("policy", 3.0): (3.0, 0.84), ("uniform", 3.0): (3.0, 0.85)},
+        "/c/a.pt",
+    )
+    _acc_run(
+        RunLog(tmp_path / "logs", "vgg16", "run-b"),
+        {("policy", 3.0): (3.0, 0.89), ("uniform", 3.0): (3.0, 0.90)},
+        "/c/b.pt",
+    )
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    runs = load_runs(tmp_path / "json")
+    df = summary_table(runs)
+    assert df[["run_id", "checkpoint", "method"]].values.tolist() == [
+        ["run-a", "a.pt", "uniform"],
+        ["run-a", "a.pt", "policy"],
+        ["run-b", "b.pt", "uniform"],
+        ["run-b", "b.pt", "policy"],
+    ]
+    agg = aggregate_seeds(df)
+    assert len(agg) == 4 and (agg.n_seeds == 1).all()
+    margins = policy_margins(df)
+    assert margins.run_id.tolist() == ["run-a", "run-b"] and margins.checkpoint.tolist() == ["a.pt", "b.pt"]
+    assert margins.margin_bn.tolist() == pytest.approx([-1.0, -1.0])
+    assert (margins.best_rival_bn == "uniform").all()
 
 
 # --------------------------------------------------------------------------- the list of plots

@@ -8,7 +8,7 @@ from torch import nn
 
 from common import bn as bnmod
 from common.bn import bn_modules, bn_recalibrate
-from common.data import make_loader
+from common.loader import make_loader
 from common.models import build_model, load_baseline, manifest
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.train import evaluate
@@ -141,7 +141,8 @@ def test_recalibrated_dense_baseline_keeps_its_accuracy(name):
     """Recalibrating a trained dense model as every final model is (4,096 augmented train images) moves
     val and test by at most 0.1 pp."""
     from common.config import ExperimentConfig
-    from common.data import calibration_loader, load_dataset
+    from common.data import load_dataset
+    from common.loader import calibration_loader
 
     torch.set_num_threads(2)
     data = load_dataset("cifar10-jpeg")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import BatchLoader, TensorSplit, load_dataset, make_loader, stratified_indices
+from common.data import TensorSplit, load_dataset, stratified_indices
+from common.loader import BatchLoader, make_loader
 from common.paths import CIFAR_JPEG_ROOT
 
 

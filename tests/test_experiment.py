@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 import common.experiment as experiment
-from common.config import ExperimentConfig
+from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig
 from common.experiment import parse_args, run_experiment
 from common.logs import encode_value, jsonify, load_document, parse_log, run_document
 from common.search import METHODS, ProxyEvaluator
@@ -367,3 +368,139 @@ def test_bad_cli_values_are_refused_before_any_work(flags, phrase, capsys, monke
         experiment.main(["--dataset", "digits", "--log-dir", "unused", *flags])
     assert exc.value.code == 2
     assert phrase in capsys.readouterr().err
+
+
+# A value other than the default for every field that affects results: a field added to the config must be
+# classified here (affects results, or not) before this test passes.
+OTHER_VALUES = {
+    "model": "vgg16",
+    "dataset": "digits",
+    "data_root": "/elsewhere",
+    "checkpoint": "other.pt",
+    "targets": (2.0,),
+    "metric": "params",
+    "methods": ("uniform", "policy"),
+    "policy_tucker2": True,
+    "search_budget": 50,
+    "n_seeds": 3,
+    "proxy": "top1",
+    "rerank": 5,
+    "shapes": ("level", "energy"),
+    "final_calib_images": 1024,
+    "finetune_epochs": 1.0,
+    "finetune_targets": (3.0,),
+    "finetune_lr": 0.001,
+    "finetune_batch_size": 64,
+    "finetune_max_images": 1000,
+    "distill": False,
+    "calib_images": 128,
+    "val_images": 500,
+    "sensitivity_levels": (0.3,),
+    "policy_rounds": 3,
+    "temperature": 2.0,
+    "rank_multiple": 4,
+    "latency": True,
+    "latency_batches": (1,),
+    "latency_threads": 1,
+    "latency_devices": ("cpu",),
+    "device": "cuda",  # against "cpu": "auto" is one of them on any machine
+    "seed": 1,
+}
+NO_RESULT_VALUES = {"log_dir": "elsewhere", "threads": 1, "progress": False, "deadline": 123.0}
+
+
+def test_default_run_id_hashes_every_setting_that_affects_results():
+    assert set(OTHER_VALUES) == set(RESULT_FIELDS)
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    assert names == set(RESULT_FIELDS) | set(NO_RESULT_VALUES) | {"run_id"}
+    base = ExperimentConfig(device="cpu")
+    run_id = base.resolved_run_id()
+    assert re.fullmatch(r"resnet18-auto-x3-s0-[0-9a-f]{8}", run_id), run_id
+    ids = {run_id}
+    for name, value in OTHER_VALUES.items():
+        other = dataclasses.replace(base, **{name: value}).resolved_run_id()
+        assert other not in ids, name  # e.g. FINETUNE 0 vs 1, other METHODS or CHECKPOINT: another log
+        ids.add(other)
+    for name, value in NO_RESULT_VALUES.items():
+        assert dataclasses.replace(base, **{name: value}).resolved_run_id() == run_id, name
+    # the same settings, written differently, are the same run
+    same = ExperimentConfig(
+        device="cpu", targets=[3], sensitivity_levels="0.5,0.3,0.15", methods=list(base.methods), val_images=0
+    )
+    assert same.resolved_run_id() == run_id
+    assert ExperimentConfig(run_id="mine").resolved_run_id() == "mine"
+    auto = ExperimentConfig(device="auto").result_settings()["device"]
+    assert auto in ("cpu", "cuda") and ExperimentConfig(device=auto).resolved_run_id() == (
+        ExperimentConfig(device="auto").resolved_run_id()
+    )
+    assert set(RESUME_FIELDS) == set(RESULT_FIELDS) - set(EXTENDING_FIELDS)
+
+
+def test_explicit_run_id_with_other_settings_is_refused_naming_them(tmp_path, monkeypatch):
+    first = config(tmp_path, None, "mine", methods=("uniform",), deadline=0.0)
+    assert run_experiment(first) == []  # config and baseline logged, then the deadline stops it
+    log = log_file(first)
+    size = log.stat().st_size
+
+    monkeypatch.setattr(experiment, "load_dataset", lambda *a, **k: pytest.fail("loaded data"))
+    changed = dataclasses.replace(first, finetune_epochs=1.0, calib_images=32, checkpoint="other.pt")
+    with pytest.raises(ValueError) as exc:
+        run_experiment(changed)
+    text = str(exc.value)
+    assert "'mine'" in text and str(log) in text
+    assert "finetune_epochs: logged 0.0, now 1.0" in text
+    assert "calib_images: logged 64, now 32" in text and "checkpoint: logged None, now 'other.pt'" in text
+    assert "another run id" in text and "set these back" in text
+    assert "differs in checkpoint, finetune_epochs, calib_images:" in text  # only what differs
+    assert log.stat().st_size == size  # refused before writing anything
+
+    # what only adds stages (more targets or methods), or does not affect results, may change on resume
+    monkeypatch.undo()
+    more = dataclasses.replace(first, methods=("uniform", "energy"), targets=(3.0, 2.0), log_dir=str(tmp_path))
+    assert run_experiment(dataclasses.replace(more, progress=True, threads=1)) == []
+    records, _ = parse_log(log)
+    assert len(of_kind(records, "config")) == 1 and len(of_kind(records, "baseline")) == 1
+
+
+@pytest.mark.parametrize(
+    "field,given,held",
+    [
+        ("sensitivity_levels", "[0.3]", (0.3,)),  # papermill -p SENSITIVITY_LEVELS "[0.3]"
+        ("sensitivity_levels", "0.3,0.15", (0.3, 0.15)),
+        ("sensitivity_levels", 0.3, (0.3,)),
+        ("sensitivity_levels", [0.5, 1], (0.5, 1.0)),
+        ("methods", "uniform", ("uniform",)),
+        ("methods", "[uniform, 'policy']", ("uniform", "policy")),
+        ("targets", 2, (2.0,)),
+        ("finetune_targets", "", None),
+        ("search_budget", 50.0, 50),
+        ("finetune_epochs", 1, 1.0),
+        ("val_images", 0, None),
+    ],
+)
+def test_config_reads_lists_as_notebooks_and_the_command_line_give_them(field, given, held):
+    assert getattr(ExperimentConfig(**{field: given}), field) == held
+
+
+@pytest.mark.parametrize(
+    "field,given,phrase",
+    [
+        ("sensitivity_levels", "[0.3", "'[0.3' is not a number"),
+        ("sensitivity_levels", ("[", "0", ".", "3", "]"), "'[' is not a number"),  # a string taken apart
+        ("sensitivity_levels", ["0.3"], "'0.3' is not a number"),
+        ("sensitivity_levels", True, "must be a number or a list of numbers"),
+        ("methods", 3, "must be a list of strings"),
+        ("search_budget", "100", "search_budget must be a whole number, got '100'"),
+        ("search_budget", True, "search_budget must be a whole number"),
+        ("calib_images", 64.5, "calib_images must be a whole number"),
+        ("distill", 1, "distill must be True or False"),
+        ("finetune_epochs", True, "finetune_epochs must be a number"),
+        ("model", None, "model must be a string"),
+        ("dataset", "cifar", "dataset must be one of auto, digits"),
+        ("device", "gpu", "device must be auto, cpu, cuda or cuda:N"),
+        ("methods", (), "methods: give at least one"),
+    ],
+)
+def test_config_refuses_wrong_types_by_name(field, given, phrase):
+    with pytest.raises(ValueError, match=re.escape(phrase)):
+        ExperimentConfig(**{field: given})

@@ -8,6 +8,7 @@ and the direct residual ``‖W − reconstruct‖ / ‖W‖`` for the errors the
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -143,11 +144,17 @@ def test_energy_ranks_from_the_spectra():
 
 def test_evbmf_ranks_find_the_signal_rank_and_fall_back_to_one():
     sp = KernelSpectra(_low_rank_kernel(48, 40, 3, 4, 1e-3, 1), name="blocks.2")
-    assert evbmf_ranks(sp, "tucker2") == (4, 4)
-    r1, r3, r13 = evbmf_ranks(sp, "ht2")
-    assert (r1, r3) == (4, 4) and 1 <= r13 <= min(r1 * 3, r3 * 3)
-    with pytest.warns(UserWarning, match="layer 'z': EVBMF found rank 0 for the C-mode unfolding"):
-        assert evbmf_ranks(KernelSpectra(torch.zeros(6, 5, 3, 3), name="z"), "ht2") == (1, 1, 1)
+    assert evbmf_ranks(sp, "tucker2") == ((4, 4), ())
+    (r1, r3, r13), rank0 = evbmf_ranks(sp, "ht2")
+    # EVBMF keeps nothing of the small (12 x 16) HT-2 core at (4, 4) here, so R13 falls back to 1.
+    assert (r1, r3, r13) == (4, 4, 1) and rank0 == ("the HT-2 core",)
+    # Rank 0 falls back to rank 1 silently here: the matrices are returned for the caller to report.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ranks, rank0 = evbmf_ranks(KernelSpectra(torch.zeros(6, 5, 3, 3), name="z"), "ht2")
+    assert ranks == (1, 1, 1)
+    assert rank0 == ("the C-mode unfolding", "the T-mode unfolding", "the HT-2 core")
+    assert evbmf_ranks(KernelSpectra(torch.zeros(6, 5, 1, 1), name="z"), "svd") == ((1,), ("the 1x1 kernel",))
 
 
 @settings(PROFILE, max_examples=60)

@@ -13,16 +13,8 @@ import pytest
 import torch
 
 import jsonify_logs
-from common.logs import (
-    KIND_KEYS,
-    RunLog,
-    decode_value,
-    encode_value,
-    jsonify,
-    load_document,
-    parse_log,
-    records_of,
-)
+from common.jsonvalues import decode_value, encode_value
+from common.logs import KIND_KEYS, RunLog, jsonify, load_document, parse_log, records_of
 
 
 def same(a, b) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -12,9 +13,9 @@ from torch import nn
 from common.data import load_dataset
 from common.policy import cem_refit, choice_pdf, drop_curve
 from common.ranks import energy_ranks
+from common.recorder import MemoryRecorder
 from common.search import (
     METHODS,
-    MemoryRecorder,
     SearchConfig,
     SearchSpace,
     build_searcher,
@@ -24,7 +25,7 @@ from common.search import (
     project,
     repair_plan,
 )
-from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+from common.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -184,6 +185,35 @@ def test_repair_moves_plan_into_tolerance():
     plan = {n: LayerPlan("dense") for n in space.names}
     fixed, steps = repair_plan(space, plan, 2.0, "macs", 0.03)
     assert steps > 0 and abs(space.factor(fixed, "macs") / 2.0 - 1) <= 0.03
+
+
+def test_vbmf_names_its_rank0_layers_once_per_plan(digits):
+    s = make(digits)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = s.run("vbmf", 3.0)
+        r2 = s.run("vbmf", 2.0)  # the EVBMF ranks are computed once; the report comes with each plan
+    rank0, base = r.params["evbmf_rank0"], r.params["vbmf_ranks"]
+    assert rank0 and r2.params["evbmf_rank0"] == rank0  # the small CNN has layers where EVBMF keeps nothing
+    notes = [str(w.message) for w in caught if "EVBMF" in str(w.message)]
+    assert len(notes) == 2 and notes[0].startswith(f"vbmf x3: EVBMF found rank 0 in {len(rank0)} layer(s)")
+    assert notes[0].endswith(": " + ", ".join(rank0))
+    position = {"the C-mode unfolding": 0, "the T-mode unfolding": 1, "the HT-2 core": 2, "the 1x1 kernel": 0}
+    for name, matrices in rank0.items():  # rank 1 where EVBMF found rank 0
+        assert matrices and all(base[name][position[m]] == 1 for m in matrices)
+
+
+def test_build_searcher_passes_proxy_settings_and_checks_them_first(digits):
+    s = make(digits)
+    assert s.evaluator.channels_last and s.evaluator.proxy == "kl"  # channels_last on by default here
+    assert s.evaluator.calib_images == 64 and s.evaluator.val_images == 120
+    assert not make(digits, channels_last=False, proxy="top1").evaluator.channels_last
+    spectra = SpectraCache(small_cnn())
+    with pytest.raises(ValueError, match="unknown proxy 'bogus'"):
+        make(digits, proxy="bogus", spectra=spectra)
+    assert spectra._cache == {}  # refused before any spectrum was computed
+    with pytest.raises(TypeError):
+        make(digits, calib_imgs=64)  # a misspelt setting is no silent default
 
 
 def test_bad_method_and_target(digits):

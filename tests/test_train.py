@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.data import BatchLoader, TensorSplit, load_dataset, make_loader
+from common.data import TensorSplit, load_dataset
 from common.device import resolve_device
+from common.loader import BatchLoader, make_loader
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.train import FinetuneConfig, bn_recalibrate, evaluate, finetune
 

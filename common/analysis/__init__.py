@@ -2,9 +2,14 @@
 
 The documents are written by :func:`common.logs.jsonify` (see :mod:`common.logs` for the record
 kinds; :func:`common.logs.records_of` selects one kind). Conventions: accuracies are fractions in
-[0, 1] in the data and the CSV, shown in % in Markdown and plots; factors are dense / compressed;
-when the same (model, method, decomposition, target, seed) appears more than once, the record
-written last (largest ``t``, then ``seq``) wins.
+[0, 1] in the data and the CSVs, shown in % in Markdown and plots; factors are dense / compressed.
+
+Runs are never merged: every row carries its run's context (:data:`RUN_COLUMNS`: model, dataset,
+checkpoint fingerprint, run id; :mod:`~common.analysis.context`), a configuration computed by two
+runs is two rows, and comparisons (the policy's margins, Pareto fronts, the plots' panels) are
+made within one run only. Within a run, when the same (method, decomposition, target, seed)
+appears more than once (a resumed stage), the record written last (largest ``t``, then ``seq``)
+wins; a row's dense baseline is its own run's, never another's.
 
 Seeds: a run may compute every configuration at several seeds (``final.seed``). Records without a
 ``seed`` (older logs) take their run's ``config.seed`` (0 when absent). :func:`summary_table` keeps
@@ -26,6 +31,8 @@ summary. Runs without latency show "–".
 
 Modules, by what they hold:
 
+* :mod:`~common.analysis.context`: a run's context (dataset, checkpoint fingerprint), the runs
+  table, panel titles.
 * :mod:`~common.analysis.records`: loading documents, picking records (latest per key, baseline,
   seed), :func:`summary_table` (one row per final record) and :func:`split_speedup`.
 * :mod:`~common.analysis.aggregate`: :func:`aggregate_seeds` (mean / std / count per
@@ -37,7 +44,10 @@ Modules, by what they hold:
   ``summary_seeds.csv``, ``summary.md``).
 * :mod:`~common.analysis.readme`: the README results block between its marker lines.
 * :mod:`~common.analysis.plots`: the per-model plots, listed once in :data:`PLOTS`
-  (:mod:`~common.analysis.figures`: their figure helpers and :func:`pareto_front`).
+  (:mod:`~common.analysis.plot_accuracy`, :mod:`~common.analysis.plot_ranks`,
+  :mod:`~common.analysis.plot_search`), each written as a PNG with the data it draws as a CSV of
+  the same stem (:mod:`~common.analysis.figures`: figure helpers, :func:`save_plot`,
+  :func:`pareto_front` and :func:`budget_front`).
 
 Every public name is re-exported here: ``from common.analysis import X``.
 """
@@ -45,7 +55,8 @@ Every public name is re-exported here: ``from common.analysis import X``.
 from __future__ import annotations
 
 from .aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
-from .figures import pareto_front
+from .context import RUN_COLUMNS, RUNS_COLUMNS, checkpoint_fingerprint, run_context, runs_table
+from .figures import budget_front, pareto_front, save_plot
 from .margins import (
     POLICY_MARGIN_COLUMNS,
     POLICY_RIVALS,
@@ -54,6 +65,9 @@ from .margins import (
     policy_margins,
 )
 from .markdown import MARKDOWN_COLUMNS, markdown_table
+from .plot_accuracy import ACC_PLOT_COLUMNS
+from .plot_ranks import RANKS_PLOT_COLUMNS
+from .plot_search import SEARCH_PLOT_COLUMNS, SENSITIVITY_PLOT_COLUMNS
 from .plots import (
     PLOTS,
     make_plots,
@@ -81,6 +95,7 @@ from .records import (
 from .summary import write_summary
 
 __all__ = [
+    "ACC_PLOT_COLUMNS",
     "AGGREGATE_COLUMNS",
     "MARKDOWN_COLUMNS",
     "METHOD_ORDER",
@@ -89,9 +104,16 @@ __all__ = [
     "POLICY_RIVALS",
     "README_BEGIN",
     "README_END",
+    "RANKS_PLOT_COLUMNS",
+    "RUNS_COLUMNS",
+    "RUN_COLUMNS",
+    "SEARCH_PLOT_COLUMNS",
     "SEED_STAT_COLUMNS",
+    "SENSITIVITY_PLOT_COLUMNS",
     "SUMMARY_COLUMNS",
     "aggregate_seeds",
+    "budget_front",
+    "checkpoint_fingerprint",
     "latest_records",
     "load_runs",
     "machine_description",
@@ -107,6 +129,9 @@ __all__ = [
     "policy_margins",
     "readme_block",
     "replace_marked_block",
+    "run_context",
+    "runs_table",
+    "save_plot",
     "split_speedup",
     "summary_table",
     "update_readme",

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from .context import RUN_COLUMNS
 from .records import SUMMARY_COLUMNS, is_missing, sort_rows
 
 __all__ = ["AGGREGATE_COLUMNS", "SEED_STAT_COLUMNS", "aggregate_seeds"]
@@ -20,8 +21,9 @@ SEED_STAT_COLUMNS: tuple[str, ...] = (
 )
 """Columns :func:`aggregate_seeds` reports as ``<col>_mean`` and ``<col>_std`` (ddof 1)."""
 
-GROUP_COLUMNS = ("model", "method", "decomposition", "target")
-"""What one configuration is: the rows :func:`aggregate_seeds` folds into one."""
+GROUP_COLUMNS = (*RUN_COLUMNS, "method", "decomposition", "target")
+"""What one configuration of one run is: the rows :func:`aggregate_seeds` folds into one (those of
+these columns a frame has). Seeds of different runs are never folded together."""
 
 
 def _aggregate_columns(columns: Iterable[str]) -> list[str]:
@@ -61,8 +63,6 @@ def _aggregate_group(group: pd.DataFrame) -> dict[str, Any]:
         elif col in SEED_STAT_COLUMNS:
             row[f"{col}_mean"] = values.mean()
             row[f"{col}_std"] = values.std(ddof=1)  # NaN with fewer than two measured seeds
-        elif col == "run_id":
-            row[col] = ";".join(dict.fromkeys(str(v) for v in values if not is_missing(v)))
         elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             row[col] = values.mean()
         else:
@@ -71,12 +71,12 @@ def _aggregate_group(group: pd.DataFrame) -> dict[str, Any]:
 
 
 def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, method, decomposition, target) from per-seed rows.
+    """One row per run (model, dataset, checkpoint, run id) x method x decomposition x target.
 
     :data:`SEED_STAT_COLUMNS` become ``<col>_mean`` and ``<col>_std`` (sample std, ddof 1; NaN
     with one seed), ``seed`` becomes ``n_seeds`` (rows folded) and ``seeds`` (e.g. ``"0;1;2"``).
     Other numeric columns (factors, speed-ups, costs) are means; text columns the most frequent
-    value, except ``run_id``: every run, ``;``-separated. Missing values are skipped.
+    value. Missing values are skipped.
 
     Args:
         df: output of :func:`~common.analysis.summary_table` (or any rows with the
@@ -91,6 +91,6 @@ def aggregate_seeds(df: pd.DataFrame) -> pd.DataFrame:
     columns = _aggregate_columns(df.columns)
     if df.empty:
         return pd.DataFrame(columns=columns)
-    groups = df.groupby(list(GROUP_COLUMNS), dropna=False, sort=False)
+    groups = df.groupby([c for c in GROUP_COLUMNS if c in df.columns], dropna=False, sort=False)
     out = pd.DataFrame([_aggregate_group(g) for _, g in groups], columns=columns)
     return sort_rows(out)

@@ -1,6 +1,6 @@
 """Does the HT-2 policy beat its rivals? Paired per-seed margins with Student-t intervals.
 
-:func:`policy_margins` compares, per (model, target), the policy's test accuracy with the best
+:func:`policy_margins` compares, per run and target, the policy's test accuracy with the best
 rival's, seed by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that
 shows it is :func:`common.analysis.summary.margins_section`.
 """
@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .context import RUN_COLUMNS
 
 __all__ = [
     "POLICY_MARGIN_COLUMNS",
@@ -31,11 +33,12 @@ STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
 STAGE_NAMES = {"bn": "BN", "ft": "FT"}
 
 POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
-    "model",
+    *RUN_COLUMNS,
     "target",
     *(f"{field}_{stage}" for stage, _ in STAGES for field in _MARGIN_FIELDS),
 )
-"""Columns of :func:`policy_margins`: per stage (``bn``, ``ft``) the best rival, the mean paired
+"""Columns of :func:`policy_margins`: the run (:data:`~common.analysis.context.RUN_COLUMNS`) and
+target, then per stage (``bn``, ``ft``) the best rival, the mean paired
 margin and its 95 % interval in percentage points, the number of paired seeds, the verdict and
 every rival's mean paired margin as text."""
 
@@ -124,32 +127,36 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str]) -> dict
 
 
 def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS) -> pd.DataFrame:
-    """Per (model, target): the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
+    """Per run and target: the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
 
     The research claim is that the policy beats every other method at equal cost; this table says,
-    for each budget, whether it does beyond seed noise and which method it loses to. The best
-    rival has the highest mean test accuracy over its seeds; the margin pairs seeds: the mean of
-    ``policy_s - rival_s`` over the seeds both measured, with its 95 % Student-t interval (see
-    :func:`paired_interval`, :func:`margin_verdict`). Percentage points; NaN where a side was
-    not measured (e.g. no finetuning at that budget).
+    for each budget, whether it does beyond seed noise and which method it loses to. Methods are
+    compared within one run only (same model, dataset, checkpoint and run id): a rival from
+    another run may differ in checkpoint, data or protocol. The best rival has the highest mean
+    test accuracy over its seeds; the margin pairs seeds: the mean of ``policy_s - rival_s`` over
+    the seeds both measured, with its 95 % Student-t interval (see :func:`paired_interval`,
+    :func:`margin_verdict`). Percentage points; NaN where a side was not measured (e.g. no
+    finetuning at that budget).
 
     Args:
         df: per-seed rows (:func:`~common.analysis.summary_table`); without a ``seed`` column all
-            rows count as seed 0. Rows of other decompositions than ``ht2`` (missing counts as
-            ``ht2``) are ignored.
+            rows count as seed 0, without a run column (``dataset``, ``checkpoint``, ``run_id``)
+            all rows share its value. Rows of other decompositions than ``ht2`` (missing counts
+            as ``ht2``) are ignored.
         rivals: methods to compare with, in order of preference on ties.
 
     Returns:
-        :data:`POLICY_MARGIN_COLUMNS`, one row per (model, target) with the policy and a rival.
+        :data:`POLICY_MARGIN_COLUMNS`, one row per run and target with the policy and a rival.
     """
     if "seed" not in df.columns:
         df = df.assign(seed=0)
+    df = df.assign(**{c: None for c in RUN_COLUMNS if c not in df.columns})
     rows = []
     ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
-    for (model, target), g in ht2.groupby(["model", "target"], sort=True):
+    for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False):
         if not (g["method"] == "policy").any() or not g["method"].isin(rivals).any():
             continue
-        row = {"model": model, "target": target}
+        row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")}
         for stage, col in STAGES:
             row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, col, rivals).items()})
         rows.append(row)

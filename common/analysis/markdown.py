@@ -80,6 +80,9 @@ def _plain(value: float) -> str:
 
 MARKDOWN_COLUMNS: dict[str, str] = {
     "model": "Model",
+    "dataset": "Dataset",
+    "checkpoint": "Checkpoint",
+    "run_id": "Run",
     "method": "Method",
     "decomposition": "Decomp.",
     "target": "Target",

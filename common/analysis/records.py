@@ -1,7 +1,7 @@
 """Run documents in, one summary row per final record out.
 
-Loading the documents (:func:`load_runs`), picking records (the latest of a kind per key, the
-baseline, the seed of a record) and :func:`summary_table`: one row per model x method x
+Loading the documents (:func:`load_runs`), picking records (the latest of a kind per key, a run's
+baseline, the seed of a record) and :func:`summary_table`: one row per run x method x
 decomposition x target x seed, from the ``final`` records. Speed-ups come from the final records'
 own ``speedup`` (see :func:`split_speedup` and the package docstring).
 """
@@ -18,6 +18,8 @@ import pandas as pd
 
 from common.logs import load_document, records_of
 
+from .context import RUN_COLUMNS, run_context
+
 __all__ = [
     "METHOD_ORDER",
     "SUMMARY_COLUMNS",
@@ -26,51 +28,6 @@ __all__ = [
     "split_speedup",
     "summary_table",
 ]
-
-SUMMARY_COLUMNS: tuple[str, ...] = (
-    "model",
-    "method",
-    "decomposition",
-    "target",
-    "seed",
-    "metric",
-    "macs_factor",
-    "params_factor",
-    "val_top1_bn",
-    "test_top1_bn",
-    "val_top1_ft",
-    "test_top1_ft",
-    "baseline_test_top1",
-    "delta_pp",
-    "speedup_cpu",
-    "speedup_cpu_setting",
-    "speedup_cuda",
-    "evaluations",
-    "finetune_epochs",
-    "wall_seconds",
-    "run_id",
-)
-"""Columns of :func:`summary_table`, one row per seed (accuracies as fractions; ``delta_pp`` in
-percentage points)."""
-
-METHOD_ORDER: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
-"""Row order of the methods in tables; other methods follow, alphabetically."""
-
-ACC_COLUMNS = ("val_top1_bn", "test_top1_bn", "val_top1_ft", "test_top1_ft", "baseline_test_top1")
-"""Accuracy columns (fractions in [0, 1])."""
-
-_NUMERIC_COLUMNS = (
-    "target",
-    "macs_factor",
-    "params_factor",
-    *ACC_COLUMNS,
-    "delta_pp",
-    "speedup_cpu",
-    "speedup_cuda",
-    "evaluations",
-    "finetune_epochs",
-    "wall_seconds",
-)
 
 # The final-record fields copied into a row as floats (NaN when absent or not a number).
 _FINAL_FLOATS = (
@@ -82,6 +39,41 @@ _FINAL_FLOATS = (
     "test_top1_ft",
 )
 _FINAL_COSTS = ("evaluations", "finetune_epochs", "wall_seconds")
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    *RUN_COLUMNS,
+    "method",
+    "decomposition",
+    "target",
+    "seed",
+    "metric",
+    *_FINAL_FLOATS,
+    "baseline_test_top1",
+    "delta_pp",
+    "speedup_cpu",
+    "speedup_cpu_setting",
+    "speedup_cuda",
+    *_FINAL_COSTS,
+)
+"""Columns of :func:`summary_table`, one row per run and seed: the run's context
+(:data:`~common.analysis.context.RUN_COLUMNS`), the configuration, accuracies as fractions,
+``delta_pp`` in percentage points."""
+
+METHOD_ORDER: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "policy", "tpe")
+"""Row order of the methods in tables; other methods follow, alphabetically."""
+
+ACC_COLUMNS = ("val_top1_bn", "test_top1_bn", "val_top1_ft", "test_top1_ft", "baseline_test_top1")
+"""Accuracy columns (fractions in [0, 1])."""
+
+_NUMERIC_COLUMNS = (
+    "target",
+    *_FINAL_FLOATS,
+    "baseline_test_top1",
+    "delta_pp",
+    "speedup_cpu",
+    "speedup_cuda",
+    *_FINAL_COSTS,
+)
 
 
 # --------------------------------------------------------------------------- values
@@ -156,14 +148,10 @@ def latest_records(
     return out
 
 
-def latest_baseline(runs: Sequence[Mapping], model: str, run: Mapping | None = None) -> dict | None:
-    """The run's own last baseline record, else the model's last one across runs."""
-    if run is not None:
-        own = records_of(run, "baseline")
-        if own:
-            return max(own, key=_order)
-    pairs = kind_records(runs, "baseline", model)
-    return pairs[-1][1] if pairs else None
+def run_baseline(run: Mapping) -> dict | None:
+    """The run's own last ``baseline`` record (None without one: never another run's)."""
+    own = records_of(run, "baseline")
+    return max(own, key=_order) if own else None
 
 
 # --------------------------------------------------------------------------- seeds
@@ -232,17 +220,23 @@ def lowest_seed(
 # --------------------------------------------------------------------------- sorting
 
 
+def method_rank(method: Any) -> tuple[int, str]:
+    """Sort key of a method: its place in :data:`METHOD_ORDER`, unknown methods after them,
+    alphabetically."""
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), str(method))
+
+
 def _method_sort_key(methods: pd.Series) -> pd.Series:
-    """Sort key for a method column: :data:`METHOD_ORDER`, then unknown methods alphabetically."""
-    unknown = sorted({str(m) for m in methods if m not in METHOD_ORDER})
-    rank = {m: i for i, m in enumerate([*METHOD_ORDER, *unknown])}
-    return methods.map(lambda m: rank[m] if m in rank else rank[str(m)])
+    """Sort key for a method column (:func:`method_rank`)."""
+    return methods.map(method_rank)
 
 
 def sort_rows(df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
-    """Rows sorted by model, decomposition, method (:data:`METHOD_ORDER`), target, ``extra``."""
+    """Rows sorted by run (model, dataset, checkpoint, run id: those present), decomposition,
+    method (:data:`METHOD_ORDER`), target, ``extra``."""
+    runs = [c for c in RUN_COLUMNS if c in df.columns]
     return df.sort_values(
-        ["model", "decomposition", "method", "target", *extra],
+        [*runs, "decomposition", "method", "target", *extra],
         na_position="last",
         kind="stable",
         key=lambda col: _method_sort_key(col) if col.name == "method" else col,
@@ -312,12 +306,20 @@ def _check_fractions(row: Mapping[str, Any]) -> None:
             )
 
 
-def _summary_row(key: tuple, run: Mapping, final: Mapping, runs: Sequence[Mapping]) -> dict:
-    """One :data:`SUMMARY_COLUMNS` row from a final record (``key``: model … seed)."""
-    model, method, decomposition, target, seed = key
-    baseline = latest_baseline(runs, model, run)
+def _baseline_test(run: Mapping, final: Mapping) -> float:
+    """The dense test accuracy a final record is compared with: its run's ``baseline`` record's,
+    else the record's own ``baseline_test_top1``; NaN without either (never another run's)."""
+    baseline = run_baseline(run)
+    own = to_float(baseline.get("test_top1")) if baseline else math.nan
+    return own if not math.isnan(own) else to_float(final.get("baseline_test_top1"))
+
+
+def _summary_row(key: tuple, run: Mapping, final: Mapping) -> dict:
+    """One :data:`SUMMARY_COLUMNS` row from a final record (``key``: run id, model … seed)."""
+    _, model, method, decomposition, target, seed = key
     cpu, cpu_setting, cuda = split_speedup(final.get("speedup"))
     row: dict[str, Any] = {
+        **run_context(run),
         "model": model,
         "method": method,
         "decomposition": decomposition,
@@ -325,12 +327,11 @@ def _summary_row(key: tuple, run: Mapping, final: Mapping, runs: Sequence[Mappin
         "seed": seed,
         "metric": final_metric(run, final),
         **{col: to_float(final.get(col)) for col in _FINAL_FLOATS},
-        "baseline_test_top1": to_float(baseline.get("test_top1")) if baseline else math.nan,
+        "baseline_test_top1": _baseline_test(run, final),
         "speedup_cpu": cpu,
         "speedup_cpu_setting": cpu_setting,
         "speedup_cuda": cuda,
         **{col: to_float(final.get(col)) for col in _FINAL_COSTS},
-        "run_id": run.get("run_id"),
     }
     _check_fractions(row)
     best = row["test_top1_ft"] if not math.isnan(row["test_top1_ft"]) else row["test_top1_bn"]
@@ -339,18 +340,23 @@ def _summary_row(key: tuple, run: Mapping, final: Mapping, runs: Sequence[Mappin
 
 
 def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
-    """One row per model x method x decomposition x target x seed, from the ``final`` records.
+    """One row per run x method x decomposition x target x seed, from the ``final`` records.
+
+    Rows of different runs are never merged: a configuration that two runs computed gives two
+    rows, told apart by their run's ``dataset``, ``checkpoint`` and ``run_id``
+    (:func:`~common.analysis.context.run_context`). Within one run, a configuration logged twice
+    at one seed (a resumed or repeated stage) counts its last record.
 
     ``delta_pp`` is the final test accuracy (after finetuning when present, else after BN
-    recalibration) minus the dense baseline's, in percentage points. The baseline is the run's own
-    ``baseline`` record, else the model's latest one. ``metric`` is the record's own, else the
-    run's config's (:func:`final_metric`). A final record without ``seed`` has its run's config
-    seed (0 when the run has no config); see :func:`~common.analysis.aggregate_seeds` for one row
-    per configuration.
+    recalibration) minus the dense baseline's, in percentage points; the baseline is the run's
+    ``baseline`` record, else the final record's own ``baseline_test_top1`` (NaN without either).
+    ``metric`` is the record's own, else the run's config's (:func:`final_metric`). A final record
+    without ``seed`` has its run's config seed (0 when the run has no config); see
+    :func:`~common.analysis.aggregate_seeds` for one row per configuration.
 
     Returns:
-        A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by model, decomposition, method (in
-        :data:`METHOD_ORDER`), target, seed.
+        A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by run (model, dataset, checkpoint, run
+        id), decomposition, method (in :data:`METHOD_ORDER`), target, seed.
 
     Raises:
         ValueError: an accuracy outside [0, 1] (they must be fractions), naming run and field; a
@@ -361,6 +367,7 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
         runs,
         "final",
         key=lambda run, r: (
+            run.get("run_id"),
             run.get("model"),
             r.get("method"),
             r.get("decomposition"),
@@ -368,7 +375,7 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             seed_of(run, r),
         ),
     )
-    rows = [_summary_row(key, run, final, runs) for key, (run, final) in finals.items()]
+    rows = [_summary_row(key, run, final) for key, (run, final) in finals.items()]
     df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for col in _NUMERIC_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)

@@ -1,16 +1,19 @@
-"""The summary files: ``summary.csv`` (per configuration), ``summary_seeds.csv`` (per seed) and
-``summary.md`` (provenance, the table, the policy's margins, the plots)."""
+"""The summary files: ``summary.csv`` (per run and configuration), ``summary_seeds.csv`` (per seed)
+and ``summary.md`` (provenance, the runs, the table, the policy's margins, the plots)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 
+from common.files import atomic_write
+
 from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
+from .context import RUNS_COLUMNS, runs_table
 from .margins import POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins
 from .markdown import (
     DISPLAY_FORMATS,
@@ -41,15 +44,20 @@ def write_summary(
     plots: Sequence[str | os.PathLike] = (),
     command: str | None = None,
     n_runs: int | None = None,
+    runs: Sequence[Mapping] = (),
 ) -> tuple[Path, Path, Path]:
     """Write ``summary.csv`` (per configuration), ``summary_seeds.csv`` (per seed), ``summary.md``.
 
+    Every file is replaced atomically (a reader never sees half a file).
+
     Args:
-        df: output of :func:`~common.analysis.summary_table`; one row per seed.
+        df: output of :func:`~common.analysis.summary_table`; one row per run and seed.
         out_dir: folder for the files (created if missing).
-        plots: plot files to link from the Markdown (paths made relative to ``out_dir``).
+        plots: plot files to link from the Markdown (paths made relative to ``out_dir``), each
+            with its data (``.csv``, same stem) when that exists.
         command: the command that produced the results, stated in the Markdown header.
         n_runs: number of runs analysed, stated in the header when given.
+        runs: the run documents, listed in a "Runs" section (dataset, checkpoint, device, date).
 
     Returns:
         ``(csv_path, md_path, seeds_csv_path)``: ``summary.csv`` holds
@@ -57,23 +65,27 @@ def write_summary(
         ``summary_seeds.csv`` every column of ``df``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
     seeds_path = out_dir / "summary_seeds.csv"
     agg = aggregate_seeds(df)
-    agg.to_csv(csv_path, index=False)
-    df.to_csv(seeds_path, index=False)
+    _write_text(csv_path, agg.to_csv(index=False))
+    _write_text(seeds_path, df.to_csv(index=False))
 
-    lines = _summary_intro(agg, command, n_runs)
+    lines = _summary_intro(agg, command, n_runs) + _runs_section(runs)
     if df.empty:
         lines += ["No `final` records found.", ""]
     else:
         display = seed_display(agg)
+        lines += ["## Results", ""]
         lines.append(markdown_table(display, MARKDOWN_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS))
         lines += margins_section(policy_margins(df))
     lines += _plots_section(plots, out_dir)
-    md_path.write_text("\n".join(lines), encoding="utf-8")
+    _write_text(md_path, "\n".join(lines))
     return csv_path, md_path, seeds_path
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _summary_intro(agg: pd.DataFrame, command: str | None, n_runs: int | None) -> list[str]:
@@ -89,28 +101,52 @@ def _summary_intro(agg: pd.DataFrame, command: str | None, n_runs: int | None) -
         "",
         "Accuracies are top-1 in %. BN = after BatchNorm recalibration, FT = after finetuning. "
         "Factors (×) are dense / compressed. Δ vs dense = final test accuracy (FT when present, "
-        "else BN) minus the dense model's, in percentage points. Speed-ups are measured forward "
-        "latency ratios (best CPU setting, and CUDA when measured); – = not measured. "
+        "else BN) minus the run's own dense model's, in percentage points. Speed-ups are measured "
+        "forward latency ratios (best CPU setting, and CUDA when measured); – = not measured. "
         "Accuracies and Δ are mean ± sample std (ddof 1) over the Seeds column's seeds"
         f"{seeds_text}; a single seed shows its value; factors, speed-ups and costs are means. "
-        "When a configuration was run more than once at the same seed, the latest run counts. "
+        "Rows belong to one run each (Dataset, Checkpoint, Run): a configuration that two runs "
+        "computed is two rows, and methods are only compared within one run. Within a run, a "
+        "configuration logged twice at one seed (a resumed run) counts its latest record. "
         "`summary.csv` holds these means and stds, `summary_seeds.csv` one row per seed.",
         "",
     ]
 
 
+def _runs_section(runs: Sequence[Mapping]) -> list[str]:
+    """The "Runs" table of ``summary.md``: what each run is (none without run documents)."""
+    if not runs:
+        return []
+    headers = dict(
+        zip(RUNS_COLUMNS, ["Run", "Model", "Dataset", "Checkpoint", "Checkpoint file", "Device", "Started", "Status"])
+    )
+    return [
+        "## Runs",
+        "",
+        "Checkpoint: the first 12 characters of the checkpoint's content hash where the run logged "
+        "one, else the checkpoint's file name.",
+        "",
+        markdown_table(pd.DataFrame(runs_table(runs), columns=list(RUNS_COLUMNS)), headers),
+    ]
+
+
+def _relative(path: Path, out_dir: Path) -> str:
+    """``path`` relative to ``out_dir`` where it lies under it, else as given."""
+    try:
+        return path.resolve().relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def _plots_section(plots: Sequence[str | os.PathLike], out_dir: Path) -> list[str]:
-    """The "Plots" list of ``summary.md`` (links relative to ``out_dir`` where possible)."""
+    """The "Plots" list of ``summary.md``: each plot, its data (CSV) and its caption."""
     if not plots:
         return []
     lines = ["## Plots", ""]
-    for plot in plots:
-        plot = Path(plot)
-        try:
-            rel = plot.resolve().relative_to(out_dir.resolve()).as_posix()
-        except ValueError:
-            rel = plot.as_posix()
-        lines.append(f"- [{plot.stem}]({rel}): {plot_caption(plot.stem)}")
+    for plot in map(Path, plots):
+        data = plot.with_suffix(".csv")
+        data_link = f" ([data]({_relative(data, out_dir)}))" if data.exists() else ""
+        lines.append(f"- [{plot.stem}]({_relative(plot, out_dir)}){data_link}: {plot_caption(plot.stem)}")
     lines.append("")
     return lines
 
@@ -126,7 +162,7 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
     """The margins with interval cells as text, and the Markdown headers; a stage nobody
     measured (e.g. no finetuning anywhere) is left out."""
     display = margins.copy()
-    headers = {"model": "Model", "target": "Target"}
+    headers = {"model": "Model", "dataset": "Dataset", "checkpoint": "Checkpoint", "run_id": "Run", "target": "Target"}
     for stage, _ in STAGES:
         if margins[f"best_rival_{stage}"].isna().all():
             continue
@@ -155,8 +191,8 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
     return [
         "## Does the policy win?",
         "",
-        "HT-2 policy minus its best rival at the same budget, in percentage points of test "
-        f"accuracy; rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
+        "HT-2 policy minus its best rival at the same budget within the same run, in percentage "
+        f"points of test accuracy; rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
         "highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
         "per-seed differences over the seeds both methods ran, with its 95 % Student-t "
         "confidence interval (– with a single seed). Verdict: ahead / behind when the interval "

@@ -1,0 +1,213 @@
+"""What the searches saw, one panel per run: each layer's sensitivity to rank truncation
+(:func:`plot_sensitivity`) and the best-so-far trace of each search (:func:`plot_search_trace`).
+
+Both draw the records of one seed per run (the lowest, normally 0, which every run computes: the
+curves of several seeds would mix unrelated searches). Their values are the records' ``score``
+when any record of the run has one (newer runs: a proxy score, higher is better), else their
+``val_top1`` (older runs; drawn in %, written as a fraction).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+
+from . import figures
+from .context import RUN_COLUMNS, model_runs, run_context, run_title
+from .figures import dense_line, palette, panels, series_label, skip, target_text
+from .records import kind_records, lowest_seed, run_baseline, seed_lookup, target_key, to_float
+
+__all__ = ["SEARCH_PLOT_COLUMNS", "SENSITIVITY_PLOT_COLUMNS", "plot_search_trace", "plot_sensitivity"]
+
+SENSITIVITY_PLOT_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, "seed", "layer", "level", "proxy", "value")
+"""Columns of ``sensitivity_<model>.csv``: one row per point; ``proxy`` says what ``value`` is
+(``score``, or ``val_top1`` as a fraction)."""
+
+SEARCH_PLOT_COLUMNS: tuple[str, ...] = (
+    *RUN_COLUMNS,
+    "method",
+    "decomposition",
+    "target",
+    "seed",
+    "evaluation",
+    "proxy",
+    "value",
+    "best_so_far",
+)
+"""Columns of ``search_trace_<model>.csv``: one row per candidate, in evaluation order."""
+
+
+def _proxy(records: Iterable[Mapping[str, Any]]) -> str:
+    """``"score"`` when any record carries a numeric score, else ``"val_top1"``."""
+    return "score" if any(not math.isnan(to_float(r.get("score"))) for r in records) else "val_top1"
+
+
+def _proxy_label(proxy: str) -> str:
+    return "proxy score (higher is better)" if proxy == "score" else "validation top-1 (%)"
+
+
+def _drawn(values: pd.Series, proxy: str) -> np.ndarray:
+    """Values as drawn: scores as they are, accuracies in %."""
+    return values.to_numpy(dtype=float) * (1.0 if proxy == "score" else 100.0)
+
+
+def _panels(data: pd.DataFrame) -> list[tuple[Any, pd.DataFrame]]:
+    return list(data.groupby(list(RUN_COLUMNS), dropna=False, sort=False))
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+
+def _sensitivity_rows(run: Mapping) -> list[dict]:
+    """One row per (layer, level) of the run's lowest seed (a repeated point: the last record)."""
+    pairs = lowest_seed(kind_records([run], "sensitivity"))
+    records = {(r.get("layer"), to_float(r.get("level"))): r for _, r in pairs}
+    proxy, seed_of, context = _proxy(records.values()), seed_lookup(), run_context(run)
+    layers = kind_records([run], "layers")
+    order = [ly.get("name") for ly in layers[-1][1].get("layers", [])] if layers else []
+    keys = sorted(records, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), str(k[0]), k[1]))
+    return [
+        {
+            **context,
+            "seed": seed_of(run, records[key]),
+            "layer": str(key[0]),
+            "level": key[1],
+            "proxy": proxy,
+            "value": to_float(records[key].get(proxy)),
+        }
+        for key in keys
+    ]
+
+
+def _draw_sensitivity(ax: Axes, panel: pd.DataFrame, baseline: Mapping | None) -> None:
+    names = list(dict.fromkeys(panel["layer"]))
+    proxy = panel["proxy"].iloc[0]
+    for name, color in zip(names, palette(len(names))):
+        pts = panel[panel["layer"] == name]
+        ax.plot(pts["level"], _drawn(pts["value"], proxy), marker=".", color=color, label=name)
+    if proxy == "val_top1":  # the dense accuracy is no reference for a score, which has other units
+        dense_line(ax, baseline, "val_top1")
+    ax.set_xlabel("rank level (fraction of full rank)")
+    ax.set_ylabel(_proxy_label(proxy))
+    ax.set_title(run_title(panel.iloc[0], "per-layer sensitivity to rank truncation"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=1 + len(names) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def plot_sensitivity(runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike) -> Path | None:
+    """Proxy score (or validation accuracy) vs rank level, one line per layer, one panel per run:
+    ``sensitivity_<model>.png``, the points in ``sensitivity_<model>.csv``
+    (:data:`SENSITIVITY_PLOT_COLUMNS`). The dense model's val accuracy is a line where the values
+    are accuracies.
+
+    Returns:
+        The PNG path, or None (logged) when the model has no ``sensitivity`` records.
+    """
+    model_docs = {str(r.get("run_id")): r for r in model_runs(runs, model)}
+    rows = [row for run in model_docs.values() for row in _sensitivity_rows(run)]
+    if not rows:
+        skip("sensitivity", model, "no sensitivity records")
+        return None
+    data = pd.DataFrame(rows, columns=list(SENSITIVITY_PLOT_COLUMNS))
+    groups = _panels(data)
+    fig, axes = panels(len(groups), height=4.4)
+    for ax, (_, panel) in zip(axes, groups):
+        _draw_sensitivity(ax, panel, run_baseline(model_docs[str(panel["run_id"].iloc[0])]))
+    return figures.save_plot(fig, Path(out_dir) / f"sensitivity_{model}.png", data)
+
+
+# --------------------------------------------------------------------------- search trace
+
+
+def _search_key(rec: Mapping[str, Any]) -> tuple:
+    return rec.get("method"), rec.get("decomposition"), target_key(rec.get("target"))
+
+
+def _search_rows(run: Mapping) -> list[dict]:
+    """One row per candidate of each search of the run, lowest seed, in write order."""
+    pairs = lowest_seed(kind_records([run], "candidate"), key=_search_key)
+    proxy, seed_of, context = _proxy(rec for _, rec in pairs), seed_lookup(), run_context(run)
+    searches: dict[tuple, list[dict]] = {}
+    for _, rec in pairs:
+        searches.setdefault(_search_key(rec), []).append(rec)
+    rows = []
+    for (method, decomposition, target), recs in sorted(
+        searches.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), to_float(kv[0][2]))
+    ):
+        values = np.array([to_float(r.get(proxy)) for r in recs])
+        best = np.fmax.accumulate(values)
+        rows += [
+            {
+                **context,
+                "method": method,
+                "decomposition": decomposition,
+                "target": target,
+                "seed": seed_of(run, rec),
+                "evaluation": i + 1,
+                "proxy": proxy,
+                "value": value,
+                "best_so_far": b,
+            }
+            for i, (rec, value, b) in enumerate(zip(recs, values, best))
+        ]
+    return rows
+
+
+def _draw_searches(ax: Axes, panel: pd.DataFrame, colors: Mapping[str, Any], several: bool) -> None:
+    """Best-so-far steps per search (colour: method, line style: target), faint candidates."""
+    proxy = panel["proxy"].iloc[0]
+    targets = sorted(set(panel["target"]), key=to_float)
+    styles = dict(zip(targets, ["-", "--", ":", "-."] * (1 + len(targets) // 4)))
+    for (method, decomposition, target), search in panel.groupby(
+        ["method", "decomposition", "target"], dropna=False, sort=False
+    ):
+        color = colors[str(method)]
+        ax.scatter(search["evaluation"], _drawn(search["value"], proxy), s=6, color=color, alpha=0.25)
+        ax.step(
+            search["evaluation"],
+            _drawn(search["best_so_far"], proxy),
+            where="post",
+            marker="o" if len(search) == 1 else None,  # a one-candidate search is a point
+            linestyle=styles[target],
+            color=color,
+            label=f"{series_label(method, decomposition, several)}, target {target_text(target)}×",
+        )
+    ax.scatter([], [], s=6, color="gray", alpha=0.5, label="single candidates")
+    ax.set_xlabel("evaluations (candidate plans scored)")
+    ax.set_ylabel(_proxy_label(proxy))
+    ax.set_title(run_title(panel.iloc[0], "rank-search progress (lines: best so far)"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def plot_search_trace(runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike) -> Path | None:
+    """Best-so-far proxy score (or validation accuracy) vs evaluations per search, one panel per
+    run: ``search_trace_<model>.png``, the candidates in ``search_trace_<model>.csv``
+    (:data:`SEARCH_PLOT_COLUMNS`).
+
+    One line per (method, decomposition, target) from the run's ``candidate`` records in write
+    order; faint dots are the individual candidates.
+
+    Returns:
+        The PNG path, or None (logged) when the model has no ``candidate`` records.
+    """
+    rows = [row for run in model_runs(runs, model) for row in _search_rows(run)]
+    if not rows:
+        skip("search_trace", model, "no candidate records")
+        return None
+    data = pd.DataFrame(rows, columns=list(SEARCH_PLOT_COLUMNS))
+    methods = sorted({str(m) for m in data["method"]})
+    colors = dict(zip(methods, palette(len(methods))))
+    several = data["decomposition"].nunique(dropna=False) > 1
+    groups = _panels(data)
+    fig, axes = panels(len(groups), height=4.0)
+    for ax, (_, panel) in zip(axes, groups):
+        _draw_searches(ax, panel, colors, several)
+    return figures.save_plot(fig, Path(out_dir) / f"search_trace_{model}.png", data)
