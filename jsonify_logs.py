@@ -2,8 +2,9 @@
 """Turn run logs (``logs/<model>/<run_id>.log``) into JSON (``json/<model>/<run_id>.json``).
 
 Usage: ``python jsonify_logs.py [paths ...] [--out json/]``. Paths are log files or folders
-(searched recursively); the default is ``logs/``. Corrupt lines are printed to stderr as
-``file:line: reason`` and skipped. Exit status: 0 on success, 2 when no log was found, 1 when
+(searched recursively); the default is ``logs/``. Corrupt lines, records that are not the run's (a
+repeated ``seq``, a second ``config`` and what follows it) and logs without records (empty, binary)
+are printed to stderr as ``file:line: reason`` and skipped. Exit status: 0 on success, 2 when no log was found, 1 when
 two logs claim the same run.
 The format and the conversion live in :mod:`common.logs`.
 """

@@ -23,6 +23,7 @@ from typing import Any
 
 from .data import DATASET_NAMES
 from .device import resolve_device
+from .logs import check_name
 from .models import MODEL_NAMES
 from .proxy import PROXIES
 from .search import METHODS, SearchConfig, check_method, check_metric, check_target
@@ -143,6 +144,8 @@ class ExperimentConfig:
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
             setattr(self, f.name, value)
+        if self.run_id:  # the log's file name: no path separators, newlines or leading dot
+            check_name("run_id", self.run_id)
         if not self.targets:
             raise ValueError("targets: give at least one reduction factor, e.g. --targets 3")
         if not self.methods:

@@ -227,7 +227,9 @@ def _load_cifar10(root: Path, download: bool) -> DatasetSplits:
 
     if not download and not (root / "cifar-10-batches-py").is_dir():
         raise FileNotFoundError(
-            f"CIFAR-10 binaries not found under {root / 'cifar-10-batches-py'} (pass download=True to fetch them)"
+            f"CIFAR-10 binaries not found: expected torchvision's python version in {root / 'cifar-10-batches-py'}/ "
+            "(data_batch_1 ... data_batch_5, test_batch, batches.meta); give the folder that holds "
+            "cifar-10-batches-py/ as the data root (--data-root DIR)"
         )
     tr = CIFAR10(str(root), train=True, download=download)
     te = CIFAR10(str(root), train=False, download=download)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,17 +25,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetuned.train_baseline import main as train_baseline
-
-from .config import RESUME_FIELDS, ExperimentConfig, config_from_args, config_parser
+from .config import ExperimentConfig, config_from_args, config_parser
 from .cost import count_model
 from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
 from .device import resolve_device
 from .loader import make_loader
+from .lock import LogLockedError
 from .logs import RunLog
 from .models import build_model, load_checkpoint
-from .paths import CHECKPOINT_DIR, default_cache_dir
+from .paths import default_cache_dir
+from .preflight import (
+    PreflightError,
+    check_targets,
+    check_writable,
+    input_identity,
+    inspect_checkpoint,
+    refuse_resume,
+    resolve_checkpoint,
+    resume_changes,
+    rotate_failed,
+)
 from .proxy import final_model
 from .search import SearchConfig, SearchResult, build_searcher
 from .surgery import LayerPlan, list_conv_layers, plan_from_dict
@@ -75,41 +85,6 @@ def _log_say(log: RunLog, progress: bool):
             print(msg, flush=True)
 
     return say
-
-
-def resolve_checkpoint(cfg: ExperimentConfig, data) -> Path | None:
-    """The baseline weights to compress: explicit path, shared baseline, or a cached trained one."""
-    if cfg.checkpoint not in (None, "auto"):
-        p = Path(cfg.checkpoint)
-        if not p.exists():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-        return p
-    if data.name == "cifar10-jpeg" and (CHECKPOINT_DIR / f"{cfg.model}.pt").exists():
-        return CHECKPOINT_DIR / f"{cfg.model}.pt"
-    if cfg.checkpoint is None:
-        return None
-    # No shared baseline for this dataset: train one once and cache it (the embedded default path).
-    out = default_cache_dir() / "baselines"
-    pt = out / f"{cfg.model}-{cfg.dataset if cfg.dataset != 'auto' else data.name}.pt"
-    if not pt.exists():
-        args = [
-            "--model",
-            cfg.model,
-            "--dataset",
-            data.name,
-            "--out",
-            str(out),
-            "--seed",
-            str(cfg.seed),
-            "--device",
-            cfg.device,
-        ]
-        if cfg.data_root:
-            args += ["--data-root", cfg.data_root]
-        if not cfg.progress:
-            args.append("--no-progress")
-        train_baseline(args)
-    return pt
 
 
 def _latency(model: nn.Module, cfg: ExperimentConfig, image_size: int, device: torch.device) -> dict:
@@ -162,17 +137,37 @@ def _evaluate_splits(model: nn.Module, data: DatasetSplits, device: torch.device
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[dict]:
-    """Run (or resume) one experiment; return its ``final`` records."""
+    """Run (or resume) one experiment; return its ``final`` records.
+
+    Raises:
+        PreflightError: a folder that cannot be written, an unreadable or non-finite checkpoint, an
+            unreachable target, or a log to resume whose settings or inputs differ (before any work).
+        LogLockedError: another process is writing this run's log.
+    """
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    log, say = _open_log(cfg, device)
+    log, say, sha = _open_log(cfg, device)
+    try:
+        return _run_logged(cfg, log, say, sha, device, t_start)
+    finally:
+        log.close()  # the lock goes now, even while a traceback (a notebook's) holds the log object
+
+
+def _run_logged(
+    cfg: ExperimentConfig, log: RunLog, say, sha: str | None, device: torch.device, t_start: float
+) -> list[dict]:
+    """:func:`run_experiment` once its log is open: data, dense model, input identity, baseline, stages."""
     data = load_dataset(cfg.dataset, root=cfg.data_root)
     model, ckpt = _dense_model(cfg, data)
+    if ckpt is not None and sha is None:  # resolved here: a shared or a cached trained baseline
+        sha = inspect_checkpoint(ckpt)
+    _log_inputs(cfg, log, device, input_identity(data, sha))
+    layers = list_conv_layers(model, (1, 3, data.image_size, data.image_size))
+    check_targets(cfg, layers, [d for d, _ in _decompositions(cfg)])
     base = _baseline(cfg, log, model, data, device, ckpt)
     model.to(device)
-    layers = list_conv_layers(model, (1, 3, data.image_size, data.image_size))
     if log.find("layers") is None:
         log.write(
             "layers", f"{len(layers)} conv layers", layers=[{k: v for k, v in i.to_dict().items()} for i in layers]
@@ -180,50 +175,51 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     return _run_stages(_Run(cfg, log, say, device, data, model, base, t_start))
 
 
-def _config_changes(prev: dict, cfg: ExperimentConfig, device: torch.device) -> list[tuple[str, object, object]]:
-    """``(field, logged, now)`` for every :data:`RESUME_FIELDS` field where this config differs from the
-    logged ``config`` record (``device`` by its type); fields an older log does not record are not compared."""
-    now = json.loads(json.dumps(dataclasses.asdict(cfg))) | {"device_type": device.type}
-    changes = []
-    for name in RESUME_FIELDS:
-        key = "device_type" if name == "device" else name
-        if key in prev and prev[key] != now[key]:  # == after JSON: 3 == 3.0, tuples are lists
-            changes.append((name, prev[key], now[key]))
-    return changes
+def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Callable[[str], None], str | None]:
+    """The run's log (locked; :mod:`common.preflight` checks first) and the SHA-256 of an explicit checkpoint.
 
-
-def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Callable[[str], None]]:
-    """The run's log, with its ``config`` record written, or checked against the logged one on resume."""
+    A log to resume must agree with ``cfg`` (:func:`resume_changes`); one whose run failed before its
+    baseline was logged is moved aside (:func:`rotate_failed`) and the run starts over.
+    """
     run_id = cfg.resolved_run_id()
+    check_writable(Path(cfg.log_dir) / cfg.model, "log folder")
+    check_writable(default_cache_dir(), "cache folder (HTD_CACHE, default .cache/)")
     log = RunLog(Path(cfg.log_dir), cfg.model, run_id)
-    say = _log_say(log, cfg.progress)
+    if log.records() and log.find("baseline") is None:
+        log.close()
+        failed = rotate_failed(log.path)
+        log = RunLog(Path(cfg.log_dir), cfg.model, run_id)
+        log.comment(f"an earlier attempt failed before its baseline was logged; its log is kept as {failed.name}")
+    try:
+        if log.find("config") is not None:
+            refuse_resume(run_id, log.path, resume_changes(log.find("config"), cfg, device))
+        explicit = cfg.checkpoint not in (None, "auto")
+        return log, _log_say(log, cfg.progress), inspect_checkpoint(cfg.checkpoint) if explicit else None
+    except BaseException:
+        log.close()
+        raise
+
+
+def _log_inputs(cfg: ExperimentConfig, log: RunLog, device: torch.device, inputs: dict) -> None:
+    """Write the ``config`` record (settings and input identity), or check it against the logged one."""
     prev = log.find("config")
-    if prev is None:
-        log.write(
-            "config",
-            f"{cfg.model} on {cfg.dataset}, targets {list(cfg.targets)}",
-            **dataclasses.asdict(cfg) | {"run_id": run_id},
-            device_type=device.type,
-            fingerprint=cfg.fingerprint(),
-            torch=torch.__version__,
-            host=platform.node(),
-            machine=platform.processor() or platform.machine(),
-            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        )
-        return log, say
-    changes = _config_changes(prev, cfg, device)
-    if changes:
-        lines = "\n".join(f"  {name}: logged {old!r}, now {new!r}" for name, old, new in changes)
-        raise ValueError(
-            f"run id {run_id!r} already has a log, {log.path}, whose config differs in "
-            f"{', '.join(name for name, _, _ in changes)}:\n{lines}\n"
-            "Resuming it would mix results of different settings. To resume that run, set these back to the "
-            "logged values; to start a separate run, give another run id, or none (run_id / RUN_ID = None): "
-            "the default run id hashes every setting that affects results, so these settings get their own log."
-        )
-    say(f"resuming run {run_id} from {log.path}")
-    return log, say
+    if prev is not None:
+        refuse_resume(log.run_id, log.path, resume_changes(prev, cfg, device, inputs))
+        _log_say(log, cfg.progress)(f"resuming run {log.run_id} from {log.path}")
+        return
+    log.write(
+        "config",
+        f"{cfg.model} on {cfg.dataset}, targets {list(cfg.targets)}",
+        **dataclasses.asdict(cfg) | {"run_id": log.run_id},
+        **inputs,
+        device_type=device.type,
+        fingerprint=cfg.fingerprint(),
+        torch=torch.__version__,
+        host=platform.node(),
+        machine=platform.processor() or platform.machine(),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    )
 
 
 def _dense_model(cfg: ExperimentConfig, data: DatasetSplits) -> tuple[nn.Module, Path | None]:
@@ -480,7 +476,12 @@ def _write_final(run: _Run, comp: nn.Module, prec: dict, key: dict, rec: dict, t
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    return run_experiment(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        return run_experiment(cfg)
+    except (PreflightError, LogLockedError) as e:  # named and refused before any work: no traceback
+        print(f"python -m common.experiment: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

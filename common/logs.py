@@ -38,14 +38,16 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common import lock
 from common.files import atomic_write
 from common.jsonvalues import decode_value, dumps, encode_value, values_equal
+from common.logcheck import LogError, run_errors
 
 __all__ = [
     "KIND_KEYS",
@@ -95,8 +97,9 @@ _RECORD_START_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T")
 _KIND_WIDTH = max(len(k) for k in KIND_KEYS)
 
 
-def _check_name(what: str, name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+def check_name(what: str, name: str) -> str:
+    """``name`` if it is usable as a file name (run ids, model folders), else ``ValueError`` naming it."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"{what} {name!r} is not usable as a file name: use letters, digits and _.+=- "
             "(not starting with a dot, no '..')"
@@ -124,26 +127,6 @@ def _auto_text(payload: Mapping[str, Any], limit: int = 6) -> str:
 
 
 # --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class LogError:
-    """A line of a run log that could not be read as a record.
-
-    Attributes:
-        path: the log file.
-        line_no: 1-based line number.
-        reason: why the line was rejected.
-        text: the line (without its newline), cut to 200 characters.
-    """
-
-    path: str
-    line_no: int
-    reason: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line_no}: {self.reason}"
 
 
 def _parse_line(line: str, ends_file_unterminated: bool) -> tuple[dict | None, str | None]:
@@ -177,11 +160,18 @@ def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[LogError]]:
 
     Returns:
         ``(records, errors)``: the good records in file order (non-finite floats decoded), and one
-        :class:`LogError` per corrupt line (bad JSON after ``@@``, no ``kind``, cut-off record).
+        :class:`LogError` per corrupt line (bad JSON after ``@@``, no ``kind``, cut-off record,
+        binary or non-UTF-8 bytes).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
+    records, _, errors = _parse_lines(path)
+    return records, errors
+
+
+def _parse_lines(path: str | os.PathLike) -> tuple[list[dict], list[int], list[LogError]]:
+    """:func:`parse_log`, plus the 1-based line number of each record."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"run log not found: {path}")
@@ -192,15 +182,19 @@ def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[LogError]]:
     if not unterminated:
         lines.pop()  # the empty string after the final newline
     records: list[dict] = []
+    line_nos: list[int] = []
     errors: list[LogError] = []
     for no, line in enumerate(lines, start=1):
         line = line.rstrip("\r")
         record, reason = _parse_line(line, unterminated and no == len(lines))
+        if reason is None and record is None and ("\x00" in line or "\ufffd" in line):
+            reason = "binary or non-UTF-8 bytes, not a record or comment"
         if reason is not None:
             errors.append(LogError(str(path), no, reason, line[:200]))
         elif record is not None:
             records.append(record)
-    return records, errors
+            line_nos.append(no)
+    return records, line_nos, errors
 
 
 # --------------------------------------------------------------------------- writing
@@ -209,7 +203,8 @@ def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[LogError]]:
 class RunLog:
     """Append-only log of one run: ``<log_dir>/<model>/<run_id>.log``.
 
-    Opening an existing file resumes it: its records are read (see :meth:`records`,
+    Opening takes the log's lock (:mod:`common.lock`): a second process opening the same log gets
+    :class:`common.lock.LogLockedError` naming the holder's pid. Opening an existing file resumes it: its records are read (see :meth:`records`,
     :meth:`find`), ``seq`` continues after the last one, and a cut-off last line (no trailing
     newline, e.g. after a crash) is first terminated so new records start on a line of their own.
 
@@ -225,10 +220,12 @@ class RunLog:
     """
 
     def __init__(self, log_dir: str | os.PathLike, model: str, run_id: str) -> None:
-        self.model = _check_name("model", model)
-        self.run_id = _check_name("run_id", run_id)
+        self.model = check_name("model", model)
+        self.run_id = check_name("run_id", run_id)
         self.path = Path(log_dir) / model / f"{run_id}.log"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = lock.acquire(self.path)  # one writer per log (LogLockedError names the holder)
+        self._release = weakref.finalize(self, lock.release, self._lock)
         self._records: list[dict] = []
         self.errors: list[LogError] = []
         if self.path.exists():
@@ -241,6 +238,10 @@ class RunLog:
             )
         seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
         self._next_seq = max(seqs, default=len(self._records) - 1) + 1
+
+    def close(self) -> None:
+        """Release the log's lock (also done when the object is collected or the process ends)."""
+        self._release()
 
     def _resume(self) -> None:
         with open(self.path, "rb") as fh:
@@ -373,7 +374,9 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
     """Build the JSON document of one run log.
 
     ``run_id`` comes from the records (else the file stem), ``model`` from the ``config`` record
-    (else the parent folder's name).
+    (else the parent folder's name). Records that are not the run's (a repeated ``seq``, a second
+    ``config`` record and what follows it) are left out and reported, as is a file without records
+    (:func:`common.logcheck.run_errors`).
 
     Returns:
         ``(document, errors)`` with document keys ``run_id``, ``model``, ``source``, ``records``
@@ -381,7 +384,9 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
         (``"file:line: reason"``).
     """
     path = Path(path)
-    records, errors = parse_log(path)
+    records, line_nos, errors = _parse_lines(path)
+    records, order_errors = run_errors(str(path), records, line_nos)
+    errors = sorted(errors + order_errors, key=lambda e: e.line_no)
     run_id = next((r["run_id"] for r in records if isinstance(r.get("run_id"), str)), path.stem)
     configs = [r for r in records if r["kind"] == "config" and isinstance(r.get("model"), str)]
     model = configs[-1]["model"] if configs else path.parent.name
@@ -430,8 +435,8 @@ def load_document(path: str | os.PathLike) -> dict:
 
 def document_path(document: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
     """Where :func:`jsonify` writes a document: ``<out_dir>/<model>/<run_id>.json``."""
-    model = _check_name("model", document["model"])
-    run_id = _check_name("run_id", document["run_id"])
+    model = check_name("model", document["model"])
+    run_id = check_name("run_id", document["run_id"])
     return Path(out_dir) / model / f"{run_id}.json"
 
 
@@ -451,7 +456,8 @@ def jsonify(
     """Convert run logs into one JSON document per run, ``<out_dir>/<model>/<run_id>.json``.
 
     Writing is atomic (temporary file + ``os.replace``) and deterministic, so re-running on the
-    same logs gives byte-identical files.
+    same logs gives byte-identical files. A log without records (empty, binary) is reported through
+    ``on_error`` and gets no document.
 
     Args:
         paths: log files and/or folders (searched recursively for ``*.log``).
@@ -473,6 +479,8 @@ def jsonify(
         document, errors = run_document(log)
         for err in errors:
             report(err)
+        if not document["records"]:
+            continue  # reported: no run to write
         target = document_path(document, out_dir)
         if target in documents:
             raise ValueError(

@@ -110,6 +110,45 @@ def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+_EXPECTED = "a state_dict saved by torch.save (a dict of tensors, plain or under a 'model'/'state_dict' key)"
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why ``torch.load`` could not read a file, in words (not PyTorch's advice to unpickle anything)."""
+    if isinstance(exc, EOFError):
+        return "the file ends early (truncated)"
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return (
+            "it is no torch.save file of tensors (unreadable bytes, or pickled Python objects, which are never loaded)"
+        )
+    if "zip archive" in text:
+        return "its torch.save archive is cut off or damaged"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:120] if text else 'unreadable'}"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict in ``path`` (CPU tensors, as saved; ``module.`` prefixes of DDP dropped).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a directory, empty, unreadable or holds no state_dict, naming the path
+            and what was expected.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory; expected {_EXPECTED}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); expected {_EXPECTED}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every way a file is unreadable gets the same named error
+        raise ValueError(f"checkpoint {path} could not be read: {_unreadable(exc)}; expected {_EXPECTED}") from None
+    return _extract_state_dict(obj, path)
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state_dict file into ``model`` strictly, casting fp16/bf16 floats to fp32.
 
@@ -117,13 +156,11 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the keys or shapes do not match ``model`` (missing, unexpected and mismatched
+        ValueError: ``path`` holds no state_dict (:func:`read_state_dict`); the keys or shapes do not match ``model`` (missing, unexpected and mismatched
             keys are listed, with the path).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    sd = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    sd = read_state_dict(path)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

@@ -37,7 +37,7 @@ from .policy import Profile, cem_refit, policy_pdf, sensitivity_profile
 from .proxy import ProxyEvaluator
 from .recorder import MemoryRecorder, Recorder
 from .rules import RULES, energy_plan, evbmf_base, uniform_plan, vbmf_plan
-from .space import SHAPES, SearchSpace, energy_shaper, plan_key, project, repair_plan
+from .space import SHAPES, SearchSpace, check_reachable, energy_shaper, plan_key, project, repair_plan
 from .surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 from .tpe import tpe_search
 
@@ -57,6 +57,7 @@ __all__ = [
     "build_searcher",
     "check_method",
     "check_metric",
+    "check_reachable",
     "check_target",
     "project",
     "repair_plan",
@@ -268,6 +269,7 @@ class Searcher:
     ) -> SearchResult:
         """Run one method at ``target``× reduction of total conv ``metric`` ("macs" or "params")."""
         method, target, metric = check_method(method), check_target(target), check_metric(metric)
+        check_reachable(self.space, target, metric, self.config.tol)
         if method in SEARCHING and n_candidates < 1:
             raise ValueError(f"{method}: the search budget must be at least 1 candidate, got {n_candidates}")
         t0 = time.perf_counter()

@@ -125,6 +125,28 @@ class SearchSpace:
     def factor(self, plan: Mapping[str, LayerPlan], metric: str) -> float:
         return self.factors(plan)[f"{metric}_factor"]
 
+    def max_factor(self, metric: str) -> float:
+        """The largest reduction of total conv ``metric`` any plan reaches: every compressible layer at
+        rank 1 (dense where even that would not pay), the fixed layers as they are."""
+        smallest = {}
+        for ls in self.layers:
+            lp = LayerPlan(ls.method, ranks_from_level(ls.method, ls.info.group_shape, 1e-9, 1))
+            smallest[ls.info.name] = lp if ls.cost(lp)[1] < ls.info.macs else LayerPlan("dense")
+        return self.factor(smallest, metric)
+
+
+def check_reachable(space: SearchSpace, target: float, metric: str, tol: float) -> float:
+    """``target`` if some plan of ``space`` reaches it within ``tol``; else ``ValueError`` with the
+    reachable range (:meth:`SearchSpace.max_factor`)."""
+    most = space.max_factor(metric)
+    if target > most * (1 + tol):
+        raise ValueError(
+            f"target {target:g}x is out of reach: with every compressible conv at rank 1 the model's total conv "
+            f"{metric} shrink only {most:.4g}x ({space.decomposition}), so reachable targets are above 1 and at "
+            f"most {most * (1 + tol):.4g}x (±{tol:.0%} tolerance)"
+        )
+    return target
+
 
 def plan_key(plan: Mapping[str, LayerPlan]) -> tuple:
     """A hashable identity of a plan (to tell duplicates apart)."""

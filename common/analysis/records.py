@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from common.logs import load_document, records_of
+from common.logs import KIND_KEYS, load_document, records_of
 
 from .context import RUN_COLUMNS, run_context
 
@@ -339,6 +340,18 @@ def _summary_row(key: tuple, run: Mapping, final: Mapping) -> dict:
     return row
 
 
+def _complete(run: Mapping, final: Mapping) -> bool:
+    """Whether a final record has every key a writer must give it (:data:`common.logs.KIND_KEYS`);
+    one without is reported (a warning naming the log and the missing keys) and makes no row."""
+    missing = [k for k in KIND_KEYS["final"] if final.get(k) is None]
+    if missing:
+        warnings.warn(
+            f"{run_file(run)}: final record (seq {final.get('seq')!r}) lacks {', '.join(missing)}; skipped",
+            stacklevel=3,
+        )
+    return not missing
+
+
 def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
     """One row per run x method x decomposition x target x seed, from the ``final`` records.
 
@@ -352,7 +365,9 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
     ``baseline`` record, else the final record's own ``baseline_test_top1`` (NaN without either).
     ``metric`` is the record's own, else the run's config's (:func:`final_metric`). A final record
     without ``seed`` has its run's config seed (0 when the run has no config); see
-    :func:`~common.analysis.aggregate_seeds` for one row per configuration.
+    :func:`~common.analysis.aggregate_seeds` for one row per configuration. A final record without a
+    key every writer gives it (method, target, decomposition, test_top1_bn, macs_factor, params_factor)
+    is reported with a warning and makes no row.
 
     Returns:
         A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by run (model, dataset, checkpoint, run
@@ -375,7 +390,7 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             seed_of(run, r),
         ),
     )
-    rows = [_summary_row(key, run, final) for key, (run, final) in finals.items()]
+    rows = [_summary_row(key, run, final) for key, (run, final) in finals.items() if _complete(run, final)]
     df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for col in _NUMERIC_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
