@@ -41,12 +41,7 @@ from common.paths import CHECKPOINT_DIR  # noqa: E402
 from common.surgery import SpectraCache, apply_plan, plan_from_dict  # noqa: E402
 
 KEY = ["model", "method", "decomposition", "target", "setting"]
-MD_COLUMNS = [
-    "model",
-    "method",
-    "decomposition",
-    "target",
-    "setting",
+MD_FLOATS = (
     "macs_factor",
     "deployed_macs_factor",
     "dense_ms",
@@ -54,21 +49,9 @@ MD_COLUMNS = [
     "deployed_ms",
     "speedup_factorized",
     "speedup",
-    "channels_last",
-    "forms",
-]
-MD_FORMATS = {
-    c: ".2f"
-    for c in (
-        "macs_factor",
-        "deployed_macs_factor",
-        "dense_ms",
-        "factorized_ms",
-        "deployed_ms",
-        "speedup_factorized",
-        "speedup",
-    )
-}
+)
+MD_COLUMNS = [*KEY, *MD_FLOATS, "channels_last", "forms"]
+MD_FORMATS = dict.fromkeys(MD_FLOATS, ".2f")
 
 
 def _settings(device: str, batches: Sequence[int], threads: int) -> list[dict]:
