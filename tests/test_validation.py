@@ -204,3 +204,13 @@ def test_malformed_final_record_is_reported_and_skipped():
     with pytest.warns(UserWarning, match=r"logs/alexnet/r.log: final record \(seq 3\) lacks test_top1_bn"):
         table = summary_table([run])
     assert list(table["method"]) == ["uniform"]
+
+
+def test_missing_cifar10_binaries_name_the_expected_layout_not_a_download_flag(tmp_path):
+    from common.data import load_dataset
+
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("cifar10", root=tmp_path, cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert str(tmp_path / "cifar-10-batches-py") in msg and "data_batch_1" in msg and "--data-root" in msg
+    assert "download" not in msg
