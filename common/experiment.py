@@ -169,9 +169,7 @@ def _run_logged(
     base = _baseline(cfg, log, model, data, device, ckpt)
     model.to(device)
     if log.find("layers") is None:
-        log.write(
-            "layers", f"{len(layers)} conv layers", layers=[{k: v for k, v in i.to_dict().items()} for i in layers]
-        )
+        log.write("layers", f"{len(layers)} conv layers", layers=[i.to_dict() for i in layers])
     return _run_stages(_Run(cfg, log, say, device, data, model, base, t_start))
 
 
