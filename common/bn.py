@@ -26,6 +26,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .progress import progress_bar
+
 
 def bn_modules(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of ``model`` that keep running statistics."""
@@ -82,8 +84,9 @@ def _trace(model: nn.Module) -> fx.GraphModule | None:
     return fx.GraphModule(model, graph)
 
 
-def _run_graph(gm: fx.GraphModule, batches: Sequence[Tensor]) -> list[Tensor]:
-    """Evaluate ``gm`` node by node over all batches, calibrating each BN before its output is used."""
+def _run_graph(gm: fx.GraphModule, batches: Sequence[Tensor], progress: str | None = None) -> list[Tensor]:
+    """Evaluate ``gm`` node by node over all batches, calibrating each BN before its output is used
+    (a bar labelled ``progress`` counts the graph's nodes)."""
     modules = dict(gm.named_modules())
     last_use: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
@@ -93,7 +96,9 @@ def _run_graph(gm: fx.GraphModule, batches: Sequence[Tensor]) -> list[Tensor]:
     calibrated: set[str] = set()
     out: list[Tensor] = []
     nb = len(batches)
+    bar = progress_bar(len(gm.graph.nodes), progress, "op")
     for node in gm.graph.nodes:
+        bar.update()
         if node.op == "placeholder":
             env[node] = list(batches)
         elif node.op == "get_attr":
@@ -129,6 +134,7 @@ def _run_graph(gm: fx.GraphModule, batches: Sequence[Tensor]) -> list[Tensor]:
         for inp in node.all_input_nodes:  # free activations as soon as nothing else reads them
             if last_use.get(inp) is node:
                 env.pop(inp, None)
+    bar.close()
     return out
 
 
@@ -136,8 +142,9 @@ class _Stop(Exception):
     pass
 
 
-def _run_sequential(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]:
-    """Fallback: one truncated eval-mode forward per BN, in execution order."""
+def _run_sequential(model: nn.Module, batches: Sequence[Tensor], progress: str | None = None) -> list[Tensor]:
+    """Fallback: one truncated eval-mode forward per BN, in execution order (a bar labelled
+    ``progress`` counts the BNs)."""
     names = {m: n for n, m in model.named_modules()}
     order: list[_BatchNorm] = []
 
@@ -152,7 +159,9 @@ def _run_sequential(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]
     finally:
         for h in hooks:
             h.remove()
+    bar = progress_bar(len(order), progress, "BN")
     for bn in order:
+        bar.update()
         moments = _Moments()
 
         def grab(_mod, inp, moments=moments):
@@ -169,6 +178,7 @@ def _run_sequential(model: nn.Module, batches: Sequence[Tensor]) -> list[Tensor]
         finally:
             h.remove()
         moments.store(bn, names[bn])
+    bar.close()
     return [model(x) for x in batches]
 
 
@@ -179,6 +189,7 @@ def bn_recalibrate(
     device: str | torch.device | None = None,
     num_batches: int | None = None,
     return_outputs: bool = False,
+    progress: str | None = None,
 ):
     """Set every BatchNorm's running mean/var to its exact statistics over the calibration images.
 
@@ -189,6 +200,7 @@ def bn_recalibrate(
         device: where to run (default: the model's parameters' device).
         num_batches: use only the first this many batches.
         return_outputs: also return the recalibrated model's eval-mode outputs, one per batch.
+        progress: label of a progress bar over the model's operations (``None``: no bar).
 
     Returns:
         ``model``, or ``(model, outputs)`` with ``return_outputs``. A model without BatchNorm is
@@ -213,6 +225,6 @@ def bn_recalibrate(
     if not bn_modules(model):
         return (model, [model(x) for x in xs]) if return_outputs else model
     gm = _trace(model)
-    outputs = _run_graph(gm, xs) if gm is not None else _run_sequential(model, xs)
+    outputs = _run_graph(gm, xs, progress) if gm is not None else _run_sequential(model, xs, progress)
     model.eval()
     return (model, outputs) if return_outputs else model

@@ -131,9 +131,16 @@ def _plan_layer_costs(searcher, plan) -> list[dict]:
     return rows
 
 
-def _evaluate_splits(model: nn.Module, data: DatasetSplits, device: torch.device) -> dict:
-    """``evaluate`` on the whole val and test splits."""
-    return {s: evaluate(model, make_loader(data, s, 500, device=device), device) for s in ("val", "test")}
+def _evaluate_splits(model: nn.Module, data: DatasetSplits, device: torch.device, label: str | None = None) -> dict:
+    """``evaluate`` on the whole val and test splits (with progress bars labelled ``label`` if given)."""
+    return {
+        s: evaluate(model, make_loader(data, s, 500, device=device), device, progress=label and f"{label}: {s}")
+        for s in ("val", "test")
+    }
+
+
+def _stage_label(key: dict) -> str:
+    return f"{key['method']} x{key['target']:g} {key['decomposition']} s{key['seed']}"
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[dict]:
@@ -239,7 +246,7 @@ def _baseline(
         return base
     t = time.perf_counter()
     size = data.image_size
-    ev = _evaluate_splits(model, data, device)
+    ev = _evaluate_splits(model, data, device, "baseline" if cfg.progress else None)
     cost = count_model(model, (1, 3, size, size))
     lat = _latency(model, cfg, size, device) if cfg.latency else {}
     base = log.write(
@@ -338,6 +345,7 @@ def _build_searchers(
                 tag={"decomposition": decomposition, "seed": seed},
                 channels_last=True,
                 amp_dtype=torch.bfloat16 if device.type == "cuda" else None,
+                bars=cfg.progress,
             )
             spectra = s.spectra
             log.write("timing", stage=f"setup_{decomposition}_s{seed}", seconds=time.perf_counter() - t)
@@ -372,6 +380,7 @@ def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
     """BN-recalibrate, evaluate, optionally finetune, count and time one chosen plan; log ``final``."""
     t0 = time.perf_counter()
     cfg = run.cfg
+    label = _stage_label(key) if cfg.progress else None
     comp = final_model(
         run.model,
         plan_from_dict(prec["plan"]),
@@ -380,8 +389,9 @@ def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
         cfg.final_calib_images,
         key["seed"],
         run.device,
+        progress=label and f"{label}: BN recalibration",
     )
-    ev = _evaluate_splits(comp, run.data, run.device)
+    ev = _evaluate_splits(comp, run.data, run.device, label)
     rec = {
         "val_top1_bn": ev["val"]["top1"],
         "test_top1_bn": ev["test"]["top1"],
@@ -389,9 +399,18 @@ def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
         "test_top1_ft": None,
         "finetune_epochs": None,
     }
+    ckpt = _finetune_checkpoint(run.log, key)
     if cfg.finetune_epochs > 0 and key["target"] in cfg.finetune_targets_or_all():
-        rec.update(_finetune_best(run, comp, key, ev["val"]["top1"]))
-    return _write_final(run, comp, prec, key, rec, t0)
+        rec.update(_finetune_best(run, comp, key, ev["val"]["top1"], ckpt))
+    final = _write_final(run, comp, prec, key, rec, t0)
+    ckpt.unlink(missing_ok=True)  # its results are in the log now
+    return final
+
+
+def _finetune_checkpoint(log: RunLog, key: dict) -> Path:
+    """The file a final model's finetuning checkpoints to, beside the run's log (deleted once ``final`` is logged)."""
+    name = f"{log.path.stem}.finetune-{key['method']}-x{key['target']:g}-{key['decomposition']}-s{key['seed']}.pt"
+    return log.path.with_name(name)
 
 
 class _BestValEpoch:
@@ -403,29 +422,46 @@ class _BestValEpoch:
         self.val, self.epoch, self.state = val_top1, 0.0, copy.deepcopy(model.state_dict())
 
     def __call__(self, r: dict, m: nn.Module) -> None:
-        self.log.write("finetune_epoch", **self.key, **{k: v for k, v in r.items() if k not in self.key})
+        # A run resumed from a checkpoint saved just before this epoch's record was logged sees it again.
+        if self.log.find("finetune_epoch", **self.key, epoch=r["epoch"]) is None:
+            self.log.write("finetune_epoch", **self.key, **{k: v for k, v in r.items() if k not in self.key})
         if r.get("val_top1") is not None and r["val_top1"] > self.val:
             self.val, self.epoch, self.state = r["val_top1"], r["epoch"], copy.deepcopy(m.state_dict())
 
+    def state_dict(self) -> dict:
+        """What a finetuning checkpoint keeps of it: the best epoch so far and its weights."""
+        return {"val": self.val, "epoch": self.epoch, "state": self.state}
 
-def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float) -> dict:
-    """Finetune ``comp`` in place, keep its best val epoch, evaluate it: the ``final`` record's finetune fields."""
+    def load_state_dict(self, d: dict) -> None:
+        self.val, self.epoch, self.state = d["val"], d["epoch"], d["state"]
+
+
+def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, checkpoint: Path) -> dict:
+    """Finetune ``comp`` in place, keep its best val epoch, evaluate it: the ``final`` record's finetune fields.
+
+    The finetuning checkpoints to ``checkpoint`` every minute, so an interrupted run resumes it where it stopped.
+    """
     t = time.perf_counter()
     cfg = run.cfg
     teacher = copy.deepcopy(run.model) if cfg.distill else None
     best = _BestValEpoch(run.log, key, val_top1_bn, comp)
+    if checkpoint.exists():
+        run.say(f"resuming the finetuning of {key} from {checkpoint}")
+    label = f"{_stage_label(key)}: finetune" if cfg.progress else None
     finetune(
         comp,
         run.data,
         cfg.finetune_config(key["seed"], run.data.hflip),
         teacher=teacher,
         device=run.device,
-        progress=cfg.progress,
+        progress=label or False,
         on_epoch_end=best,
+        checkpoint=checkpoint,
+        say=run.say,
     )
     comp.load_state_dict(best.state)
     comp.to(memory_format=torch.contiguous_format).eval()
-    ev = _evaluate_splits(comp, run.data, run.device)
+    ev = _evaluate_splits(comp, run.data, run.device, label)
     return {
         "finetune_selected_epoch": best.epoch,
         "val_top1_ft": ev["val"]["top1"],

@@ -233,10 +233,9 @@ class FactorizedConv(nn.Module):
     def stages(self) -> list[nn.Conv2d]:
         return [m for m in self.children() if isinstance(m, nn.Conv2d)]
 
-    def forward(self, x: Tensor) -> Tensor:
-        for conv in self.stages():
-            x = conv(x)
-        return x
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The stages in order; each subclass spells its chain out so that ``torch.jit.script`` compiles it."""
+        raise NotImplementedError
 
     def _stage_weights(self, f) -> list[Tensor]:  # pragma: no cover - abstract
         """The factors ``f`` as the kernels of :meth:`stages`, in order (any shape of the same size)."""
@@ -307,6 +306,9 @@ class HT2Conv2d(FactorizedConv):
         self.horizontal = _geometry_stage(source, g * r13, g * r3, axis=1)
         self.last = _output_stage(source, g * r3)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.horizontal(self.vertical(self.first(x))))
+
     def _stage_weights(self, f: HT2Factors) -> list[Tensor]:
         return [
             f.u1.transpose(1, 2),  # (G, R1, C)
@@ -338,6 +340,9 @@ class Tucker2Conv2d(FactorizedConv):
         self.core = _geometry_stage(source, g * r1, g * r3)
         self.last = _output_stage(source, g * r3)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.core(self.first(x)))
+
     def _stage_weights(self, f: Tucker2Factors) -> list[Tensor]:
         return [f.u1.transpose(1, 2), f.core, f.u3]
 
@@ -360,6 +365,9 @@ class SVDConv2d(FactorizedConv):
     def _build(self, source: nn.Conv2d, g: int, r: int) -> None:
         self.first = _geometry_stage(source, source.in_channels, g * r)  # the 1×1 kernel's stride and padding
         self.last = _output_stage(source, g * r)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.first(x))
 
     def _stage_weights(self, f: SVDFactors) -> list[Tensor]:
         return [f.first, f.second]

@@ -95,6 +95,13 @@ class BatchLoader:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch ``start`` on, exactly as a full pass yields them: the skipped
+        batches' shuffling and augmentation are still drawn (cheap, on the CPU generator), their images
+        not gathered. A finetuning run resumed mid-epoch continues with the very batches it would have seen.
+        """
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.labels)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
@@ -105,6 +112,8 @@ class BatchLoader:
                 flips = torch.rand(len(idx), generator=g) < 0.5
                 if not self.flip:  # still drawn above, so the crops match the flip=True stream
                     flips.zero_()
+            if b < start:
+                continue
             if self.world_size > 1:
                 per = math.ceil(len(idx) / self.world_size)
                 sl = slice(self.rank * per, (self.rank + 1) * per)

@@ -48,10 +48,13 @@ def recalibrated(
     device: str | torch.device = "cpu",
     channels_last: bool = False,
     outputs: bool = False,
+    progress: str | None = None,
 ):
     """The one way a compressed model is built, for scoring and for reporting alike: ``plan`` applied
     to a copy of ``model`` from cached factors, on ``device`` (channels_last if asked), every BN
     recalibrated exactly on ``batches`` (:func:`common.bn.bn_recalibrate`), eval mode.
+
+    ``progress`` labels a bar over the recalibration (``None``: none).
 
     Returns:
         the model, or ``(model, its outputs on batches)`` with ``outputs``.
@@ -59,7 +62,7 @@ def recalibrated(
     m = apply_plan(model, plan, spectra).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
-    return bn_recalibrate(m, batches, device, return_outputs=outputs)
+    return bn_recalibrate(m, batches, device, return_outputs=outputs, progress=progress)
 
 
 def final_model(
@@ -70,10 +73,12 @@ def final_model(
     calib_images: int = 4096,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    progress: str | None = None,
 ) -> nn.Module:
     """A chosen plan's model as every reported number sees it: :func:`recalibrated` on
     ``calib_images`` augmented train images drawn with ``seed`` (contiguous, on ``device``)."""
-    return recalibrated(model, plan, spectra, calibration_loader(data, calib_images, seed, device=device), device)
+    loader = calibration_loader(data, calib_images, seed, device=device)
+    return recalibrated(model, plan, spectra, loader, device, progress=progress)
 
 
 class ProxyEvaluator:

@@ -12,7 +12,6 @@ plan off the budget's tolerance: :meth:`common.search.Searcher.run` then finishe
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 from .ranks import energy_ranks, evbmf_ranks, full_ranks, ranks_from_level, rounded_ranks
@@ -86,13 +85,9 @@ def vbmf_plan(
 ) -> tuple[dict[str, LayerPlan], dict]:
     """Every EVBMF rank of ``base`` (:func:`evbmf_base`) scaled by one ``β``, rounded up.
 
-    The layers of ``rank0`` are named in one warning and kept in the params (``evbmf_rank0``).
+    The layers of ``rank0`` are kept in the params (``evbmf_rank0``; :func:`rank0_note` words them as
+    the one line a caller reports per plan).
     """
-    if rank0:
-        warnings.warn(
-            f"vbmf x{target:g}: EVBMF found rank 0 in {len(rank0)} layer(s), using rank 1 there: {', '.join(rank0)}",
-            stacklevel=2,
-        )
 
     def ranks_of(ls: LayerSpace, beta: float):
         b = base[ls.info.name]
@@ -100,3 +95,10 @@ def vbmf_plan(
 
     beta, _ = bisect(lambda v: space.factor(explicit_plan(space, ranks_of, v), metric), 1e-3, 1e3, target)
     return explicit_plan(space, ranks_of, beta), {"beta": beta, "vbmf_ranks": base, "evbmf_rank0": rank0}
+
+
+def rank0_note(target: float, rank0: dict[str, list[str]]) -> str | None:
+    """The one line naming the layers where EVBMF found rank 0 (and rank 1 is used), or None if none."""
+    if not rank0:
+        return None
+    return f"vbmf x{target:g}: EVBMF found rank 0 in {len(rank0)} layer(s), using rank 1 there: {', '.join(rank0)}"

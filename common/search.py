@@ -24,19 +24,21 @@ only on recorded scores (TPE).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from torch import nn
 
 from .policy import Profile, cem_refit, policy_pdf, sensitivity_profile
+from .progress import progress_bar
 from .proxy import ProxyEvaluator
 from .recorder import MemoryRecorder, Recorder
-from .rules import RULES, energy_plan, evbmf_base, uniform_plan, vbmf_plan
+from .rules import RULES, energy_plan, evbmf_base, rank0_note, uniform_plan, vbmf_plan
 from .space import SHAPES, SearchSpace, check_reachable, energy_shaper, plan_key, project, repair_plan
 from .surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 from .tpe import tpe_search
@@ -173,7 +175,10 @@ class Searcher:
         spectra: kernel spectra of the dense model (energy, VBMF and the energy shape read them).
         recorder: where sensitivity points and candidates are written and looked up (resume).
         config: :class:`SearchConfig`.
+        progress: gets the searches' progress lines (rounds, best so far, the re-ranking).
         tag: merged into every record key (e.g. the decomposition and the seed).
+        bars: show a progress bar (with ETA) over the evaluations of the sensitivity profile and of
+            each search.
     """
 
     def __init__(
@@ -185,8 +190,11 @@ class Searcher:
         config: SearchConfig | None = None,
         progress: Callable[[str], None] | None = None,
         tag: Mapping | None = None,
+        bars: bool = False,
     ):
         self.space, self.evaluator, self.spectra = space, evaluator, spectra
+        self.bars = bars
+        self._bar = progress_bar(None, None)
         self.tag = dict(tag or {})
         self.recorder = recorder if recorder is not None else MemoryRecorder()
         self.config = config or SearchConfig()
@@ -204,6 +212,7 @@ class Searcher:
     def _evaluate(self, plan: Mapping[str, LayerPlan], kind: str, key: dict, extra: dict | None = None) -> float:
         """The score of ``plan`` (val top-1 for ``rerank`` records), from the recorder if this ``key``
         was already evaluated."""
+        self._bar.update()
         key = {**self.tag, **key}
         hit = self.recorder.find(kind, **key)
         if hit is not None:
@@ -242,20 +251,36 @@ class Searcher:
             self._dense_score = self._evaluate({}, "sensitivity", {"layer": "<dense>", "level": 1.0})
         return self._dense_score
 
+    @contextlib.contextmanager
+    def _bar_over(self, total: int, desc: str) -> Iterator[None]:
+        """A progress bar (when :attr:`bars`) counting the evaluations made inside the block."""
+        self._bar = progress_bar(total, desc if self.bars else None, "plan")
+        try:
+            yield
+        finally:
+            self._bar.close()
+            self._bar = progress_bar(None, None)
+
     # -- sensitivity and the policy's pdf ----------------------------------------------------- #
     def sensitivity(self) -> Profile:
         """Each layer alone at each sensitivity level and shape: ``{name: {shape: [(f, score), ...]}}``
         (:func:`common.policy.sensitivity_profile`, every point recorded)."""
         if self._sensitivity is None:
-            self.dense_score()
-            self._sensitivity = sensitivity_profile(
-                self.space,
-                self.config.shapes,
-                self.config.sensitivity_levels,
-                lambda plan, key, extra: self._evaluate(plan, "sensitivity", key, extra),
-                self.progress,
-            )
+            cfg = self.config
+            n = 1 + len(self.space.layers) * len(cfg.shapes) * len(cfg.sensitivity_levels)
+            with self._bar_over(n, f"sensitivity {self._tag_text()}"):
+                self.dense_score()
+                self._sensitivity = sensitivity_profile(
+                    self.space,
+                    cfg.shapes,
+                    cfg.sensitivity_levels,
+                    lambda plan, key, extra: self._evaluate(plan, "sensitivity", key, extra),
+                    self.progress,
+                )
         return self._sensitivity
+
+    def _tag_text(self) -> str:
+        return " ".join(f"{k} {v}" for k, v in self.tag.items())
 
     def policy_pdf(self, target: float, metric: str) -> tuple[np.ndarray, dict]:
         """Per-layer distribution over :attr:`choices` from the sensitivity profile
@@ -275,10 +300,12 @@ class Searcher:
         t0 = time.perf_counter()
         if method in SEARCHING:
             search = {"random": self._random, "policy": self._policy, "tpe": self._tpe}[method]
-            hist, params = search(target, metric, n_candidates, seed)
-            if not hist:
-                raise ValueError(f"{method}: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
-            best, val = self._pick(method, target, hist)
+            rerank = 0 if self.proxy == "top1" or self.config.rerank == 1 else self.config.rerank
+            with self._bar_over(n_candidates + rerank, f"{method} x{target:g} {self._tag_text()}"):
+                hist, params = search(target, metric, n_candidates, seed)
+                if not hist:
+                    raise ValueError(f"{method}: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
+                best, val = self._pick(method, target, hist)
             plan, score = best["plan"], best["score"]
         else:
             (plan, params), hist, val = self._rule(method, target, metric), [], None
@@ -338,6 +365,9 @@ class Searcher:
             if self._vbmf_base is None:  # EVBMF ranks once per searcher, for every target
                 self._vbmf_base = evbmf_base(self.space, self.spectra)
             plan, params = vbmf_plan(self.space, *self._vbmf_base, target, metric)
+            note = rank0_note(target, params["evbmf_rank0"])
+            if note is not None:  # one line per plan, not a warning block per layer
+                self.progress(note)
         elif method == "energy":
             plan, params = energy_plan(self.space, self.spectra, target, metric)
         else:
@@ -468,6 +498,7 @@ def build_searcher(
     progress: Callable[[str], None] | None = None,
     spectra: SpectraCache | None = None,
     tag: Mapping | None = None,
+    bars: bool = False,
     **proxy_options,
 ) -> Searcher:
     """Everything a search needs for ``model`` on ``data``: layers, space, spectra cache, proxy.
@@ -490,4 +521,4 @@ def build_searcher(
     layers = list_conv_layers(model, input_size)
     space = SearchSpace(layers, decomposition, include_1x1=include_1x1, multiple=multiple)
     spectra.warm(space.names)
-    return Searcher(space, evaluator, spectra, recorder, config, progress, tag)
+    return Searcher(space, evaluator, spectra, recorder, config, progress, tag, bars)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +30,9 @@ from tqdm.auto import tqdm
 from common.bn import bn_recalibrate  # noqa: F401  (re-exported: the one recalibration)
 from common.data import DatasetSplits
 from common.device import resolve_device
+from common.files import atomic_write
 from common.loader import BatchLoader, make_loader
+from common.progress import progress_bar
 
 
 def _dist_world() -> tuple[int, int]:
@@ -63,6 +67,7 @@ def evaluate(
     device: str | torch.device | None = None,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    progress: str | None = None,
 ) -> dict:
     """Top-1/top-5 accuracy and mean cross-entropy of ``model`` over ``loader``.
 
@@ -73,6 +78,7 @@ def evaluate(
         loader: yields ``(x, y)``, ``x``: ``B x 3 x H x W`` float, ``y``: ``B`` int64.
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` = full precision.
         channels_last: convert model and inputs to channels_last.
+        progress: label of a progress bar over the batches (``None``: no bar).
 
     Returns:
         ``{"top1", "top5", "loss", "n"}`` with accuracies as fractions in [0, 1].
@@ -82,20 +88,22 @@ def evaluate(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loss_sum, c1, c5, n = 0.0, 0.0, 0.0, 0.0
-    for x, y in loader:
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hit = topk.eq(y[:, None])
-        c1 += hit[:, 0].sum().item()
-        c5 += hit.any(dim=1).sum().item()
-        n += len(y)
+    with progress_bar(len(loader) if hasattr(loader, "__len__") else None, progress, "batch") as bar:
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(dev, amp_dtype):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            hit = topk.eq(y[:, None])
+            c1 += hit[:, 0].sum().item()
+            c5 += hit.any(dim=1).sum().item()
+            n += len(y)
+            bar.update()
     if getattr(loader, "world_size", 1) > 1:
         loss_sum, c1, c5, n = _all_reduce_sum([loss_sum, c1, c5, n], dev)
     if n == 0:
@@ -159,18 +167,31 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress=None,
+    start: int = 0,
+    sums: Sequence[float] | None = None,
+    on_step: Callable[[int, list[float]], None] | None = None,
 ) -> dict:
     """One pass (or its first ``max_steps`` batches) of training over ``loader``.
 
     ``model`` may be a DDP wrapper; ``teacher`` (if given) is run in eval mode without gradients.
 
+    Args:
+        progress: a bar to advance by one per step (:func:`common.progress.progress_bar`), or None.
+        start: batches of this epoch trained already (a resumed run): they are skipped with their random
+            draws replayed (:meth:`common.loader.BatchLoader.iter_from`); ``max_steps`` counts them.
+        sums: ``[loss sum, correct, images]`` of those batches, so the epoch's means cover all of it.
+        on_step: called after every step as ``on_step(steps, sums)``, ``steps`` counted from the epoch's
+            start (used for checkpoints within an epoch).
+
     Returns:
-        ``{"loss", "top1", "images", "steps"}`` summed over ranks (loss/top1 are means).
+        ``{"loss", "top1", "images", "steps"}`` summed over ranks (loss/top1 are means; ``steps`` include
+        the ``start`` skipped ones).
     """
     dev = loader.device
     model.train()
-    loss_sum, correct, n, steps = 0.0, 0.0, 0.0, 0
-    for x, y in loader:
+    loss_sum, correct, n = (float(v) for v in sums) if sums is not None else (0.0, 0.0, 0.0)
+    steps = start
+    for x, y in loader.iter_from(start) if start else loader:
         if max_steps is not None and steps >= max_steps:
             break
         if channels_last:
@@ -198,6 +219,8 @@ def train_one_epoch(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if on_step is not None:
+            on_step(steps, [loss_sum, correct, n])
     loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], dev)
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": int(n), "steps": steps}
 
@@ -271,8 +294,11 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     device: str | torch.device | None = "auto",
-    progress: bool = True,
+    progress: bool | str = True,
     on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: float = 60.0,
+    say: Callable[[str], None] | None = None,
     **recipe: Any,
 ) -> list[dict]:
     """Train ``model`` in place on ``data.train``; return the per-epoch history.
@@ -284,37 +310,65 @@ def finetune(
         teacher: if given, train with knowledge distillation (``kd_alpha``, ``kd_temperature``); it is
             frozen and kept in eval mode.
         device: ``"auto"`` = cuda if available. Under DDP on CUDA, use ``cuda:<local_rank>``.
-        progress: show a progress bar (rank 0 only).
-        on_epoch_end: called as ``on_epoch_end(record, model)`` after each epoch's record.
+        progress: a progress bar over the steps (rank 0 only), labelled "finetune" or by the string given;
+            with it, a line estimating the training time from the first steps.
+        on_epoch_end: called as ``on_epoch_end(record, model)`` after each epoch's record. If it has
+            ``state_dict()`` / ``load_state_dict()`` (e.g. it keeps the best epoch's weights), that state
+            is saved in and restored from the checkpoint.
+        checkpoint: a file to save the whole training state to (model, optimizer, schedule, RNG, position
+            within the epoch, history) every ``checkpoint_every`` seconds and after each epoch. If it
+            exists, training resumes from it, with the batches and random draws an uninterrupted run
+            would have used (on the CPU the result is bit-identical); a finished run's checkpoint returns
+            its history at once. The file is kept: delete it once its results are stored. A checkpoint
+            of another recipe or model is refused, naming the file and what differs.
+        say: where the time-estimate line goes (default: ``tqdm.write``).
 
     Returns:
         One dict per (possibly fractional) epoch: ``epoch`` (cumulative, fractional), ``images_seen``,
         ``train_loss``, ``train_top1``, ``val_top1`` (None when not evaluated), ``val_loss``,
-        ``lr`` (at the end of the epoch), ``seconds`` (wall time of that epoch's training + eval).
+        ``lr`` (at the end of the epoch), ``seconds`` (wall time of that epoch's training + eval, in the
+        process that finished it).
 
     Raises:
         TypeError: a name in ``recipe`` that is no :class:`FinetuneConfig` field.
         ValueError: non-positive epochs, a batch not divisible by the world size, an unknown
-            optimizer or schedule.
+            optimizer or schedule, a checkpoint that does not belong to this run.
     """
     cfg = (
         dataclasses.replace(epochs, **recipe)
         if isinstance(epochs, FinetuneConfig)
         else FinetuneConfig(epochs, **recipe)
     )
-    run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), progress)
+    label = progress if isinstance(progress, str) else ("finetune" if progress else None)
+    run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), label)
+    if checkpoint is not None:
+        run.saver = _Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end)
+        run.saver.restore(run)
+    if label is not None:
+        run.say = say or tqdm.write
     try:
         history = run.train(on_epoch_end)
     finally:
-        if run.bar is not None:
-            run.bar.close()
+        run.bar.close()
     model.eval()
     return history
 
 
 @dataclass
+class _Position:
+    """How far a finetuning run is: what a checkpoint restores besides the weights and optimizer."""
+
+    done: int = 0  # steps over all epochs
+    epoch: int = 0  # index of the epoch in progress
+    in_epoch: int = 0  # steps of that epoch done
+    sums: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])  # its loss sum, correct, images
+    images_seen: int = 0  # images of the finished epochs
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
+@dataclass
 class _FinetuneRun:
-    """What one :func:`finetune` call holds between its epochs."""
+    """What one :func:`finetune` call holds between its steps."""
 
     cfg: FinetuneConfig
     model: nn.Module
@@ -328,7 +382,11 @@ class _FinetuneRun:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
-    bar: Any = None
+    bar: Any
+    eval_label: str | None = None
+    pos: _Position = dataclasses.field(default_factory=_Position)
+    saver: _Checkpointer | None = None
+    say: Callable[[str], None] | None = None
 
     @classmethod
     def start(
@@ -338,7 +396,7 @@ class _FinetuneRun:
         cfg: FinetuneConfig,
         teacher: nn.Module | None,
         dev: torch.device,
-        progress: bool,
+        label: str | None,
     ) -> _FinetuneRun:
         """Seed, place the models, build loaders, optimizer, schedule and progress bar (in this order)."""
         rank, world = _dist_world()
@@ -352,7 +410,8 @@ class _FinetuneRun:
         net = _data_parallel(model, dev) if world > 1 else model
         opt = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
         sched = build_scheduler(opt, cfg.schedule, cfg.lr, total_steps, cfg.pct_start)
-        bar = tqdm(total=total_steps, desc="finetune", leave=False) if progress and rank == 0 else None
+        label = label if rank == 0 else None
+        bar = progress_bar(total_steps, label, "step")
         return cls(
             cfg,
             model,
@@ -367,29 +426,42 @@ class _FinetuneRun:
             sched,
             total_steps,
             bar,
+            None if label is None else f"{label}: val",
         )
 
     def train(self, on_epoch_end: Callable[[dict, nn.Module], None] | None) -> list[dict]:
         """Whole epochs until ``total_steps`` (the last one possibly cut short); one record each."""
         steps_per_epoch = len(self.train_loader)
-        history: list[dict] = []
-        done, images_seen, ep = 0, 0, 0
-        while done < self.total_steps:
+        pos = self.pos
+        self.bar.update(pos.done)
+        timer = _StepTimer(self, pos.done)
+        while pos.done < self.total_steps:
             t0 = time.perf_counter()
-            self.train_loader.set_epoch(ep)
-            stats = self._epoch(min(steps_per_epoch, self.total_steps - done))
-            done += stats["steps"]
-            images_seen += stats["images"]
-            ep += 1
+            self.train_loader.set_epoch(pos.epoch)
+            epoch_start = pos.done - pos.in_epoch
+
+            def on_step(steps: int, sums: list[float], epoch_start: int = epoch_start) -> None:
+                pos.in_epoch, pos.done, pos.sums = steps, epoch_start + steps, sums
+                timer.step()
+                if self.saver is not None:
+                    self.saver.maybe_save(self)
+
+            stats = self._epoch(min(steps_per_epoch, self.total_steps - epoch_start), on_step)
+            pos.done = epoch_start + stats["steps"]
             _sync_buffers(self.model)
             val = None
-            if self.cfg.eval_every_epoch or done >= self.total_steps:
+            if self.cfg.eval_every_epoch or pos.done >= self.total_steps:
                 val = evaluate(
-                    self.model, self.val_loader, self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last
+                    self.model,
+                    self.val_loader,
+                    self.device,
+                    amp_dtype=self.amp_dtype,
+                    channels_last=self.channels_last,
+                    progress=self.eval_label,
                 )
             record = {
-                "epoch": done / steps_per_epoch,
-                "images_seen": images_seen,
+                "epoch": pos.done / steps_per_epoch,
+                "images_seen": pos.images_seen + stats["images"],
                 "train_loss": stats["loss"],
                 "train_top1": stats["top1"],
                 "val_top1": None if val is None else val["top1"],
@@ -397,12 +469,20 @@ class _FinetuneRun:
                 "lr": self.opt.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - t0,
             }
-            history.append(record)
+            pos.history.append(record)
+            pos.epoch, pos.in_epoch, pos.sums, pos.images_seen = (
+                pos.epoch + 1,
+                0,
+                [0.0, 0.0, 0.0],
+                record["images_seen"],
+            )
             if on_epoch_end is not None:
                 on_epoch_end(record, self.model)
-        return history
+            if self.saver is not None:
+                self.saver.save(self)
+        return list(pos.history)
 
-    def _epoch(self, steps: int) -> dict:
+    def _epoch(self, steps: int, on_step: Callable[[int, list[float]], None]) -> dict:
         c = self.cfg
         return train_one_epoch(
             self.net,
@@ -417,7 +497,115 @@ class _FinetuneRun:
             amp_dtype=self.amp_dtype,
             channels_last=self.channels_last,
             progress=self.bar,
+            start=self.pos.in_epoch,
+            sums=self.pos.sums,
+            on_step=on_step,
         )
+
+
+class _StepTimer:
+    """Says, after the first few steps of this process, how long the rest of the training will take."""
+
+    WARMUP, MEASURED = 1, 4  # the first step (allocation, kernel selection) is not timed
+
+    def __init__(self, run: _FinetuneRun, done: int):
+        self.run, self.steps, self.t = run, 0, 0.0
+        self.left_at_start = run.total_steps - done
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.WARMUP:
+            self.t = time.perf_counter()
+        elif self.steps == self.WARMUP + self.MEASURED and self.run.say is not None:
+            per = (time.perf_counter() - self.t) / self.MEASURED
+            left = self.left_at_start - self.steps
+            run = self.run
+            evals = math.ceil(left / len(run.train_loader)) if run.cfg.eval_every_epoch else 1
+            run.say(
+                f"finetune: {left} of {run.total_steps} steps left, {per:.2f} s/step over steps "
+                f"{self.WARMUP + 1}-{self.steps} of this process: about {_minutes(per * left)} of training "
+                f"plus {evals} val evaluation{'s' if evals != 1 else ''} of {run.val_loader.num_images} images"
+            )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+CHECKPOINT_FORMAT = "htd-finetune-checkpoint/1"
+
+
+class _Checkpointer:
+    """Saves a finetuning run's whole state to one file (atomically) and restores it."""
+
+    def __init__(self, path: Path, every: float, callback: Any):
+        self.path, self.every, self.callback = path, float(every), callback
+        self.last = time.perf_counter()
+
+    def _identity(self, run: _FinetuneRun) -> dict:
+        recipe = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in dataclasses.asdict(run.cfg).items()}
+        return {
+            "recipe": recipe,
+            "total_steps": run.total_steps,
+            "steps_per_epoch": len(run.train_loader),
+            "world_size": _dist_world()[1],
+        }
+
+    def maybe_save(self, run: _FinetuneRun) -> None:
+        if time.perf_counter() - self.last >= self.every:
+            self.save(run)
+
+    def save(self, run: _FinetuneRun) -> None:
+        self.last = time.perf_counter()
+        if _dist_world()[0] != 0:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            **self._identity(run),
+            "position": dataclasses.asdict(run.pos),
+            "model": run.model.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+            "callback": self.callback.state_dict() if hasattr(self.callback, "state_dict") else None,
+        }
+        atomic_write(self.path, lambda fh: torch.save(state, fh))
+
+    def restore(self, run: _FinetuneRun) -> None:
+        """Load the checkpoint into ``run`` if the file exists (a fresh run otherwise)."""
+        if not self.path.exists():
+            return
+        try:
+            state = torch.load(self.path, map_location=run.device, weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"finetune checkpoint {self.path} is unreadable ({type(exc).__name__}: {exc}); delete it to start over"
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path} is not a finetune checkpoint ({CHECKPOINT_FORMAT}); delete or move it")
+        want = self._identity(run)
+        diff = [k for k in want if state.get(k) != want[k]]
+        if "recipe" in diff:
+            diff.remove("recipe")
+            diff += [f"recipe.{k}" for k in want["recipe"] if state["recipe"].get(k) != want["recipe"][k]]
+        if diff:
+            raise ValueError(
+                f"finetune checkpoint {self.path} belongs to another run (differs in {', '.join(diff)}); "
+                "delete it to start this finetuning over"
+            )
+        try:
+            run.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"finetune checkpoint {self.path} holds another model: {exc}") from exc
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"].cpu())
+        if state["cuda_rng"] is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), run.device)
+        if state["callback"] is not None and hasattr(self.callback, "load_state_dict"):
+            self.callback.load_state_dict(state["callback"])
+        run.pos = _Position(**state["position"])
 
 
 def _loaders(

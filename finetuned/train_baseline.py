@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         augment=not args.no_augment,
         hflip=hflip,
         eval_every_epoch=False,
-        progress=not args.no_progress,
+        progress=False if args.no_progress else f"train baseline {args.model}",
     )
     model.to(memory_format=torch.contiguous_format)
     results = {

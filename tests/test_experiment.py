@@ -313,6 +313,7 @@ def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
     better = epochs[0]["val_top1"] > ft["val_top1_bn"]
     assert ft["finetune_selected_epoch"] == (epochs[0]["epoch"] if better else 0.0)
     assert ft["val_top1_ft"] == pytest.approx(max(epochs[0]["val_top1"], ft["val_top1_bn"]), abs=0.01)
+    assert not list(log_file(cfg).parent.glob("*.finetune-*.pt"))  # the checkpoint goes once final is logged
 
 
 def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkpoint):

@@ -184,6 +184,30 @@ def test_from_conv_is_one_classmethod_for_every_layer_class():
         SVDConv2d.from_conv(nn.Conv2d(6, 8, 3), 2)
 
 
+def test_compressed_model_scripts_traces_and_exports_with_equal_outputs():
+    """The layers compile as they are: torch.jit.script/trace and torch.export give the eager output."""
+    import warnings
+
+    from common.surgery import LayerPlan, apply_plan
+    from tests.helpers import fast_model
+
+    model = fast_model("resnet18")
+    plan = {
+        "layer1.0.conv1": LayerPlan("ht2", (8, 8, 8)),
+        "layer2.0.conv2": LayerPlan("tucker2", (16, 16)),
+        "layer2.0.downsample.0": LayerPlan("svd", (16,)),
+    }
+    compressed = apply_plan(model, plan).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        ref = compressed(x)
+        for compiled in (torch.jit.script(compressed), torch.jit.trace(compressed, x)):
+            assert torch.equal(compiled(x), ref)
+        exported = torch.export.export(compressed, (x,)).module()
+        torch.testing.assert_close(exported(x), ref, rtol=0, atol=1e-5)
+
+
 def test_stage_geometry_ht2():
     conv = nn.Conv2d(
         8, 12, (5, 3), stride=(2, 3), padding=(2, 1), dilation=(1, 2), groups=2, bias=True, padding_mode="reflect"

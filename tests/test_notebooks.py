@@ -238,6 +238,10 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     assert config["methods"] == methods and config["sensitivity_levels"] == [0.3] and config["targets"] == [3.0]
 
     executed = nbformat.read(out, as_version=4)
+    stderr = "".join(
+        o.get("text", "") for c in executed.cells for o in c.get("outputs", []) if o.get("name") == "stderr"
+    )
+    assert "Warning" not in stderr, f"{name}: warning blocks in the output:\n{stderr[:2000]}"
     by_id = {c.get("id"): c for c in executed.cells}
     table = by_id["results"].outputs[0]["data"]["text/plain"]
     assert all(m in table for m in methods)

@@ -275,3 +275,99 @@ def test_train_baseline_smoke(tmp_path):
     sd = torch.load(pt, weights_only=True)
     assert sd["features.0.weight"].dtype == torch.float16
     load_checkpoint(build_model("alexnet"), pt)  # loads back strictly
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _EpochKeeper:
+    """An ``on_epoch_end`` with state, as the experiment's best-epoch keeper has."""
+
+    def __init__(self):
+        self.epochs: list[float] = []
+
+    def __call__(self, rec, _model):
+        self.epochs.append(rec["epoch"])
+
+    def state_dict(self):
+        return {"epochs": list(self.epochs)}
+
+    def load_state_dict(self, state):
+        self.epochs = list(state["epochs"])
+
+
+def _dropout_cnn() -> nn.Module:
+    """tiny_cnn with dropout, so a resume must also restore the global RNG."""
+    m = tiny_cnn(seed=5)
+    return nn.Sequential(*list(m)[:-1], nn.Dropout(0.3), list(m)[-1])
+
+
+def test_finetune_resumes_mid_epoch_bit_identically(digits, tmp_path, monkeypatch):
+    """Interrupted inside its second epoch and resumed from the checkpoint, a run ends with the very
+    weights, history and callback state of an uninterrupted one; a finished checkpoint trains nothing."""
+    recipe = {"batch_size": 64, "lr": 0.05, "seed": 4, "device": "cpu", "val_subset": 100}
+    ref_keeper = _EpochKeeper()
+    ref_model = _dropout_cnn()
+    ref = finetune(ref_model, digits, 2.5, progress=False, on_epoch_end=ref_keeper, **recipe)
+
+    ckpt = tmp_path / "ft.pt"
+    steps_per_epoch = len(digits.train) // 64
+    stop_at = steps_per_epoch + 5  # inside the second epoch
+    calls = {"n": 0}
+    sgd_step = torch.optim.SGD.step
+
+    def step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > stop_at:
+            raise _Interrupted
+        return sgd_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    keeper = _EpochKeeper()
+    with pytest.raises(_Interrupted):
+        finetune(
+            _dropout_cnn(),
+            digits,
+            2.5,
+            progress=False,
+            on_epoch_end=keeper,
+            checkpoint=ckpt,
+            checkpoint_every=0,
+            **recipe,
+        )
+    assert ckpt.exists() and keeper.epochs == [1.0]
+    monkeypatch.setattr(torch.optim.SGD, "step", sgd_step)
+
+    keeper, model, lines = _EpochKeeper(), _dropout_cnn(), []
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over whatever came before
+    hist = finetune(
+        model,
+        digits,
+        2.5,
+        progress="resumed",
+        say=lines.append,
+        on_epoch_end=keeper,
+        checkpoint=ckpt,
+        checkpoint_every=3600,
+        **recipe,
+    )
+    assert _history_wo_time(hist) == _history_wo_time(ref)
+    assert keeper.epochs == ref_keeper.epochs == [r["epoch"] for r in ref]
+    assert all(torch.equal(v, ref_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert any("s/step" in line and "steps left" in line for line in lines), lines
+
+    calls["n"] = 0
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    again = finetune(_dropout_cnn(), digits, 2.5, progress=False, checkpoint=ckpt, **recipe)
+    assert calls["n"] == 0 and _history_wo_time(again) == _history_wo_time(ref)
+
+
+def test_finetune_refuses_a_checkpoint_of_another_recipe(digits, tmp_path):
+    ckpt = tmp_path / "ft.pt"
+    finetune(tiny_cnn(), digits, 0.2, batch_size=64, lr=0.05, device="cpu", progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"ft\.pt.*recipe\.lr"):
+        finetune(tiny_cnn(), digits, 0.2, batch_size=64, lr=0.1, device="cpu", progress=False, checkpoint=ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"ft\.pt.*unreadable"):
+        finetune(tiny_cnn(), digits, 0.2, batch_size=64, lr=0.05, device="cpu", progress=False, checkpoint=ckpt)

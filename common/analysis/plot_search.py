@@ -3,7 +3,8 @@
 
 Both draw the records of one seed per run (the lowest, normally 0, which every run computes: the
 curves of several seeds would mix unrelated searches). Their values are the records' ``score``
-when any record of the run has one (newer runs: a proxy score, higher is better), else their
+when any record of the run has one (newer runs: a proxy score, higher is better; the default KL
+proxy's score is minus a KL divergence, drawn as the divergence on a log axis), else their
 ``val_top1`` (older runs; drawn in %, written as a fraction).
 """
 
@@ -28,7 +29,8 @@ __all__ = ["SEARCH_PLOT_COLUMNS", "SENSITIVITY_PLOT_COLUMNS", "plot_search_trace
 
 SENSITIVITY_PLOT_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, "seed", "layer", "level", "proxy", "value")
 """Columns of ``sensitivity_<model>.csv``: one row per point; ``proxy`` says what ``value`` is
-(``score``, or ``val_top1`` as a fraction)."""
+(``kl``: the KL proxy's score, minus the divergence; ``score``: another proxy's score; or ``val_top1``
+as a fraction)."""
 
 SEARCH_PLOT_COLUMNS: tuple[str, ...] = (
     *RUN_COLUMNS,
@@ -41,21 +43,43 @@ SEARCH_PLOT_COLUMNS: tuple[str, ...] = (
     "value",
     "best_so_far",
 )
-"""Columns of ``search_trace_<model>.csv``: one row per candidate, in evaluation order."""
+"""Columns of ``search_trace_<model>.csv``: one row per candidate, in evaluation order (``proxy`` as in
+:data:`SENSITIVITY_PLOT_COLUMNS`)."""
 
 
 def _proxy(records: Iterable[Mapping[str, Any]]) -> str:
-    """``"score"`` when any record carries a numeric score, else ``"val_top1"``."""
-    return "score" if any(not math.isnan(to_float(r.get("score"))) for r in records) else "val_top1"
+    """What the records' values are: ``"kl"`` (scores of the KL proxy: minus a KL divergence),
+    ``"score"`` (another proxy's score) when any record carries a numeric score, else ``"val_top1"``."""
+    scored = [r for r in records if not math.isnan(to_float(r.get("score")))]
+    if not scored:
+        return "val_top1"
+    return "kl" if all(r.get("proxy") == "kl" for r in scored) else "score"
+
+
+def _field(proxy: str) -> str:
+    """The record field holding the values of ``proxy``."""
+    return "val_top1" if proxy == "val_top1" else "score"
 
 
 def _proxy_label(proxy: str) -> str:
-    return "proxy score (higher is better)" if proxy == "score" else "validation top-1 (%)"
+    return {
+        "kl": "KL divergence to the dense model\n(log scale, lower is better)",
+        "score": "proxy score (higher is better)",
+    }.get(proxy, "validation top-1 (%)")
 
 
 def _drawn(values: pd.Series, proxy: str) -> np.ndarray:
-    """Values as drawn: scores as they are, accuracies in %."""
-    return values.to_numpy(dtype=float) * (1.0 if proxy == "score" else 100.0)
+    """Values as drawn: KL divergences (minus the KL scores), other scores as they are, accuracies in %."""
+    v = values.to_numpy(dtype=float)
+    return -v if proxy == "kl" else v * (1.0 if proxy == "score" else 100.0)
+
+
+def _y_axis(ax: Axes, proxy: str) -> None:
+    """Label the y axis; KL divergences on a log scale: candidates' KLs span decades, and the good
+    plans' differences are in the smallest of them (a zero, the dense model itself, sits at the bottom)."""
+    ax.set_ylabel(_proxy_label(proxy))
+    if proxy == "kl":
+        ax.set_yscale("log", nonpositive="clip")
 
 
 def _panels(data: pd.DataFrame) -> list[tuple[Any, pd.DataFrame]]:
@@ -80,7 +104,7 @@ def _sensitivity_rows(run: Mapping) -> list[dict]:
             "layer": str(key[0]),
             "level": key[1],
             "proxy": proxy,
-            "value": to_float(records[key].get(proxy)),
+            "value": to_float(records[key].get(_field(proxy))),
         }
         for key in keys
     ]
@@ -91,11 +115,13 @@ def _draw_sensitivity(ax: Axes, panel: pd.DataFrame, baseline: Mapping | None) -
     proxy = panel["proxy"].iloc[0]
     for name, color in zip(names, palette(len(names))):
         pts = panel[panel["layer"] == name]
-        ax.plot(pts["level"], _drawn(pts["value"], proxy), marker=".", color=color, label=name)
+        y = _drawn(pts["value"], proxy)
+        zero = proxy == "kl" and bool((y <= 0).all())  # e.g. the dense model of a net without BN
+        ax.plot(pts["level"], y, marker=".", color=color, label=f"{name} (KL 0: off the log axis)" if zero else name)
     if proxy == "val_top1":  # the dense accuracy is no reference for a score, which has other units
         dense_line(ax, baseline, "val_top1")
     ax.set_xlabel("rank level (fraction of full rank)")
-    ax.set_ylabel(_proxy_label(proxy))
+    _y_axis(ax, proxy)
     ax.set_title(run_title(panel.iloc[0], "per-layer sensitivity to rank truncation"), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=1 + len(names) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -141,7 +167,7 @@ def _search_rows(run: Mapping) -> list[dict]:
     for (method, decomposition, target), recs in sorted(
         searches.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), to_float(kv[0][2]))
     ):
-        values = np.array([to_float(r.get(proxy)) for r in recs])
+        values = np.array([to_float(r.get(_field(proxy))) for r in recs])
         best = np.fmax.accumulate(values)
         rows += [
             {
@@ -181,7 +207,7 @@ def _draw_searches(ax: Axes, panel: pd.DataFrame, colors: Mapping[str, Any], sev
         )
     ax.scatter([], [], s=6, color="gray", alpha=0.5, label="single candidates")
     ax.set_xlabel("evaluations (candidate plans scored)")
-    ax.set_ylabel(_proxy_label(proxy))
+    _y_axis(ax, proxy)
     ax.set_title(run_title(panel.iloc[0], "rank-search progress (lines: best so far)"), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
