@@ -19,6 +19,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 from .data import DATASET_NAMES
@@ -61,7 +62,8 @@ class ExperimentConfig:
 
     The default run id (:meth:`resolved_run_id`) is ``<model>-<dataset>-x<targets>-s<seed>-<hash>``
     where the hash covers every field that affects results (:data:`RESULT_FIELDS`: all but
-    ``run_id``, ``log_dir``, ``threads``, ``progress`` and ``deadline``; ``device`` as the device type
+    ``run_id``, ``log_dir``, ``artifacts``, ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``;
+    ``device`` as the device type
     it resolves to), so a run with different settings never resumes another one's log.
     """
 
@@ -125,12 +127,25 @@ class ExperimentConfig:
         "run id; an existing id resumes its log, whose config must then agree on every setting that affects "
         "results except targets, methods, policy_tucker2 and n_seeds (these add stages). The default id "
         "is a readable stem plus an 8-hex hash of every setting that affects results (all but run_id, "
-        "log_dir, threads, progress, deadline; device as cpu/cuda), so other settings get another log",
+        "log_dir, artifacts, artifacts_dir, threads, progress, deadline; device as cpu/cuda), so other settings get another log",
         metavar="ID",
         shown="<model>-<dataset>-x<targets>-s<seed>-<hash>",
         affects_results=False,
     )
     log_dir: str = _option("logs", "logs go to <log_dir>/<model>/<run_id>.log", metavar="DIR", affects_results=False)
+    artifacts: bool = _option(
+        True,
+        "save every final model (after BN recalibration, and finetuned) as a file common.artifacts.load_compressed "
+        "reads back",
+        affects_results=False,
+    )
+    artifacts_dir: str | None = _option(
+        None,
+        "artifacts go to <artifacts_dir>/<model>/<run_id>/",
+        metavar="DIR",
+        shown="artifacts beside the log folder (<log_dir>/../artifacts)",
+        affects_results=False,
+    )
     threads: int | None = _option(None, "torch CPU threads", shown="torch's", affects_results=False)
     progress: bool = _option(True, "print progress", off_flag="--quiet", affects_results=False)
     deadline: float | None = _option(
@@ -189,6 +204,11 @@ class ExperimentConfig:
         t = "-".join(f"{x:g}" for x in self.targets)
         return f"{self.model}-{self.dataset}-x{t}-s{self.seed}-{self.fingerprint()}"
 
+    def artifact_folder(self) -> Path:
+        """Where this run's artifacts go: ``<artifacts_dir>/<model>/<run_id>/`` (see ``artifacts_dir``)."""
+        root = Path(self.artifacts_dir) if self.artifacts_dir else Path(self.log_dir).parent / "artifacts"
+        return root / self.model / self.resolved_run_id()
+
     def finetune_targets_or_all(self) -> tuple[float, ...]:
         """The targets at which plans are finetuned (when ``finetune_epochs > 0``)."""
         return tuple(float(x) for x in (self.targets if self.finetune_targets is None else self.finetune_targets))
@@ -209,8 +229,8 @@ class ExperimentConfig:
 RESULT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata["affects_results"]
 )
-"""The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``threads``, ``progress``
-and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
+"""The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
+``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
 
 RESUME_FIELDS: tuple[str, ...] = tuple(n for n in RESULT_FIELDS if n not in EXTENDING_FIELDS)
 """The fields a resumed run must share with its log's ``config`` record (``device`` by its type)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts import artifact_name, save_artifact
 from .config import ExperimentConfig, config_from_args, config_parser
 from .cost import count_model
 from .data import DatasetSplits, load_dataset
@@ -400,11 +401,49 @@ def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
         "finetune_epochs": None,
     }
     ckpt = _finetune_checkpoint(run.log, key)
+    states = {"bn": _state_copy(comp)} if cfg.artifacts else {}
     if cfg.finetune_epochs > 0 and key["target"] in cfg.finetune_targets_or_all():
         rec.update(_finetune_best(run, comp, key, ev["val"]["top1"], ckpt))
-    final = _write_final(run, comp, prec, key, rec, t0)
+        if cfg.artifacts:
+            states["ft"] = _state_copy(comp)
+    final = _write_final(run, comp, prec, key, rec, t0, states)
     ckpt.unlink(missing_ok=True)  # its results are in the log now
     return final
+
+
+def _state_copy(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _save_artifacts(run: _Run, prec: dict, key: dict, payload: dict, states: dict) -> dict:
+    """Each state of a final model (``bn``, and ``ft`` when finetuned) as an artifact file with the
+    ``final`` record's numbers: ``{stage: {"path", "sha256"}}`` for that record."""
+    cfg, data = run.cfg, run.data
+    folder = cfg.artifact_folder()
+    out = {}
+    for stage, state in states.items():
+        metrics = {**payload, "val_top1": payload[f"val_top1_{stage}"], "test_top1": payload[f"test_top1_{stage}"]}
+        path = folder / artifact_name(key["method"], key["target"], key["decomposition"], stage == "ft")
+        out[stage] = save_artifact(
+            path,
+            state,
+            prec["plan"],
+            base_model=cfg.model,
+            num_classes=data.num_classes,
+            input_size=data.image_size,
+            mean=data.mean,
+            std=data.std,
+            metrics=metrics,
+            extra={
+                **key,
+                "stage": stage,
+                "run_id": run.log.run_id,
+                "dataset": data.name,
+                "checkpoint": run.base.get("checkpoint"),
+                "metric": cfg.metric,
+            },
+        )
+    return out
 
 
 def _finetune_checkpoint(log: RunLog, key: dict) -> Path:
@@ -471,17 +510,16 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, ch
     }
 
 
-def _write_final(run: _Run, comp: nn.Module, prec: dict, key: dict, rec: dict, t0: float) -> dict:
-    """Count (and time) ``comp`` and log the ``final`` record of ``key``."""
+def _write_final(
+    run: _Run, comp: nn.Module, prec: dict, key: dict, rec: dict, t0: float, states: dict | None = None
+) -> dict:
+    """Count (and time) ``comp``, save the artifacts of ``states`` and log the ``final`` record of ``key``
+    (after the artifacts: a logged ``final`` means its files are complete)."""
     cfg, base, size = run.cfg, run.base, run.data.image_size
     cost = count_model(comp, (1, 3, size, size))
     lat = _latency(comp, cfg, size, run.device) if cfg.latency else {}
     dense_lat = base.get("latency") or {}
-    out = run.log.write(
-        "final",
-        f"{key['method']} x{key['target']:g} {key['decomposition']}: test {rec['test_top1_bn']:.4f} after BN"
-        + (f", {rec['test_top1_ft']:.4f} after finetune" if rec["test_top1_ft"] is not None else ""),
-        **key,
+    payload = dict(
         **rec,
         params=cost.params,
         macs=cost.macs,
@@ -500,6 +538,15 @@ def _write_final(run: _Run, comp: nn.Module, prec: dict, key: dict, rec: dict, t
         proxy_val_top1=prec.get("val_top1"),
         metric=cfg.metric,
         baseline_test_top1=base["test_top1"],
+    )
+    artifacts = _save_artifacts(run, prec, key, payload, states) if states else {}
+    out = run.log.write(
+        "final",
+        f"{key['method']} x{key['target']:g} {key['decomposition']}: test {rec['test_top1_bn']:.4f} after BN"
+        + (f", {rec['test_top1_ft']:.4f} after finetune" if rec["test_top1_ft"] is not None else ""),
+        **key,
+        **payload,
+        artifacts=artifacts,
     )
     run.say(
         f"final {key}: test {rec['test_top1_bn']:.4f} (BN)"

@@ -11,6 +11,8 @@ logic lives here and in :mod:`common.experiment` / :mod:`common.analysis`, so it
   value checked first, with an error naming the notebook parameter.
 * :func:`show_results` / :func:`show_plots`: the run's results table (:func:`results_table`) and its
   plots, read back from the run log and drawn inline.
+* :func:`artifacts_table` / :func:`factorized_layers`: where the run saved its compressed models, and
+  what a model loaded back with :func:`common.artifacts.load_compressed` holds.
 
 List parameters (``METHODS``, ``SENSITIVITY_LEVELS``, several ``TARGET`` values) are real lists:
 papermill passes them with ``-y "SENSITIVITY_LEVELS: [0.3]"`` (YAML). ``-p`` passes text, which is
@@ -35,9 +37,11 @@ import pandas as pd
 from .analysis import PLOTS as ANALYSIS_PLOTS
 from .analysis import summary_table
 from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
+from .layers import FactorizedConv
 from .logs import run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from .ranks import RANK_NAMES
 from .search import METHODS, check_method, check_target
 
 __all__ = [
@@ -338,3 +342,35 @@ def show_results(
     if plots:
         show_plots(path, out_dir=out_dir)
     return df if raw else results_table(df)
+
+
+def artifacts_table(finals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Where a run saved each final model (:mod:`common.artifacts`): one row per method, target,
+    decomposition, seed and stage (``BN``, or ``FT`` for the finetuned model), with its test top-1 in %.
+
+    Empty when the run was made with ``artifacts=False`` (or before artifacts existed).
+    """
+    rows = [
+        {
+            "method": f["method"],
+            "target": f"{float(f['target']):g}",
+            "decomposition": f["decomposition"],
+            "seed": f.get("seed"),
+            "stage": stage.upper(),
+            "test %": _cell(f.get(f"test_top1_{stage}"), "pct"),
+            "path": entry["path"],
+        }
+        for f in finals
+        for stage, entry in (f.get("artifacts") or {}).items()
+    ]
+    return pd.DataFrame(rows, columns=["method", "target", "decomposition", "seed", "stage", "test %", "path"])
+
+
+def factorized_layers(model: Any) -> pd.DataFrame:
+    """The factorized layers of a compressed model: name, method and ranks (the rest is dense)."""
+    rows = [
+        {"layer": name, "method": m.method, "ranks": dict(zip(RANK_NAMES[m.method], m.ranks))}
+        for name, m in model.named_modules()
+        if isinstance(m, FactorizedConv)
+    ]
+    return pd.DataFrame(rows, columns=["layer", "method", "ranks"]).set_index("layer")

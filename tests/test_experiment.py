@@ -9,18 +9,25 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import common.experiment as experiment
+from common.artifacts import file_sha256, load_compressed, read_artifact
 from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig
+from common.data import load_dataset
 from common.experiment import parse_args, run_experiment
+from common.loader import make_loader
 from common.logs import encode_value, jsonify, load_document, parse_log, run_document
+from common.proxy import final_model
 from common.search import METHODS, ProxyEvaluator
+from common.surgery import SpectraCache, plan_from_dict
+from common.train import evaluate
 
 TARGET = 3.0
 
 
 def config(log_dir: Path, checkpoint: Path | None, run_id: str, methods=METHODS, **kw) -> ExperimentConfig:
-    kw = {"targets": (TARGET,), "sensitivity_levels": (0.5, 0.2), **kw}
+    kw = {"targets": (TARGET,), "sensitivity_levels": (0.5, 0.2), "artifacts_dir": str(log_dir / "artifacts"), **kw}
     return ExperimentConfig(
         model="alexnet",
         dataset="digits",
@@ -315,6 +322,31 @@ def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
     assert ft["val_top1_ft"] == pytest.approx(max(epochs[0]["val_top1"], ft["val_top1_bn"]), abs=0.01)
     assert not list(log_file(cfg).parent.glob("*.finetune-*.pt"))  # the checkpoint goes once final is logged
 
+    # Every final model is an artifact that rebuilds, from the file alone, the model the record measured.
+    data = load_dataset("digits")
+    test = make_loader(data, "test", 500)
+    for target, stages in ((3.0, ("bn", "ft")), (2.0, ("bn",))):
+        rec = finals[target]
+        assert sorted(rec["artifacts"]) == sorted(stages)
+        for stage in stages:
+            entry = rec["artifacts"][stage]
+            path = Path(entry["path"])
+            assert path.parent == tmp_path / "artifacts" / "alexnet" / "ft" and file_sha256(path) == entry["sha256"]
+            assert path.name == f"uniform-x{target:g}-ht2{'-ft' if stage == 'ft' else ''}.pt"
+            model = load_compressed(path)
+            assert evaluate(model, test, "cpu")["top1"] == rec[f"test_top1_{stage}"]
+            doc = read_artifact(path)
+            assert doc["metrics"]["test_top1"] == rec[f"test_top1_{stage}"] and doc["extra"]["stage"] == stage
+            assert doc["plan"] == of_kind(records, "plan", target=target)[0]["plan"]
+    # BN logits to 1e-6 against the same final model built again in process
+    rec = finals[2.0]
+    dense, _ = experiment._dense_model(cfg, data)
+    plan = plan_from_dict(of_kind(records, "plan", target=2.0)[0]["plan"])
+    again = final_model(dense, plan, SpectraCache(dense), data, cfg.final_calib_images, 0, "cpu")
+    x = next(iter(test))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(load_compressed(rec["artifacts"]["bn"]["path"])(x), again(x), rtol=0, atol=1e-6)
+
 
 def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkpoint):
     """n_seeds runs every method per seed; seeds change the draws and the calibration subset."""
@@ -407,7 +439,14 @@ OTHER_VALUES = {
     "device": "cuda",  # against "cpu": "auto" is one of them on any machine
     "seed": 1,
 }
-NO_RESULT_VALUES = {"log_dir": "elsewhere", "threads": 1, "progress": False, "deadline": 123.0}
+NO_RESULT_VALUES = {
+    "log_dir": "elsewhere",
+    "artifacts": False,
+    "artifacts_dir": "elsewhere",
+    "threads": 1,
+    "progress": False,
+    "deadline": 123.0,
+}
 
 
 def test_default_run_id_hashes_every_setting_that_affects_results():

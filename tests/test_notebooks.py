@@ -248,6 +248,11 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     first = sorted(methods, key=table.index)  # (pandas may wrap wide tables into blocks of columns)
     assert first == [m for m in METHODS if m in methods]  # in common.search order
     assert "test FT %" in table and "nan" not in table.lower()
+    # the artifacts table lists a file per method and stage, and one of them loaded back shows its layers
+    listing = by_id["artifacts"].outputs[0]["data"]["text/plain"]
+    assert all(m in listing for m in methods) and "FT" in listing and "BN" in listing
+    assert len(list((tmp_path / "artifacts" / model / "smoke").glob("*.pt"))) == 2 * len(methods)
+    assert "ht2" in by_id["load"].outputs[0]["data"]["text/plain"]
     for cell in ("acc", "ranks", "sens", "trace"):
         assert any("image/png" in o.get("data", {}) for o in by_id[cell].outputs), f"{name}: no plot in {cell}"
 
