@@ -13,7 +13,11 @@ Datasets (``load_dataset(name=...)``):
   the default for tests and smoke runs.
 * ``"cifar10-jpeg"``: the ImageFolder tree ``../shared/data/cifar10-jpeg/{train,val,test}/<class>/``.
 * ``"imagefolder"``: any root with ``train/``, ``val/`` and ``test/`` ImageFolder subfolders whose
-  images all have the same size. Mean/std are computed from its train split.
+  images all have the same size. Mean/std are computed from its train split. When its decoded size
+  (estimated from a few image headers) would exceed ``memory_limit_bytes`` (default: a quarter of the
+  RAM), or with ``stream=True``, it is streamed instead: decoded on the fly by DataLoader workers with
+  the ImageNet transforms, images of any size, mean/std from a seeded train sample
+  (:mod:`common.stream`).
 * ``"cifar10"``: torchvision's CIFAR-10 binaries under ``root``. A fixed 5,000-image validation split
   (500 per class, chosen with ``CIFAR10_VAL_SEED``) is held out of the 50,000 training images, so
   train/val/test are 45,000/5,000/10,000 like cifar10-jpeg. Downloads only if ``download=True``.
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +43,9 @@ import torch.nn.functional as F
 
 from common.files import atomic_write
 from common.paths import CIFAR_JPEG_ROOT, default_cache_dir
+
+if TYPE_CHECKING:  # common.stream imports this module
+    from common.stream import StreamSplit
 
 CIFAR_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
@@ -115,17 +123,19 @@ class DatasetSplits:
 
     Attributes:
         name: dataset name (``"digits"``, ``"cifar10-jpeg"``, ...).
-        train, val, test: the splits.
+        train, val, test: the splits: in-memory :class:`TensorSplit` s, or for a streamed ImageFolder
+            :class:`common.stream.StreamSplit` s (``len``, ``labels`` and ``subset`` as a TensorSplit,
+            no ``images``); :func:`common.loader.make_loader` batches either.
         classes: class names, index = label.
         mean, std: per-channel normalization for pixel/255 inputs.
-        image_size: H (= W) of the images.
+        image_size: H (= W) of the images (a streamed dataset's crop size).
         source: absolute root path, or ``"embedded:digits"``.
     """
 
     name: str
-    train: TensorSplit
-    val: TensorSplit
-    test: TensorSplit
+    train: TensorSplit | StreamSplit
+    val: TensorSplit | StreamSplit
+    test: TensorSplit | StreamSplit
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -142,7 +152,12 @@ class DatasetSplits:
         """Whether horizontal flips are a valid augmentation (not for digits: a flipped 3 is no digit)."""
         return self.name != "digits"
 
-    def split(self, name: str) -> TensorSplit:
+    @property
+    def streaming(self) -> bool:
+        """Whether the splits are decoded on the fly (:mod:`common.stream`) rather than held in memory."""
+        return not isinstance(self.train, TensorSplit)
+
+    def split(self, name: str) -> TensorSplit | StreamSplit:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
         return getattr(self, name)
@@ -157,8 +172,12 @@ def load_dataset(
     cache_dir: str | Path | None = None,
     download: bool = False,
     workers: int | None = None,
+    stream: bool | None = None,
+    memory_limit_bytes: int | None = None,
+    crop_size: int | None = None,
+    resize_size: int | None = None,
 ) -> DatasetSplits:
-    """Load a dataset as uint8 tensors (see the module docstring for the datasets).
+    """Load a dataset as uint8 tensors, or an ImageFolder as a streamed one (see the module docstring).
 
     Args:
         name: one of ``DATASET_NAMES``.
@@ -166,7 +185,14 @@ def load_dataset(
             ``REPO/.cache/cifar10`` for cifar10. Required for imagefolder.
         cache_dir: where decoded ImageFolder splits are cached (default ``default_cache_dir()``).
         download: cifar10 only: allow torchvision to download the binaries.
-        workers: processes for the first JPEG decode (default: all CPUs).
+        workers: processes for the first JPEG decode (default: all CPUs); for a streamed dataset, the
+            DataLoader workers of its loaders (default: ``min(8, CPUs)``).
+        stream: imagefolder only: ``True`` decodes on the fly (:mod:`common.stream`), ``False`` in memory,
+            ``None`` (default) streams when the decoded splits would exceed ``memory_limit_bytes``.
+        memory_limit_bytes: imagefolder only: the limit of that decision (default: a quarter of the RAM,
+            :func:`common.stream.default_memory_limit`).
+        crop_size, resize_size: streamed only: the transforms' crop (the batches' H = W) and the eval
+            transform's shorter side (defaults 224 / 256).
 
     Raises:
         FileNotFoundError: the root or a split folder is missing.
@@ -183,10 +209,44 @@ def load_dataset(
     if name == "imagefolder":
         if root is None:
             raise ValueError("load_dataset('imagefolder') needs root=<folder with train/ val/ test/>")
-        return _load_imagefolder(Path(root), "imagefolder", cache_dir, workers, None, None)
+        return _load_imagefolder_auto(
+            Path(root), cache_dir, workers, stream, memory_limit_bytes, crop_size, resize_size
+        )
     if name == "cifar10":
         return _load_cifar10(Path(root) if root else default_cache_dir() / "cifar10", download)
     raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}")
+
+
+def _load_imagefolder_auto(
+    root: Path,
+    cache_dir: str | Path | None,
+    workers: int | None,
+    stream: bool | None,
+    memory_limit_bytes: int | None,
+    crop_size: int | None,
+    resize_size: int | None,
+) -> DatasetSplits:
+    """An ImageFolder in memory, or streamed when asked or when it would not fit (see :func:`load_dataset`)."""
+    from common import stream as st  # imports this module
+
+    root = root.resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    listing = None
+    if stream is None:
+        # listing and a few image headers per split: nothing is decoded to decide
+        listing = st.list_splits(root)
+        stream, _ = st.should_stream(listing, memory_limit_bytes)
+    if not stream:
+        return _load_imagefolder(root, "imagefolder", cache_dir, workers, None, None)
+    return st.load_streamed_imagefolder(
+        root,
+        "imagefolder",
+        listing,
+        crop_size or st.DEFAULT_CROP_SIZE,
+        resize_size or st.DEFAULT_RESIZE_SIZE,
+        workers,
+    )
 
 
 def _load_digits() -> DatasetSplits:
@@ -303,7 +363,8 @@ def _decode_chunk(paths: Sequence[str]) -> np.ndarray:
         elif a.shape != out.shape[1:]:
             raise ValueError(
                 f"image {p} has size {a.shape[1]}x{a.shape[0]}, expected "
-                f"{out.shape[2]}x{out.shape[1]} like the rest of the split"
+                f"{out.shape[2]}x{out.shape[1]} like the rest of the split "
+                "(load_dataset('imagefolder', ..., stream=True) decodes images of any size)"
             )
         out[i] = a
     return out
@@ -321,7 +382,10 @@ def decode_images(paths: Sequence[str], workers: int | None = None) -> torch.Ten
             arrays = list(ex.map(_decode_chunk, chunks))
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"images in {Path(paths[0]).parents[1]} have different sizes: {sorted(shapes)}")
+        raise ValueError(
+            f"images in {Path(paths[0]).parents[1]} have different sizes: {sorted(shapes)}; "
+            "load_dataset('imagefolder', ..., stream=True) decodes them on the fly at one crop size"
+        )
     return torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -4,7 +4,8 @@ A :class:`common.data.TensorSplit` is moved to the device once; batching, normal
 and flips are then whole-batch tensor ops there, drawn from a CPU generator seeded with
 ``(seed, epoch)`` so an epoch is the same on any device. :func:`make_loader` builds one over a split of
 a :class:`common.data.DatasetSplits` with the dataset's normalization, :func:`calibration_loader` the
-BN-calibration images.
+BN-calibration images. For a streamed dataset (:class:`common.stream.StreamSplit` splits) both return a
+:class:`common.stream.StreamLoader` instead: the same interface, images decoded by DataLoader workers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import DatasetSplits, TensorSplit
+from common.stream import StreamLoader, StreamSplit
 
 
 class BatchLoader:
@@ -154,17 +156,20 @@ def make_loader(
     seed: int = 0,
     subset: int | None = None,
     **kw,
-) -> BatchLoader:
-    """A :class:`BatchLoader` over ``data.<split>`` with the dataset's normalization.
+) -> BatchLoader | StreamLoader:
+    """A :class:`BatchLoader` over ``data.<split>`` with the dataset's normalization (a
+    :class:`common.stream.StreamLoader` when the split is streamed).
 
     Args:
         subset: keep a seeded class-stratified subset of this many images (``seed`` picks it).
-        **kw: passed to :class:`BatchLoader` (augment, drop_last, channels_last, dtype, rank, ...).
+        **kw: passed to the loader (augment, drop_last, channels_last, dtype, rank, ...; a
+            StreamLoader also takes ``workers`` and ignores ``pad``).
     """
     s = data.split(split)
     if subset is not None:
         s = s.subset(subset, seed)
-    return BatchLoader(s, batch_size, data.mean, data.std, device=device, train=train, seed=seed, **kw)
+    cls = StreamLoader if isinstance(s, StreamSplit) else BatchLoader
+    return cls(s, batch_size, data.mean, data.std, device=device, train=train, seed=seed, **kw)
 
 
 def calibration_loader(
@@ -174,14 +179,15 @@ def calibration_loader(
     batch_size: int = 250,
     device: str | torch.device = "cpu",
     channels_last: bool = False,
-) -> BatchLoader:
+) -> BatchLoader | StreamLoader:
     """The BN-calibration images: a seeded, class-stratified train subset with training augmentation.
 
     The baselines' running statistics were gathered on augmented images (random crop from reflect
     padding, flips), and the layers after each BN were fitted to those statistics: recalibrating the
     dense shared ResNet-18 on 1,024 or 4,096 plain train images gives 91.24-91.30 % val against its
     own 91.44 %, on 4,096 augmented ones 91.48 % (``tests/test_bn.py`` checks the augmented case). The
-    crops and flips are drawn from ``seed``.
+    crops and flips are drawn from ``seed`` (for a streamed dataset: RandomResizedCrop and flips, the
+    augmentation its ImageNet-style baselines are trained with).
     """
     return make_loader(
         data,
