@@ -72,6 +72,16 @@ class ExperimentConfig:
         "auto", "auto: the shared cifar10-jpeg when ../shared exists, else digits", choices=DATASET_NAMES
     )
     data_root: str | None = _option(None, "dataset root", metavar="DIR", shown="the dataset's own")
+    stream: str = _option(
+        "auto",
+        "imagefolder: decode images on the fly with DataLoader workers (on), all into memory once (off), or "
+        "stream when the decoded splits would exceed a quarter of the RAM (auto)",
+        choices=("auto", "on", "off"),
+    )
+    crop_size: int | None = _option(
+        None, "streamed imagefolder: crop size of the transforms (RandomResizedCrop / CenterCrop)", shown="224"
+    )
+    resize_size: int | None = _option(None, "streamed imagefolder: the eval transform's Resize", shown="256")
     checkpoint: str | None = _option(
         "auto",
         "state_dict path; auto: the shared baseline for cifar10-jpeg, else a baseline trained once by "

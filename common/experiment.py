@@ -167,7 +167,13 @@ def _run_logged(
     cfg: ExperimentConfig, log: RunLog, say, sha: str | None, device: torch.device, t_start: float
 ) -> list[dict]:
     """:func:`run_experiment` once its log is open: data, dense model, input identity, baseline, stages."""
-    data = load_dataset(cfg.dataset, root=cfg.data_root)
+    data = load_dataset(
+        cfg.dataset,
+        root=cfg.data_root,
+        stream={"auto": None, "on": True, "off": False}[cfg.stream],
+        crop_size=cfg.crop_size,
+        resize_size=cfg.resize_size,
+    )
     model, ckpt = _dense_model(cfg, data)
     if ckpt is not None and sha is None:  # resolved here: a shared or a cached trained baseline
         sha = inspect_checkpoint(ckpt)

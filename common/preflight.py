@@ -100,12 +100,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
 
 def input_identity(data: DatasetSplits, checkpoint_sha256: str | None) -> dict:
     """What a run's results depend on beyond its settings: the checkpoint's bytes (None: random init)
-    and the dataset as loaded (resolved name, root, split sizes). Logged in the ``config`` record."""
+    and the dataset as loaded (resolved name, root, split sizes; streamed or not, and the crop size, when
+    streamed). Logged in the ``config`` record."""
     sizes = {s: int(len(data.split(s).labels)) for s in ("train", "val", "test")}
-    return {
-        "checkpoint_sha256": checkpoint_sha256,
-        "dataset_identity": {"name": data.name, "root": data.source, "sizes": sizes},
-    }
+    identity = {"name": data.name, "root": data.source, "sizes": sizes}
+    if getattr(data, "streaming", False):  # other transforms than in memory (and logs before streaming lack it)
+        identity |= {"streamed": True, "image_size": int(data.image_size)}
+    return {"checkpoint_sha256": checkpoint_sha256, "dataset_identity": identity}
 
 
 def resume_changes(prev: dict, cfg: ExperimentConfig, device: torch.device, inputs: dict | None = None) -> list:

@@ -438,6 +438,9 @@ OTHER_VALUES = {
     "latency_devices": ("cpu",),
     "device": "cuda",  # against "cpu": "auto" is one of them on any machine
     "seed": 1,
+    "stream": "on",
+    "crop_size": 64,
+    "resize_size": 72,
 }
 NO_RESULT_VALUES = {
     "log_dir": "elsewhere",

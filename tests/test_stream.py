@@ -271,3 +271,37 @@ def test_undecodable_image_is_named(tree, tmp_path):
     data = load_dataset("imagefolder", root=root, stream=True, crop_size=SIZE, resize_size=SIZE, workers=0)
     with pytest.raises(ValueError, match="0003.jpg"):
         list(make_loader(data, "val", 16, workers=0))
+
+
+def test_an_experiment_runs_on_a_streamed_imagefolder(tree, tmp_path, monkeypatch):
+    """--stream on end to end: baseline, search, BN recalibration and evaluation through the streaming
+    loader; the log's dataset identity says it was streamed (a resume in memory is refused)."""
+    from common.config import ExperimentConfig
+    from common.experiment import run_experiment
+    from common.logs import parse_log
+
+    monkeypatch.setenv("HTD_CACHE", str(tmp_path / "cache"))
+    cfg = ExperimentConfig(
+        model="alexnet",
+        dataset="imagefolder",
+        data_root=str(tree),
+        stream="on",
+        crop_size=SIZE,
+        resize_size=SIZE,
+        checkpoint=None,
+        methods=("uniform",),
+        targets=(2.0,),
+        calib_images=30,
+        final_calib_images=60,
+        val_images=30,
+        log_dir=str(tmp_path / "logs"),
+        run_id="streamed",
+        progress=False,
+        device="cpu",
+    )
+    (final,) = run_experiment(cfg)
+    assert 0.0 <= final["test_top1_bn"] <= 1.0 and abs(final["macs_factor"] / 2.0 - 1) <= 0.03
+    records, errors = parse_log(tmp_path / "logs" / "alexnet" / "streamed.log")
+    (config,) = [r for r in records if r["kind"] == "config"]
+    assert errors == [] and config["dataset_identity"]["streamed"] is True
+    assert config["dataset_identity"]["image_size"] == SIZE and config["stream"] == "on"
