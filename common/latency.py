@@ -20,7 +20,9 @@ import torch.nn as nn
 from .device import resolve_device
 
 
-def _summary(times_ms: list[float]) -> dict:
+def summarize_times(times_ms: list[float]) -> dict:
+    """Median and 10th/90th percentiles of forward times in ms: the one summary of every timer
+    (PyTorch here, ONNX Runtime in :mod:`common.export`)."""
     t = np.asarray(times_ms, dtype=np.float64)
     return {
         "median_ms": float(np.median(t)),
@@ -71,7 +73,7 @@ def measure_latency(
     finally:
         torch.set_num_threads(old_threads)
     return {
-        **_summary(times),
+        **summarize_times(times),
         "iters": iters,
         "batch": int(input_shape[0]),
         "device": str(dev),
