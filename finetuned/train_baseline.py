@@ -34,19 +34,48 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 import torch
 import torchvision
 
+from common.bn import bn_recalibrate
 from common.data import DATASET_NAMES, atomic_torch_save, load_dataset
 from common.device import resolve_device
-from common.loader import make_loader
+from common.loader import calibration_loader, make_loader
 from common.models import MODEL_NAMES, build_model, count_params, load_checkpoint
 from common.paths import REPO
 from common.train import evaluate, finetune
 
 # defaults per dataset: chosen so that resnet18 on digits trains in < 2 min on 2 CPU cores
 DEFAULTS = {
-    "digits": {"epochs": 3.0, "batch_size": 32, "lr": 0.05, "hflip": False},
-    "cifar10-jpeg": {"epochs": 100.0, "batch_size": 512, "lr": 0.1, "hflip": True},
-    "cifar10": {"epochs": 100.0, "batch_size": 512, "lr": 0.1, "hflip": True},
-    "imagefolder": {"epochs": 30.0, "batch_size": 128, "lr": 0.05, "hflip": True},
+    "digits": {
+        "epochs": 4.5,
+        "batch_size": 32,
+        "lr": 0.05,
+        "weight_decay": 0.1,
+        "bn_recalibrate": 4096,
+        "hflip": False,
+    },
+    "cifar10-jpeg": {
+        "epochs": 100.0,
+        "batch_size": 512,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "bn_recalibrate": 0,
+        "hflip": True,
+    },
+    "cifar10": {
+        "epochs": 100.0,
+        "batch_size": 512,
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "bn_recalibrate": 0,
+        "hflip": True,
+    },
+    "imagefolder": {
+        "epochs": 30.0,
+        "batch_size": 128,
+        "lr": 0.05,
+        "weight_decay": 5e-4,
+        "bn_recalibrate": 0,
+        "hflip": True,
+    },
 }
 
 
@@ -61,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=None, help="default: per dataset (digits 3)")
     p.add_argument("--batch-size", type=int, default=None, help="default: per dataset (digits 32)")
     p.add_argument("--lr", type=float, default=None, help="OneCycle max lr (digits 0.05)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=None, help="default: per dataset (digits 0.1, else 5e-4)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--pct-start", type=float, default=0.15, help="OneCycle warm-up fraction")
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
@@ -69,6 +98,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--hflip", choices=["auto", "on", "off"], default="auto", help="horizontal flips (auto: off for digits)"
     )
     p.add_argument("--max-images", type=int, default=None, help="train on a stratified subset")
+    p.add_argument(
+        "--bn-recalibrate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after training, set BN statistics exactly on N augmented train images (0: keep the running "
+        "averages); default: per dataset (digits 4096, i.e. the whole train split, else 0)",
+    )
     p.add_argument("--init-weights", default=None, help="local state_dict to start from")
     p.add_argument("--fp16", action="store_true", help="save the state_dict in float16")
     p.add_argument("--seed", type=int, default=0)
@@ -109,6 +146,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
     epochs = args.epochs if args.epochs is not None else defaults["epochs"]
     batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
     lr = args.lr if args.lr is not None else defaults["lr"]
+    weight_decay = args.weight_decay if args.weight_decay is not None else defaults["weight_decay"]
+    recal = args.bn_recalibrate if args.bn_recalibrate is not None else defaults["bn_recalibrate"]
     hflip = defaults["hflip"] if args.hflip == "auto" else args.hflip == "on"
     device = resolve_device(args.device)
 
@@ -125,7 +164,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         batch_size=batch_size,
         lr=lr,
         optimizer="sgd",
-        weight_decay=args.weight_decay,
+        weight_decay=weight_decay,
         schedule="onecycle",
         label_smoothing=args.label_smoothing,
         max_images=args.max_images,
@@ -138,6 +177,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         progress=False if args.no_progress else f"train baseline {args.model}",
     )
     model.to(memory_format=torch.contiguous_format)
+    if recal > 0:
+        bn_recalibrate(model, calibration_loader(data, recal, args.seed, device=device), device)
     results = {
         split: evaluate(model, make_loader(data, split, 256, device=device), device) for split in ("val", "test")
     }
@@ -153,7 +194,14 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
 
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recipe.update(
-        epochs=epochs, batch_size=batch_size, lr=lr, hflip=hflip, optimizer="sgd nesterov 0.9", schedule="onecycle"
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        bn_recalibrate=recal,
+        hflip=hflip,
+        optimizer="sgd nesterov 0.9",
+        schedule="onecycle",
     )
     sidecar = {
         "model": args.model,
