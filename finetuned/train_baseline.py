@@ -12,7 +12,16 @@ date, parameter count), both atomically (temp file + ``os.replace``).
 
 Recipe: SGD (nesterov, momentum 0.9) with OneCycleLR stepped per batch, cross-entropy with optional
 label smoothing, random crop from 4-px reflect padding (+ horizontal flip except on digits, where
-mirroring changes the digit), bf16 autocast + channels_last on CUDA.
+mirroring changes the digit), bf16 autocast + channels_last on CUDA; optionally (``--bn-recalibrate``,
+on by default for digits) BN statistics set exactly on augmented train images after the last step.
+
+The digits default is short (4.5 epochs, 152 steps) with strong weight decay (0.1): with momentum 0.9 the
+decay scales a weight's random-init part by about ``exp(-10 * wd * sum(lr))``, e^-4 here as in 100 CIFAR-10
+epochs at 5e-4 (the conv kernels end at ~4 % of their init norm), so they hold learned, low-rank structure
+rather than their near-random init: the top 30 % of each 3x3 conv's channel-mode singular values keep ~75 %
+of the energy, as in the CIFAR-10 ResNet-18 (78 / 76 %), where 3 epochs at 5e-4 left ~44 %, a random init's
+value. The weights shrink so fast that BN's running averages lag them, hence the exact recalibration
+(without it, 3 epochs at weight decay 0.1 gave chance accuracy in eval mode, 98.9 % val after it).
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from common.models import MODEL_NAMES, build_model, count_params, load_checkpoin
 from common.paths import REPO
 from common.train import evaluate, finetune
 
-# defaults per dataset: chosen so that resnet18 on digits trains in < 2 min on 2 CPU cores
+# defaults per dataset; digits: resnet18 trains in ~1.6 min on 2 idle CPU cores (see the module docstring)
 DEFAULTS = {
     "digits": {
         "epochs": 4.5,
@@ -87,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="digits", choices=[d for d in DATASET_NAMES if d != "auto"])
     p.add_argument("--data-root", default=None, help="dataset root (imagefolder/cifar10/cifar10-jpeg)")
     p.add_argument("--out", default=str(REPO / "out" / "baselines"), help="output folder")
-    p.add_argument("--epochs", type=float, default=None, help="default: per dataset (digits 3)")
+    p.add_argument("--epochs", type=float, default=None, help="default: per dataset (digits 4.5)")
     p.add_argument("--batch-size", type=int, default=None, help="default: per dataset (digits 32)")
     p.add_argument("--lr", type=float, default=None, help="OneCycle max lr (digits 0.05)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: per dataset (digits 0.1, else 5e-4)")
