@@ -2,6 +2,7 @@
 # make test  - the whole test suite (builds the venv first if needed)
 # make lint  - ruff: lint and format check (config in pyproject.toml); `make format` applies the formatter
 # make run   - the main job on the embedded digits data, then logs -> json/ -> results/digits/
+#              (`make run NPROC=2`: the same job in 2 processes under torchrun, same numbers; README)
 # make clean - remove json/ and results/digits/ (logs/ and the baseline cache in .cache/ are kept)
 
 PYTHON ?= python3
@@ -21,6 +22,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 RUN_ARGS ?= --model resnet18 --dataset digits --targets 20 --n-seeds 3 --search-budget 12 \
 	--finetune-epochs 0.25 --finetune-batch-size 32 --calib-images 128 --val-images 0 --final-calib-images 256 \
 	--sensitivity-levels 0.3 --run-id make-run
+NPROC ?= 1
+LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC))
 
 .PHONY: venv test lint format run clean
 
@@ -44,7 +47,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 run: venv
-	$(PY) -m common.experiment $(RUN_ARGS)
+	$(LAUNCH) -m common.experiment $(RUN_ARGS)
 	$(PY) jsonify_logs.py logs --out json
 	$(PY) analyze_results.py --json json --out results/digits
 

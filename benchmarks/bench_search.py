@@ -9,13 +9,22 @@ sensitivity level and rank shape), and each method at the target (default 3× fe
 policy's time includes nothing it can reuse from the profile beyond the profile itself, which is
 reported separately. ``--shapes level,energy`` runs the richer per-layer space (the ablation).
 
+``--nproc N`` times the same search twice, as ``torchrun`` would run it (:mod:`common.dist`: the
+sensitivity points and each round's candidates sharded over N processes of 1 thread each) and as one
+process with N threads, checks that both choose the same plans, and prints the two times side by side.
+
     python benchmarks/bench_search.py --model resnet18 --target 3 --threads 2
+    python benchmarks/bench_search.py --nproc 2 --methods random,policy --candidates 40
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +35,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from common.data import load_dataset  # noqa: E402
+from common.dist import init_from_env, is_main  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.loader import make_loader  # noqa: E402
 from common.models import load_baseline  # noqa: E402
@@ -54,10 +64,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--final-calib-images", type=int, default=4096)
     p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="compare N processes of 1 thread (torchrun) with 1 process of N threads; --threads is then ignored",
+    )
+    p.add_argument("--json", help="write the stage times and chosen plans here (rank 0)")
     a = p.parse_args(argv)
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _compare(a, list(sys.argv[1:] if argv is None else argv))
+    init_from_env("cpu")
     torch.set_num_threads(a.threads)
     stages: dict[str, float] = {}
     t_all = time.perf_counter()
+    print = _main_print
 
     def stage(name: str, fn):
         t = time.perf_counter()
@@ -67,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return out
 
     print(
-        f"{a.model} on {cpu_name()}, {a.threads} threads, torch "
+        f"{a.model} on {cpu_name()}, {int(os.environ.get('WORLD_SIZE', '1'))} process(es) x {a.threads} threads, torch "
         f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
         f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, proxy {a.proxy}, "
         f"rerank {a.rerank}, shapes {a.shapes}",
@@ -118,7 +139,59 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             f"\nsensitivity profile + {a.candidates}-candidate policy search: {prof / 60:.1f} min "
             f"(target: <= 6 min on the 2-core machine)"
         )
+    if a.json and is_main():
+        plans = {
+            m: {"plan": {k: [v.method, list(v.ranks)] for k, v in r.plan.items()}, "score": r.score}
+            for m, r in results.items()
+        }
+        Path(a.json).write_text(json.dumps({"stages": stages, "total": total, "results": plans}, indent=1))
     return stages
+
+
+def _main_print(*args, **kw) -> None:
+    if is_main():
+        print(*args, **kw)
+
+
+def _drop(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value (either spelling)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == flag:
+            skip = True
+        elif not x.startswith(flag + "="):
+            out.append(x)
+    return out
+
+
+def _compare(a: argparse.Namespace, argv: list[str]) -> dict[str, float]:
+    """The search as ``a.nproc`` processes x 1 thread (torchrun) and as 1 process x ``a.nproc`` threads."""
+    base = _drop(_drop(_drop(argv, "--nproc"), "--threads"), "--json")
+    me = str(Path(__file__).resolve())
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    runs = {
+        f"1 process x {a.nproc} threads": [sys.executable, me, *base, "--threads", str(a.nproc)],
+        f"{a.nproc} processes x 1 thread": [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}"),
+            *(me, *base, "--threads", "1"),
+        ],
+    }
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, cmd) in enumerate(runs.items()):
+            print(f"\n=== {name} ===", flush=True)
+            subprocess.run([*cmd, "--json", f"{tmp}/{i}.json"], check=True, env=env)
+            out[name] = json.loads(Path(f"{tmp}/{i}.json").read_text())
+    (n1, r1), (n2, r2) = out.items()
+    print(f"\n{'stage':<28s} {n1:>24s} {n2:>24s} {'speed-up':>9s}")
+    for k in [*r1["stages"], "total"]:
+        t1, t2 = (r["total"] if k == "total" else r["stages"][k] for r in (r1, r2))
+        print(f"{k:<28s} {t1:22.1f} s {t2:22.1f} s {t1 / t2:8.2f}x")
+    same = {m: r1["results"][m]["plan"] == r2["results"][m]["plan"] for m in r1["results"]}
+    print("same plans chosen: " + ", ".join(f"{m} {'yes' if v else 'NO'}" for m, v in same.items()))
+    return {"speedup_total": r1["total"] / r2["total"]}
 
 
 if __name__ == "__main__":

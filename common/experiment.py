@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
+import os
 import platform
 import sys
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .artifacts import artifact_name, save_artifact
@@ -31,6 +33,7 @@ from .cost import count_model
 from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
 from .device import resolve_device
+from .dist import from_main, init_from_env, shard_map, world
 from .loader import make_loader
 from .lock import LogLockedError
 from .logs import RunLog
@@ -156,11 +159,21 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    log, say, sha = _open_log(cfg, device)
+    started = not (dist.is_available() and dist.is_initialized()) and init_from_env(device.type)
     try:
-        return _run_logged(cfg, log, say, sha, device, t_start)
+        rank, size = world()
+        if size > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if rank > 0:  # rank 0 alone prints and draws progress bars
+            cfg = dataclasses.replace(cfg, progress=False)
+        log, say, sha = _open_log(cfg, device)
+        try:
+            return _run_logged(cfg, log, say, sha, device, t_start)
+        finally:
+            log.close()  # the lock goes now, even while a traceback (a notebook's) holds the log object
     finally:
-        log.close()  # the lock goes now, even while a traceback (a notebook's) holds the log object
+        if started:
+            dist.destroy_process_group()
 
 
 def _run_logged(
@@ -188,6 +201,24 @@ def _run_logged(
 
 
 def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Callable[[str], None], str | None]:
+    """The run's log and the SHA-256 of an explicit checkpoint: opened by rank 0 (:func:`_open_main_log`),
+    whose records the other ranks of a ``torchrun`` launch follow in memory (:meth:`RunLog.follower`)."""
+    if world()[1] == 1:
+        return _open_main_log(cfg, device)
+    held = []
+
+    def open_main() -> tuple[list[dict], str | None]:
+        held.append(_open_main_log(cfg, device))
+        return held[0][0].records(), held[0][2]
+
+    records, sha = from_main(open_main)
+    if held:
+        return held[0]
+    log = RunLog.follower(cfg.log_dir, cfg.model, cfg.resolved_run_id(), records)
+    return log, _log_say(log, False), sha
+
+
+def _open_main_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Callable[[str], None], str | None]:
     """The run's log (locked; :mod:`common.preflight` checks first) and the SHA-256 of an explicit checkpoint.
 
     A log to resume must agree with ``cfg`` (:func:`resume_changes`); one whose run failed before its
@@ -236,7 +267,7 @@ def _log_inputs(cfg: ExperimentConfig, log: RunLog, device: torch.device, inputs
 
 def _dense_model(cfg: ExperimentConfig, data: DatasetSplits) -> tuple[nn.Module, Path | None]:
     """The dense model to compress (eval mode, on the CPU) and the checkpoint it was loaded from."""
-    ckpt = resolve_checkpoint(cfg, data)
+    ckpt = from_main(lambda: resolve_checkpoint(cfg, data))  # trains a missing baseline once, on rank 0
     torch.manual_seed(cfg.seed)  # checkpoint=None keeps the random init: it must be the same on resume
     model = build_model(cfg.model, num_classes=data.num_classes)
     if ckpt is not None:
@@ -253,19 +284,20 @@ def _baseline(
         return base
     t = time.perf_counter()
     size = data.image_size
-    ev = _evaluate_splits(model, data, device, "baseline" if cfg.progress else None)
-    cost = count_model(model, (1, 3, size, size))
-    lat = _latency(model, cfg, size, device) if cfg.latency else {}
-    base = log.write(
-        "baseline",
-        f"val {ev['val']['top1']:.4f} test {ev['test']['top1']:.4f}",
-        val_top1=ev["val"]["top1"],
-        test_top1=ev["test"]["top1"],
-        val_loss=ev["val"]["loss"],
-        checkpoint=str(ckpt) if ckpt else None,
-        latency=lat,
-        **cost.to_dict(),
-    )
+
+    def measure() -> dict:  # on rank 0 alone: its latency is timed on an otherwise idle machine
+        ev = _evaluate_splits(model, data, device, "baseline" if cfg.progress else None)
+        return dict(
+            val_top1=ev["val"]["top1"],
+            test_top1=ev["test"]["top1"],
+            val_loss=ev["val"]["loss"],
+            checkpoint=str(ckpt) if ckpt else None,
+            latency=_latency(model, cfg, size, device) if cfg.latency else {},
+            **count_model(model, (1, 3, size, size)).to_dict(),
+        )
+
+    payload = from_main(measure)
+    base = log.write("baseline", f"val {payload['val_top1']:.4f} test {payload['test_top1']:.4f}", **payload)
     log.write("timing", stage="baseline", seconds=time.perf_counter() - t)
     return base
 
@@ -291,26 +323,97 @@ def _stage_keys(
 
 
 def _run_stages(run: _Run) -> list[dict]:
-    """Every stage's ``final`` record (read back, or searched and finished now), then the ``end`` record."""
+    """Every stage's ``final`` record (read back, or searched and finished now), then the ``end`` record.
+
+    Budget by budget: first the plan of every stage (each search's evaluations shared by the ranks of
+    a ``torchrun`` launch), then their final models, one per rank at a time (:func:`_finish_stages`).
+    """
     cfg, log = run.cfg, run.log
     decomps = _decompositions(cfg)
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
     searchers = _build_searchers(cfg, log, run.say, run.model, run.data, run.device, [d for d, _ in decomps], seeds)
-    finals = []
-    for key in _stage_keys(cfg, decomps, seeds):
-        done = log.find("final", **key)
-        if done is not None:
-            finals.append(done)
-            continue
-        if cfg.deadline is not None and time.time() > cfg.deadline:
-            run.say(f"deadline reached before {key}; re-run with the same run id to continue")
-            log.write("end", status="deadline", wall_seconds=time.perf_counter() - run.t_start)
-            return finals
-        searcher = searchers[key["decomposition"], key["seed"]]
-        prec = _plan_record(cfg, log, searcher, key["method"], key["target"], key)
-        finals.append(_finish(run, searcher, prec, key))
+    keys = list(_stage_keys(cfg, decomps, seeds))
+    for target in cfg.targets:
+        pending = []
+        for key in (k for k in keys if k["target"] == float(target)):
+            if log.find("final", **key) is not None:
+                continue
+            if _past_deadline(run, key):
+                return _finals(log, keys)
+            searcher = searchers[key["decomposition"], key["seed"]]
+            pending.append((key, _plan_record(cfg, log, searcher, key["method"], key["target"], key)))
+        if not _finish_stages(run, searchers, pending):
+            return _finals(log, keys)
     log.write("end", status="ok", wall_seconds=time.perf_counter() - run.t_start)
-    return finals
+    return _finals(log, keys)
+
+
+def _finals(log: RunLog, keys: Sequence[dict]) -> list[dict]:
+    """The logged ``final`` records of ``keys``, in stage order."""
+    return [f for f in (log.find("final", **k) for k in keys) if f is not None]
+
+
+def _past_deadline(run: _Run, key: dict) -> bool:
+    """Whether ``cfg.deadline`` has passed (rank 0's clock decides for every rank); if so, say so and log ``end``."""
+    deadline = run.cfg.deadline
+    if deadline is None or not from_main(lambda: time.time() > deadline):
+        return False
+    run.say(f"deadline reached before {key}; re-run with the same run id to continue")
+    run.log.write("end", status="deadline", wall_seconds=time.perf_counter() - run.t_start)
+    return True
+
+
+def _finish_stages(run: _Run, searchers: dict, pending: Sequence[tuple[dict, dict]]) -> bool:
+    """Finish the planned stages ``pending`` (``(key, plan record)``): under ``torchrun`` each rank builds,
+    recalibrates, finetunes and evaluates one final model at a time (the code of a single process, so
+    the numbers are the same), and every rank logs each stage's records in stage order; False when the
+    deadline stopped it."""
+    size = world()[1]
+
+    def finish(item: tuple[dict, dict]) -> list[tuple]:
+        key, prec = item
+        searcher = searchers[key["decomposition"], key["seed"]]
+        if size == 1:  # straight into the log, as they come
+            _finish(run, searcher, prec, key)
+            return []
+        buf = _Buffered(run.log)
+        _finish(dataclasses.replace(run, log=buf, say=buf.comment), searcher, prec, key)
+        return buf.items
+
+    def replay(_: int, items: list[tuple]) -> None:
+        for kind, text, payload in items:
+            if kind == "#":
+                run.say(text)
+            else:
+                run.log.write(kind, text, **payload)
+
+    for start in range(0, len(pending), size):
+        if _past_deadline(run, pending[start][0]):
+            return False
+        shard_map(finish, pending[start : start + size], replay)
+    return True
+
+
+class _Buffered:
+    """Stands in for the run's log while one rank finishes one stage: records and comments are kept
+    (``items``, to be logged by every rank in stage order) and found again; the rest reads the log."""
+
+    def __init__(self, log: RunLog):
+        self.log, self.path, self.run_id = log, log.path, log.run_id
+        self.items: list[tuple] = []
+
+    def write(self, kind: str, text: str = "", **payload) -> dict:
+        self.items.append((kind, text, copy.deepcopy(payload)))
+        return {"kind": kind, "run_id": self.run_id, **copy.deepcopy(payload)}
+
+    def comment(self, text: str) -> None:
+        self.items.append(("#", text, None))
+
+    def find(self, kind: str, **match) -> dict | None:
+        for k, _, payload in reversed(self.items):
+            if k == kind and all(payload.get(m) == v for m, v in match.items()):
+                return {"kind": kind, **copy.deepcopy(payload)}
+        return self.log.find(kind, **match)
 
 
 def _build_searchers(
@@ -466,10 +569,14 @@ class _BestValEpoch:
         self.log, self.key = log, key
         self.val, self.epoch, self.state = val_top1, 0.0, copy.deepcopy(model.state_dict())
 
-    def __call__(self, r: dict, m: nn.Module) -> None:
-        # A run resumed from a checkpoint saved just before this epoch's record was logged sees it again.
+    def log_epoch(self, r: dict) -> None:
+        """Log epoch record ``r`` unless it is logged already (a run resumed from a checkpoint saved just
+        before or after it was logged sees it again, or never)."""
         if self.log.find("finetune_epoch", **self.key, epoch=r["epoch"]) is None:
             self.log.write("finetune_epoch", **self.key, **{k: v for k, v in r.items() if k not in self.key})
+
+    def __call__(self, r: dict, m: nn.Module) -> None:
+        self.log_epoch(r)
         if r.get("val_top1") is not None and r["val_top1"] > self.val:
             self.val, self.epoch, self.state = r["val_top1"], r["epoch"], copy.deepcopy(m.state_dict())
 
@@ -493,7 +600,7 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, ch
     if checkpoint.exists():
         run.say(f"resuming the finetuning of {key} from {checkpoint}")
     label = f"{_stage_label(key)}: finetune" if cfg.progress else None
-    finetune(
+    history = finetune(
         comp,
         run.data,
         cfg.finetune_config(key["seed"], run.data.hflip),
@@ -503,7 +610,10 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, ch
         on_epoch_end=best,
         checkpoint=checkpoint,
         say=run.say,
+        distributed=False,  # one final model per rank (common.dist): the single-process numbers
     )
+    for r in history:  # epochs restored from the checkpoint whose records did not reach the log
+        best.log_epoch(r)
     comp.load_state_dict(best.state)
     comp.to(memory_format=torch.contiguous_format).eval()
     ev = _evaluate_splits(comp, run.data, run.device, label)

@@ -228,6 +228,7 @@ class RunLog:
         self._release = weakref.finalize(self, lock.release, self._lock)
         self._records: list[dict] = []
         self.errors: list[LogError] = []
+        self._persist = True
         if self.path.exists():
             self._resume()
         else:
@@ -238,6 +239,23 @@ class RunLog:
             )
         seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
         self._next_seq = max(seqs, default=len(self._records) - 1) + 1
+
+    @classmethod
+    def follower(cls, log_dir: str | os.PathLike, model: str, run_id: str, records: list[dict]) -> RunLog:
+        """A rank-``r > 0`` copy of the log rank 0 holds (:mod:`common.dist`): it starts from ``records``
+        (rank 0's, as broadcast) and keeps what is written in memory only; no lock, no file access.
+
+        Every rank writes the same records (sharded results are gathered first), so :meth:`find`
+        answers alike on every rank while only rank 0's log reaches the disk.
+        """
+        self = cls.__new__(cls)
+        self.model, self.run_id = check_name("model", model), check_name("run_id", run_id)
+        self.path = Path(log_dir) / model / f"{run_id}.log"
+        self._release = lambda: None
+        self._records, self.errors, self._persist = [copy.deepcopy(r) for r in records], [], False
+        seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
+        self._next_seq = max(seqs, default=len(self._records) - 1) + 1
+        return self
 
     def close(self) -> None:
         """Release the log's lock (also done when the object is collected or the process ends)."""
@@ -258,6 +276,8 @@ class RunLog:
             self._append("\n")
 
     def _append(self, line: str, new_file: bool = False) -> None:
+        if not self._persist:
+            return
         # One write per record, then fsync: a crash can only cut the line being written.
         with open(self.path, "a", encoding="utf-8", newline="\n") as fh:
             fh.write(line)

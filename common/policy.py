@@ -28,29 +28,38 @@ def sensitivity_profile(
     space: SearchSpace,
     shapes: Sequence[str],
     levels: Sequence[float],
-    evaluate: Callable[[dict, dict, dict], float],
+    evaluate: Callable[[list[tuple[dict, dict, dict]], Callable[[int, float], None]], list[float]],
     progress: Callable[[str], None],
 ) -> Profile:
     """Each layer of ``space`` alone at each of ``levels`` in each of ``shapes``, scored.
 
-    ``evaluate(plan, key, extra)`` scores the one-layer ``plan``; ``key`` (layer, level, shape) names the
-    point and ``extra`` (its ranks and method) is recorded with it. ``progress`` gets one line per layer.
+    ``evaluate(points, on_done)`` scores every point ``(plan, key, extra)`` (a one-layer ``plan``; ``key``
+    (layer, level, shape) names the point and ``extra`` (its ranks and method) is recorded with it),
+    calling ``on_done(i, score)`` in index order as scores arrive; all points are listed first so they
+    can be scored in parallel (:mod:`common.dist`). ``progress`` gets one line per layer.
     """
-    out: Profile = {}
-    for i, ls in enumerate(space.layers):
-        n = ls.info.name
-        out[n] = {}
+    points, owner = [], []
+    for ls in space.layers:
         for shape in shapes:
-            pts = []
             for f in levels:
                 lp = ls.choice(f, shape)
-                key = {"layer": n, "level": float(f), "shape": shape}
-                pts.append((float(f), evaluate({n: lp}, key, {"ranks": list(lp.ranks), "method": lp.method})))
-            out[n][shape] = pts
-        progress(
-            f"sensitivity {i + 1}/{len(space.layers)} {n}: "
-            + "; ".join(f"{s} " + ", ".join(f"{f:g}->{v:.4g}" for f, v in p) for s, p in out[n].items())
-        )
+                key = {"layer": ls.info.name, "level": float(f), "shape": shape}
+                points.append(({ls.info.name: lp}, key, {"ranks": list(lp.ranks), "method": lp.method}))
+                owner.append((ls.info.name, shape, float(f)))
+    out: Profile = {ls.info.name: {shape: [] for shape in shapes} for ls in space.layers}
+    per_layer = len(shapes) * len(levels)
+
+    def done(i: int, score: float) -> None:
+        n, shape, f = owner[i]
+        out[n][shape].append((f, score))
+        if (i + 1) % per_layer == 0:
+            k = (i + 1) // per_layer
+            progress(
+                f"sensitivity {k}/{len(space.layers)} {n}: "
+                + "; ".join(f"{s} " + ", ".join(f"{f:g}->{v:.4g}" for f, v in p) for s, p in out[n].items())
+            )
+
+    evaluate(points, done)
     return out
 
 

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from torch import nn
 
+from .dist import shard_map
 from .policy import Profile, cem_refit, policy_pdf, sensitivity_profile
 from .progress import progress_bar
 from .proxy import ProxyEvaluator
@@ -212,33 +213,79 @@ class Searcher:
     def _evaluate(self, plan: Mapping[str, LayerPlan], kind: str, key: dict, extra: dict | None = None) -> float:
         """The score of ``plan`` (val top-1 for ``rerank`` records), from the recorder if this ``key``
         was already evaluated."""
-        self._bar.update()
-        key = {**self.tag, **key}
+        return self._evaluate_many([(plan, kind, key, extra)])[0]
+
+    def _evaluate_many(
+        self,
+        items: Sequence[tuple[Mapping[str, LayerPlan], str, dict, dict | None]],
+        on_done: Callable[[int, float], None] | None = None,
+    ) -> list[float]:
+        """:meth:`_evaluate` of each ``(plan, kind, key, extra)``; what the recorder lacks is scored
+        over the ranks of a ``torchrun`` launch (:func:`common.dist.shard_map`) and recorded in index
+        order. ``on_done(i, value)`` follows each item, in index order."""
+        out: list[float | None] = [None] * len(items)
+        todo = []
+        for i, (plan, kind, key, _) in enumerate(items):
+            out[i] = self._recorded(plan, kind, {**self.tag, **key})
+            if out[i] is None:
+                todo.append(i)
+
+        def record(j: int, value: float) -> None:
+            i = todo[j]
+            plan, kind, key, extra = items[i]
+            self._record(plan, kind, {**self.tag, **key}, extra, value)
+            out[i] = value
+
+        done = 0
+
+        def advance() -> None:  # report, in index order, every item up to the first still unscored one
+            nonlocal done
+            while done < len(items) and out[done] is not None:
+                self._bar.update()
+                if on_done is not None:
+                    on_done(done, out[done])
+                done += 1
+
+        def record_and_report(j: int, value: float) -> None:
+            record(j, value)
+            advance()
+
+        advance()
+        shard_map(lambda i: self._score(items[i][0], items[i][1]), todo, record_and_report)
+        return [float(v) for v in out]
+
+    def _recorded(self, plan: Mapping[str, LayerPlan], kind: str, key: dict) -> float | None:
+        """The recorded value of ``key`` (``None`` when not recorded yet)."""
         hit = self.recorder.find(kind, **key)
-        if hit is not None:
-            if hit.get("plan") not in (None, plan_to_dict(plan)):
-                raise RuntimeError(
-                    f"resumed {kind} record {key} has a different plan than this run draws: "
-                    "the log belongs to a run with other settings; use a new run id"
-                )
-            return float(hit["val_top1" if kind == "rerank" else "score"])
+        if hit is None:
+            return None
+        if hit.get("plan") not in (None, plan_to_dict(plan)):
+            raise RuntimeError(
+                f"resumed {kind} record {key} has a different plan than this run draws: "
+                "the log belongs to a run with other settings; use a new run id"
+            )
+        return float(hit["val_top1" if kind == "rerank" else "score"])
+
+    def _score(self, plan: Mapping[str, LayerPlan], kind: str) -> float:
+        return float(self.evaluator.val_top1(plan) if kind == "rerank" else self.evaluator.score(plan))
+
+    def _record(self, plan: Mapping[str, LayerPlan], kind: str, key: dict, extra: dict | None, value: float) -> None:
         f = self.space.factors(plan)
         if kind == "rerank":
-            val = self.evaluator.val_top1(plan)
-            self.recorder.write(kind, f"{key} val_top1={val:.4f}", **key, val_top1=val, plan=plan_to_dict(plan), **f)
-            return val
-        score = float(self.evaluator.score(plan))
+            self.recorder.write(
+                kind, f"{key} val_top1={value:.4f}", **key, val_top1=value, plan=plan_to_dict(plan), **f
+            )
+            return
         self.recorder.write(
             kind,
-            f"{key} {self.proxy}={score:.5g} x{f['macs_factor']:.2f} MACs",
+            f"{key} {self.proxy}={value:.5g} x{f['macs_factor']:.2f} MACs",
             **key,
-            score=score,
+            score=value,
             proxy=self.proxy,
             plan=plan_to_dict(plan),
             **f,
             **(extra or {}),
         )
-        return score
 
     @property
     def profiled(self) -> bool:
@@ -274,7 +321,9 @@ class Searcher:
                     self.space,
                     cfg.shapes,
                     cfg.sensitivity_levels,
-                    lambda plan, key, extra: self._evaluate(plan, "sensitivity", key, extra),
+                    lambda points, on_done: self._evaluate_many(
+                        [(plan, "sensitivity", key, extra) for plan, key, extra in points], on_done
+                    ),
                     self.progress,
                 )
         return self._sensitivity
@@ -348,10 +397,9 @@ class Searcher:
         if self.proxy == "top1" or self.config.rerank == 1:
             return ranked[0], None
         top = ranked[: self.config.rerank]
-        vals = [
-            self._evaluate(h["plan"], "rerank", {"method": method, "target": float(target), "index": h["index"]})
-            for h in top
-        ]
+        vals = self._evaluate_many(
+            [(h["plan"], "rerank", {"method": method, "target": float(target), "index": h["index"]}, None) for h in top]
+        )
         k = max(range(len(top)), key=lambda i: (vals[i], top[i]["score"], -top[i]["index"]))
         self.progress(
             f"{method} x{target:g}: val top-1 of the {len(top)} best-scored candidates "
@@ -412,20 +460,26 @@ class Searcher:
                 continue
             seen.add(key)
             drawn.append({"choices_drawn": ks, "plan": plan})
-        out = []
-        for j, d in enumerate(drawn):
-            idx = start + j
-            score = self._evaluate(
+        state = seed_of(rng)
+        items = [
+            (
                 d["plan"],
                 "candidate",
-                {"method": method, "target": float(target), "index": idx, "round": rnd},
-                {"rng_state": seed_of(rng), "choices_drawn": d["choices_drawn"]},
+                {"method": method, "target": float(target), "index": start + j, "round": rnd},
+                {"rng_state": state, "choices_drawn": d["choices_drawn"]},
             )
-            out.append({"index": idx, "round": rnd, "score": score, **d})
+            for j, d in enumerate(drawn)
+        ]
+        best = -math.inf
+
+        def report(j: int, score: float) -> None:
+            nonlocal best
+            best = max(best, score)
             if (j + 1) % 10 == 0 or j + 1 == len(drawn):
-                best = max(o["score"] for o in out)
                 self.progress(f"{method} x{target:g} round {rnd}: {j + 1}/{len(drawn)} evaluated, best {best:.5g}")
-        return out
+
+        scores = self._evaluate_many(items, report)
+        return [{"index": start + j, "round": rnd, "score": sc, **d} for j, (d, sc) in enumerate(zip(drawn, scores))]
 
     def _random(self, target, metric, n, seed):
         rng = np.random.default_rng(seed)

@@ -7,7 +7,8 @@ batches already on the device.
 On CUDA, :func:`finetune` uses bf16 autocast and channels_last by default; on CPU it runs fp32 and
 is deterministic for a given seed. When ``torch.distributed`` is initialized, :func:`finetune`
 wraps the model in ``DistributedDataParallel`` and every rank trains on a disjoint slice of each
-global batch (``batch_size`` is the global batch); metrics are all-reduced.
+global batch (``batch_size`` is the global batch); metrics are all-reduced. ``distributed=False``
+trains in this process alone even then (:mod:`common.experiment` finishes one final model per rank).
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def train_one_epoch(
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if on_step is not None:
             on_step(steps, [loss_sum, correct, n])
-    loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], dev)
+    if getattr(loader, "world_size", 1) > 1:  # a rank's shard; else this process trains alone
+        loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], dev)
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": int(n), "steps": steps}
 
 
@@ -299,6 +301,7 @@ def finetune(
     checkpoint: str | Path | None = None,
     checkpoint_every: float = 60.0,
     say: Callable[[str], None] | None = None,
+    distributed: bool | None = None,
     **recipe: Any,
 ) -> list[dict]:
     """Train ``model`` in place on ``data.train``; return the per-epoch history.
@@ -322,6 +325,9 @@ def finetune(
             its history at once. The file is kept: delete it once its results are stored. A checkpoint
             of another recipe or model is refused, naming the file and what differs.
         say: where the time-estimate line goes (default: ``tqdm.write``).
+        distributed: train with DDP over the initialized process group (every rank calls ``finetune``
+            with the same arguments); ``None`` = when one is initialized; ``False`` = this process alone
+            even under ``torchrun`` (how :mod:`common.experiment` finetunes one final model per rank).
 
     Returns:
         One dict per (possibly fractional) epoch: ``epoch`` (cumulative, fractional), ``images_seen``,
@@ -340,7 +346,10 @@ def finetune(
         else FinetuneConfig(epochs, **recipe)
     )
     label = progress if isinstance(progress, str) else ("finetune" if progress else None)
-    run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), label)
+    if distributed and _dist_world()[1] == 1:
+        raise ValueError("finetune(distributed=True) needs an initialized torch.distributed process group")
+    group = _dist_world() if distributed is not False else (0, 1)
+    run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), label, group)
     if checkpoint is not None:
         run.saver = _Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end)
         run.saver.restore(run)
@@ -387,6 +396,8 @@ class _FinetuneRun:
     pos: _Position = dataclasses.field(default_factory=_Position)
     saver: _Checkpointer | None = None
     say: Callable[[str], None] | None = None
+    rank: int = 0
+    world: int = 1
 
     @classmethod
     def start(
@@ -397,9 +408,11 @@ class _FinetuneRun:
         teacher: nn.Module | None,
         dev: torch.device,
         label: str | None,
+        group: tuple[int, int] = (0, 1),
     ) -> _FinetuneRun:
-        """Seed, place the models, build loaders, optimizer, schedule and progress bar (in this order)."""
-        rank, world = _dist_world()
+        """Seed, place the models, build loaders, optimizer, schedule and progress bar (in this order);
+        ``group`` is ``(rank, world_size)`` of the DDP group to train in (``(0, 1)``: alone)."""
+        rank, world = group
         if cfg.batch_size % world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world size {world}")
         channels_last, amp_dtype = cfg.precision(dev)
@@ -427,6 +440,8 @@ class _FinetuneRun:
             total_steps,
             bar,
             None if label is None else f"{label}: val",
+            rank=rank,
+            world=world,
         )
 
     def train(self, on_epoch_end: Callable[[dict, nn.Module], None] | None) -> list[dict]:
@@ -448,7 +463,8 @@ class _FinetuneRun:
 
             stats = self._epoch(min(steps_per_epoch, self.total_steps - epoch_start), on_step)
             pos.done = epoch_start + stats["steps"]
-            _sync_buffers(self.model)
+            if self.world > 1:
+                _sync_buffers(self.model)
             val = None
             if self.cfg.eval_every_epoch or pos.done >= self.total_steps:
                 val = evaluate(
@@ -548,7 +564,7 @@ class _Checkpointer:
             "recipe": recipe,
             "total_steps": run.total_steps,
             "steps_per_epoch": len(run.train_loader),
-            "world_size": _dist_world()[1],
+            "world_size": run.world,
         }
 
     def maybe_save(self, run: _FinetuneRun) -> None:
@@ -557,7 +573,7 @@ class _Checkpointer:
 
     def save(self, run: _FinetuneRun) -> None:
         self.last = time.perf_counter()
-        if _dist_world()[0] != 0:
+        if run.rank != 0:
             return
         state = {
             "format": CHECKPOINT_FORMAT,

@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         hflip=hflip,
         eval_every_epoch=False,
         progress=False if args.no_progress else f"train baseline {args.model}",
+        distributed=False,  # one process; under torchrun an experiment trains its missing baseline on rank 0
     )
     model.to(memory_format=torch.contiguous_format)
     if recal > 0:

@@ -1,0 +1,138 @@
+"""Several processes, one result: the collective helpers behind ``torchrun -m common.experiment``.
+
+Under ``torchrun`` every rank runs the same experiment code. Work whose result is a deterministic
+function of its input (a candidate's proxy score, a sensitivity point, one final model's BN
+recalibration, finetuning and evaluation) is *sharded*: :func:`shard_map` gives item ``i`` of each
+chunk of ``world_size`` items to rank ``i``, gathers the results to every rank and hands them back in
+index order, so rank 0 writes the log in the order a single process would and every rank keeps the
+same records in memory. Work that must happen once (timing, the baseline, anything read from the
+clock) runs on rank 0 and is broadcast (:func:`from_main`). Without ``torchrun`` (no ``WORLD_SIZE``
+in the environment) nothing is initialized and every helper is the plain single-process call.
+
+Ranks join with the ``gloo`` backend on the CPU and ``nccl`` on CUDA (each rank on
+``cuda:<LOCAL_RANK>``); results travel as pickled objects (:func:`torch.distributed.all_gather_object`),
+which is fine for scores and records, not for tensors of weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["from_main", "init_from_env", "is_main", "launched", "shard_map", "world"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+TIMEOUT = _dt.timedelta(hours=6)
+"""How long a rank waits in a collective: rank 0 alone may time a model or evaluate a baseline
+while the others wait, which on a CPU and ImageNet-sized data takes far longer than torch's default."""
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` (or another launcher setting ``WORLD_SIZE``) with
+    more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device_type: str) -> bool:
+    """Join the process group ``torchrun`` describes in the environment, once; return whether one is up.
+
+    ``gloo`` for ``device_type == "cpu"``, ``nccl`` for ``"cuda"`` (after selecting ``cuda:LOCAL_RANK``).
+    A no-op (``False``) without a launcher; an already initialized group is kept.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not launched():
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+    return True
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process; ``(0, 1)`` without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """Whether this process writes logs, artifacts and checkpoints (rank 0, or the only process)."""
+    return world()[0] == 0
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """``fn()`` evaluated on rank 0 only, its (picklable) result returned on every rank.
+
+    An exception on rank 0 is re-raised on every rank (as ``RuntimeError`` naming it on the others),
+    so no rank is left waiting in a collective.
+    """
+    rank, size = world()
+    if size == 1:
+        return fn()
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except BaseException as exc:  # tell the others before raising here
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RuntimeError(f"rank 0 failed: {value}")
+    return value
+
+
+def shard_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    on_result: Callable[[int, R], None] | None = None,
+) -> list[R]:
+    """``[fn(x) for x in items]`` with the items spread over the ranks, results on every rank.
+
+    Items go out in chunks of ``world_size``: item ``c * world_size + r`` is computed on rank ``r``,
+    then the chunk's results are gathered and ``on_result(i, result)`` is called for each item of it
+    in index order on every rank before the next chunk starts. A caller that records results in
+    ``on_result`` therefore loses at most one chunk when a run is killed. With one process this is
+    exactly ``fn`` then ``on_result`` per item, in order.
+
+    An exception in ``fn`` on any rank is raised on every rank after the chunk (naming the item on the
+    rank that failed), so no rank is left waiting.
+    """
+    rank, size = world()
+    out: list[R] = []
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        if size == 1:
+            results = [("ok", fn(chunk[0]))]
+        else:
+            mine: tuple[str, Any] | None = None
+            if rank < len(chunk):
+                try:
+                    mine = ("ok", fn(chunk[rank]))
+                except Exception as exc:
+                    mine = ("error", f"item {start + rank} on rank {rank}: {type(exc).__name__}: {exc}", exc)
+            gathered: list[Any] = [None] * size
+            dist.all_gather_object(gathered, mine[:2] if mine is not None else None)
+            failed = [g for g in gathered[: len(chunk)] if g[0] == "error"]
+            if failed:
+                if mine is not None and mine[0] == "error":
+                    raise mine[2]
+                raise RuntimeError("; ".join(g[1] for g in failed))
+            results = gathered[: len(chunk)]
+        for j, (_, value) in enumerate(results):
+            out.append(value)
+            if on_result is not None:
+                on_result(start + j, value)
+    return out
