@@ -3,7 +3,8 @@
 # folder PACK holding all.npz.xz (cifar10-jpeg packed by ../shared/tools/imagefolder_pack.py, then xz)
 # and <model>.pt.xz checkpoints. Nothing is built there. Logs go to $OUT/logs, seeded from the
 # committed results/logs so that a run continues where an earlier device session stopped; then the
-# CUDA latency of every 3x plan goes to $OUT/latency_cuda.csv (also resumable). Each final record carries
+# CUDA latency of every 3x plan (eager CUDA graphs, and torch.compile max-autotune) plus the 224x224 ImageNet
+# rows go to $OUT/latency_cuda.csv (also resumable). Each final record carries
 # its own CUDA latency (the summary's speed-ups); latency_cuda.csv is the standalone deployment benchmark.
 #   bash benchmarks/gpu_run.sh PACK MODELS MINUTES [LATENCY_MINUTES]
 set -euo pipefail
@@ -35,6 +36,6 @@ if [ "$lat_minutes" != 0 ]; then
   python3 jsonify_logs.py "$out/logs" --out /tmp/json >/dev/null
   [ -f results/latency_cuda.csv ] && cp -n results/latency_cuda.csv "$out/"
   python3 benchmarks/latency.py --json /tmp/json --out "$out" --device cuda --checkpoint-dir /tmp/ckpt \
-    --minutes "$lat_minutes" ${LAT_MODELS:+--models $LAT_MODELS}
+    --minutes "$lat_minutes" --compile max-autotune --imagenet ${LAT_MODELS:+--models $LAT_MODELS}
 fi
 echo "total $(( $(date +%s) - t0 ))s"

@@ -12,7 +12,10 @@ batch, checked, verified against PyTorch eager) and timed in ONNX Runtime with `
 intra-op threads (``common.export.ort_interleaved_latency``; ``--no-ort`` skips it). ``--imagenet``
 adds rows for the ImageNet architectures at 224×224 (``--imagenet-models``), with seeded random
 weights and ``uniform``/``energy`` plans built from those weights (``common.rules``, no data needed):
-speed rows, not accuracy ones.
+speed rows, not accuracy ones. ``--compile MODE`` adds columns for the dense and the deployed model
+compiled by ``torch.compile`` (inductor; ``common.latency.compile_for_inference``) in that mode, e.g.
+``default`` on the CPU or ``max-autotune`` on CUDA (inductor's own CUDA graphs, next to the eager
+CUDA-graph replay of the other columns).
 
 Settings: CPU ``cpu_b<B>`` (``--threads`` threads, fp32, contiguous vs channels_last; ``--batches`` at
 32×32, ``--imagenet-batches`` at 224×224); CUDA ``cuda_b256_bf16_graph`` at 32×32 and
@@ -24,7 +27,7 @@ continues; ``<out>/latency_<device>.md`` is rewritten from the whole CSV (the la
     python benchmarks/latency.py --json json/results --out results --device cpu --threads 2 --batches 1,64
     python benchmarks/latency.py --json json/results --out results --device cpu --imagenet --models \\
         resnet18_imagenet,vgg16_imagenet,alexnet_imagenet
-    python benchmarks/latency.py --json json/results --out results --device cuda
+    python benchmarks/latency.py --json json/results --out results --device cuda --compile max-autotune
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import torch  # noqa: E402
 
 from common.analysis import load_runs, markdown_table  # noqa: E402
 from common.deploy import fastest_latency  # noqa: E402
-from common.latency import cpu_name, interleaved_latency  # noqa: E402
+from common.latency import compile_for_inference, cpu_name, interleaved_latency  # noqa: E402
 from common.logs import records_of  # noqa: E402
 from common.models import build_model, input_size, load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR  # noqa: E402
@@ -69,6 +72,7 @@ ORT_COLUMNS = [
     "ort_max_rel_error",
     "ort_forms",
 ]
+COMPILE_COLUMNS = ["compile_mode", "compile_dense_ms", "compile_deployed_ms", "compile_speedup"]
 # every CSV row has exactly these columns, in this order (an older file is widened to them on start)
 ROW_COLUMNS = [
     "model",
@@ -89,6 +93,7 @@ ROW_COLUMNS = [
     "dense_channels_last",
     "forms",
     *ORT_COLUMNS,
+    *COMPILE_COLUMNS,
     "rounds",
     "warmup",
     "iters",
@@ -110,7 +115,8 @@ MD_FLOATS = (
     "speedup",
 )
 ORT_MD_FLOATS = ("ort_dense_ms", "ort_factorized_ms", "ort_deployed_ms", "ort_speedup_factorized", "ort_speedup")
-MD_FORMATS = dict.fromkeys((*MD_FLOATS, *ORT_MD_FLOATS, "speedup_best"), ".2f") | {"load1": ".1f"}
+COMPILE_MD_FLOATS = ("compile_dense_ms", "compile_deployed_ms", "compile_speedup")
+MD_FORMATS = dict.fromkeys((*MD_FLOATS, *ORT_MD_FLOATS, *COMPILE_MD_FLOATS, "speedup_best"), ".2f") | {"load1": ".1f"}
 IMAGENET_MODELS = "resnet18_imagenet,vgg16_imagenet,alexnet_imagenet"
 
 
@@ -216,6 +222,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--imagenet-methods", default="uniform,energy", help="rule plans of the 224×224 rows")
     p.add_argument("--imagenet-batches", default="1,8", help="CPU batch sizes at 224×224")
     p.add_argument("--imagenet-rounds", type=int, default=3, help="interleaved rounds at 224×224")
+    p.add_argument(
+        "--compile",
+        default=None,
+        metavar="MODE",
+        help="also time the dense and the deployed model compiled by torch.compile (inductor) in this mode "
+        "(e.g. default; max-autotune on CUDA, which replays CUDA graphs itself); off by default",
+    )
     p.add_argument("--minutes", type=float, default=None, help="start no new row after this long")
     return p.parse_args(argv)
 
@@ -233,6 +246,7 @@ class Bench:
     ort: bool
     onnx_dir: Path
     command: str = ""
+    compile: str | None = None
     timing_cache: dict = field(default_factory=dict)
 
     @classmethod
@@ -260,6 +274,7 @@ class Bench:
             ort=ort,
             onnx_dir=onnx_dir,
             command=command,
+            compile=a.compile,
         )
 
     def settings_for(self, size: int) -> list[dict]:
@@ -381,6 +396,39 @@ def _ort_row(bench: Bench, files: OnnxFiles, config: tuple, comp: torch.nn.Modul
     }
 
 
+def _compile_row(bench: Bench, s: dict, d: dict, dep: dict) -> dict:
+    """The torch.compile columns of one row: the dense model and the deployed one (each in the memory format
+    and partition chosen in eager mode), compiled by inductor in ``bench.compile`` mode and timed in
+    alternation. The dense model is compiled once per setting (kept in ``d``)."""
+
+    def compiled(m: dict) -> torch.nn.Module:
+        return compile_for_inference(
+            m["model"], _shape(s), bench.compile, s["device"], s["dtype"], m["channels_last"], s["threads"]
+        )
+
+    if "compiled" not in d:
+        d["compiled"] = compiled(d)
+    il = interleaved_latency(
+        {"dense": d["compiled"], "deployed": compiled(dep)},
+        _shape(s),
+        rounds=s["rounds"],
+        device=s["device"],
+        dtype=s["dtype"],
+        channels_last={"dense": d["channels_last"], "deployed": dep["channels_last"]},
+        threads=s["threads"],
+        cuda_graph=False,  # a compiled model replays CUDA graphs itself when its mode says so
+        warmup=s["warmup"],
+        iters=s["iters"],
+        reference="dense",
+    )
+    return {
+        "compile_mode": bench.compile,
+        "compile_dense_ms": il["dense"]["median_ms"],
+        "compile_deployed_ms": il["deployed"]["median_ms"],
+        "compile_speedup": il["speedup"]["deployed"],
+    }
+
+
 def _row(
     bench: Bench,
     name: str,
@@ -416,6 +464,7 @@ def _row(
         reference="dense",
     )
     ort = _ort_row(bench, files, config, comp, s) if files is not None else dict.fromkeys(ORT_COLUMNS)
+    compiled = _compile_row(bench, s, d, dep) if bench.compile else dict.fromkeys(COMPILE_COLUMNS)
     row = {
         "model": name,
         "method": method,
@@ -435,6 +484,7 @@ def _row(
         "dense_channels_last": d["channels_last"],
         "forms": ";".join(f"{f}:{n}" for f, n in sorted(dep["forms"].items())) or "as factorized",
         **ort,
+        **compiled,
         "rounds": s["rounds"],
         "warmup": s["warmup"],
         "iters": s["iters"],
@@ -645,14 +695,30 @@ def _markdown(bench: Bench, df: pd.DataFrame, argv: Sequence[str]) -> str:
             "(`ort_forms` in the CSV). *speedup_best*: the dense model in its faster runtime over the fastest "
             "compressed form in either runtime.\n\n"
         )
+    has_compile = len(df) > 0 and df["compile_speedup"].notna().any()
+    if has_compile:
+        modes = ", ".join(sorted({str(m) for m in df["compile_mode"].dropna()}))
+        header += (
+            f"*compile_*: the dense and the deployed model compiled by `torch.compile` (inductor, mode {modes}, "
+            "static shapes, no graph breaks; `common.latency.compile_for_inference`) in the memory format and "
+            "partition chosen in eager mode, compiled before timing and timed in their own interleaved rounds"
+            + (" without our CUDA-graph capture" if bench.device == "cuda" else "")
+            + ".\n\n"
+        )
     columns = [*KEY, *MD_FLOATS]
     if has_ort:
-        columns += [*ORT_MD_FLOATS, "speedup_best"]
+        columns += [*ORT_MD_FLOATS]
+    if has_compile:
+        columns += [*COMPILE_MD_FLOATS]
+    if has_ort or has_compile:
+        columns += ["speedup_best"]
     columns += ["channels_last", "forms", "load1"]
     if len(df):
         df = df.copy()
-        best_dense = df[["dense_ms", "ort_dense_ms"]].min(axis=1)
-        best_comp = df[["factorized_ms", "deployed_ms", "ort_factorized_ms", "ort_deployed_ms"]].min(axis=1)
+        best_dense = df[["dense_ms", "ort_dense_ms", "compile_dense_ms"]].min(axis=1)
+        best_comp = df[
+            ["factorized_ms", "deployed_ms", "ort_factorized_ms", "ort_deployed_ms", "compile_deployed_ms"]
+        ].min(axis=1)
         df["speedup_best"] = best_dense / best_comp
     cuda = (
         "CUDA rows: `latency_cuda.md`."
@@ -705,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
             done.to_csv(csv, index=False)  # an older file: widened once, so appended rows line up
         # while ONNX Runtime is on, a row without its timings is not done (it is measured again)
         complete = done["ort_speedup"].notna() if bench.ort else pd.Series(True, index=done.index)
+        if bench.compile:  # likewise a row without the torch.compile timings while --compile is on
+            complete &= done["compile_speedup"].notna()
         done_keys = {
             (r.model, r.method, r.decomposition, float(r.target), r.setting) for r in done[complete].itertuples()
         }

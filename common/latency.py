@@ -130,6 +130,44 @@ def _time_cuda(model: nn.Module, x: torch.Tensor, warmup: int, iters: int, cuda_
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
+def compile_for_inference(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    mode: str = "default",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    threads: int | None = None,
+) -> nn.Module:
+    """``torch.compile`` (inductor) of ``model`` for inference on ``input_shape``, compiled before returning.
+
+    The model is put in eval mode and placed like :func:`measure_latency` places it, then compiled with
+    static shapes and no graph breaks allowed (``fullgraph``: a factorized model is plain convs), on a
+    first forward under ``inference_mode``, the mode :func:`measure_latency` runs in, so timing it
+    measures the compiled code and not a recompilation. Inductor's configuration is left as it is
+    (it is part of what a compiled graph is guarded on: a setting patched here would make the next call
+    recompile). ``mode``: torch.compile's, e.g. ``"max-autotune"`` (on CUDA also replays CUDA graphs).
+    ``threads`` (CPU): compile with this many threads, the number inductor's CPU kernels are built for;
+    time it with the same ``threads``.
+    """
+    dev = resolve_device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.eval().to(device=dev, dtype=dtype, memory_format=fmt)
+    compiled = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+    old_threads = torch.get_num_threads()
+    try:
+        if threads is not None and dev.type == "cpu":
+            torch.set_num_threads(threads)
+        with torch.inference_mode():  # an inference tensor, like measure_latency's input: the guards see the same
+            x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
+            x = x.to(dev, dtype, memory_format=fmt)
+            compiled(x)
+            compiled(x)  # a second call: CUDA-graph trees record on the first warm calls
+    finally:
+        torch.set_num_threads(old_threads)
+    return compiled
+
+
 def cpu_name() -> str:
     """The CPU model name from /proc/cpuinfo (or the platform's best guess), for benchmark headers."""
     try:

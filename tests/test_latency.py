@@ -132,3 +132,69 @@ def test_latency_benchmark_table_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "interleaved_latency", lambda *a, **k: pytest.fail("re-measured a done row"))
     again = bench.main(argv)
     assert len(again) == 2 and len(pd.read_csv(tmp_path / "out" / "latency_cpu.csv")) == 2
+
+
+def test_compile_for_inference_matches_eager_and_is_not_recompiled_when_timed():
+    import torch._dynamo.utils as dynamo_utils
+
+    from common.latency import compile_for_inference
+
+    model = _model()
+    with torch.inference_mode():  # inputs as measure_latency makes them (an inference tensor)
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        ref = model(x)
+    old = torch.get_num_threads()
+    compiled = compile_for_inference(model, (2, 3, 16, 16), threads=1)
+    assert torch.get_num_threads() == old
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    r = measure_latency(compiled, (2, 3, 16, 16), threads=1, warmup=1, iters=3)
+    assert r["median_ms"] > 0
+    # timed what was compiled, nothing new (the thread count is part of dynamo's guards: same threads)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_latency_benchmark_compile_columns_and_their_resume(tmp_path, monkeypatch):
+    """--compile adds the torch.compile columns (the compiler itself is stubbed here: the test above runs it),
+    and a row timed without them is measured again while --compile is on."""
+    from benchmarks import latency as bench
+    from common.logs import RunLog, jsonify
+    from common.models import build_model
+    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+
+    torch.manual_seed(0)
+    layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
+    log = RunLog(tmp_path / "logs", "alexnet", "bench")
+    plan = plan_to_dict({layers[1].name: LayerPlan("ht2", (16, 16, 16))})
+    log.write("plan", method="uniform", target=3.0, metric="macs", decomposition="ht2", seed=0, plan=plan)
+    jsonify(log.path, tmp_path / "json")
+    argv = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]
+    argv += ["--batches", "1", "--weights", "random", "--iters", "2", "--warmup", "0", "--deploy-iters", "1"]
+    argv += ["--rounds", "1", "--no-ort"]
+    plain = bench.main(argv)
+    assert plain["compile_speedup"].isna().all() and "compile_" not in (tmp_path / "out" / "latency_cpu.md").read_text()
+    compiled = []
+
+    def fake_compile(model, shape, mode, device, dtype, channels_last, threads):
+        compiled.append((mode, tuple(shape), channels_last, threads))
+        return model
+
+    monkeypatch.setattr(bench, "compile_for_inference", fake_compile)
+    df = bench.main([*argv, "--compile", "default"])
+    assert len(df) == 1 and len(compiled) == 2  # dense and deployed, each once
+    assert {c[0] for c in compiled} == {"default"} and {c[1] for c in compiled} == {(1, 3, 32, 32)}
+    row = df.iloc[0]
+    assert row["compile_mode"] == "default" and row["compile_dense_ms"] > 0 and row["compile_deployed_ms"] > 0
+    assert row["compile_speedup"] == pytest.approx(row["compile_dense_ms"] / row["compile_deployed_ms"], rel=1e-9)
+    md = (tmp_path / "out" / "latency_cpu.md").read_text()
+    assert "compile_speedup" in md and "mode default" in md
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_for_inference_cuda_bf16():
+    from common.latency import compile_for_inference
+
+    compiled = compile_for_inference(_model(), (4, 3, 16, 16), "default", "cuda", torch.bfloat16, True)
+    r = measure_latency(compiled, (4, 3, 16, 16), "cuda", None, True, torch.bfloat16, warmup=1, iters=3)
+    assert r["median_ms"] > 0
