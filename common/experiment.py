@@ -267,7 +267,8 @@ def _log_inputs(cfg: ExperimentConfig, log: RunLog, device: torch.device, inputs
 
 def _dense_model(cfg: ExperimentConfig, data: DatasetSplits) -> tuple[nn.Module, Path | None]:
     """The dense model to compress (eval mode, on the CPU) and the checkpoint it was loaded from."""
-    ckpt = from_main(lambda: resolve_checkpoint(cfg, data))  # trains a missing baseline once, on rank 0
+    # a missing baseline is trained once, on rank 0, as a lone process would train it
+    ckpt = from_main(lambda: resolve_checkpoint(cfg, data, lone_process=world()[1] > 1))
     torch.manual_seed(cfg.seed)  # checkpoint=None keeps the random init: it must be the same on resume
     model = build_model(cfg.model, num_classes=data.num_classes)
     if ckpt is not None:

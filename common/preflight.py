@@ -20,6 +20,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +33,7 @@ from finetuned.train_baseline import main as train_baseline
 from .config import RESUME_FIELDS, ExperimentConfig
 from .data import DatasetSplits
 from .models import read_state_dict
-from .paths import CHECKPOINT_DIR, default_cache_dir
+from .paths import CHECKPOINT_DIR, REPO, default_cache_dir
 from .search import SearchConfig
 from .space import SearchSpace, check_reachable
 from .surgery import LayerInfo
@@ -140,8 +142,13 @@ def refuse_resume(run_id: str, log_path: Path, changes: Sequence[tuple[str, obje
     )
 
 
-def resolve_checkpoint(cfg: ExperimentConfig, data) -> Path | None:
-    """The baseline weights to compress: explicit path, shared baseline, or a cached trained one."""
+def resolve_checkpoint(cfg: ExperimentConfig, data, lone_process: bool = False) -> Path | None:
+    """The baseline weights to compress: explicit path, shared baseline, or a cached trained one.
+
+    ``lone_process``: train a missing baseline in a child process with the threads a process started
+    on its own gets (without ``torchrun``'s ``OMP_NUM_THREADS=1``): CPU training is not bitwise the same
+    across thread counts, and the cached baseline must be the file a single-process run trains.
+    """
     if cfg.checkpoint not in (None, "auto"):
         p = Path(cfg.checkpoint)
         if not p.exists():
@@ -171,7 +178,14 @@ def resolve_checkpoint(cfg: ExperimentConfig, data) -> Path | None:
             args += ["--data-root", cfg.data_root]
         if not cfg.progress:
             args.append("--no-progress")
-        train_baseline(args)
+        if not lone_process:
+            train_baseline(args)
+            return pt
+        if cfg.threads:  # a lone run_experiment sets them before training
+            args += ["--threads", str(cfg.threads)]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        subprocess.run([sys.executable, "-m", "finetuned.train_baseline", *args], check=True, env=env)
     return pt
 
 
