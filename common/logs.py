@@ -237,8 +237,7 @@ class RunLog:
                 "<UTC time> <KIND> <text>, then '@@' and the JSON record\n",
                 new_file=True,
             )
-        seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
-        self._next_seq = max(seqs, default=len(self._records) - 1) + 1
+        self._next_seq = self._seq_after_records()
 
     @classmethod
     def follower(cls, log_dir: str | os.PathLike, model: str, run_id: str, records: list[dict]) -> RunLog:
@@ -253,9 +252,13 @@ class RunLog:
         self.path = Path(log_dir) / model / f"{run_id}.log"
         self._release = lambda: None
         self._records, self.errors, self._persist = [copy.deepcopy(r) for r in records], [], False
-        seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
-        self._next_seq = max(seqs, default=len(self._records) - 1) + 1
+        self._next_seq = self._seq_after_records()
         return self
+
+    def _seq_after_records(self) -> int:
+        """The ``seq`` that follows the records held (after the last numbered one)."""
+        seqs = [r["seq"] for r in self._records if isinstance(r.get("seq"), int)]
+        return max(seqs, default=len(self._records) - 1) + 1
 
     def close(self) -> None:
         """Release the log's lock (also done when the object is collected or the process ends)."""

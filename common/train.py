@@ -42,9 +42,10 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum ``values`` over ranks (identity without torch.distributed)."""
-    if _dist_world()[1] == 1:
+def _sum_over_shards(values: list[float], loader: Iterable, device: torch.device) -> list[float]:
+    """Sum ``values`` over the ranks when ``loader`` is one rank's shard (``world_size > 1``); else as
+    they are, even under an initialized process group (this process alone ran over the whole loader)."""
+    if getattr(loader, "world_size", 1) == 1 or _dist_world()[1] == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -105,8 +106,7 @@ def evaluate(
             c5 += hit.any(dim=1).sum().item()
             n += len(y)
             bar.update()
-    if getattr(loader, "world_size", 1) > 1:
-        loss_sum, c1, c5, n = _all_reduce_sum([loss_sum, c1, c5, n], dev)
+    loss_sum, c1, c5, n = _sum_over_shards([loss_sum, c1, c5, n], loader, dev)
     if n == 0:
         raise ValueError("evaluate: the loader yielded no images")
     return {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": int(n)}
@@ -222,8 +222,7 @@ def train_one_epoch(
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if on_step is not None:
             on_step(steps, [loss_sum, correct, n])
-    if getattr(loader, "world_size", 1) > 1:  # a rank's shard; else this process trains alone
-        loss_sum, correct, n = _all_reduce_sum([loss_sum, correct, n], dev)
+    loss_sum, correct, n = _sum_over_shards([loss_sum, correct, n], loader, dev)
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": int(n), "steps": steps}
 
 
