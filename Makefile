@@ -1,7 +1,7 @@
 # make venv  - .venv with the pinned requirements and a "python3" Jupyter kernel running it
 # make test  - the whole test suite (builds the venv first if needed)
 # make lint  - ruff: lint and format check (config in pyproject.toml); `make format` applies the formatter
-# make run   - the main job on the embedded digits data, then logs -> json/ -> results/digits/
+# make run   - the main job on the embedded digits data, then logs -> json/digits/ -> results/digits/ (json/digits only: the other json/ folders hold the CIFAR-10 tables)
 #              (`make run NPROC=2`: the same job in 2 processes under torchrun, same numbers; README)
 # make clean - remove json/ and results/digits/ (logs/ and the baseline cache in .cache/ are kept)
 
@@ -48,8 +48,8 @@ format: venv
 
 run: venv
 	$(LAUNCH) -m common.experiment $(RUN_ARGS)
-	$(PY) jsonify_logs.py logs --out json
-	$(PY) analyze_results.py --json json --out results/digits
+	$(PY) jsonify_logs.py logs --out json/digits
+	$(PY) analyze_results.py --json json/digits --out results/digits
 
 clean:
 	rm -rf json results/digits

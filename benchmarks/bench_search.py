@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             test = f"  test {evaluate(built, make_loader(data, 'test', 500), 'cpu')['top1']:.4f}"
         val = "" if r.val_top1 is None else f"  val {r.val_top1:.4f}"
         print(
-            f"{m:<8s} {r.proxy} {r.score:.5g}{val}{test}  x{r.macs_factor:.2f} MACs  {r.evaluations} evaluations  "
+            f"{m:<13s} {r.proxy} {r.score:.5g}{val}{test}  x{r.macs_factor:.2f} MACs  {r.evaluations} evaluations  "
             f"{r.seconds:.1f} s",
             flush=True,
         )

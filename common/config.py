@@ -92,7 +92,7 @@ class ExperimentConfig:
     metric: str = _option("macs", "what the targets reduce", choices=("macs", "params"))
     methods: tuple[str, ...] = _option(METHODS, f"rank-selection methods, a subset of {','.join(METHODS)}")
     policy_tucker2: bool = _option(False, "also run the policy method with Tucker-2 layers (HT-2 for every method)")
-    search_budget: int = _option(100, "candidate evaluations of random, tpe and policy")
+    search_budget: int = _option(100, "candidate evaluations of random, tpe, policy and policy_seeded")
     n_seeds: int = _option(
         1,
         "every (target, method) at seeds seed .. seed+n_seeds-1: a seed picks the search's "

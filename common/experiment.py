@@ -51,7 +51,7 @@ from .preflight import (
     rotate_failed,
 )
 from .proxy import final_model
-from .search import SearchConfig, SearchResult, build_searcher
+from .search import POLICIES, SearchConfig, SearchResult, build_searcher
 from .surgery import LayerPlan, list_conv_layers, plan_from_dict
 from .train import evaluate, finetune
 
@@ -468,7 +468,7 @@ def _plan_record(cfg: ExperimentConfig, log: RunLog, searcher, method: str, targ
     prec = log.find("plan", **key)
     if prec is not None:
         return prec
-    if method == "policy" and not searcher.profiled:
+    if method in POLICIES and not searcher.profiled:
         t = time.perf_counter()
         searcher.sensitivity()
         log.write("timing", stage=f"sensitivity_{key['decomposition']}_s{key['seed']}", seconds=time.perf_counter() - t)

@@ -116,6 +116,8 @@ def resume_changes(prev: dict, cfg: ExperimentConfig, device: torch.device, inpu
     type) and, given ``inputs`` (:func:`input_identity`), every input identity where this run differs
     from the logged ``config`` record; what an older log does not record is not compared."""
     now = json.loads(json.dumps(dataclasses.asdict(cfg))) | {"device_type": device.type}
+    if prev.get("finetune") is False:  # older logs: a finetune switch beside the epochs; off = 0 epochs
+        prev = {**prev, "finetune_epochs": 0.0}
     keys = [("device_type" if name == "device" else name, name) for name in RESUME_FIELDS]
     if inputs is not None:
         now |= json.loads(json.dumps(inputs))

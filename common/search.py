@@ -4,16 +4,18 @@ Every method returns a plan whose total conv cost (MACs by default, or params) i
 smaller than the dense model's, within ``tol`` (±3 % by default), so methods are compared at equal
 cost (:func:`common.space.project`). Candidates are scored by a *proxy* (:mod:`common.proxy`; by
 default the label-free KL divergence to the dense model on BN-calibration train images); the searching
-methods (random, TPE, policy) then let top-1 on a fixed val subset decide among their ``rerank`` best
-candidates. Only ``val`` is ever used for selection.
+methods (random, TPE, policy, policy_seeded) then let top-1 on a fixed val subset decide among their
+``rerank`` best candidates. Only ``val`` is ever used for selection.
 
 The per-layer choices are the pairs (level, shape) of :mod:`common.space`: ``SearchConfig.levels`` ×
 ``SearchConfig.shapes``. The policy samples them from a per-layer distribution built from each layer's
 sensitivity (the proxy's loss when only that layer is compressed) and its cost, refined by
-cross-entropy steps (:mod:`common.policy`); random draws them uniformly; TPE (:mod:`common.tpe`,
-Optuna) models them. A search returns its scored candidates and :meth:`Searcher.run` picks once
-among them; the rule-based methods (uniform, energy, VBMF: :mod:`common.rules`) bisect one global
-knob.
+cross-entropy steps (:mod:`common.policy`); ``policy_seeded`` is the same search with the rule-based
+plans (uniform, energy, VBMF) among its first round's candidates, counted in its budget, so the
+selection sees them too and the elite that the cross-entropy step fits may include them; random draws
+the choices uniformly; TPE (:mod:`common.tpe`, Optuna) models them. A search returns its scored
+candidates and :meth:`Searcher.run` picks once among them; the rule-based methods (uniform, energy,
+VBMF: :mod:`common.rules`) bisect one global knob.
 
 Resumability: every sensitivity point, candidate and re-ranking goes through a *recorder*
 (:mod:`common.recorder`: a :class:`common.logs.RunLog` or a :class:`MemoryRecorder`) the moment it is
@@ -44,13 +46,16 @@ from .space import SHAPES, SearchSpace, check_reachable, energy_shaper, plan_key
 from .surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 from .tpe import tpe_search
 
-SEARCHING = ("random", "policy", "tpe")
-METHODS = RULES + SEARCHING  # uniform, energy, vbmf, random, policy, tpe
+SEARCHING = ("random", "policy", "tpe", "policy_seeded")
+METHODS = RULES + SEARCHING  # uniform, energy, vbmf, random, policy, tpe, policy_seeded
+POLICIES = ("policy", "policy_seeded")
+"""The sensitivity-guided searches (both need the sensitivity profile)."""
 METRICS = ("macs", "params")
 
 __all__ = [
     "METHODS",
     "METRICS",
+    "POLICIES",
     "SEARCHING",
     "ProxyEvaluator",
     "SearchConfig",
@@ -348,7 +353,12 @@ class Searcher:
             raise ValueError(f"{method}: the search budget must be at least 1 candidate, got {n_candidates}")
         t0 = time.perf_counter()
         if method in SEARCHING:
-            search = {"random": self._random, "policy": self._policy, "tpe": self._tpe}[method]
+            search = {
+                "random": self._random,
+                "policy": self._policy,
+                "tpe": self._tpe,
+                "policy_seeded": self._policy_seeded,
+            }[method]
             rerank = 0 if self.proxy == "top1" or self.config.rerank == 1 else self.config.rerank
             with self._bar_over(n_candidates + rerank, f"{method} x{target:g} {self._tag_text()}"):
                 hist, params = search(target, metric, n_candidates, seed)
@@ -446,10 +456,15 @@ class Searcher:
         rnd: int,
         start: int,
         seen: set,
+        fixed: Sequence[dict] = (),
     ) -> list[dict]:
         """Draw ``count`` distinct plans from ``pdf`` (per-layer choice probabilities), project each onto
-        the budget and evaluate; all draws happen before any evaluation (resume-safe)."""
-        drawn = []
+        the budget and evaluate; all draws happen before any evaluation (resume-safe).
+
+        ``fixed`` candidates (``plan``, ``choices_drawn``, ``seeded_from``) come first and take their
+        places among the ``count``; their plans are not drawn again."""
+        drawn = [dict(d) for d in fixed][:count]
+        seen.update(plan_key(d["plan"]) for d in drawn)
         for _ in range(count * 20):
             if len(drawn) == count:
                 break
@@ -466,7 +481,8 @@ class Searcher:
                 d["plan"],
                 "candidate",
                 {"method": method, "target": float(target), "index": start + j, "round": rnd},
-                {"rng_state": state, "choices_drawn": d["choices_drawn"]},
+                {"rng_state": state, "choices_drawn": d["choices_drawn"]}
+                | ({"seeded_from": d["seeded_from"]} if "seeded_from" in d else {}),
             )
             for j, d in enumerate(drawn)
         ]
@@ -486,7 +502,7 @@ class Searcher:
         pdf = np.full((len(self.space.layers), len(self.choices)), 1.0 / len(self.choices))
         return self._sample_round("random", target, metric, pdf, n, rng, 0, 0, set()), {"seed": seed}
 
-    def _policy(self, target, metric, n, seed):
+    def _policy(self, target, metric, n, seed, method="policy", fixed=()):
         rng = np.random.default_rng(seed)
         pdf, info = self.policy_pdf(target, metric)
         rounds = max(1, self.config.rounds)
@@ -494,10 +510,38 @@ class Searcher:
         hist: list[dict] = []
         seen: set = set()
         for r, count in enumerate(per_round):
-            hist += self._sample_round("policy", target, metric, pdf, count, rng, r, len(hist), seen)
+            hist += self._sample_round(
+                method, target, metric, pdf, count, rng, r, len(hist), seen, fixed if r == 0 else ()
+            )
             if r + 1 < rounds and hist:  # cross-entropy step on the elite plans' draws
                 pdf = cem_refit(pdf, hist, self.config.elite_frac, self.config.smoothing)
         return hist, {"seed": seed, "pdf": info}
+
+    def _policy_seeded(self, target, metric, n, seed):
+        """The policy with the rule-based plans (:data:`common.rules.RULES`, each once) as its first
+        candidates: they are scored like any draw and count in the ``n`` evaluations."""
+        fixed, seen = [], set()
+        for rule in RULES:
+            plan, _ = self._rule(rule, target, metric)
+            if plan_key(plan) in seen:
+                continue
+            seen.add(plan_key(plan))
+            fixed.append({"plan": plan, "choices_drawn": self.nearest_choices(plan, metric), "seeded_from": rule})
+        hist, params = self._policy(target, metric, n, seed, "policy_seeded", fixed)
+        # a first round smaller than the rule plans takes only the first of them
+        return hist, {**params, "seeded_from": [h["seeded_from"] for h in hist if "seeded_from" in h]}
+
+    def nearest_choices(self, plan: Mapping[str, LayerPlan], metric: str = "macs") -> list[int]:
+        """Per layer, the index in :attr:`choices` whose cost (``metric``) is closest to the layer's cost
+        under ``plan`` (in log ratio; ties: the earlier choice): how the cross-entropy step counts a
+        plan that was not drawn from the choices."""
+        idx = 0 if metric == "params" else 1
+        out = []
+        for ls in self.space.layers:
+            want = max(ls.cost(plan.get(ls.info.name, LayerPlan("dense")))[idx], 1)
+            gaps = [abs(math.log(max(ls.cost(ls.choice(f, s))[idx], 1) / want)) for f, s in self.choices]
+            out.append(int(np.argmin(gaps)))
+        return out
 
     def _tpe(self, target, metric, n, seed):
         """Optuna's TPE over the same per-layer choices, projection, proxy and number of evaluations."""

@@ -476,7 +476,7 @@ def test_ranks_on_a_committed_run_log(tmp_path):
     png = plot_ranks(runs, "alexnet", tmp_path / "out")
     assert png is not None and png.stat().st_size > 10_000
     data = pd.read_csv(png.with_suffix(".csv"))
-    methods = ["uniform", "energy", "vbmf", "random", "policy", "tpe"]
+    methods = ["uniform", "energy", "vbmf", "random", "policy", "tpe", "policy_seeded"]
     assert data.groupby("method").size().to_dict() == dict.fromkeys(methods, 5)  # 5 conv layers each
     assert set(data.seed) == {0} and set(data.target) == {3.0} and set(data.dataset) == {"cifar10-jpeg"}
     compressed = data[data.compressed]
@@ -757,6 +757,24 @@ def test_policy_margins_names_the_winning_rival():
     assert r["best_rival_bn"] == "uniform" and r["margin_bn"] == pytest.approx(-1.0)
     assert r["best_rival_ft"] == "uniform" and r["margin_ft"] == pytest.approx(1.0)
     assert policy_margins(df[df["method"] != "policy"]).empty
+
+
+def test_policy_margins_one_row_per_policy_run():
+    from common.analysis import policy_margins
+
+    accs = {"policy": 0.80, "policy_seeded": 0.83, "uniform": 0.81, "energy": 0.82}
+    df = pd.DataFrame(
+        [
+            {"model": "m", "target": 3.0, "method": m, "decomposition": "ht2", "seed": 0, "test_top1_bn": a}
+            for m, a in accs.items()
+        ]
+    )
+    out = policy_margins(df)
+    assert list(out["policy"]) == ["policy", "policy_seeded"]
+    assert list(out["best_rival_bn"]) == ["energy", "energy"]  # neither policy is the other's rival
+    assert list(out["margin_bn"]) == pytest.approx([-2.0, 1.0])
+    only_seeded = policy_margins(df[df["method"] != "policy"])
+    assert list(only_seeded["policy"]) == ["policy_seeded"]
 
 
 # --------------------------------------------------------------------------- several seeds

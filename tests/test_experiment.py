@@ -505,6 +505,18 @@ def test_explicit_run_id_with_other_settings_is_refused_naming_them(tmp_path, mo
     assert len(of_kind(records, "config")) == 1 and len(of_kind(records, "baseline")) == 1
 
 
+def test_an_older_log_with_finetuning_switched_off_resumes_as_zero_epochs():
+    from common.preflight import resume_changes
+
+    cfg = ExperimentConfig(device="cpu", finetune_epochs=0)
+    logged = json.loads(json.dumps(dataclasses.asdict(cfg))) | {"device_type": "cpu"}
+    # before the switch was folded into the epochs, a run without finetuning logged these two
+    old = logged | {"finetune": False, "finetune_epochs": 3.0}
+    assert resume_changes(old, cfg, torch.device("cpu")) == []
+    on = logged | {"finetune": True, "finetune_epochs": 3.0}
+    assert resume_changes(on, cfg, torch.device("cpu")) == [("finetune_epochs", 3.0, 0.0)]
+
+
 @pytest.mark.parametrize(
     "field,given,held",
     [

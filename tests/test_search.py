@@ -16,6 +16,7 @@ from common.ranks import energy_ranks
 from common.recorder import MemoryRecorder
 from common.search import (
     METHODS,
+    SEARCHING,
     SearchConfig,
     SearchSpace,
     build_searcher,
@@ -25,6 +26,7 @@ from common.search import (
     project,
     repair_plan,
 )
+from common.space import plan_key
 from common.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 
 
@@ -68,7 +70,7 @@ def test_every_method_hits_the_budget(digits, method, target):
     r = s.run(method, target, "macs", n_candidates=6, seed=1)
     assert abs(r.macs_factor / target - 1) <= 0.03, (method, target, r.macs_factor)
     assert r.score <= 0.0 and r.proxy == "kl"  # minus a KL divergence
-    if method in ("random", "policy", "tpe"):  # val top-1 decided among the best-scored candidates
+    if method in SEARCHING:  # val top-1 decided among the best-scored candidates
         assert 0.0 <= r.val_top1 <= 1.0
     assert set(r.plan) == set(s.space.names)
     # The achieved factor is the model's real conv-MAC reduction.
@@ -129,6 +131,44 @@ def test_resume_after_interruption_gives_same_result(digits):
     resumed = s2.run("policy", 3.0, n_candidates=8, seed=7)
     assert resumed.plan == full.plan and resumed.score == full.score and resumed.val_top1 == full.val_top1
     assert counted["n"] == (full.evaluations + 1 + len(s2.space.names) * 2) - 11  # only the rest is evaluated
+
+
+def test_seeded_policy_scores_the_rule_plans_first_within_its_budget(digits):
+    rec = MemoryRecorder()
+    s = make(digits, recorder=rec)
+    rules = {m: s.run(m, 3.0, seed=2).plan for m in ("uniform", "energy", "vbmf")}
+    r = s.run("policy_seeded", 3.0, n_candidates=8, seed=2)
+    cands = [c for c in rec.items if c["kind"] == "candidate" and c["method"] == "policy_seeded"]
+    assert len(cands) == r.evaluations == 8  # the rule plans count in the budget
+    distinct = list({plan_key(p): m for m, p in rules.items()}.values())
+    assert [c.get("seeded_from") for c in cands[: len(distinct)]] == distinct
+    assert all("seeded_from" not in c for c in cands[len(distinct) :])
+    for c in cands[: len(distinct)]:
+        assert c["plan"] == plan_to_dict(rules[c["seeded_from"]]) and c["round"] == 0
+        # mapped onto the nearest choices, which the cross-entropy step counts like any draw
+        assert c["choices_drawn"] == s.nearest_choices(rules[c["seeded_from"]])
+    assert r.params["seeded_from"] == distinct
+    # the pick is one of the 3 best-scored candidates, chosen on val as for the plain policy
+    top = sorted(cands, key=lambda c: (-c["score"], c["index"]))[:3]
+    assert plan_to_dict(r.plan) in [c["plan"] for c in top]
+    again = make(digits).run("policy_seeded", 3.0, n_candidates=8, seed=2)
+    assert again.plan == r.plan and again.history == r.history
+    # a first round smaller than the rule plans (2 candidates over 2 rounds) takes the first of them
+    tiny = make(digits).run("policy_seeded", 3.0, n_candidates=2, seed=2)
+    assert tiny.params["seeded_from"] == distinct[:1] and tiny.evaluations == 2
+
+
+def test_nearest_choices_maps_a_choice_plan_back_onto_itself(digits):
+    s = make(digits)
+    ks = [1, 4, len(s.choices) - 1, 0][: len(s.space.names)]
+    plan = s.space.plan(
+        {n: s.choices[k][0] for n, k in zip(s.space.names, ks)},
+        {n: s.choices[k][1] for n, k in zip(s.space.names, ks)},
+    )
+    back = s.nearest_choices(plan)
+    # the same cost per layer (choices that round to one rank triple share it: the earlier is kept)
+    for ls, k, j in zip(s.space.layers, ks, back):
+        assert ls.cost(ls.choice(*s.choices[j])) == ls.cost(ls.choice(*s.choices[k]))
 
 
 def test_policy_pdf_prefers_insensitive_large_layers(digits):

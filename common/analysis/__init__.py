@@ -59,6 +59,7 @@ from .context import RUN_COLUMNS, RUNS_COLUMNS, checkpoint_fingerprint, run_cont
 from .figures import budget_front, pareto_front, save_plot
 from .margins import (
     POLICY_MARGIN_COLUMNS,
+    POLICY_METHODS,
     POLICY_RIVALS,
     margin_verdict,
     paired_interval,
@@ -101,6 +102,7 @@ __all__ = [
     "METHOD_ORDER",
     "PLOTS",
     "POLICY_MARGIN_COLUMNS",
+    "POLICY_METHODS",
     "POLICY_RIVALS",
     "README_BEGIN",
     "README_END",

@@ -1,7 +1,7 @@
 """Does the HT-2 policy beat its rivals? Paired per-seed margins with Student-t intervals.
 
-:func:`policy_margins` compares, per run and target, the policy's test accuracy with the best
-rival's, seed by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that
+:func:`policy_margins` compares, per run, target and policy (``policy`` and ``policy_seeded``, the
+search that also starts from the rule plans), the policy's test accuracy with the best rival's, seed by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that
 shows it is :func:`common.analysis.summary.margins_section`.
 """
 
@@ -18,6 +18,7 @@ from .context import RUN_COLUMNS
 
 __all__ = [
     "POLICY_MARGIN_COLUMNS",
+    "POLICY_METHODS",
     "POLICY_RIVALS",
     "margin_verdict",
     "paired_interval",
@@ -27,6 +28,10 @@ __all__ = [
 POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
 """Methods :func:`policy_margins` compares the policy with (those present)."""
 
+POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded")
+"""The methods under test (:data:`common.search.POLICIES`; not imported from there, which would
+import torch into the analysis), each compared with :data:`POLICY_RIVALS` on its own row."""
+
 _MARGIN_FIELDS = ("best_rival", "margin", "ci_low", "ci_high", "n", "verdict", "each_rival")
 STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
 """``(stage, accuracy column)``: after BN recalibration and after finetuning."""
@@ -35,10 +40,11 @@ STAGE_NAMES = {"bn": "BN", "ft": "FT"}
 POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
     *RUN_COLUMNS,
     "target",
+    "policy",
     *(f"{field}_{stage}" for stage, _ in STAGES for field in _MARGIN_FIELDS),
 )
-"""Columns of :func:`policy_margins`: the run (:data:`~common.analysis.context.RUN_COLUMNS`) and
-target, then per stage (``bn``, ``ft``) the best rival, the mean paired
+"""Columns of :func:`policy_margins`: the run (:data:`~common.analysis.context.RUN_COLUMNS`),
+target and policy method, then per stage (``bn``, ``ft``) the best rival, the mean paired
 margin and its 95 % interval in percentage points, the number of paired seeds, the verdict and
 every rival's mean paired margin as text."""
 
@@ -99,13 +105,14 @@ def _paired_pp(policy: pd.Series, rival: pd.Series) -> np.ndarray:
     return 100.0 * (policy[common] - rival[common]).to_numpy(dtype=float)
 
 
-def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str]) -> dict[str, Any]:
-    """The :data:`_MARGIN_FIELDS` of one (model, target) group for accuracy column ``col``."""
+def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method: str = "policy") -> dict[str, Any]:
+    """The :data:`_MARGIN_FIELDS` of policy ``method`` in one (model, target) group for accuracy
+    column ``col``."""
     out: dict[str, Any] = dict.fromkeys(_MARGIN_FIELDS, math.nan)
     out.update(best_rival=None, n=0, verdict=None, each_rival=None)
     if col not in group.columns:
         return out
-    policy = _per_seed(group, "policy", col)
+    policy = _per_seed(group, method, col)
     scores = {r: s for r in rivals if not (s := _per_seed(group, r, col)).empty}
     if policy.empty or not scores:
         return out
@@ -126,8 +133,10 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str]) -> dict
     return out
 
 
-def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS) -> pd.DataFrame:
-    """Per run and target: the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
+def policy_margins(
+    df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS, policies: Sequence[str] = POLICY_METHODS
+) -> pd.DataFrame:
+    """Per run, target and policy: the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
 
     The research claim is that the policy beats every other method at equal cost; this table says,
     for each budget, whether it does beyond seed noise and which method it loses to. Methods are
@@ -144,9 +153,10 @@ def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS) -> p
             all rows share its value. Rows of other decompositions than ``ht2`` (missing counts
             as ``ht2``) are ignored.
         rivals: methods to compare with, in order of preference on ties.
+        policies: the methods under test, each on its own row (in this order) where it was run.
 
     Returns:
-        :data:`POLICY_MARGIN_COLUMNS`, one row per run and target with the policy and a rival.
+        :data:`POLICY_MARGIN_COLUMNS`, one row per run, target and policy run with a rival.
     """
     if "seed" not in df.columns:
         df = df.assign(seed=0)
@@ -154,12 +164,13 @@ def policy_margins(df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS) -> p
     rows = []
     ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
     for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False):
-        if not (g["method"] == "policy").any() or not g["method"].isin(rivals).any():
-            continue
-        row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")}
-        for stage, col in STAGES:
-            row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, col, rivals).items()})
-        rows.append(row)
+        for policy in policies:
+            if not (g["method"] == policy).any() or not g["method"].isin(rivals).any():
+                continue
+            row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")} | {"policy": policy}
+            for stage, col in STAGES:
+                row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, col, rivals, policy).items()})
+            rows.append(row)
     out = pd.DataFrame(rows, columns=list(POLICY_MARGIN_COLUMNS))
     for stage, _ in STAGES:
         out[f"n_{stage}"] = out[f"n_{stage}"].astype(int)

@@ -14,7 +14,7 @@ from common.files import atomic_write
 
 from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
 from .context import RUNS_COLUMNS, runs_table
-from .margins import POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins
+from .margins import POLICY_METHODS, POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins
 from .markdown import (
     DISPLAY_FORMATS,
     MARKDOWN_COLUMNS,
@@ -162,7 +162,14 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
     """The margins with interval cells as text, and the Markdown headers; a stage nobody
     measured (e.g. no finetuning anywhere) is left out."""
     display = margins.copy()
-    headers = {"model": "Model", "dataset": "Dataset", "checkpoint": "Checkpoint", "run_id": "Run", "target": "Target"}
+    headers = {
+        "model": "Model",
+        "dataset": "Dataset",
+        "checkpoint": "Checkpoint",
+        "run_id": "Run",
+        "target": "Target",
+        "policy": "Policy",
+    }
     for stage, _ in STAGES:
         if margins[f"best_rival_{stage}"].isna().all():
             continue
@@ -192,7 +199,9 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         "## Does the policy win?",
         "",
         "HT-2 policy minus its best rival at the same budget within the same run, in percentage "
-        f"points of test accuracy; rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
+        f"points of test accuracy, one row per policy run ({', '.join(POLICY_METHODS)}; `policy_seeded` is "
+        "the policy's search with the rule plans among its candidates); "
+        f"rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
         "highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
         "per-seed differences over the seeds both methods ran, with its 95 % Student-t "
         "confidence interval (– with a single seed). Verdict: ahead / behind when the interval "
