@@ -276,6 +276,15 @@ def test_check_target_names_the_bad_value(value):
         check_target(value)
 
 
+def test_the_analysis_knows_every_method_and_policy():
+    # common.analysis keeps its own lists (it does not import torch); they must not drift
+    from common.analysis import METHOD_ORDER, POLICY_METHODS, POLICY_RIVALS
+    from common.search import POLICIES
+
+    assert POLICY_METHODS == POLICIES and set(METHOD_ORDER) == set(METHODS)
+    assert set(POLICY_RIVALS) == set(METHODS) - set(POLICIES)
+
+
 def test_validators_pass_good_values_through():
     assert check_target(3) == 3.0 and isinstance(check_target(3), float) and check_target("2.5") == 2.5
     assert [check_method(m) for m in METHODS] == list(METHODS)

@@ -1,8 +1,9 @@
 """Does the HT-2 policy beat its rivals? Paired per-seed margins with Student-t intervals.
 
 :func:`policy_margins` compares, per run, target and policy (``policy`` and ``policy_seeded``, the
-search that also starts from the rule plans), the policy's test accuracy with the best rival's, seed by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that
-shows it is :func:`common.analysis.summary.margins_section`.
+search that also starts from the rule plans), the policy's test accuracy with the best rival's, seed
+by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that shows it is
+:func:`common.analysis.summary.margins_section`.
 """
 
 from __future__ import annotations
