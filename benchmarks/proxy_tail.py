@@ -1,0 +1,113 @@
+"""Where a plan's KL proxy score comes from: per-image KL(dense || candidate) on each seed's images.
+
+The default proxy (:mod:`common.proxy`) is minus the *mean* KL divergence over the BN-calibration
+train images (256 by default), drawn by the run's seed. A mean over a few hundred images can be
+carried by a handful of them; this prints, for plans read from a run log (its ``plan`` records) and
+for each calibration seed, the mean (the proxy, negated), the median, the largest per-image KL, the
+share of the sum carried by the ``--top`` largest and the mean without them. A diagnostic: nothing
+is selected with it.
+
+    python benchmarks/proxy_tail.py --log results/cpu/logs/resnet18/results-resnet18-cpu.log \\
+        --plans energy:0,uniform:0,policy_seeded:2 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.data import load_dataset  # noqa: E402
+from common.logs import parse_log  # noqa: E402
+from common.models import load_baseline  # noqa: E402
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
+from common.proxy import ProxyEvaluator, kl_divergence  # noqa: E402
+from common.surgery import SpectraCache, plan_from_dict  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log", required=True, help="a run log (logs/<model>/<run_id>.log)")
+    p.add_argument("--plans", required=True, help="method:seed of each plan record to read, comma-separated")
+    p.add_argument("--seeds", default="0,1,2", help="calibration seeds to score every plan on")
+    p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--top", type=int, default=3, help="how many of the largest per-image KLs to single out")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
+    p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
+    return p.parse_args(argv)
+
+
+def read_plans(log: Path, wanted: Sequence[str]) -> tuple[dict, dict]:
+    """The log's ``config`` record and ``{"method:seed": plan record}`` (the latest of each, HT-2)."""
+    records, _ = parse_log(log)
+    configs = [r for r in records if r["kind"] == "config"]
+    if not configs:
+        raise ValueError(f"{log}: no config record (is it a run log?)")
+    out = {}
+    for item in wanted:
+        method, _, seed = item.partition(":")
+        try:
+            seed_value = int(seed)
+        except ValueError:
+            raise ValueError(f"--plans: {item!r} is not method:seed (e.g. energy:0)") from None
+        found = [
+            r
+            for r in records
+            if r["kind"] == "plan"
+            and r.get("method") == method
+            and r.get("seed", 0) == seed_value
+            and r.get("decomposition", "ht2") == "ht2"
+        ]
+        if not found:
+            raise ValueError(f"{log}: no HT-2 plan record of method {method!r} at seed {seed_value}")
+        out[item] = found[-1]
+    return configs[0], out
+
+
+def per_image_kl(evaluator: ProxyEvaluator, plan: dict) -> torch.Tensor:
+    """``KL(dense || candidate)`` of every calibration image, the candidate recalibrated on them all."""
+    _, outs = evaluator.build(plan_from_dict(plan), outputs=True)
+    return torch.cat([kl_divergence(t, s.float()) for t, s in zip(evaluator.teacher_logits(), outs)])
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    config, plans = read_plans(Path(a.log), [x for x in a.plans.split(",") if x])
+    data = load_dataset(config["dataset"], root=a.data_root)
+    model = load_baseline(config["model"], a.checkpoint_dir)
+    spectra = SpectraCache(model)
+    rows = []
+    print(f"{config['model']} on {config['dataset']}: per-image KL(dense || plan), {a.calib_images} calibration images")
+    for seed in (int(s) for s in a.seeds.split(",") if s):
+        evaluator = ProxyEvaluator(model, data, spectra, calib_images=a.calib_images, seed=seed, channels_last=True)
+        for name, rec in plans.items():
+            kl = per_image_kl(evaluator, rec["plan"])
+            top = kl.sort(descending=True).values
+            row = {
+                "plan": name,
+                "seed": seed,
+                "mean": float(kl.mean()),
+                "median": float(kl.median()),
+                "max": float(top[0]),
+                "top_share": float(top[: a.top].sum() / kl.sum()),
+                "mean_without_top": float(top[a.top :].mean()),
+            }
+            rows.append(row)
+            print(
+                f"seed {seed}  {name:<18s} mean {row['mean']:.5f}  median {row['median']:.6f}  max {row['max']:.3f}  "
+                f"top-{a.top} share {row['top_share']:.0%}  mean without them {row['mean_without_top']:.5f}",
+                flush=True,
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
