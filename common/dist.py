@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["from_main", "init_from_env", "is_main", "launched", "shard_map", "world"]
+__all__ = ["from_main", "init_from_env", "initialized", "is_main", "launched", "rank_device", "shard_map", "world"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,27 +40,40 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def initialized() -> bool:
+    """Whether a process group is up (this torch build has ``torch.distributed`` and it is initialized)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The device of this rank of a multi-process launch: ``cuda:<LOCAL_RANK>`` for a CUDA ``device``
+    (each rank on its own GPU), else ``device`` as it is."""
+    if device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def init_from_env(device_type: str) -> bool:
     """Join the process group ``torchrun`` describes in the environment, once; return whether one is up.
 
     ``gloo`` for ``device_type == "cpu"``, ``nccl`` for ``"cuda"`` (after selecting ``cuda:LOCAL_RANK``).
     A no-op (``False``) without a launcher; an already initialized group is kept.
     """
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         return True
     if not launched():
         return False
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(rank_device(torch.device("cuda")))
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
     return True
 
 
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of this process; ``(0, 1)`` without an initialized process group."""
-    if dist.is_available() and dist.is_initialized():
+    if initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

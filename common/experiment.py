@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import os
 import platform
 import sys
 import time
@@ -33,7 +32,7 @@ from .cost import count_model
 from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
 from .device import resolve_device
-from .dist import from_main, init_from_env, shard_map, world
+from .dist import from_main, init_from_env, initialized, rank_device, shard_map, world
 from .loader import make_loader
 from .lock import LogLockedError
 from .logs import RunLog
@@ -159,11 +158,11 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    started = not (dist.is_available() and dist.is_initialized()) and init_from_env(device.type)
+    started = not initialized() and init_from_env(device.type)
     try:
         rank, size = world()
-        if size > 1 and device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if size > 1:
+            device = rank_device(device)
         if rank > 0:  # rank 0 alone prints and draws progress bars
             cfg = dataclasses.replace(cfg, progress=False)
         log, say, sha = _open_log(cfg, device)

@@ -31,21 +31,16 @@ from tqdm.auto import tqdm
 from common.bn import bn_recalibrate  # noqa: F401  (re-exported: the one recalibration)
 from common.data import DatasetSplits
 from common.device import resolve_device
+from common.dist import world
 from common.files import atomic_write
 from common.loader import BatchLoader, make_loader
 from common.progress import progress_bar
 
 
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _sum_over_shards(values: list[float], loader: Iterable, device: torch.device) -> list[float]:
     """Sum ``values`` over the ranks when ``loader`` is one rank's shard (``world_size > 1``); else as
     they are, even under an initialized process group (this process alone ran over the whole loader)."""
-    if getattr(loader, "world_size", 1) == 1 or _dist_world()[1] == 1:
+    if getattr(loader, "world_size", 1) == 1 or world()[1] == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -228,7 +223,7 @@ def train_one_epoch(
 
 def _sync_buffers(model: nn.Module) -> None:
     """Broadcast rank 0's buffers (BN running stats) so every rank holds the same model."""
-    if _dist_world()[1] == 1:
+    if world()[1] == 1:
         return
     for b in model.buffers():
         dist.broadcast(b, src=0)
@@ -345,9 +340,9 @@ def finetune(
         else FinetuneConfig(epochs, **recipe)
     )
     label = progress if isinstance(progress, str) else ("finetune" if progress else None)
-    if distributed and _dist_world()[1] == 1:
+    if distributed and world()[1] == 1:
         raise ValueError("finetune(distributed=True) needs an initialized torch.distributed process group")
-    group = _dist_world() if distributed is not False else (0, 1)
+    group = world() if distributed is not False else (0, 1)
     run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), label, group)
     if checkpoint is not None:
         run.saver = _Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end)
