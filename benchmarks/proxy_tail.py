@@ -27,7 +27,7 @@ from common.data import load_dataset  # noqa: E402
 from common.logs import parse_log  # noqa: E402
 from common.models import load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
-from common.proxy import ProxyEvaluator, kl_divergence  # noqa: E402
+from common.proxy import ProxyEvaluator  # noqa: E402
 from common.surgery import SpectraCache, plan_from_dict  # noqa: E402
 
 
@@ -71,12 +71,6 @@ def read_plans(log: Path, wanted: Sequence[str]) -> tuple[dict, dict]:
     return configs[0], out
 
 
-def per_image_kl(evaluator: ProxyEvaluator, plan: dict) -> torch.Tensor:
-    """``KL(dense || candidate)`` of every calibration image, the candidate recalibrated on them all."""
-    _, outs = evaluator.build(plan_from_dict(plan), outputs=True)
-    return torch.cat([kl_divergence(t, s.float()) for t, s in zip(evaluator.teacher_logits(), outs)])
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -89,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for seed in (int(s) for s in a.seeds.split(",") if s):
         evaluator = ProxyEvaluator(model, data, spectra, calib_images=a.calib_images, seed=seed, channels_last=True)
         for name, rec in plans.items():
-            kl = per_image_kl(evaluator, rec["plan"])
+            kl = torch.cat(evaluator.kl_per_image(plan_from_dict(rec["plan"])))
             top = kl.sort(descending=True).values
             row = {
                 "plan": name,

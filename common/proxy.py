@@ -139,11 +139,15 @@ class ProxyEvaluator:
         and its outputs on them if asked."""
         return recalibrated(self.model, plan, self.spectra, self.calib, self.device, self.channels_last, outputs)
 
+    def kl_per_image(self, plan: Mapping[str, LayerPlan]) -> list[torch.Tensor]:
+        """``KL(dense || candidate)`` of every calibration image (nats), one tensor per calibration batch;
+        the candidate recalibrated on them all."""
+        _, outs = self.build(plan, outputs=True)
+        return [kl_divergence(t, s.float()) for t, s in zip(self.teacher_logits(), outs)]
+
     def kl(self, plan: Mapping[str, LayerPlan]) -> float:
         """Mean ``KL(dense || candidate)`` over the calibration images (nats)."""
-        _, outs = self.build(plan, outputs=True)
-        total = sum(kl_divergence(t, s.float()).sum().item() for t, s in zip(self.teacher_logits(), outs))
-        return total / self.calib_images
+        return sum(batch.sum().item() for batch in self.kl_per_image(plan)) / self.calib_images
 
     def val_top1(self, plan: Mapping[str, LayerPlan]) -> float:
         """Top-1 of the recalibrated candidate on the val subset."""
