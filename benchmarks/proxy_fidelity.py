@@ -7,18 +7,20 @@ the target: plan 0 is the uniform plan (level f0), plan i draws per-layer levels
 ``f0 * exp(sigma * N(0, 1))`` clipped to (0.05, 1] and is projected onto the same MACs budget
 (:func:`common.space.project`, ±3 %); duplicates and plans outside the tolerance are redrawn.
 
-For every plan it records each proxy's score and seconds (``--proxies``, ``name:images``: for ``kl``
-the images are the BN-calibration/scoring train images, for ``top1`` the val images, calibrated on
-256) and the *reference*: top-1 on the whole test split after exact BN recalibration on
+For every plan it records each proxy's score and seconds (``--proxies``, ``name:images``: for a
+label-free proxy, ``logit_mse`` or ``kl``, the images are the BN-calibration/scoring train images, for
+``top1`` the val images, calibrated on 256) and the *reference*: top-1 on the whole test split after exact BN recalibration on
 ``--final-calib-images`` augmented train images (plus the whole-val top-1 of that same model), as
 ``common.experiment`` calibrates its final models. Every image subset is drawn from ``--seed``, so a
-``kl`` proxy on as many images as the reference scores the very model the reference tests. It
+label-free proxy on as many images as the reference scores the very model the reference tests. It
 then prints Kendall τ and Spearman ρ of each proxy against test top-1, the test top-1 lost by
 trusting each proxy's best plan, the seconds per candidate, the plans' test spread and the binomial
 standard error of one test accuracy, and writes them as a markdown table next to the CSV.
 
-One CSV row is appended (and fsynced) per plan, so an interrupted run resumes where it stopped; the
-plan list is a function of the seed and settings, and a stored row whose plan differs is an error.
+The CSV is rewritten (atomically, fsynced) after every plan, so an interrupted run resumes where it
+stopped; the plan list is a function of the seed and settings, and a stored row whose plan differs is
+an error. A run that asks for proxies the CSV lacks adds their columns and scores only them: the
+stored references (the expensive part) are kept.
 
     python benchmarks/proxy_fidelity.py --model resnet18 --target 3 --plans 24 --threads 2
 """
@@ -55,7 +57,7 @@ from common.latency import cpu_name  # noqa: E402
 from common.loader import make_loader  # noqa: E402
 from common.models import build_model, load_baseline, load_checkpoint  # noqa: E402
 from common.paths import CHECKPOINT_DIR, REPO  # noqa: E402
-from common.proxy import PROXIES, ProxyEvaluator  # noqa: E402
+from common.proxy import DIVERGENCE_PROXIES, PROXIES, ProxyEvaluator  # noqa: E402
 from common.search import build_searcher  # noqa: E402
 from common.space import SearchSpace, plan_key, project  # noqa: E402
 from common.surgery import LayerPlan, SpectraCache, plan_to_dict  # noqa: E402
@@ -69,28 +71,34 @@ MAX_DRAWS_PER_PLAN = 50
 
 @dataclass(frozen=True)
 class ProxySpec:
-    """One proxy setting: ``name`` in :data:`common.proxy.PROXIES` and its number of images."""
+    """One proxy setting: ``name`` in :data:`common.proxy.PROXIES`, its number of images and the seed
+    that draws them (``None``: the run's ``--seed``, the images the reference is calibrated on)."""
 
     name: str
     images: int
+    seed: int | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.name}:{self.images}"
+        return f"{self.name}:{self.images}" + ("" if self.seed is None else f"@{self.seed}")
 
     @property
     def column(self) -> str:
-        return f"{self.name}_{self.images}"
+        return f"{self.name}_{self.images}" + ("" if self.seed is None else f"_s{self.seed}")
 
 
 def parse_proxies(text: str) -> list[ProxySpec]:
-    """``"kl:256,top1:1000"`` -> specs; raises ``ValueError`` on a malformed or repeated entry."""
+    """``"kl:256,logit_mse:256@1,top1:1000"`` -> specs; raises ``ValueError`` on a malformed or repeated
+    entry."""
     specs = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
-        name, _, n = part.partition(":")
-        if name not in PROXIES or not n.isdigit() or int(n) < 2:
-            raise ValueError(f"--proxies entry {part!r}: expected NAME:IMAGES with NAME in {PROXIES} and IMAGES >= 2")
-        specs.append(ProxySpec(name, int(n)))
+        name, _, rest = part.partition(":")
+        n, at, seed = rest.partition("@")
+        if name not in PROXIES or not n.isdigit() or int(n) < 2 or (at and not seed.isdigit()):
+            raise ValueError(
+                f"--proxies entry {part!r}: expected NAME:IMAGES[@SEED] with NAME in {PROXIES}, IMAGES >= 2"
+            )
+        specs.append(ProxySpec(name, int(n), int(seed) if at else None))
     if not specs or len(set(specs)) != len(specs):
         raise ValueError(f"--proxies {text!r}: give at least one proxy, each once")
     return specs
@@ -113,8 +121,10 @@ def load_model(name: str, data: DatasetSplits, checkpoint: str | None, seed: int
 def make_evaluator(
     model: nn.Module, data: DatasetSplits, spectra: SpectraCache, spec: ProxySpec, seed: int, device: str
 ) -> ProxyEvaluator:
-    """The :class:`ProxyEvaluator` of one proxy setting (same seed, so same image subsets per size)."""
-    calib, val = (spec.images, 1000) if spec.name == "kl" else (TOP1_CALIB_IMAGES, spec.images)
+    """The :class:`ProxyEvaluator` of one proxy setting (its own seed if it has one, else ``seed``: the
+    same image subsets per size as the reference)."""
+    label_free = spec.name in DIVERGENCE_PROXIES
+    calib, val = (spec.images, 1000) if label_free else (TOP1_CALIB_IMAGES, spec.images)
     ev = ProxyEvaluator(
         model,
         data,
@@ -123,10 +133,10 @@ def make_evaluator(
         calib_images=calib,
         val_images=val,
         device=device,
-        seed=seed,
+        seed=seed if spec.seed is None else spec.seed,
         channels_last=True,
     )
-    if spec.name == "kl":
+    if label_free:
         ev.teacher_logits()  # a one-time cost: keep it out of the first plan's seconds
     return ev
 
@@ -163,35 +173,39 @@ def plan_json(plan: Mapping[str, LayerPlan]) -> str:
     return json.dumps(plan_to_dict(plan), separators=(",", ":"), sort_keys=True)
 
 
-def columns(specs: Sequence[ProxySpec]) -> list[str]:
-    cols = ["plan", "macs_factor", "plan_json"]
+HEAD = ["plan", "macs_factor", "plan_json"]
+REFERENCE = ["test_top1", "val_top1", "reference_seconds"]
+
+
+def columns(specs: Sequence[ProxySpec], stored: Sequence[str] = ()) -> list[str]:
+    """The CSV's columns: the stored file's proxy columns, then those of ``specs`` it lacks."""
+    proxy_cols = [c for c in stored if c not in HEAD + REFERENCE]
     for s in specs:
-        cols += [s.column, f"{s.column}_seconds"]
-    return cols + ["test_top1", "val_top1", "reference_seconds"]
+        proxy_cols += [c for c in (s.column, f"{s.column}_seconds") if c not in proxy_cols]
+    return HEAD + proxy_cols + REFERENCE
 
 
-def read_rows(path: Path, cols: Sequence[str]) -> list[dict]:
-    """The rows already in ``path`` (none if it does not exist); drops a torn last line."""
+def read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows already in ``path`` and its columns (none if it does not exist); drops a torn last line."""
     if not path.exists():
-        return []
+        return [], []
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # killed mid-write: the row was never complete
+    if raw and not raw.endswith(b"\n"):  # killed mid-write (older, appending versions): never complete
         keep = raw[: raw.rfind(b"\n") + 1]
         print(f"note: dropping an incomplete last line of {path}", flush=True)
         path.write_bytes(keep)
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is not None and list(reader.fieldnames) != list(cols):
-            raise ValueError(
-                f"{path} has columns {reader.fieldnames}, this run writes {list(cols)}: "
-                "other --proxies; use another --out"
-            )
-        return list(reader)
+        fields = list(reader.fieldnames or [])
+        missing = [c for c in HEAD + REFERENCE if fields and c not in fields]
+        if missing:
+            raise ValueError(f"{path}: not a proxy-fidelity CSV (no column {missing[0]!r}); use another --out")
+        return list(reader), fields
 
 
-def check_resumed(rows: Sequence[dict], plans: Sequence[Mapping[str, LayerPlan]], path: Path) -> set[int]:
-    """Indices already measured; raises if a stored plan is not the one this run draws at that index."""
-    done = set()
+def check_resumed(rows: Sequence[dict], plans: Sequence[Mapping[str, LayerPlan]], path: Path) -> dict[int, dict]:
+    """The stored rows by plan index; raises if a stored plan is not the one this run draws at that index."""
+    done = {}
     for row in rows:
         i = int(row["plan"])
         if i < len(plans) and row["plan_json"] != plan_json(plans[i]):
@@ -199,21 +213,22 @@ def check_resumed(rows: Sequence[dict], plans: Sequence[Mapping[str, LayerPlan]]
                 f"{path}: stored plan {i} differs from the plan this run draws (other --model, "
                 "--target, --sigma, --seed or checkpoint?); use another --out"
             )
-        done.add(i)
+        done[i] = row
     return done
 
 
-def append_row(path: Path, cols: Sequence[str], row: Mapping) -> None:
-    """Append one row durably (header first if the file is new): a crash loses at most this row."""
-    new = not path.exists() or path.stat().st_size == 0
+def write_rows(path: Path, cols: Sequence[str], rows: Sequence[Mapping]) -> None:
+    """Replace ``path`` by ``rows`` (sorted by plan) atomically and durably: a crash leaves the old file
+    or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(cols))
-        if new:
-            w.writeheader()
-        w.writerow(row)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(cols), restval="")
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: int(r["plan"])))
         fh.flush()
         os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def reference(ref: ProxyEvaluator, test_loader, plan: Mapping[str, LayerPlan]) -> dict:
@@ -230,16 +245,22 @@ def evaluate_plan(
     plan: Mapping[str, LayerPlan],
     space: SearchSpace,
     evaluators: Mapping[ProxySpec, ProxyEvaluator],
-    ref: ProxyEvaluator,
+    ref: ProxyEvaluator | None,
     test_loader,
 ) -> dict:
-    """One CSV row: every proxy's score and seconds, and the reference accuracies."""
+    """A CSV row's new cells: each of ``evaluators``' score and seconds, and (``ref`` given) the
+    reference accuracies."""
     row: dict = {"plan": index, "macs_factor": space.factor(plan, "macs"), "plan_json": plan_json(plan)}
     for spec, ev in evaluators.items():
         t = time.perf_counter()
         row[spec.column] = float(ev.score(plan))
         row[f"{spec.column}_seconds"] = time.perf_counter() - t
-    return {**row, **reference(ref, test_loader, plan)}
+    return row if ref is None else {**row, **reference(ref, test_loader, plan)}
+
+
+def missing_specs(row: Mapping | None, specs: Sequence[ProxySpec]) -> list[ProxySpec]:
+    """The proxies ``row`` has no score of (all of them for a plan not measured yet)."""
+    return list(specs) if row is None else [s for s in specs if not row.get(s.column)]
 
 
 def _correlations(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -312,9 +333,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="draws the plans; picks every image subset")
     p.add_argument(
         "--proxies",
-        default="kl:256,kl:1024,top1:1000",
-        help="NAME:IMAGES,...: kl: calibration (= scoring) images; top1: val images (calibrated "
-        f"on {TOP1_CALIB_IMAGES})",
+        default="logit_mse:256,kl:256,logit_mse:1024,kl:1024,top1:1000",
+        help="NAME:IMAGES[@SEED],...: logit_mse, kl: calibration (= scoring) images; top1: val images "
+        f"(calibrated on {TOP1_CALIB_IMAGES}); @SEED draws them with another seed than --seed",
     )
     p.add_argument("--final-calib-images", type=int, default=1024, help="BN calibration of the reference")
     p.add_argument("--threads", type=int, default=2)
@@ -355,41 +376,58 @@ def main(argv: Sequence[str] | None = None) -> dict:
     uniform = searcher.run("uniform", a.target, "macs")
     f0 = float(uniform.params["level"])
     plans = draw_plans(searcher.space, uniform.plan, f0, a.plans, a.sigma, a.target, a.seed)
-    cols = columns(specs)
-    done = check_resumed(read_rows(out, cols), plans, out)
+    stored_rows, stored_cols = read_rows(out)
+    cols = columns(specs, stored_cols)
+    done = check_resumed(stored_rows, plans, out)
+    todo = {i: missing_specs(done.get(i), specs) for i in range(len(plans))}
+    todo = {i: m for i, m in todo.items() if m}
     print(
         f"uniform level {f0:.4f} (x{uniform.macs_factor:.3f}); {len(plans)} plans, "
-        f"{len(done & set(range(len(plans))))} already in {out}",
+        f"{sum(i in done for i in range(len(plans)))} already in {out}; "
+        f"{sum(i not in done for i in todo)} to measure, {sum(i in done for i in todo)} to score with more proxies",
         flush=True,
     )
 
-    todo = [i for i in range(len(plans)) if i not in done]
     if todo:
-        evaluators = {s: make_evaluator(model, data, searcher.spectra, s, a.seed, a.device) for s in specs}
-        ref = ProxyEvaluator(
-            model,
-            data,
-            searcher.spectra,
-            "top1",
-            calib_images=a.final_calib_images,
-            val_images=None,
-            device=a.device,
-            seed=a.seed,
-            channels_last=True,
-        )
-        test_loader = make_loader(data, "test", 500, device=a.device, channels_last=True)
-        for i in todo:
-            row = evaluate_plan(i, plans[i], searcher.space, evaluators, ref, test_loader)
-            append_row(out, cols, row)
+        needed = {s for m in todo.values() for s in m}
+        evaluators = {
+            s: make_evaluator(model, data, searcher.spectra, s, a.seed, a.device) for s in specs if s in needed
+        }
+        ref, test_loader = None, None
+        if any(i not in done for i in todo):  # plans without a reference yet
+            ref = ProxyEvaluator(
+                model,
+                data,
+                searcher.spectra,
+                "top1",
+                calib_images=a.final_calib_images,
+                val_images=None,
+                device=a.device,
+                seed=a.seed,
+                channels_last=True,
+            )
+            test_loader = make_loader(data, "test", 500, device=a.device, channels_last=True)
+        rows_by_index = {int(r["plan"]): r for r in stored_rows}  # also keeps rows of a longer plan list
+        for i, specs_i in todo.items():
+            new = evaluate_plan(
+                i,
+                plans[i],
+                searcher.space,
+                {s: evaluators[s] for s in specs_i},
+                None if i in done else ref,
+                test_loader,
+            )
+            row = rows_by_index[i] = {**rows_by_index.get(i, {}), **new}
+            write_rows(out, cols, list(rows_by_index.values()))
             print(
                 f"plan {i:3d} x{row['macs_factor']:.3f}  "
-                + "  ".join(f"{s.label} {row[s.column]:.5g} ({row[s.column + '_seconds']:.1f}s)" for s in specs)
-                + f"  test {row['test_top1']:.4f}  val {row['val_top1']:.4f}",
+                + "  ".join(f"{s.label} {row[s.column]:.5g} ({row[s.column + '_seconds']:.1f}s)" for s in specs_i)
+                + f"  test {float(row['test_top1']):.4f}  val {float(row['val_top1']):.4f}",
                 flush=True,
             )
 
-    by_index = {int(r["plan"]): r for r in read_rows(out, cols) if int(r["plan"]) < len(plans)}
-    rows = [by_index[i] for i in sorted(by_index)]  # one row per plan even if two runs shared the file
+    by_index = {int(r["plan"]): r for r in read_rows(out)[0] if int(r["plan"]) < len(plans)}
+    rows = [by_index[i] for i in sorted(by_index)]
     summary = summarize(rows, specs, len(data.test))
     lines = report_lines(summary)
     print("\n" + "\n".join(lines), flush=True)

@@ -1,11 +1,13 @@
-"""Where a plan's KL proxy score comes from: per-image KL(dense || candidate) on each seed's images.
+"""Where a plan's label-free proxy score comes from: the per-image divergence to the dense model on
+each seed's images.
 
-The default proxy (:mod:`common.proxy`) is minus the *mean* KL divergence over the BN-calibration
-train images (256 by default), drawn by the run's seed. A mean over a few hundred images can be
-carried by a handful of them; this prints, for plans read from a run log (its ``plan`` records) and
-for each calibration seed, the mean (the proxy, negated), the median, the largest per-image KL, the
-share of the sum carried by the ``--top`` largest and the mean without them. A diagnostic: nothing
-is selected with it.
+A label-free proxy (:mod:`common.proxy`) is minus the *mean* per-image divergence (``kl`` or
+``logit_mse``) over the BN-calibration train images (256 by default), drawn by the run's seed. A mean
+over a few hundred images can be carried by a handful of them; this prints, for plans read from a run
+log (its ``plan`` records) and for each calibration seed, the mean (the proxy, negated), the median,
+the largest per-image divergence, the share of the sum carried by the ``--top`` largest and the mean
+without them. ``--divergence`` defaults to the run's own proxy (``kl`` for a ``top1`` run). A
+diagnostic: nothing is selected with it.
 
     python benchmarks/proxy_tail.py --log results/cpu/logs/resnet18/results-resnet18-cpu.log \\
         --plans energy:0,uniform:0,policy_seeded:2 --seeds 0,1,2
@@ -27,7 +29,7 @@ from common.data import load_dataset  # noqa: E402
 from common.logs import parse_log  # noqa: E402
 from common.models import load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
-from common.proxy import ProxyEvaluator  # noqa: E402
+from common.proxy import DIVERGENCES, ProxyEvaluator  # noqa: E402
 from common.surgery import SpectraCache, plan_from_dict  # noqa: E402
 
 
@@ -37,7 +39,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plans", required=True, help="method:seed of each plan record to read, comma-separated")
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds to score every plan on")
     p.add_argument("--calib-images", type=int, default=256)
-    p.add_argument("--top", type=int, default=3, help="how many of the largest per-image KLs to single out")
+    p.add_argument(
+        "--divergence", default=None, choices=tuple(DIVERGENCES), help="per-image divergence (default: the run's proxy)"
+    )
+    p.add_argument("--top", type=int, default=3, help="how many of the largest per-image divergences to single out")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
@@ -79,19 +84,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     model = load_baseline(config["model"], a.checkpoint_dir)
     spectra = SpectraCache(model)
     rows = []
-    print(f"{config['model']} on {config['dataset']}: per-image KL(dense || plan), {a.calib_images} calibration images")
+    divergence = a.divergence or (config.get("proxy") if config.get("proxy") in DIVERGENCES else "kl")
+    print(
+        f"{config['model']} on {config['dataset']}: per-image {divergence}(dense, plan), "
+        f"{a.calib_images} calibration images"
+    )
     for seed in (int(s) for s in a.seeds.split(",") if s):
         evaluator = ProxyEvaluator(model, data, spectra, calib_images=a.calib_images, seed=seed, channels_last=True)
         for name, rec in plans.items():
-            kl = torch.cat(evaluator.kl_per_image(plan_from_dict(rec["plan"])))
-            top = kl.sort(descending=True).values
+            d = torch.cat(evaluator.per_image(plan_from_dict(rec["plan"]), divergence))
+            top = d.sort(descending=True).values
             row = {
                 "plan": name,
                 "seed": seed,
-                "mean": float(kl.mean()),
-                "median": float(kl.median()),
+                "mean": float(d.mean()),
+                "median": float(d.median()),
                 "max": float(top[0]),
-                "top_share": float(top[: a.top].sum() / kl.sum()),
+                "top_share": float(top[: a.top].sum() / d.sum()),
                 "mean_without_top": float(top[a.top :].mean()),
             }
             rows.append(row)

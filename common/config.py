@@ -98,7 +98,11 @@ class ExperimentConfig:
         "every (target, method) at seeds seed .. seed+n_seeds-1: a seed picks the search's "
         "draws and the proxy's calibration subset",
     )
-    proxy: str = _option("kl", "candidate score: kl (label-free, to the dense model) or top1 (val)", choices=PROXIES)
+    proxy: str = _option(
+        "logit_mse",
+        "candidate score: logit_mse or kl (label-free divergences to the dense model) or top1 (val)",
+        choices=PROXIES,
+    )
     rerank: int = _option(SearchConfig.rerank, "val top-1 decides among this many best-scored candidates")
     shapes: tuple[str, ...] = _option(
         SearchConfig.shapes, "per-layer rank shapes the searches may choose: level and/or energy"
@@ -114,7 +118,7 @@ class ExperimentConfig:
         None, "finetune on a stratified subset of this many train images", shown="all"
     )
     distill: bool = _option(True, "finetune with distillation from the dense model")
-    calib_images: int = _option(256, "proxy: BN-recalibration (and KL-scoring) train images of each candidate")
+    calib_images: int = _option(256, "proxy: BN-recalibration (and divergence-scoring) train images of each candidate")
     val_images: int | None = _option(
         None,
         "val images of the re-ranking (and of every candidate with proxy top1); 0 = the whole val split",

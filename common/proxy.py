@@ -4,12 +4,19 @@ Every score is higher-is-better and starts the same way: apply the plan from cac
 recalibrate batch norm exactly (:func:`common.bn.bn_recalibrate`) on a fixed, seeded set of augmented
 *train* images. Then:
 
-* ``"kl"`` (default, label-free): minus the mean KL divergence ``KL(p_dense || p_candidate)`` of the
-  softmax outputs on those same calibration images. The recalibration pass already computes the
-  candidate's outputs, so the score costs one forward over the calibration images in all, needs no
-  labels and spends no validation images. A fidelity measure is smooth in the plan: two near-equal
-  plans differ by a small, consistently signed amount instead of by a few flipped val labels.
+* ``"logit_mse"`` (default, label-free): minus the mean squared difference between the dense model's
+  and the candidate's *centered* logits (each image's logits minus their mean over classes: softmax
+  ignores that shift) on those same calibration images.
+* ``"kl"`` (label-free): minus the mean KL divergence ``KL(p_dense || p_candidate)`` of the softmax
+  outputs on those images (the default until 2026-11-30). It weighs each image by the dense model's
+  confidence in the classes the candidate moves, so a handful of images can carry the mean: on
+  near-optimal plans it ranks worse than ``logit_mse`` on all three baselines.
 * ``"top1"``: top-1 accuracy on a fixed val subset (the original proxy; kept for comparison).
+
+Both label-free scores come from the recalibration pass, which already computes the candidate's
+outputs: one forward over the calibration images in all, no labels, no validation images spent.
+A fidelity measure is smooth in the plan: two near-equal plans differ by a small, consistently signed
+amount instead of by a few flipped val labels.
 
 :meth:`ProxyEvaluator.val_top1` gives the val top-1 used to decide among the few best candidates of a
 label-free search. How well each score ranks near-optimal plans by their test accuracy is measured
@@ -30,7 +37,21 @@ from .loader import calibration_loader, make_loader
 from .surgery import LayerPlan, SpectraCache, apply_plan
 from .train import evaluate
 
-PROXIES = ("kl", "top1")
+PROXIES = ("logit_mse", "kl", "top1")
+DIVERGENCE_PROXIES = ("logit_mse", "kl")
+"""The label-free proxies: each scores minus a per-image divergence to the dense model, averaged."""
+
+
+def logit_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per-image mean over classes of the squared difference of centered logits, shape ``B``.
+
+    Each row is centered (minus its mean over classes) first: softmax is invariant to adding a constant
+    to an image's logits, so that direction says nothing about the outputs.
+    """
+    t = teacher_logits.double()
+    s = student_logits.double()
+    d = (t - t.mean(dim=1, keepdim=True)) - (s - s.mean(dim=1, keepdim=True))
+    return d.square().mean(dim=1)
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -38,6 +59,9 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     t = F.log_softmax(teacher_logits.double(), dim=1)
     s = F.log_softmax(student_logits.double(), dim=1)
     return (t.exp() * (t - s)).sum(dim=1)
+
+
+DIVERGENCES = {"logit_mse": logit_mse, "kl": kl_divergence}
 
 
 def recalibrated(
@@ -88,8 +112,8 @@ class ProxyEvaluator:
         model: the dense model (never modified).
         data: a :class:`common.data.DatasetSplits`.
         spectra: the dense model's :class:`common.surgery.SpectraCache`.
-        proxy: ``"kl"`` or ``"top1"``.
-        calib_images: BN-calibration (and, for ``"kl"``, scoring) images from ``train``.
+        proxy: one of :data:`PROXIES`.
+        calib_images: BN-calibration (and, for a label-free proxy, scoring) images from ``train``.
         val_images: val subset for ``"top1"`` and :meth:`val_top1` (``None`` = the whole split).
         seed: picks the calibration subset and its augmentation, and the val subset.
         channels_last / amp_dtype: speed settings for the val forward passes.
@@ -100,7 +124,7 @@ class ProxyEvaluator:
         model: nn.Module,
         data: DatasetSplits,
         spectra: SpectraCache,
-        proxy: str = "kl",
+        proxy: str = "logit_mse",
         calib_images: int = 256,
         val_images: int | None = None,
         batch_size: int = 250,
@@ -139,15 +163,19 @@ class ProxyEvaluator:
         and its outputs on them if asked."""
         return recalibrated(self.model, plan, self.spectra, self.calib, self.device, self.channels_last, outputs)
 
-    def kl_per_image(self, plan: Mapping[str, LayerPlan]) -> list[torch.Tensor]:
-        """``KL(dense || candidate)`` of every calibration image (nats), one tensor per calibration batch;
-        the candidate recalibrated on them all."""
+    def per_image(self, plan: Mapping[str, LayerPlan], divergence: str | None = None) -> list[torch.Tensor]:
+        """``divergence`` (a key of :data:`DIVERGENCES`; default this evaluator's proxy) between the dense
+        model and the candidate on every calibration image, one tensor per calibration batch; the
+        candidate recalibrated on them all."""
+        name = divergence or self.proxy
+        if name not in DIVERGENCES:
+            raise ValueError(f"{name!r} is not a divergence; expected one of {tuple(DIVERGENCES)}")
         _, outs = self.build(plan, outputs=True)
-        return [kl_divergence(t, s.float()) for t, s in zip(self.teacher_logits(), outs)]
+        return [DIVERGENCES[name](t, s.float()) for t, s in zip(self.teacher_logits(), outs)]
 
-    def kl(self, plan: Mapping[str, LayerPlan]) -> float:
-        """Mean ``KL(dense || candidate)`` over the calibration images (nats)."""
-        return sum(batch.sum().item() for batch in self.kl_per_image(plan)) / self.calib_images
+    def divergence(self, plan: Mapping[str, LayerPlan], divergence: str | None = None) -> float:
+        """Mean :meth:`per_image` divergence over the calibration images."""
+        return sum(batch.sum().item() for batch in self.per_image(plan, divergence)) / self.calib_images
 
     def val_top1(self, plan: Mapping[str, LayerPlan]) -> float:
         """Top-1 of the recalibrated candidate on the val subset."""
@@ -155,4 +183,4 @@ class ProxyEvaluator:
 
     def score(self, plan: Mapping[str, LayerPlan]) -> float:
         """The search score of ``plan`` under this evaluator's proxy (higher is better)."""
-        return -self.kl(plan) if self.proxy == "kl" else self.val_top1(plan)
+        return -self.divergence(plan) if self.proxy in DIVERGENCES else self.val_top1(plan)

@@ -369,7 +369,7 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
     assert cands[0] != cands[1]
     # the final of each seed says which proxy chose it and where the val re-ranking landed
     for f in finals:
-        assert f["proxy"] == "kl" and f["metric"] == "macs" and f["proxy_score"] <= 0
+        assert f["proxy"] == "logit_mse" and f["metric"] == "macs" and f["proxy_score"] <= 0
     doc, _ = run_document(log_file(cfg))
     agg = aggregate_seeds(summary_table([doc]))
     assert set(agg["n_seeds"]) == {2}

@@ -6,6 +6,7 @@ import csv
 import math
 import re
 
+import pytest
 import torch
 
 from benchmarks import proxy_fidelity as pf
@@ -66,3 +67,30 @@ def test_proxy_fidelity_smoke_and_resume(tmp_path, digits_checkpoint, monkeypatc
     again = pf.main(argv)
     assert calls == [] and out.read_bytes() == before
     assert again["proxies"].keys() == summary["proxies"].keys()
+
+    # More proxies: only their columns are scored; the stored references and scores stay as they were.
+    monkeypatch.undo()
+    monkeypatch.setattr(pf, "reference", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-measured")))
+    wider = pf.main(
+        [
+            *argv[: argv.index("--proxies") + 1],
+            "kl:64,top1:100,logit_mse:64,logit_mse:64@1",
+            *argv[argv.index("--proxies") + 2 :],
+        ]
+    )
+    new_rows = _rows(out)
+    assert [int(r["plan"]) for r in new_rows] == [0, 1, 2, 3]
+    for old, new in zip(rows, new_rows):
+        assert {k: new[k] for k in old} == old
+        assert float(new["logit_mse_64"]) <= 0.0 and float(new["logit_mse_64_s1"]) <= 0.0
+        assert new["logit_mse_64"] != new["logit_mse_64_s1"]  # other calibration images
+    assert {"logit_mse:64", "logit_mse:64@1", "kl:64"} <= wider["proxies"].keys()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_parse_proxies_takes_a_seed_and_names_a_bad_entry():
+    specs = pf.parse_proxies("logit_mse:256, kl:256@2")
+    assert [(s.label, s.column) for s in specs] == [("logit_mse:256", "logit_mse_256"), ("kl:256@2", "kl_256_s2")]
+    for bad in ("mse:256", "kl:1", "kl:256@x", "kl:64,kl:64"):
+        with pytest.raises(ValueError, match="--proxies"):
+            pf.parse_proxies(bad)

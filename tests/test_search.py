@@ -69,7 +69,7 @@ def test_every_method_hits_the_budget(digits, method, target):
     s = make(digits)
     r = s.run(method, target, "macs", n_candidates=6, seed=1)
     assert abs(r.macs_factor / target - 1) <= 0.03, (method, target, r.macs_factor)
-    assert r.score <= 0.0 and r.proxy == "kl"  # minus a KL divergence
+    assert r.score <= 0.0 and r.proxy == "logit_mse"  # minus a divergence to the dense model
     if method in SEARCHING:  # val top-1 decided among the best-scored candidates
         assert 0.0 <= r.val_top1 <= 1.0
     assert set(r.plan) == set(s.space.names)
@@ -247,7 +247,7 @@ def test_vbmf_names_its_rank0_layers_once_per_plan(digits):
 
 def test_build_searcher_passes_proxy_settings_and_checks_them_first(digits):
     s = make(digits)
-    assert s.evaluator.channels_last and s.evaluator.proxy == "kl"  # channels_last on by default here
+    assert s.evaluator.channels_last and s.evaluator.proxy == "logit_mse"  # channels_last on by default here
     assert s.evaluator.calib_images == 64 and s.evaluator.val_images == 120
     assert not make(digits, channels_last=False, proxy="top1").evaluator.channels_last
     spectra = SpectraCache(small_cnn())

@@ -3,8 +3,8 @@
 
 Both draw the records of one seed per run (the lowest, normally 0, which every run computes: the
 curves of several seeds would mix unrelated searches). Their values are the records' ``score``
-when any record of the run has one (newer runs: a proxy score, higher is better; the default KL
-proxy's score is minus a KL divergence, drawn as the divergence on a log axis), else their
+when any record of the run has one (newer runs: a proxy score, higher is better; a label-free proxy's
+score is minus a divergence to the dense model, drawn as the divergence on a log axis), else their
 ``val_top1`` (older runs; drawn in %, written as a fraction).
 """
 
@@ -25,12 +25,22 @@ from .context import RUN_COLUMNS, model_runs, run_context, run_title
 from .figures import dense_line, palette, panels, series_label, skip, target_text
 from .records import kind_records, lowest_seed, run_baseline, seed_lookup, target_key, to_float
 
-__all__ = ["SEARCH_PLOT_COLUMNS", "SENSITIVITY_PLOT_COLUMNS", "plot_search_trace", "plot_sensitivity"]
+__all__ = [
+    "DIVERGENCE_LABELS",
+    "SEARCH_PLOT_COLUMNS",
+    "SENSITIVITY_PLOT_COLUMNS",
+    "plot_search_trace",
+    "plot_sensitivity",
+]
 
 SENSITIVITY_PLOT_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, "seed", "layer", "level", "proxy", "value")
 """Columns of ``sensitivity_<model>.csv``: one row per point; ``proxy`` says what ``value`` is
-(``kl``: the KL proxy's score, minus the divergence; ``score``: another proxy's score; or ``val_top1``
-as a fraction)."""
+(a label-free proxy's name, ``kl`` or ``logit_mse``: its score, minus the divergence; ``score``:
+another proxy's score; or ``val_top1`` as a fraction)."""
+
+DIVERGENCE_LABELS: dict[str, str] = {"logit_mse": "logit MSE", "kl": "KL divergence"}
+"""The label-free proxies (:data:`common.proxy.DIVERGENCE_PROXIES`, kept here so that the analysis
+does not import torch) and what their divergence is called on an axis."""
 
 SEARCH_PLOT_COLUMNS: tuple[str, ...] = (
     *RUN_COLUMNS,
@@ -48,12 +58,14 @@ SEARCH_PLOT_COLUMNS: tuple[str, ...] = (
 
 
 def _proxy(records: Iterable[Mapping[str, Any]]) -> str:
-    """What the records' values are: ``"kl"`` (scores of the KL proxy: minus a KL divergence),
-    ``"score"`` (another proxy's score) when any record carries a numeric score, else ``"val_top1"``."""
+    """What the records' values are: a label-free proxy's name (all scores minus its divergence),
+    ``"score"`` (another proxy's score, or a mix) when any record carries a numeric score, else
+    ``"val_top1"``."""
     scored = [r for r in records if not math.isnan(to_float(r.get("score")))]
     if not scored:
         return "val_top1"
-    return "kl" if all(r.get("proxy") == "kl" for r in scored) else "score"
+    names = {r.get("proxy") for r in scored}
+    return names.pop() if len(names) == 1 and names <= DIVERGENCE_LABELS.keys() else "score"
 
 
 def _field(proxy: str) -> str:
@@ -62,23 +74,22 @@ def _field(proxy: str) -> str:
 
 
 def _proxy_label(proxy: str) -> str:
-    return {
-        "kl": "KL divergence to the dense model\n(log scale, lower is better)",
-        "score": "proxy score (higher is better)",
-    }.get(proxy, "validation top-1 (%)")
+    if proxy in DIVERGENCE_LABELS:
+        return f"{DIVERGENCE_LABELS[proxy]} to the dense model\n(log scale, lower is better)"
+    return "proxy score (higher is better)" if proxy == "score" else "validation top-1 (%)"
 
 
 def _drawn(values: pd.Series, proxy: str) -> np.ndarray:
-    """Values as drawn: KL divergences (minus the KL scores), other scores as they are, accuracies in %."""
+    """Values as drawn: divergences (minus a label-free score), other scores as they are, accuracies in %."""
     v = values.to_numpy(dtype=float)
-    return -v if proxy == "kl" else v * (1.0 if proxy == "score" else 100.0)
+    return -v if proxy in DIVERGENCE_LABELS else v * (1.0 if proxy == "score" else 100.0)
 
 
 def _y_axis(ax: Axes, proxy: str) -> None:
-    """Label the y axis; KL divergences on a log scale: candidates' KLs span decades, and the good
+    """Label the y axis; divergences on a log scale: candidates' divergences span decades, and the good
     plans' differences are in the smallest of them (a zero, the dense model itself, sits at the bottom)."""
     ax.set_ylabel(_proxy_label(proxy))
-    if proxy == "kl":
+    if proxy in DIVERGENCE_LABELS:
         ax.set_yscale("log", nonpositive="clip")
 
 
@@ -116,8 +127,8 @@ def _draw_sensitivity(ax: Axes, panel: pd.DataFrame, baseline: Mapping | None) -
     for name, color in zip(names, palette(len(names))):
         pts = panel[panel["layer"] == name]
         y = _drawn(pts["value"], proxy)
-        zero = proxy == "kl" and bool((y <= 0).all())  # e.g. the dense model of a net without BN
-        ax.plot(pts["level"], y, marker=".", color=color, label=f"{name} (KL 0: off the log axis)" if zero else name)
+        zero = proxy in DIVERGENCE_LABELS and bool((y <= 0).all())  # e.g. the dense model of a net without BN
+        ax.plot(pts["level"], y, marker=".", color=color, label=f"{name} (0: off the log axis)" if zero else name)
     if proxy == "val_top1":  # the dense accuracy is no reference for a score, which has other units
         dense_line(ax, baseline, "val_top1")
     ax.set_xlabel("rank level (fraction of full rank)")
