@@ -94,3 +94,24 @@ def test_parse_proxies_takes_a_seed_and_names_a_bad_entry():
     for bad in ("mse:256", "kl:1", "kl:256@x", "kl:64,kl:64"):
         with pytest.raises(ValueError, match="--proxies"):
             pf.parse_proxies(bad)
+
+
+def test_summary_regrets_follow_the_scores_and_the_val_rerank():
+    # plan: score (higher is better), whole-val and test top-1
+    table = [(0.9, 0.80, 0.80), (0.8, 0.85, 0.90), (0.7, 0.84, 0.95), (0.1, 0.99, 0.70)]
+    rows = [
+        {"plan": i, "p_10": sc, "p_10_seconds": 1.0, "val_top1": v, "test_top1": t}
+        for i, (sc, v, t) in enumerate(table)
+    ]
+    spec = pf.ProxySpec("p", 10)
+    out = pf.summarize(rows, [spec], n_test=10000, rerank=3)["proxies"]
+    # its favourite is plan 0 (test 0.80, 15 pp below the best); of its 3 best, val picks plan 1 (0.90)
+    assert out["p:10"]["regret_pp"] == pytest.approx(15.0)
+    assert out["p:10"]["rerank_regret_pp"] == pytest.approx(5.0)
+    assert out["p:10"]["spearman_rho"] == pytest.approx(0.2)  # rank differences 2, 0, -2, 0
+    # whole-val top-1 as a score: no re-rank of its own
+    whole = out["val top-1, whole split (reference model)"]
+    assert whole["regret_pp"] == pytest.approx(25.0) and math.isnan(whole["rerank_regret_pp"])
+    assert math.isnan(whole["kendall_tau_val"]) and out["p:10"]["kendall_tau_val"] == pytest.approx(
+        -2 / 3
+    )  # 1 of 6 pairs agrees
