@@ -37,10 +37,6 @@ from .loader import calibration_loader, make_loader
 from .surgery import LayerPlan, SpectraCache, apply_plan
 from .train import evaluate
 
-PROXIES = ("logit_mse", "kl", "top1")
-DIVERGENCE_PROXIES = ("logit_mse", "kl")
-"""The label-free proxies: each scores minus a per-image divergence to the dense model, averaged."""
-
 
 def logit_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Per-image mean over classes of the squared difference of centered logits, shape ``B``.
@@ -62,6 +58,9 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
 
 
 DIVERGENCES = {"logit_mse": logit_mse, "kl": kl_divergence}
+DIVERGENCE_PROXIES = tuple(DIVERGENCES)
+"""The label-free proxies: each scores minus a per-image divergence to the dense model, averaged."""
+PROXIES = (*DIVERGENCE_PROXIES, "top1")
 
 
 def recalibrated(

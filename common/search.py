@@ -3,8 +3,8 @@
 Every method returns a plan whose total conv cost (MACs by default, or params) is ``target`` times
 smaller than the dense model's, within ``tol`` (±3 % by default), so methods are compared at equal
 cost (:func:`common.space.project`). Candidates are scored by a *proxy* (:mod:`common.proxy`; by
-default the label-free KL divergence to the dense model on BN-calibration train images); the searching
-methods (random, TPE, policy, policy_seeded) then let top-1 on a fixed val subset decide among their
+default minus the label-free centered-logit MSE to the dense model on BN-calibration train images); the
+searching methods (random, TPE, policy, policy_seeded) then let top-1 on a fixed val subset decide among their
 ``rerank`` best candidates. Only ``val`` is ever used for selection.
 
 The per-layer choices are the pairs (level, shape) of :mod:`common.space`: ``SearchConfig.levels`` ×

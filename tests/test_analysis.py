@@ -1133,9 +1133,10 @@ def test_plots_one_list_drives_names_files_order_and_captions(runs, tmp_path):
     assert analysis_plots.plot_caption("other_resnet18") == "other_resnet18"
 
 
-def test_kl_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monkeypatch):
-    """Minus-KL scores span decades (ResNet18: 1e-4 .. 3): drawn as the divergence on a log axis, the
-    near-optimal plans stay apart; the CSV keeps the scores as logged, with proxy 'kl'."""
+@pytest.mark.parametrize("proxy,label", [("kl", "KL divergence"), ("logit_mse", "logit MSE")])
+def test_label_free_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monkeypatch, proxy, label):
+    """Minus-divergence scores span decades (ResNet18 KL: 1e-4 .. 3): drawn as the divergence on a log
+    axis, the near-optimal plans stay apart; the CSV keeps the scores as logged, with their proxy."""
     log = RunLog(tmp_path / "logs", "resnet18", "kl")
     log.write("config", model="resnet18", dataset="d", metric="macs", methods=["policy"], seed=0)
     for i, score in enumerate([-2.5, -0.02, -0.004, -0.3]):
@@ -1148,22 +1149,48 @@ def test_kl_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monkeypatch)
             index=i,
             round=0,
             score=score,
-            proxy="kl",
+            proxy=proxy,
             macs_factor=3.0,
             params_factor=2.0,
         )
     for level, score in [(0.5, -0.001), (0.3, -0.05)]:
-        log.write("sensitivity", layer="layer1.conv", level=level, decomposition="ht2", seed=0, score=score, proxy="kl")
+        log.write(
+            "sensitivity", layer="layer1.conv", level=level, decomposition="ht2", seed=0, score=score, proxy=proxy
+        )
     jsonify(tmp_path / "logs", tmp_path / "json")
     runs = load_runs(tmp_path / "json")
 
     fig, data = _drawn(monkeypatch, plot_search_trace, runs, "resnet18", tmp_path)
     ax = fig.axes[0]
-    assert ax.get_yscale() == "log" and ax.get_ylabel().startswith("KL divergence to the dense model")
-    assert list(ax.lines[0].get_ydata()) == pytest.approx([2.5, 0.02, 0.004, 0.004])  # best so far: least KL
-    assert set(data.proxy) == {"kl"} and data.value.tolist() == [-2.5, -0.02, -0.004, -0.3]
+    assert ax.get_yscale() == "log" and ax.get_ylabel().startswith(f"{label} to the dense model")
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([2.5, 0.02, 0.004, 0.004])  # best so far: least divergence
+    assert set(data.proxy) == {proxy} and data.value.tolist() == [-2.5, -0.02, -0.004, -0.3]
 
     fig, data = _drawn(monkeypatch, plot_sensitivity, runs, "resnet18", tmp_path)
     ax = fig.axes[0]
     assert ax.get_yscale() == "log" and list(ax.lines[0].get_ydata()) == pytest.approx([0.05, 0.001])
-    assert set(data.proxy) == {"kl"}
+    assert set(data.proxy) == {proxy}
+
+
+def test_a_run_mixing_proxies_is_drawn_as_plain_scores(tmp_path, monkeypatch):
+    log = RunLog(tmp_path / "logs", "resnet18", "mixed")
+    log.write("config", model="resnet18", dataset="d", metric="macs", methods=["policy"], seed=0)
+    for i, (score, proxy) in enumerate([(-0.5, "kl"), (-0.2, "logit_mse")]):
+        log.write(
+            "candidate",
+            method="policy",
+            target=3.0,
+            decomposition="ht2",
+            seed=0,
+            index=i,
+            round=0,
+            score=score,
+            proxy=proxy,
+            macs_factor=3.0,
+            params_factor=2.0,
+        )
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    fig, data = _drawn(monkeypatch, plot_search_trace, load_runs(tmp_path / "json"), "resnet18", tmp_path)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "linear" and ax.get_ylabel().startswith("proxy score")
+    assert set(data.proxy) == {"score"} and list(ax.lines[0].get_ydata()) == pytest.approx([-0.5, -0.2])
