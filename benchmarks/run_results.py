@@ -36,7 +36,9 @@ from common.config import (
     config_from_args,
 )
 from common.experiment import run_experiment  # noqa: E402
+from common.lock import LogLockedError  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
+from common.preflight import PreflightError  # noqa: E402
 
 # Fixed per model by this script, so not options.
 PER_MODEL = ("model", "dataset", "checkpoint", "run_id", "deadline")
@@ -114,7 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"skipping {model}: no checkpoint at {ckpt}")
             continue
         t = time.perf_counter()
-        finals = run_experiment(model_config(a, model, cuda, deadline))
+        try:
+            finals = run_experiment(model_config(a, model, cuda, deadline))
+        except (PreflightError, LogLockedError) as e:  # refused before any work (e.g. a log of other settings)
+            print(f"{p.prog}: error: {model}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"{model}: {len(finals)} final records in {time.perf_counter() - t:.0f}s")
         if deadline and time.time() > deadline:
             print(f"{model}: time box reached; re-run the same command to continue")

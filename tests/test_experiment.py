@@ -295,6 +295,25 @@ def test_run_results_options_are_the_config_with_the_tables_defaults():
     assert cfg.shapes == ("level", "energy")
 
 
+def test_run_results_names_the_model_of_a_refused_run_and_exits_2(tmp_path, monkeypatch, capsys):
+    from benchmarks import run_results
+    from common.preflight import PreflightError
+
+    for name in ("alexnet", "vgg16"):  # only their existence is checked before a run
+        (tmp_path / f"{name}.pt").write_bytes(b"")
+    seen = []
+
+    def refuse(cfg):
+        seen.append(cfg.run_id)
+        raise PreflightError("config differs in proxy")
+
+    monkeypatch.setattr(run_results, "run_experiment", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        run_results.main(["--models", "alexnet,vgg16", "--checkpoint-dir", str(tmp_path), "--run-tag", "t"])
+    assert exit_info.value.code == 2 and seen == ["results-alexnet-t"]  # stops there: vgg16 is not attempted
+    assert "error: alexnet: config differs in proxy" in capsys.readouterr().err
+
+
 def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
     """finetune_epochs > 0 finetunes the plans at finetune_targets only; each epoch is logged, and the final
     model is the best val epoch (0 = the recalibrated model itself)."""
