@@ -1133,13 +1133,11 @@ def test_plots_one_list_drives_names_files_order_and_captions(runs, tmp_path):
     assert analysis_plots.plot_caption("other_resnet18") == "other_resnet18"
 
 
-@pytest.mark.parametrize("proxy,label", [("kl", "KL divergence"), ("logit_mse", "logit MSE")])
-def test_label_free_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monkeypatch, proxy, label):
-    """Minus-divergence scores span decades (ResNet18 KL: 1e-4 .. 3): drawn as the divergence on a log
-    axis, the near-optimal plans stay apart; the CSV keeps the scores as logged, with their proxy."""
-    log = RunLog(tmp_path / "logs", "resnet18", "kl")
+def _scored_policy_log(root: Path, run_id: str, scored: list[tuple[float, str]]) -> RunLog:
+    """A ResNet18 run log whose seed-0 policy search at 3x scored one candidate per ``(score, proxy)``."""
+    log = RunLog(root, "resnet18", run_id)
     log.write("config", model="resnet18", dataset="d", metric="macs", methods=["policy"], seed=0)
-    for i, score in enumerate([-2.5, -0.02, -0.004, -0.3]):
+    for i, (score, proxy) in enumerate(scored):
         log.write(
             "candidate",
             method="policy",
@@ -1153,6 +1151,14 @@ def test_label_free_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monk
             macs_factor=3.0,
             params_factor=2.0,
         )
+    return log
+
+
+@pytest.mark.parametrize("proxy,label", [("kl", "KL divergence"), ("logit_mse", "logit MSE")])
+def test_label_free_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monkeypatch, proxy, label):
+    """Minus-divergence scores span decades (ResNet18 KL: 1e-4 .. 3): drawn as the divergence on a log
+    axis, the near-optimal plans stay apart; the CSV keeps the scores as logged, with their proxy."""
+    log = _scored_policy_log(tmp_path / "logs", "kl", [(score, proxy) for score in (-2.5, -0.02, -0.004, -0.3)])
     for level, score in [(0.5, -0.001), (0.3, -0.05)]:
         log.write(
             "sensitivity", layer="layer1.conv", level=level, decomposition="ht2", seed=0, score=score, proxy=proxy
@@ -1173,22 +1179,7 @@ def test_label_free_scores_are_drawn_as_divergences_on_a_log_axis(tmp_path, monk
 
 
 def test_a_run_mixing_proxies_is_drawn_as_plain_scores(tmp_path, monkeypatch):
-    log = RunLog(tmp_path / "logs", "resnet18", "mixed")
-    log.write("config", model="resnet18", dataset="d", metric="macs", methods=["policy"], seed=0)
-    for i, (score, proxy) in enumerate([(-0.5, "kl"), (-0.2, "logit_mse")]):
-        log.write(
-            "candidate",
-            method="policy",
-            target=3.0,
-            decomposition="ht2",
-            seed=0,
-            index=i,
-            round=0,
-            score=score,
-            proxy=proxy,
-            macs_factor=3.0,
-            params_factor=2.0,
-        )
+    _scored_policy_log(tmp_path / "logs", "mixed", [(-0.5, "kl"), (-0.2, "logit_mse")])
     jsonify(tmp_path / "logs", tmp_path / "json")
     fig, data = _drawn(monkeypatch, plot_search_trace, load_runs(tmp_path / "json"), "resnet18", tmp_path)
     ax = fig.axes[0]
