@@ -3,8 +3,8 @@
 For one shared baseline (default ResNet18) on the CPU with the CPU defaults of
 ``benchmarks/run_results.py`` (proxy: exact BN recalibration on 256 augmented train images, then
 minus the default label-free divergence to the dense model on them (``--proxy``); val top-1 on the
-whole val split decides among the 3 best candidates; rank multiple 8; 100 candidates), it times: loading the data and model, the
-one-time spectra cache, the dense proxy score, the sensitivity profile (every layer alone at each
+whole val split decides among the 3 best candidates; rank multiple 8; 100 candidates), it times:
+loading the data and model, the one-time spectra cache, the dense proxy score, the sensitivity profile (every layer alone at each
 sensitivity level and rank shape), and each method at the target (default 3× fewer conv MACs). The
 policy's time includes nothing it can reuse from the profile beyond the profile itself, which is
 reported separately. ``--shapes level,energy`` runs the richer per-layer space (the ablation).
@@ -40,7 +40,7 @@ from common.latency import cpu_name  # noqa: E402
 from common.loader import make_loader  # noqa: E402
 from common.models import load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
-from common.proxy import PROXIES, final_model  # noqa: E402
+from common.proxy import DEFAULT_PROXY, PROXIES, final_model  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
 from common.train import evaluate  # noqa: E402
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--target", type=float, default=3.0)
     p.add_argument("--methods", default="uniform,energy,vbmf,policy")
-    p.add_argument("--proxy", default=PROXIES[0], choices=PROXIES)
+    p.add_argument("--proxy", default=DEFAULT_PROXY, choices=PROXIES)
     p.add_argument("--rerank", type=int, default=SearchConfig.rerank)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--calib-images", type=int, default=256)

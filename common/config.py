@@ -26,7 +26,7 @@ from .data import DATASET_NAMES
 from .device import resolve_device
 from .logs import check_name
 from .models import MODEL_NAMES
-from .proxy import PROXIES
+from .proxy import DEFAULT_PROXY, PROXIES
 from .search import METHODS, SearchConfig, check_method, check_metric, check_target
 from .train import FinetuneConfig
 
@@ -99,7 +99,7 @@ class ExperimentConfig:
         "draws and the proxy's calibration subset",
     )
     proxy: str = _option(
-        "logit_mse",
+        DEFAULT_PROXY,
         "candidate score: logit_mse or kl (label-free divergences to the dense model) or top1 (val)",
         choices=PROXIES,
     )

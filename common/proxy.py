@@ -61,6 +61,7 @@ DIVERGENCES = {"logit_mse": logit_mse, "kl": kl_divergence}
 DIVERGENCE_PROXIES = tuple(DIVERGENCES)
 """The label-free proxies: each scores minus a per-image divergence to the dense model, averaged."""
 PROXIES = (*DIVERGENCE_PROXIES, "top1")
+DEFAULT_PROXY = "logit_mse"
 
 
 def recalibrated(
@@ -123,7 +124,7 @@ class ProxyEvaluator:
         model: nn.Module,
         data: DatasetSplits,
         spectra: SpectraCache,
-        proxy: str = "logit_mse",
+        proxy: str = DEFAULT_PROXY,
         calib_images: int = 256,
         val_images: int | None = None,
         batch_size: int = 250,
