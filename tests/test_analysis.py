@@ -1185,3 +1185,39 @@ def test_a_run_mixing_proxies_is_drawn_as_plain_scores(tmp_path, monkeypatch):
     ax = fig.axes[0]
     assert ax.get_yscale() == "linear" and ax.get_ylabel().startswith("proxy score")
     assert set(data.proxy) == {"score"} and list(ax.lines[0].get_ydata()) == pytest.approx([-0.5, -0.2])
+
+
+def test_sensitivity_of_several_rank_shapes_keeps_each_shape(tmp_path, monkeypatch):
+    """A run searching level- and energy-shaped ranks profiles each layer at the same levels once per
+    shape: both curves are drawn (one colour per layer, one line style per shape) and written, where
+    keying a point by (layer, level) alone let the last shape stand for both."""
+    log = _scored_policy_log(tmp_path / "logs", "shapes", [(-0.2, "logit_mse")])
+    log.write("sensitivity", layer="<dense>", level=1.0, decomposition="ht2", seed=0, score=-0.01, proxy="logit_mse")
+    for shape, scores in [("level", (-0.02, -0.3)), ("energy", (-0.03, -0.1))]:
+        for level, score in zip((0.5, 0.15), scores):
+            log.write(
+                "sensitivity",
+                layer="layer1.conv",
+                level=level,
+                shape=shape,
+                decomposition="ht2",
+                seed=0,
+                score=score,
+                proxy="logit_mse",
+            )
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    fig, data = _drawn(monkeypatch, plot_sensitivity, load_runs(tmp_path / "json"), "resnet18", tmp_path)
+    assert data[["layer", "level", "shape", "value"]].values.tolist() == [
+        ["<dense>", 1.0, "level", -0.01],  # no layers record here: layers in name order
+        ["layer1.conv", 0.15, "level", -0.3],
+        ["layer1.conv", 0.5, "level", -0.02],
+        ["layer1.conv", 0.15, "energy", -0.1],
+        ["layer1.conv", 0.5, "energy", -0.03],
+    ]
+    curves = [line for line in fig.axes[0].lines if len(line.get_ydata())]
+    drawn = [(line.get_label(), line.get_linestyle(), list(line.get_ydata())) for line in curves]
+    assert [(label, style) for label, style, _ in drawn] == [("<dense>", "-"), ("layer1.conv", "-"), ("_child2", "--")]
+    assert [y for *_, y in drawn] == [pytest.approx(y) for y in ([0.01], [0.3, 0.02], [0.1, 0.03])]
+    assert curves[1].get_color() == curves[2].get_color()  # one colour per layer, unlabelled once
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["<dense>", "layer1.conv", "level shape", "energy shape"]

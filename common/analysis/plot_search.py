@@ -33,10 +33,14 @@ __all__ = [
     "plot_sensitivity",
 ]
 
-SENSITIVITY_PLOT_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, "seed", "layer", "level", "proxy", "value")
-"""Columns of ``sensitivity_<model>.csv``: one row per point; ``proxy`` says what ``value`` is
-(a label-free proxy's name, ``kl`` or ``logit_mse``: its score, minus the divergence; ``score``:
-another proxy's score; or ``val_top1`` as a fraction)."""
+SENSITIVITY_PLOT_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, "seed", "layer", "level", "shape", "proxy", "value")
+"""Columns of ``sensitivity_<model>.csv``: one row per point; ``shape`` is the rank shape the layer
+took (:mod:`common.space`; ``"level"`` for records older than shapes, and for the dense point);
+``proxy`` says what ``value`` is (a label-free proxy's name, ``kl`` or ``logit_mse``: its score, minus
+the divergence; ``score``: another proxy's score; or ``val_top1`` as a fraction)."""
+
+SHAPE_STYLES: dict[str, str] = {"level": "-", "energy": "--"}
+"""Line style of each rank shape in the sensitivity plot (one colour per layer)."""
 
 DIVERGENCE_LABELS: dict[str, str] = {"logit_mse": "logit MSE", "kl": "KL divergence"}
 """The label-free proxies (:data:`common.proxy.DIVERGENCE_PROXIES`, kept here so that the analysis
@@ -101,19 +105,26 @@ def _panels(data: pd.DataFrame) -> list[tuple[Any, pd.DataFrame]]:
 
 
 def _sensitivity_rows(run: Mapping) -> list[dict]:
-    """One row per (layer, level) of the run's lowest seed (a repeated point: the last record)."""
+    """One row per (layer, level, shape) of the run's lowest seed (a repeated point: the last record).
+
+    A run searching several rank shapes profiles each layer once per shape at the same levels, so
+    the shape is part of a point's identity (else one shape's value would stand for both).
+    """
     pairs = lowest_seed(kind_records([run], "sensitivity"))
-    records = {(r.get("layer"), to_float(r.get("level"))): r for _, r in pairs}
+    records = {(r.get("layer"), to_float(r.get("level")), str(r.get("shape") or "level")): r for _, r in pairs}
     proxy, seed_of, context = _proxy(records.values()), seed_lookup(), run_context(run)
     layers = kind_records([run], "layers")
     order = [ly.get("name") for ly in layers[-1][1].get("layers", [])] if layers else []
-    keys = sorted(records, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), str(k[0]), k[1]))
+    keys = sorted(
+        records, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), str(k[0]), _shape_rank(k[2]), k[1])
+    )
     return [
         {
             **context,
             "seed": seed_of(run, records[key]),
             "layer": str(key[0]),
             "level": key[1],
+            "shape": key[2],
             "proxy": proxy,
             "value": to_float(records[key].get(_field(proxy))),
         }
@@ -121,21 +132,35 @@ def _sensitivity_rows(run: Mapping) -> list[dict]:
     ]
 
 
+def _shape_rank(shape: str) -> tuple[int, str]:
+    return (list(SHAPE_STYLES).index(shape) if shape in SHAPE_STYLES else len(SHAPE_STYLES), shape)
+
+
 def _draw_sensitivity(ax: Axes, panel: pd.DataFrame, baseline: Mapping | None) -> None:
     names = list(dict.fromkeys(panel["layer"]))
     proxy = panel["proxy"].iloc[0]
+    shapes = sorted(set(panel.loc[panel["layer"] != "<dense>", "shape"]) or {"level"}, key=_shape_rank)
     for name, color in zip(names, palette(len(names))):
-        pts = panel[panel["layer"] == name]
-        y = _drawn(pts["value"], proxy)
-        zero = proxy in DIVERGENCE_LABELS and bool((y <= 0).all())  # e.g. the dense model of a net without BN
-        ax.plot(pts["level"], y, marker=".", color=color, label=f"{name} (0: off the log axis)" if zero else name)
+        labelled = False
+        for shape in shapes:
+            pts = panel[(panel["layer"] == name) & (panel["shape"] == shape)]
+            if pts.empty:
+                continue
+            y = _drawn(pts["value"], proxy)
+            zero = proxy in DIVERGENCE_LABELS and bool((y <= 0).all())  # e.g. the dense model of a net without BN
+            label = None if labelled else f"{name} (0: off the log axis)" if zero else name
+            ax.plot(pts["level"], y, marker=".", color=color, linestyle=SHAPE_STYLES.get(shape, ":"), label=label)
+            labelled = True
+    if len(shapes) > 1:  # the colours name the layers; these entries name the line styles
+        for shape in shapes:
+            ax.plot([], [], color="0.4", linestyle=SHAPE_STYLES.get(shape, ":"), label=f"{shape} shape")
     if proxy == "val_top1":  # the dense accuracy is no reference for a score, which has other units
         dense_line(ax, baseline, "val_top1")
     ax.set_xlabel("rank level (fraction of full rank)")
     _y_axis(ax, proxy)
     ax.set_title(run_title(panel.iloc[0], "per-layer sensitivity to rank truncation"), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=1 + len(names) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=6, ncol=1 + (len(names) + len(shapes)) // 17, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def plot_sensitivity(runs: Sequence[Mapping], model: str, out_dir: str | os.PathLike) -> Path | None:

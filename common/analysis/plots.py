@@ -57,8 +57,8 @@ _CAPTIONS: dict[str, str] = {
     "per method, one panel per run; Pareto front across budgets where a method has several",
     "ranks": "per-layer kept fraction of MACs (compressed / dense) of each method's plan, one panel per "
     "run and target, lowest seed",
-    "sensitivity": "proxy score (validation accuracy in older runs) vs rank level, per layer, one panel per "
-    "run, lowest seed",
+    "sensitivity": "proxy score (validation accuracy in older runs) vs rank level, per layer (line style: "
+    "rank shape, where a run searched several), one panel per run, lowest seed",
     "search_trace": "best-so-far proxy score (validation accuracy in older runs) vs number of evaluations, "
     "one panel per run, lowest seed",
 }
