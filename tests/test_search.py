@@ -285,6 +285,14 @@ def test_the_analysis_knows_every_method_and_policy():
     assert set(POLICY_RIVALS) == set(METHODS) - set(POLICIES)
 
 
+def test_the_analysis_draws_every_rank_shape():
+    # the sensitivity plot's line styles are keyed by shape name, a list of its own (no torch import)
+    from common.analysis.plot_search import SHAPE_STYLES
+    from common.space import SHAPES
+
+    assert tuple(SHAPE_STYLES) == SHAPES and len(set(SHAPE_STYLES.values())) == len(SHAPES)
+
+
 def test_validators_pass_good_values_through():
     assert check_target(3) == 3.0 and isinstance(check_target(3), float) and check_target("2.5") == 2.5
     assert [check_method(m) for m in METHODS] == list(METHODS)

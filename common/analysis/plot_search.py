@@ -40,7 +40,8 @@ took (:mod:`common.space`; ``"level"`` for records older than shapes, and for th
 the divergence; ``score``: another proxy's score; or ``val_top1`` as a fraction)."""
 
 SHAPE_STYLES: dict[str, str] = {"level": "-", "energy": "--"}
-"""Line style of each rank shape in the sensitivity plot (one colour per layer)."""
+"""Line style of each rank shape (:data:`common.space.SHAPES`, named here so that the analysis does not
+import torch) in the sensitivity plot, where colours name the layers."""
 
 DIVERGENCE_LABELS: dict[str, str] = {"logit_mse": "logit MSE", "kl": "KL divergence"}
 """The label-free proxies (:data:`common.proxy.DIVERGENCE_PROXIES`, kept here so that the analysis
