@@ -6,7 +6,8 @@ is compressed, at a few levels), through the search's recorded evaluation
 loses at any level. :func:`choice_pdf` turns those drops and the choices' costs into one categorical
 distribution per layer that meets a budget in expectation (:func:`policy_pdf` assembles both for a
 search space), and :func:`cem_refit` moves it towards the choices of the best-scored plans (one
-cross-entropy step).
+cross-entropy step). :func:`knapsack_choices` finds the plan that model rates best (a diagnostic:
+``benchmarks/additivity.py`` measures how far the joint loss of a plan is from the model's sum).
 """
 
 from __future__ import annotations
@@ -168,3 +169,52 @@ def cem_refit(pdf: np.ndarray, hist: Sequence[dict], elite_frac: float, smoothin
             freq[li, k] += 1
     freq /= freq.sum(axis=1, keepdims=True)
     return (1 - smoothing) * pdf + smoothing * freq
+
+
+def knapsack_choices(drops: np.ndarray, cost: np.ndarray, budget: float, grid: int = 4000) -> list[int]:
+    """The per-layer choices with the least total ``drops`` whose total ``cost`` is at most ``budget``.
+
+    The policy's additive model at its optimum: a multiple-choice knapsack, solved exactly by dynamic
+    programming over costs rounded *up* to ``1/grid`` of the budget's unit (so the result never
+    exceeds ``budget``; it can miss a better plan within ``L/grid`` of it).
+
+    Args:
+        drops: ``(L, K)`` score drop of layer ``l`` at choice ``k``.
+        cost: ``(L, K)`` cost of the same choices, in the unit of ``budget`` (e.g. share of dense MACs).
+        budget: the most the chosen costs may add up to.
+
+    Raises:
+        ValueError: the cheapest choices already exceed ``budget``, or the shapes differ.
+    """
+    drops, cost = np.asarray(drops, float), np.asarray(cost, float)
+    if drops.shape != cost.shape or drops.ndim != 2:
+        raise ValueError(
+            f"drops and cost must be (layers, choices) arrays of one shape, got {drops.shape} and {cost.shape}"
+        )
+    units = np.ceil(cost * grid - 1e-9).astype(int)
+    cap = int(math.floor(budget * grid + 1e-9))
+    if int(units.min(axis=1).sum()) > cap:
+        raise ValueError(
+            f"no choice of one option per layer fits the budget {budget:g} (cheapest: {cost.min(axis=1).sum():g})"
+        )
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for d_row, u_row in zip(drops, units):
+        nxt, arg = np.full(cap + 1, np.inf), np.zeros(cap + 1, dtype=int)
+        for k, (d, u) in enumerate(zip(d_row, u_row)):
+            if u > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[u:] = best[: cap + 1 - u] + d
+            better = cand < nxt
+            nxt[better], arg[better] = cand[better], k
+        picks.append(arg)
+        best = nxt
+    used = int(np.argmin(best))
+    out = []
+    for arg, u_row in zip(reversed(picks), reversed(units)):
+        k = int(arg[used])
+        out.append(k)
+        used -= int(u_row[k])
+    return out[::-1]

@@ -438,7 +438,7 @@ class Searcher:
     def _draw(self, pdf: np.ndarray, rng: np.random.Generator) -> list[int]:
         return [int(rng.choice(len(self.choices), p=p)) for p in pdf]
 
-    def _choice_plan(self, ks: Sequence[int], target: float, metric: str) -> tuple[dict, bool]:
+    def choice_plan(self, ks: Sequence[int], target: float, metric: str) -> tuple[dict, bool]:
         """The projected plan of per-layer choice indices, and whether it is within the budget tolerance."""
         levels = {n: self.choices[k][0] for n, k in zip(self.space.names, ks)}
         shapes = {n: self.choices[k][1] for n, k in zip(self.space.names, ks)}
@@ -469,7 +469,7 @@ class Searcher:
             if len(drawn) == count:
                 break
             ks = self._draw(pdf, rng)
-            plan, ok = self._choice_plan(ks, target, metric)
+            plan, ok = self.choice_plan(ks, target, metric)
             key = plan_key(plan)
             if key in seen or not ok:
                 continue
@@ -549,7 +549,7 @@ class Searcher:
         known: dict[tuple, float] = {}
 
         def objective(ks: list[int]) -> tuple[float, bool] | None:
-            plan, ok = self._choice_plan(ks, target, metric)
+            plan, ok = self.choice_plan(ks, target, metric)
             if not ok:
                 return None
             key = plan_key(plan)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.data import load_dataset
-from common.policy import cem_refit, choice_pdf, drop_curve
+from common.policy import cem_refit, choice_pdf, drop_curve, knapsack_choices
 from common.ranks import energy_ranks
 from common.recorder import MemoryRecorder
 from common.search import (
@@ -205,6 +205,26 @@ def test_policy_math_drop_curve_pdf_and_cem_step():
         cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 1.0), [[0, 0, 1], [0, 0.5, 0.5]]
     )  # the two best (ties: earlier first)
     np.testing.assert_allclose(cem_refit(np.full((2, 3), 1 / 3), hist, 0.25, 0.5).sum(1), 1)
+
+
+def test_knapsack_choices_is_the_brute_force_optimum_under_the_budget():
+    import itertools
+
+    rng = np.random.default_rng(7)
+    for trial in range(20):
+        drops = rng.uniform(0, 1, (4, 3)) * np.array([0.0, 1.0, 2.0])  # choice 0 dense: no drop, dearest
+        cost = rng.uniform(0.05, 0.3, (4, 3)) * np.array([1.0, 0.6, 0.3])
+        budget = float(rng.uniform(cost.min(1).sum(), cost.max(1).sum()))
+        ks = knapsack_choices(drops, cost, budget, grid=100_000)
+        assert sum(cost[li, k] for li, k in enumerate(ks)) <= budget + 1e-9
+        best = min(
+            sum(drops[li, k] for li, k in enumerate(c))
+            for c in itertools.product(range(3), repeat=4)
+            if sum(cost[li, k] for li, k in enumerate(c)) <= budget
+        )
+        assert sum(drops[li, k] for li, k in enumerate(ks)) == pytest.approx(best, abs=1e-9), trial
+    with pytest.raises(ValueError, match="fits the budget"):
+        knapsack_choices(np.zeros((2, 2)), np.full((2, 2), 0.5), 0.5)
 
 
 def test_projection_keeps_shape_and_hits_target():
