@@ -1,7 +1,7 @@
 """Is a plan's proxy loss the sum of its layers' losses? The policy's model, measured (a benchmark).
 
 The policy (:mod:`common.policy`) rates a plan by the sum of its layers' *sensitivity drops*: the score
-each layer loses when it alone is compressed. This script measures that assumption on the plans a
+each layer loses when it alone is compressed. This script measures that assumption on the HT-2 plans a
 logged run chose. For every seed of the run it rebuilds the run's proxy (model and checkpoint, data,
 proxy, calibration images and seed, all read from the log's ``config`` record; the rebuilt proxy must
 reproduce the run's logged dense score) and, for each method's chosen plan (the log's ``plan``
@@ -82,7 +82,12 @@ def _dense_score(recs: Sequence[dict], seed: int) -> float | None:
 def _plans(recs: Sequence[dict], seed: int, target: float, methods: Sequence[str] | None) -> dict[str, dict]:
     out = {}
     for r in recs:
-        if r["kind"] == "plan" and r.get("seed") == seed and float(r.get("target", -1)) == target:
+        if (
+            r["kind"] == "plan"
+            and r.get("seed") == seed
+            and float(r.get("target", -1)) == target
+            and r.get("decomposition", "ht2") == "ht2"  # the HT-2 search (a Tucker-2 policy row is another space)
+        ):
             if methods is None or r["method"] in methods:
                 out[r["method"]] = r
     return out
