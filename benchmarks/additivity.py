@@ -45,7 +45,7 @@ from common.data import load_dataset  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import parse_log  # noqa: E402
 from common.models import build_model, load_checkpoint  # noqa: E402
-from common.policy import knapsack_choices  # noqa: E402
+from common.policy import choice_costs, knapsack_choices  # noqa: E402
 from common.preflight import inspect_checkpoint  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
 from common.space import plan_key  # noqa: E402
@@ -99,13 +99,9 @@ def _optimum(searcher, policy_rec: dict, target: float, metric: str) -> tuple[di
     choices = [(float(f), s) for f, s in info["choices"]]
     if choices != list(searcher.choices):
         raise SystemExit(f"the logged policy choices {choices} are not the rebuilt search's {searcher.choices}")
-    space = searcher.space
-    idx = 0 if metric == "params" else 1
-    total = space.dense_params if metric == "params" else space.dense_macs
-    fixed = space.fixed_params if metric == "params" else space.fixed_macs
-    cost = np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in choices] for ls in space.layers]) / total
+    cost, budget = choice_costs(searcher.space, choices, target, metric)
     drops = np.array(info["drops"], dtype=float)
-    ks = knapsack_choices(drops, cost, 1.0 / target - fixed / total)
+    ks = knapsack_choices(drops, cost, budget)
     plan, ok = searcher.choice_plan(ks, target, metric)
     if not ok:
         raise SystemExit("the model optimum cannot be projected onto the budget")

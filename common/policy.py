@@ -117,6 +117,18 @@ def choice_pdf(drops: np.ndarray, cost: np.ndarray, budget: float, temperature: 
     return pdf(mu), {"mu": mu, "temperature_abs": temp, "drop_scale": scale}
 
 
+def choice_costs(
+    space: SearchSpace, choices: Sequence[tuple[float, str]], target: float, metric: str
+) -> tuple[np.ndarray, float]:
+    """Each layer's ``metric`` (MACs or params) at each of ``choices`` as a share of the dense model's
+    total (shape ``(layers, choices)``), and the share left to the compressible layers at ``target``×."""
+    idx = 0 if metric == "params" else 1
+    dense_total = space.dense_params if metric == "params" else space.dense_macs
+    fixed = space.fixed_params if metric == "params" else space.fixed_macs
+    cost = np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in choices] for ls in space.layers]) / dense_total
+    return cost, 1.0 / target - fixed / dense_total
+
+
 def policy_pdf(
     space: SearchSpace,
     choices: Sequence[tuple[float, str]],
@@ -137,16 +149,13 @@ def policy_pdf(
     Returns:
         (pdf, the :func:`choice_pdf` info plus the ``choices`` and the ``drops``, rounded).
     """
-    idx = 0 if metric == "params" else 1
-    dense_total = space.dense_params if metric == "params" else space.dense_macs
-    fixed = space.fixed_params if metric == "params" else space.fixed_macs
     drops = np.zeros((len(space.layers), len(choices)))
     for li, ls in enumerate(space.layers):
         for s in dict.fromkeys(cs for _, cs in choices):
             cols = [k for k, (_, cs) in enumerate(choices) if cs == s]
             drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [choices[k][0] for k in cols])
-    cost = np.array([[ls.cost(ls.choice(f, s))[idx] for f, s in choices] for ls in space.layers]) / dense_total
-    pdf, info = choice_pdf(drops, cost, 1.0 / target - fixed / dense_total, temperature)
+    cost, budget = choice_costs(space, choices, target, metric)
+    pdf, info = choice_pdf(drops, cost, budget, temperature)
     return pdf, {
         **info,
         "choices": [list(c) for c in choices],
