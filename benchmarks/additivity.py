@@ -6,7 +6,7 @@ logged run chose. For every seed of the run it rebuilds the run's proxy (model a
 proxy, calibration images and seed, all read from the log's ``config`` record; the rebuilt proxy must
 reproduce the run's logged dense score) and, for each method's chosen plan (the log's ``plan``
 records) plus the **model optimum** (the choices with the least total drop under the budget,
-:func:`common.policy.knapsack_choices` over the drops the policy logged, projected onto the budget as
+:meth:`common.search.Searcher.model_optimum` over the drops the policy logged, projected onto the budget as
 the search projects its draws), it measures
 
 - ``joint``: the dense model's score minus the plan's score (the loss the proxy sees),
@@ -45,7 +45,6 @@ from common.data import load_dataset  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import parse_log  # noqa: E402
 from common.models import build_model, load_checkpoint  # noqa: E402
-from common.policy import choice_costs, knapsack_choices  # noqa: E402
 from common.preflight import inspect_checkpoint  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
 from common.space import plan_key  # noqa: E402
@@ -99,13 +98,10 @@ def _optimum(searcher, policy_rec: dict, target: float, metric: str) -> tuple[di
     choices = [(float(f), s) for f, s in info["choices"]]
     if choices != list(searcher.choices):
         raise SystemExit(f"the logged policy choices {choices} are not the rebuilt search's {searcher.choices}")
-    cost, budget = choice_costs(searcher.space, choices, target, metric)
-    drops = np.array(info["drops"], dtype=float)
-    ks = knapsack_choices(drops, cost, budget)
-    plan, ok = searcher.choice_plan(ks, target, metric)
+    plan, _, drop, ok = searcher.model_optimum(target, metric, drops=np.array(info["drops"], dtype=float))
     if not ok:
         raise SystemExit("the model optimum cannot be projected onto the budget")
-    return plan, float(sum(drops[li, k] for li, k in enumerate(ks)))
+    return plan, drop
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:

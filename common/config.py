@@ -129,6 +129,11 @@ class ExperimentConfig:
     )
     policy_rounds: int = _option(SearchConfig.rounds, "policy sampling rounds (>1: cross-entropy refits)")
     temperature: float = _option(SearchConfig.temperature, "softness of the policy pdf")
+    policy_knapsack: bool = _option(
+        SearchConfig.knapsack,
+        "the policies' first candidate is the plan their additive model rates best (exact knapsack over the "
+        "sensitivity drops; one of the search budget's evaluations)",
+    )
     rank_multiple: int = _option(8, "ranks are rounded to multiples of this")
     latency: bool = _option(False, "measure latency of the dense model and of every final model")
     latency_batches: tuple[int, ...] = _option((1, 64), "CPU latency batch sizes")
@@ -201,8 +206,12 @@ class ExperimentConfig:
 
     def result_settings(self) -> dict[str, Any]:
         """Every field that affects results (:data:`RESULT_FIELDS`) as JSON values, ``device`` as the
-        type it resolves to on this machine (``cpu`` / ``cuda``): what the default run id hashes."""
+        type it resolves to on this machine (``cpu`` / ``cuda``), less the :data:`ADDED_FIELDS` at their
+        defaults: what the default run id hashes."""
         out = {name: json.loads(json.dumps(getattr(self, name))) for name in RESULT_FIELDS}
+        for name in ADDED_FIELDS:  # see ADDED_FIELDS
+            if getattr(self, name) == _FIELDS[name].default:
+                del out[name]
         out["device"] = resolve_device(self.device).type
         return out
 
@@ -240,11 +249,17 @@ class ExperimentConfig:
         )
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
+
 RESULT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata["affects_results"]
 )
 """The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
 ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
+
+ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack",)
+"""Result fields added after default run ids were in use: the run id hashes each only when it is set
+off its default, so adding an option leaves every existing default run id (and its log) as it was."""
 
 RESUME_FIELDS: tuple[str, ...] = tuple(n for n in RESULT_FIELDS if n not in EXTENDING_FIELDS)
 """The fields a resumed run must share with its log's ``config`` record (``device`` by its type)."""

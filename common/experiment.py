@@ -433,6 +433,7 @@ def _build_searchers(
         temperature=cfg.temperature,
         rerank=cfg.rerank,
         shapes=tuple(cfg.shapes),
+        knapsack=cfg.policy_knapsack,
     )
     out, spectra = {}, None
     for decomposition in decompositions:

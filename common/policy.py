@@ -6,8 +6,9 @@ is compressed, at a few levels), through the search's recorded evaluation
 loses at any level. :func:`choice_pdf` turns those drops and the choices' costs into one categorical
 distribution per layer that meets a budget in expectation (:func:`policy_pdf` assembles both for a
 search space), and :func:`cem_refit` moves it towards the choices of the best-scored plans (one
-cross-entropy step). :func:`knapsack_choices` finds the plan that model rates best (a diagnostic:
-``benchmarks/additivity.py`` measures how far the joint loss of a plan is from the model's sum).
+cross-entropy step). :func:`knapsack_choices` finds the plan that model rates best: the policy may
+start from it (``SearchConfig.knapsack``), and ``benchmarks/additivity.py`` measures how far the joint
+loss of a plan is from the model's sum.
 """
 
 from __future__ import annotations
@@ -129,6 +130,19 @@ def choice_costs(
     return cost, 1.0 / target - fixed / dense_total
 
 
+def choice_drops(
+    space: SearchSpace, choices: Sequence[tuple[float, str]], profile: Profile, dense: float
+) -> np.ndarray:
+    """The score each layer loses alone at each of ``choices`` (shape ``(layers, choices)``): its
+    :func:`drop_curve` in the choice's shape, at the choice's level, against the ``dense`` score."""
+    drops = np.zeros((len(space.layers), len(choices)))
+    for li, ls in enumerate(space.layers):
+        for s in dict.fromkeys(cs for _, cs in choices):
+            cols = [k for k, (_, cs) in enumerate(choices) if cs == s]
+            drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [choices[k][0] for k in cols])
+    return drops
+
+
 def policy_pdf(
     space: SearchSpace,
     choices: Sequence[tuple[float, str]],
@@ -149,11 +163,7 @@ def policy_pdf(
     Returns:
         (pdf, the :func:`choice_pdf` info plus the ``choices`` and the ``drops``, rounded).
     """
-    drops = np.zeros((len(space.layers), len(choices)))
-    for li, ls in enumerate(space.layers):
-        for s in dict.fromkeys(cs for _, cs in choices):
-            cols = [k for k, (_, cs) in enumerate(choices) if cs == s]
-            drops[li, cols] = drop_curve(profile[ls.info.name][s], dense, [choices[k][0] for k in cols])
+    drops = choice_drops(space, choices, profile, dense)
     cost, budget = choice_costs(space, choices, target, metric)
     pdf, info = choice_pdf(drops, cost, budget, temperature)
     return pdf, {

@@ -13,7 +13,9 @@ sensitivity (the proxy's loss when only that layer is compressed) and its cost, 
 cross-entropy steps (:mod:`common.policy`); ``policy_seeded`` is the same search with the rule-based
 plans (uniform, energy, VBMF) among its first round's candidates, counted in its budget, so the
 selection sees them too and the elite that the cross-entropy step fits may include them; random draws
-the choices uniformly; TPE (:mod:`common.tpe`, Optuna) models them. A search returns its scored
+the choices uniformly; TPE (:mod:`common.tpe`, Optuna) models them. With ``SearchConfig.knapsack`` both
+policies also put their additive model's optimum (the least summed sensitivity drop on the budget) among
+their first candidates. A search returns its scored
 candidates and :meth:`Searcher.run` picks once among them; the rule-based methods (uniform, energy,
 VBMF: :mod:`common.rules`) bisect one global knob.
 
@@ -37,7 +39,15 @@ import numpy as np
 from torch import nn
 
 from .dist import shard_map
-from .policy import Profile, cem_refit, policy_pdf, sensitivity_profile
+from .policy import (
+    Profile,
+    cem_refit,
+    choice_costs,
+    choice_drops,
+    knapsack_choices,
+    policy_pdf,
+    sensitivity_profile,
+)
 from .progress import progress_bar
 from .proxy import ProxyEvaluator
 from .recorder import MemoryRecorder, Recorder
@@ -144,6 +154,8 @@ class SearchConfig:
     rerank: how many of a search's best-scored candidates val top-1 decides among (label-free
         proxies only; 1 = take the best score).
     tpe_startup: random draws before TPE starts modelling.
+    knapsack: the policies' first candidate is their additive model's optimum (:meth:`Searcher.model_optimum`:
+        the least summed sensitivity drop on the budget), scored like a draw and counted in the budget.
     """
 
     levels: tuple = (1.0, 0.75, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -156,6 +168,7 @@ class SearchConfig:
     tol: float = 0.03
     rerank: int = 3
     tpe_startup: int = 10
+    knapsack: bool = False
 
     def __post_init__(self) -> None:
         self.levels, self.shapes = tuple(self.levels), tuple(self.shapes)
@@ -445,6 +458,31 @@ class Searcher:
         plan, achieved = project(self.space, levels, target, metric, self.config.tol, shapes)
         return plan, abs(achieved / target - 1) <= self.config.tol
 
+    def model_optimum(
+        self, target: float, metric: str, drops: np.ndarray | None = None
+    ) -> tuple[dict, list[int], float, bool]:
+        """The plan the policy's additive model rates best: per-layer choices with the least summed drop
+        whose summed cost meets the budget (:func:`common.policy.knapsack_choices`), projected onto it
+        like a draw.
+
+        Args:
+            drops: ``(layers, choices)`` drops to use; default: from the sensitivity profile
+                (:func:`common.policy.choice_drops`), as :meth:`policy_pdf` has them.
+
+        Returns:
+            (plan, choice indices, the model's summed drop, whether the plan is within the budget tolerance).
+
+        Raises:
+            ValueError: not even the cheapest choices fit the budget.
+        """
+        if drops is None:
+            drops = choice_drops(self.space, self.choices, self.sensitivity(), self.dense_score())
+        drops = np.asarray(drops, dtype=float)
+        cost, budget = choice_costs(self.space, self.choices, target, metric)
+        ks = knapsack_choices(drops, cost, budget)
+        plan, ok = self.choice_plan(ks, target, metric)
+        return plan, ks, float(sum(drops[li, k] for li, k in enumerate(ks))), ok
+
     def _sample_round(
         self,
         method: str,
@@ -505,6 +543,9 @@ class Searcher:
     def _policy(self, target, metric, n, seed, method="policy", fixed=()):
         rng = np.random.default_rng(seed)
         pdf, info = self.policy_pdf(target, metric)
+        extra = {}
+        if self.config.knapsack:
+            fixed, extra["knapsack"] = self._with_optimum(list(fixed), target, metric, method)
         rounds = max(1, self.config.rounds)
         per_round = [n // rounds + (1 if r < n % rounds else 0) for r in range(rounds)]
         hist: list[dict] = []
@@ -515,7 +556,24 @@ class Searcher:
             )
             if r + 1 < rounds and hist:  # cross-entropy step on the elite plans' draws
                 pdf = cem_refit(pdf, hist, self.config.elite_frac, self.config.smoothing)
-        return hist, {"seed": seed, "pdf": info}
+        return hist, {"seed": seed, "pdf": info, **extra}
+
+    def _with_optimum(self, fixed: list[dict], target: float, metric: str, method: str) -> tuple[list[dict], dict]:
+        """``fixed`` with the model optimum (:meth:`model_optimum`) after it, unless it is there already or
+        misses the budget; and what became of it (its model drop, or why it was left out)."""
+        try:
+            plan, ks, drop, ok = self.model_optimum(target, metric)
+        except ValueError as e:
+            self.progress(f"{method} x{target:g}: no model optimum ({e})")
+            return fixed, {"used": False, "why": str(e)}
+        note = {"model_drop": drop, "choices": ks}
+        if not ok:
+            why = f"its projection misses {target:g}x by more than ±{self.config.tol:.0%}"
+            self.progress(f"{method} x{target:g}: model optimum left out: {why}")
+            return fixed, {**note, "used": False, "why": why}
+        if plan_key(plan) in {plan_key(d["plan"]) for d in fixed}:
+            return fixed, {**note, "used": False, "why": "equal to a seeded plan"}
+        return [*fixed, {"plan": plan, "choices_drawn": ks, "seeded_from": "knapsack"}], {**note, "used": True}
 
     def _policy_seeded(self, target, metric, n, seed):
         """The policy with the rule-based plans (:data:`common.rules.RULES`, each once) as its first
@@ -529,7 +587,7 @@ class Searcher:
             fixed.append({"plan": plan, "choices_drawn": self.nearest_choices(plan, metric), "seeded_from": rule})
         hist, params = self._policy(target, metric, n, seed, "policy_seeded", fixed)
         # a first round smaller than the rule plans takes only the first of them
-        return hist, {**params, "seeded_from": [h["seeded_from"] for h in hist if "seeded_from" in h]}
+        return hist, {**params, "seeded_from": [h["seeded_from"] for h in hist if h.get("seeded_from") in RULES]}
 
     def nearest_choices(self, plan: Mapping[str, LayerPlan], metric: str = "macs") -> list[int]:
         """Per layer, the index in :attr:`choices` whose cost (``metric``) is closest to the layer's cost

@@ -450,6 +450,7 @@ OTHER_VALUES = {
     "sensitivity_levels": (0.3,),
     "policy_rounds": 3,
     "temperature": 2.0,
+    "policy_knapsack": True,
     "rank_multiple": 4,
     "latency": True,
     "latency_batches": (1,),
@@ -478,6 +479,11 @@ def test_default_run_id_hashes_every_setting_that_affects_results():
     base = ExperimentConfig(device="cpu")
     run_id = base.resolved_run_id()
     assert re.fullmatch(r"resnet18-auto-x3-s0-[0-9a-f]{8}", run_id), run_id
+    # an option added later (ADDED_FIELDS) at its default keeps the ids of the settings before it
+    assert run_id == "resnet18-auto-x3-s0-3c93116a"
+    assert ExperimentConfig(device="cpu", model="alexnet", targets=[2, 3, 5]).resolved_run_id() == (
+        "alexnet-auto-x2-3-5-s0-f31885d2"
+    )
     ids = {run_id}
     for name, value in OTHER_VALUES.items():
         other = dataclasses.replace(base, **{name: value}).resolved_run_id()

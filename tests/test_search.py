@@ -158,6 +158,47 @@ def test_seeded_policy_scores_the_rule_plans_first_within_its_budget(digits):
     assert tiny.params["seeded_from"] == distinct[:1] and tiny.evaluations == 2
 
 
+def test_policy_with_knapsack_scores_its_model_optimum_first(digits):
+    from dataclasses import replace
+
+    from common.policy import choice_costs, choice_drops
+
+    rec = MemoryRecorder()
+    s = make(digits, recorder=rec, config=replace(CFG, knapsack=True))
+    plan, ks, drop, ok = s.model_optimum(3.0, "macs")
+    assert ok
+    drops = choice_drops(s.space, s.choices, s.sensitivity(), s.dense_score())
+    cost, budget = choice_costs(s.space, s.choices, 3.0, "macs")
+    assert drop == pytest.approx(sum(drops[li, k] for li, k in enumerate(ks)))
+    # no draw of the policy's pdf that fits the budget before projection has a smaller summed drop
+    pdf, _ = s.policy_pdf(3.0, "macs")
+    rng = np.random.default_rng(0)
+    fitting = 0
+    for _ in range(300):
+        d = [int(rng.choice(len(s.choices), p=p)) for p in pdf]
+        if sum(cost[li, k] for li, k in enumerate(d)) <= budget:
+            fitting += 1
+            assert sum(drops[li, k] for li, k in enumerate(d)) >= drop - 1e-12
+    assert fitting > 10
+    r = s.run("policy", 3.0, n_candidates=8, seed=2)
+    cands = [c for c in rec.items if c["kind"] == "candidate" and c["method"] == "policy"]
+    assert len(cands) == r.evaluations == 8  # the optimum counts in the budget
+    assert cands[0]["seeded_from"] == "knapsack" and cands[0]["choices_drawn"] == ks
+    assert cands[0]["plan"] == plan_to_dict(plan) and cands[0]["round"] == 0
+    assert all("seeded_from" not in c for c in cands[1:])
+    assert r.params["knapsack"] == {"model_drop": drop, "choices": ks, "used": True}
+    # the rest of the first round are the plain policy's first draws with the same seed
+    rec0 = MemoryRecorder()
+    plain = make(digits, recorder=rec0).run("policy", 3.0, n_candidates=8, seed=2)
+    assert "knapsack" not in plain.params
+    first = [c["plan"] for c in rec0.items if c["kind"] == "candidate" and c["round"] == 0]
+    rest = [c["plan"] for c in cands[1:] if c["round"] == 0]
+    assert rest == [p for p in first if p != cands[0]["plan"]][: len(rest)] and len(rest) == len(first) - 1
+    # seeded: after the rule plans, and only the rule plans are listed as seeded_from
+    rs = make(digits, config=replace(CFG, knapsack=True)).run("policy_seeded", 3.0, n_candidates=8, seed=2)
+    assert "knapsack" not in rs.params["seeded_from"] and rs.params["knapsack"]["used"] in (True, False)
+
+
 def test_nearest_choices_maps_a_choice_plan_back_onto_itself(digits):
     s = make(digits)
     ks = [1, 4, len(s.choices) - 1, 0][: len(s.space.names)]
