@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from common.data import load_dataset  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
-from common.logs import parse_log  # noqa: E402
+from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.models import build_model, load_checkpoint  # noqa: E402
 from common.preflight import inspect_checkpoint  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
@@ -62,10 +62,10 @@ def _records(log: Path) -> list[dict]:
 
 
 def _config(recs: Sequence[dict], log: Path) -> dict:
-    cfgs = [r for r in recs if r["kind"] == "config"]
-    if not cfgs:
-        raise SystemExit(f"{log}: no config record; is it a run log of common.experiment?")
-    cfg = cfgs[0]
+    try:
+        cfg = config_record(recs, log)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if cfg.get("proxy") not in ("logit_mse", "kl"):
         raise SystemExit(f"{log}: proxy {cfg.get('proxy')!r} is not a label-free divergence; nothing to add up")
     return cfg
@@ -79,17 +79,12 @@ def _dense_score(recs: Sequence[dict], seed: int) -> float | None:
 
 
 def _plans(recs: Sequence[dict], seed: int, target: float, methods: Sequence[str] | None) -> dict[str, dict]:
-    out = {}
-    for r in recs:
-        if (
-            r["kind"] == "plan"
-            and r.get("seed") == seed
-            and float(r.get("target", -1)) == target
-            and r.get("decomposition", "ht2") == "ht2"  # the HT-2 search (a Tucker-2 policy row is another space)
-        ):
-            if methods is None or r["method"] in methods:
-                out[r["method"]] = r
-    return out
+    # HT-2 only: a Tucker-2 policy row is another search space
+    return {
+        m: r
+        for (m, s, t), r in plan_records(recs).items()
+        if s == seed and t == target and (methods is None or m in methods)
+    }
 
 
 def _optimum(searcher, policy_rec: dict, target: float, metric: str) -> tuple[dict, float]:
@@ -129,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     seeds = (
         [int(s) for s in a.seeds.split(",")]
         if a.seeds
-        else sorted({r["seed"] for r in recs if r["kind"] == "plan" and r.get("method") == "policy"})
+        else sorted({s for (m, s, t) in plan_records(recs) if m == "policy" and t == a.target})
     )
     if not seeds:
         raise SystemExit(f"{log}: no policy plan at target {a.target:g}")

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from common.data import load_dataset  # noqa: E402
-from common.logs import parse_log  # noqa: E402
+from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.models import load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
 from common.proxy import DIVERGENCES, ProxyEvaluator  # noqa: E402
@@ -37,6 +37,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", required=True, help="a run log (logs/<model>/<run_id>.log)")
     p.add_argument("--plans", required=True, help="method:seed of each plan record to read, comma-separated")
+    p.add_argument("--target", type=float, default=None, help="the plans' target (default: the log's only one)")
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds to score every plan on")
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument(
@@ -49,12 +50,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_plans(log: Path, wanted: Sequence[str]) -> tuple[dict, dict]:
-    """The log's ``config`` record and ``{"method:seed": plan record}`` (the latest of each, HT-2)."""
+def read_plans(log: Path, wanted: Sequence[str], target: float | None = None) -> tuple[dict, dict]:
+    """The log's ``config`` record and ``{"method:seed": plan record}`` (the latest of each, HT-2) at
+    ``target`` (default: the log's one target; a log of several needs it)."""
     records, _ = parse_log(log)
-    configs = [r for r in records if r["kind"] == "config"]
-    if not configs:
-        raise ValueError(f"{log}: no config record (is it a run log?)")
+    config = config_record(records, log)
+    plans = plan_records(records)
     out = {}
     for item in wanted:
         method, _, seed = item.partition(":")
@@ -62,24 +63,22 @@ def read_plans(log: Path, wanted: Sequence[str]) -> tuple[dict, dict]:
             seed_value = int(seed)
         except ValueError:
             raise ValueError(f"--plans: {item!r} is not method:seed (e.g. energy:0)") from None
-        found = [
-            r
-            for r in records
-            if r["kind"] == "plan"
-            and r.get("method") == method
-            and r.get("seed", 0) == seed_value
-            and r.get("decomposition", "ht2") == "ht2"
-        ]
+        found = {t: r for (m, s, t), r in plans.items() if m == method and s == seed_value}
+        if target is not None:
+            found = {t: r for t, r in found.items() if t == float(target)}
         if not found:
-            raise ValueError(f"{log}: no HT-2 plan record of method {method!r} at seed {seed_value}")
-        out[item] = found[-1]
-    return configs[0], out
+            at = "" if target is None else f" at target {target:g}"
+            raise ValueError(f"{log}: no HT-2 plan record of method {method!r} at seed {seed_value}{at}")
+        if len(found) > 1:
+            raise ValueError(f"{log}: {item} has plans at targets {sorted(found)}; name one with --target")
+        out[item] = next(iter(found.values()))
+    return config, out
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    config, plans = read_plans(Path(a.log), [x for x in a.plans.split(",") if x])
+    config, plans = read_plans(Path(a.log), [x for x in a.plans.split(",") if x], a.target)
     data = load_dataset(config["dataset"], root=a.data_root)
     model = load_baseline(config["model"], a.checkpoint_dir)
     spectra = SpectraCache(model)

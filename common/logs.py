@@ -170,6 +170,33 @@ def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[LogError]]:
     return records, errors
 
 
+def config_record(records: Iterable[Mapping[str, Any]], source: str | os.PathLike) -> dict:
+    """The first ``config`` record of a run's ``records`` (a resumed run repeats it unchanged).
+
+    Raises:
+        ValueError: there is none (naming ``source``, the log they came from).
+    """
+    for r in records:
+        if r.get("kind") == "config":
+            return dict(r)
+    raise ValueError(f"{source}: no config record; is it a run log of common.experiment?")
+
+
+def plan_records(
+    records: Iterable[Mapping[str, Any]], decomposition: str = "ht2"
+) -> dict[tuple[str, int, float], dict]:
+    """``{(method, seed, target): plan record}`` of one ``decomposition``: the latest record of each.
+
+    Records of logs from before seeds count as seed 0, from before decompositions as HT-2; keys are in
+    the order each first appears.
+    """
+    out: dict[tuple[str, int, float], dict] = {}
+    for r in records:
+        if r.get("kind") == "plan" and r.get("decomposition", "ht2") == decomposition:
+            out[(str(r["method"]), int(r.get("seed", 0)), float(r["target"]))] = dict(r)
+    return out
+
+
 def _parse_lines(path: str | os.PathLike) -> tuple[list[dict], list[int], list[LogError]]:
     """:func:`parse_log`, plus the 1-based line number of each record."""
     path = Path(path)

@@ -14,7 +14,16 @@ import torch
 
 import jsonify_logs
 from common.jsonvalues import decode_value, encode_value
-from common.logs import KIND_KEYS, RunLog, jsonify, load_document, parse_log, records_of
+from common.logs import (
+    KIND_KEYS,
+    RunLog,
+    config_record,
+    jsonify,
+    load_document,
+    parse_log,
+    plan_records,
+    records_of,
+)
 
 
 def same(a, b) -> bool:
@@ -500,3 +509,22 @@ def test_jsonify_leaves_an_unchanged_document_alone(tmp_path):
     paths[0].write_text("stale")
     jsonify(tmp_path / "logs", tmp_path / "json")
     assert load_document(paths[0])["run_id"] == "r1"  # a changed document is rewritten
+
+
+def test_plan_records_keep_the_latest_per_method_seed_and_target():
+    recs = [
+        {"kind": "config", "model": "m", "seq": 0},
+        {"kind": "plan", "method": "energy", "target": 3, "score": 1.0},  # before seeds: seed 0
+        {"kind": "plan", "method": "policy", "seed": 1, "target": 3.0, "score": 2.0},
+        {"kind": "plan", "method": "policy", "seed": 1, "target": 3.0, "score": 3.0, "decomposition": "tucker2"},
+        {"kind": "plan", "method": "policy", "seed": 1, "target": 2.0, "score": 4.0, "decomposition": "ht2"},
+        {"kind": "plan", "method": "policy", "seed": 1, "target": 3.0, "score": 5.0},  # resumed: the latest wins
+        {"kind": "config", "model": "m", "seq": 9},
+    ]
+    got = plan_records(recs)
+    assert list(got) == [("energy", 0, 3.0), ("policy", 1, 3.0), ("policy", 1, 2.0)]
+    assert [r["score"] for r in got.values()] == [1.0, 5.0, 4.0]
+    assert [r["score"] for r in plan_records(recs, "tucker2").values()] == [3.0]
+    assert config_record(recs, "x.log")["seq"] == 0
+    with pytest.raises(ValueError, match=r"x\.log: no config record"):
+        config_record(recs[1:-1], "x.log")

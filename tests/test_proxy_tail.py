@@ -40,3 +40,20 @@ def test_a_missing_plan_or_a_bad_item_is_named(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="no config record"):
         proxy_tail.read_plans(empty, ["energy:0"])
+
+
+def test_a_log_of_several_targets_needs_one_named(tmp_path):
+    log = tmp_path / "two.log"
+    lines = ['{"kind":"config","model":"alexnet","seq":0}']
+    lines += [
+        f'{{"kind":"plan","method":"energy","seed":0,"target":{t},"plan":{{}},"seq":{i}}}' for i, t in ((1, 2), (2, 3))
+    ]
+    log.write_text(
+        "".join(f"2026-01-01T00:00:00.000Z {'CONFIG' if i == 0 else 'PLAN'} x @@ {x}\n" for i, x in enumerate(lines))
+    )
+    with pytest.raises(ValueError, match=r"energy:0 has plans at targets \[2\.0, 3\.0\]; name one with --target"):
+        proxy_tail.read_plans(log, ["energy:0"])
+    _, plans = proxy_tail.read_plans(log, ["energy:0"], target=3)
+    assert plans["energy:0"]["seq"] == 2
+    with pytest.raises(ValueError, match="at seed 0 at target 5"):
+        proxy_tail.read_plans(log, ["energy:0"], target=5)
