@@ -47,7 +47,7 @@ class LayerSpace:
         if shape not in self.shapers:
             raise ValueError(
                 f"layer {self.info.name!r}: rank shape {shape!r} is not available "
-                f"(have 'level', {', '.join(map(repr, self.shapers))})"
+                f"(have {', '.join(map(repr, ['level', *self.shapers]))})"
             )
         return self.shapers[shape](self, f)
 

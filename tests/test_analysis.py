@@ -1221,3 +1221,19 @@ def test_sensitivity_of_several_rank_shapes_keeps_each_shape(tmp_path, monkeypat
     assert curves[1].get_color() == curves[2].get_color()  # one colour per layer, unlabelled once
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["<dense>", "layer1.conv", "level shape", "energy shape"]
+
+
+def test_a_method_keeps_its_colour_whatever_else_is_drawn():
+    from common.analysis.figures import method_colors, palette
+
+    tab = palette(10)
+    alone = method_colors(["policy"])
+    nan = float("nan")  # one object: NaN keys match by identity
+    mixed = method_colors([("tpe", "ht2"), ("policy", "ht2"), ("policy", "tucker2"), ("greedy", nan)])
+    assert alone["policy"] == mixed[("policy", "ht2")] == tab[4]  # its place in METHOD_ORDER
+    assert mixed[("tpe", "ht2")] == tab[5]
+    # another decomposition and an unknown method take the free colours after the 7 methods, in order
+    assert mixed[("policy", "tucker2")] == tab[7] and mixed[("greedy", nan)] == tab[8]
+    assert method_colors([("energy", nan)])[("energy", nan)] == tab[1]  # older logs: HT-2
+    many = method_colors([f"m{i}" for i in range(4)])  # 7 + 4 > 10: an even palette over the series
+    assert list(many.values()) == palette(4)

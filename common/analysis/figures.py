@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from common.files import atomic_write
 
-from .records import to_float
+from .records import METHOD_ORDER, to_float
 
 __all__ = ["budget_front", "pareto_front", "save_plot"]
 
@@ -121,6 +121,25 @@ def target_text(target: Any) -> str:
 def series_label(method: Any, decomposition: Any, several_decompositions: bool) -> str:
     """A legend label: the method, with its decomposition when the plot has several."""
     return f"{method} ({decomposition})" if several_decompositions else str(method)
+
+
+def method_colors(series: Sequence[Hashable]) -> dict:
+    """One colour per series, a method's the same in every plot and every run: a series is a method
+    name or ``(method, decomposition)``. HT-2 series of the methods of :data:`METHOD_ORDER` take tab10's
+    colour at their place there; any other series (another decomposition, an unknown method) the next
+    free tab10 colour, in the order given (all :func:`palette` colours, in order, past 10 in all)."""
+    keys = list(dict.fromkeys(series))
+    out, nxt = {}, len(METHOD_ORDER)
+    for key in keys:
+        method, decomposition = key if isinstance(key, tuple) else (key, "ht2")
+        if method in METHOD_ORDER and (not isinstance(decomposition, str) or decomposition == "ht2"):
+            out[key] = METHOD_ORDER.index(method)  # a missing decomposition (older logs) is HT-2
+        else:
+            out[key], nxt = nxt, nxt + 1
+    if nxt > 10:
+        return dict(zip(keys, palette(len(keys))))
+    colors = palette(10)
+    return {key: colors[i] for key, i in out.items()}
 
 
 def palette(n: int) -> list:

@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from . import figures
 from .aggregate import aggregate_seeds
 from .context import RUN_COLUMNS, run_title
-from .figures import budget_front, dense_line, palette, panels, series_label, skip
+from .figures import budget_front, dense_line, method_colors, panels, series_label, skip
 from .records import summary_table
 
 __all__ = ["ACC_PLOT_COLUMNS", "plot_acc_vs_macs"]
@@ -111,7 +111,7 @@ def plot_acc_vs_macs(runs: Sequence[Mapping], model: str, out_dir: str | os.Path
         skip("acc_vs_macs", model, "no final records")
         return None
     series = list(dict.fromkeys(zip(df["method"], df["decomposition"])))
-    colors = dict(zip(series, palette(len(series))))
+    colors = method_colors(series)
     several = df["decomposition"].nunique(dropna=False) > 1
     groups = list(df.groupby(list(RUN_COLUMNS), dropna=False, sort=False))
     fig, axes = panels(len(groups), height=4.4)

@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 
 from . import figures
 from .context import RUN_COLUMNS, model_runs, run_context, run_title
-from .figures import palette, panels, series_label, skip, target_text
+from .figures import method_colors, panels, series_label, skip, target_text
 from .records import kind_records, lowest_seed, method_rank, seed_lookup, target_key, to_float
 
 __all__ = ["RANKS_PLOT_COLUMNS", "plot_ranks"]
@@ -180,7 +180,7 @@ def plot_ranks(
         skip("ranks", model, "no per-layer MACs ('layer_costs' or plan entries' 'macs'; or pass kept_fraction)")
         return None
     series = list(dict.fromkeys(zip(data["method"], data["decomposition"])))
-    colors = dict(zip(series, palette(len(series))))
+    colors = method_colors(series)
     several = data["decomposition"].nunique(dropna=False) > 1
     groups = list(data.groupby([*RUN_COLUMNS, "target"], dropna=False, sort=False))
     fig, axes = panels(len(groups), height=3.4)

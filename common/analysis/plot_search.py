@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 
 from . import figures
 from .context import RUN_COLUMNS, model_runs, run_context, run_title
-from .figures import dense_line, palette, panels, series_label, skip, target_text
+from .figures import dense_line, method_colors, palette, panels, series_label, skip, target_text
 from .records import kind_records, lowest_seed, run_baseline, seed_lookup, target_key, to_float
 
 __all__ = [
@@ -267,7 +267,7 @@ def plot_search_trace(runs: Sequence[Mapping], model: str, out_dir: str | os.Pat
         return None
     data = pd.DataFrame(rows, columns=list(SEARCH_PLOT_COLUMNS))
     methods = sorted({str(m) for m in data["method"]})
-    colors = dict(zip(methods, palette(len(methods))))
+    colors = method_colors(methods)
     several = data["decomposition"].nunique(dropna=False) > 1
     groups = _panels(data)
     fig, axes = panels(len(groups), height=4.0)
