@@ -131,8 +131,8 @@ class ExperimentConfig:
     temperature: float = _option(SearchConfig.temperature, "softness of the policy pdf")
     policy_knapsack: bool = _option(
         SearchConfig.knapsack,
-        "the policies' first candidate is the plan their additive model rates best (exact knapsack over the "
-        "sensitivity drops; one of the search budget's evaluations)",
+        "the policies also score the plan their additive model rates best (exact knapsack over the "
+        "sensitivity drops) in their first round; one of the search budget's evaluations",
     )
     rank_multiple: int = _option(8, "ranks are rounded to multiples of this")
     latency: bool = _option(False, "measure latency of the dense model and of every final model")

@@ -154,8 +154,9 @@ class SearchConfig:
     rerank: how many of a search's best-scored candidates val top-1 decides among (label-free
         proxies only; 1 = take the best score).
     tpe_startup: random draws before TPE starts modelling.
-    knapsack: the policies' first candidate is their additive model's optimum (:meth:`Searcher.model_optimum`:
-        the least summed sensitivity drop on the budget), scored like a draw and counted in the budget.
+    knapsack: the policies also score their additive model's optimum (:meth:`Searcher.model_optimum`: the
+        least summed sensitivity drop on the budget) in their first round: first for the policy, after the
+        rule plans for ``policy_seeded``; it counts in the budget.
     """
 
     levels: tuple = (1.0, 0.75, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
