@@ -251,9 +251,7 @@ class ExperimentConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 
-RESULT_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata["affects_results"]
-)
+RESULT_FIELDS: tuple[str, ...] = tuple(name for name, f in _FIELDS.items() if f.metadata["affects_results"])
 """The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
 ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
 
