@@ -1237,3 +1237,17 @@ def test_a_method_keeps_its_colour_whatever_else_is_drawn():
     assert method_colors([("energy", nan)])[("energy", nan)] == tab[1]  # older logs: HT-2
     many = method_colors([f"m{i}" for i in range(4)])  # 7 + 4 > 10: an even palette over the series
     assert list(many.values()) == palette(4)
+
+
+def test_search_traces_colour_a_search_by_method_and_decomposition():
+    from common.analysis.figures import method_colors
+    from common.analysis.plot_search import _series
+
+    assert _series("policy", None) == _series("policy", float("nan")) == ("policy", "ht2")
+    colors = method_colors([_series("policy", "ht2"), _series("policy", "tucker2")])
+    # the Tucker-2 policy gets the colour it has in the accuracy and ranks plots, not the HT-2 policy's
+    assert (
+        colors[("policy", "tucker2")]
+        == method_colors([("policy", "ht2"), ("policy", "tucker2")])[("policy", "tucker2")]
+    )
+    assert colors[("policy", "tucker2")] != colors[("policy", "ht2")]

@@ -223,15 +223,20 @@ def _search_rows(run: Mapping) -> list[dict]:
     return rows
 
 
-def _draw_searches(ax: Axes, panel: pd.DataFrame, colors: Mapping[str, Any], several: bool) -> None:
-    """Best-so-far steps per search (colour: method, line style: target), faint candidates."""
+def _series(method: Any, decomposition: Any) -> tuple[str, str]:
+    """The colour key of a search: its method and decomposition (none logged: HT-2)."""
+    return str(method), decomposition if isinstance(decomposition, str) else "ht2"
+
+
+def _draw_searches(ax: Axes, panel: pd.DataFrame, colors: Mapping[tuple, Any], several: bool) -> None:
+    """Best-so-far steps per search (colour: method and decomposition, line style: target), faint candidates."""
     proxy = panel["proxy"].iloc[0]
     targets = sorted(set(panel["target"]), key=to_float)
     styles = dict(zip(targets, ["-", "--", ":", "-."] * (1 + len(targets) // 4)))
     for (method, decomposition, target), search in panel.groupby(
         ["method", "decomposition", "target"], dropna=False, sort=False
     ):
-        color = colors[str(method)]
+        color = colors[_series(method, decomposition)]
         ax.scatter(search["evaluation"], _drawn(search["value"], proxy), s=6, color=color, alpha=0.25)
         ax.step(
             search["evaluation"],
@@ -266,8 +271,8 @@ def plot_search_trace(runs: Sequence[Mapping], model: str, out_dir: str | os.Pat
         skip("search_trace", model, "no candidate records")
         return None
     data = pd.DataFrame(rows, columns=list(SEARCH_PLOT_COLUMNS))
-    methods = sorted({str(m) for m in data["method"]})
-    colors = method_colors(methods)
+    # the same colour per (method, decomposition) as the accuracy and ranks plots
+    colors = method_colors(sorted({_series(m, d) for m, d in zip(data["method"], data["decomposition"])}))
     several = data["decomposition"].nunique(dropna=False) > 1
     groups = _panels(data)
     fig, axes = panels(len(groups), height=4.0)
