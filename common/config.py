@@ -134,6 +134,12 @@ class ExperimentConfig:
         "the policies also score the plan their additive model rates best (exact knapsack over the "
         "sensitivity drops) in their first round; one of the search budget's evaluations",
     )
+    rescore: int = _option(
+        SearchConfig.rescore,
+        "before the pick, score a search's this many best candidates again on rescore_images calibration "
+        "images and let val decide among the best rerank of those; 0 = off",
+    )
+    rescore_images: int = _option(SearchConfig.rescore_images, "calibration train images of each re-score")
     rank_multiple: int = _option(8, "ranks are rounded to multiples of this")
     latency: bool = _option(False, "measure latency of the dense model and of every final model")
     latency_batches: tuple[int, ...] = _option((1, 64), "CPU latency batch sizes")
@@ -198,7 +204,12 @@ class ExperimentConfig:
         if self.proxy not in PROXIES:
             raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
         check_metric(self.metric)
-        SearchConfig(shapes=tuple(self.shapes), rerank=self.rerank)  # validates the search options
+        # validates the search options
+        SearchConfig(
+            shapes=tuple(self.shapes), rerank=self.rerank, rescore=self.rescore, rescore_images=self.rescore_images
+        )
+        if self.rescore and self.proxy == "top1":
+            raise ValueError("rescore needs a label-free proxy (logit_mse or kl), not top1")
         try:
             resolve_device(self.device)
         except (RuntimeError, ValueError):
@@ -255,7 +266,7 @@ RESULT_FIELDS: tuple[str, ...] = tuple(name for name, f in _FIELDS.items() if f.
 """The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
 ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
 
-ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack",)
+ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack", "rescore", "rescore_images")
 """Result fields added after default run ids were in use: the run id hashes each only when it is set
 off its default, so adding an option leaves every existing default run id (and its log) as it was."""
 

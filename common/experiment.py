@@ -434,6 +434,8 @@ def _build_searchers(
         rerank=cfg.rerank,
         shapes=tuple(cfg.shapes),
         knapsack=cfg.policy_knapsack,
+        rescore=cfg.rescore,
+        rescore_images=cfg.rescore_images,
     )
     out, spectra = {}, None
     for decomposition in decompositions:

@@ -79,6 +79,7 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "layers": ("layers",),
     "sensitivity": ("layer", "level", "score"),
     "candidate": ("method", "target", "index", "score", "macs_factor", "params_factor"),
+    "rescore": ("method", "target", "index", "score", "calib_images"),
     "plan": ("method", "target", "metric", "plan"),
     "finetune_epoch": ("method", "target", "epoch", "val_top1"),
     "final": ("method", "target", "decomposition", "test_top1_bn", "macs_factor", "params_factor"),

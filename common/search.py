@@ -16,7 +16,8 @@ selection sees them too and the elite that the cross-entropy step fits may inclu
 the choices uniformly; TPE (:mod:`common.tpe`, Optuna) models them. With ``SearchConfig.knapsack`` both
 policies also put their additive model's optimum (the least summed sensitivity drop on the budget) among
 their first candidates. A search returns its scored
-candidates and :meth:`Searcher.run` picks once among them; the rule-based methods (uniform, energy,
+candidates and :meth:`Searcher.run` picks once among them (with ``SearchConfig.rescore``, after scoring its
+best few again on more calibration images, so that val sees the best by a less noisy score); the rule-based methods (uniform, energy,
 VBMF: :mod:`common.rules`) bisect one global knob.
 
 Resumability: every sensitivity point, candidate and re-ranking goes through a *recorder*
@@ -157,6 +158,11 @@ class SearchConfig:
     knapsack: the policies also score their additive model's optimum (:meth:`Searcher.model_optimum`: the
         least summed sensitivity drop on the budget) in their first round: first for the policy, after the
         rule plans for ``policy_seeded``; it counts in the budget.
+    rescore: before the pick, a search's this many best-scored candidates are scored again with the same
+        proxy on ``rescore_images`` calibration images (same seed), and the pick (val among the
+        ``rerank`` best, or the best) goes by that score; 0 = off. The search's own score is unchanged
+        (it ranks and refits on the cheap score); the re-scores are extra evaluations, not candidates.
+    rescore_images: calibration images of the re-scores.
     """
 
     levels: tuple = (1.0, 0.75, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -170,6 +176,8 @@ class SearchConfig:
     rerank: int = 3
     tpe_startup: int = 10
     knapsack: bool = False
+    rescore: int = 0
+    rescore_images: int = 1024
 
     def __post_init__(self) -> None:
         self.levels, self.shapes = tuple(self.levels), tuple(self.shapes)
@@ -179,6 +187,12 @@ class SearchConfig:
             raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {self.shapes!r}")
         if self.rerank < 1:
             raise ValueError(f"rerank must be >= 1, got {self.rerank}")
+        if self.rescore and self.rescore < max(2, self.rerank):
+            raise ValueError(
+                f"rescore must be 0 (off) or at least 2 and at least rerank ({self.rerank}), got {self.rescore}"
+            )
+        if self.rescore_images < 2:
+            raise ValueError(f"rescore_images must be at least 2, got {self.rescore_images}")
 
     def choices(self) -> list[tuple[float, str]]:
         """The per-layer (level, shape) options; dense (level 1) once."""
@@ -199,6 +213,8 @@ class Searcher:
         tag: merged into every record key (e.g. the decomposition and the seed).
         bars: show a progress bar (with ETA) over the evaluations of the sensitivity profile and of
             each search.
+        rescorer: the evaluator of ``config.rescore``'s re-scores (same proxy, more calibration images);
+            required when ``config.rescore`` is set.
     """
 
     def __init__(
@@ -211,8 +227,10 @@ class Searcher:
         progress: Callable[[str], None] | None = None,
         tag: Mapping | None = None,
         bars: bool = False,
+        rescorer: ProxyEvaluator | None = None,
     ):
         self.space, self.evaluator, self.spectra = space, evaluator, spectra
+        self.rescorer = rescorer
         self.bars = bars
         self._bar = progress_bar(None, None)
         self.tag = dict(tag or {})
@@ -220,6 +238,11 @@ class Searcher:
         self.config = config or SearchConfig()
         self.progress = progress or (lambda msg: None)
         self.proxy = evaluator.proxy
+        if self.config.rescore and (rescorer is None or self.proxy == "top1" or rescorer.proxy != self.proxy):
+            raise ValueError(
+                f"rescore={self.config.rescore} needs a label-free proxy and a rescorer with the same proxy "
+                f"(proxy {self.proxy!r}, rescorer {getattr(rescorer, 'proxy', None)!r}); build_searcher makes one"
+            )
         self.choices = self.config.choices()
         self._sensitivity: dict | None = None
         self._dense_score: float | None = None
@@ -286,6 +309,8 @@ class Searcher:
         return float(hit["val_top1" if kind == "rerank" else "score"])
 
     def _score(self, plan: Mapping[str, LayerPlan], kind: str) -> float:
+        if kind == "rescore":
+            return float(self.rescorer.score(plan))
         return float(self.evaluator.val_top1(plan) if kind == "rerank" else self.evaluator.score(plan))
 
     def _record(self, plan: Mapping[str, LayerPlan], kind: str, key: dict, extra: dict | None, value: float) -> None:
@@ -374,12 +399,21 @@ class Searcher:
                 "policy_seeded": self._policy_seeded,
             }[method]
             rerank = 0 if self.proxy == "top1" or self.config.rerank == 1 else self.config.rerank
-            with self._bar_over(n_candidates + rerank, f"{method} x{target:g} {self._tag_text()}"):
+            rescore = 0 if self.proxy == "top1" else self.config.rescore
+            with self._bar_over(n_candidates + rescore + rerank, f"{method} x{target:g} {self._tag_text()}"):
                 hist, params = search(target, metric, n_candidates, seed)
                 if not hist:
                     raise ValueError(f"{method}: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
                 best, val = self._pick(method, target, hist)
             plan, score = best["plan"], best["score"]
+            if "rescore" in best:  # the re-scored candidates, in the order of their search scores
+                pool = sorted((h for h in hist if "rescore" in h), key=lambda h: (-h["score"], h["index"]))
+                params["rescore"] = {
+                    "calib_images": self.rescorer.calib_images,
+                    "indices": [h["index"] for h in pool],
+                    "scores": [h["rescore"] for h in pool],
+                    "picked": best["rescore"],
+                }
         else:
             (plan, params), hist, val = self._rule(method, target, metric), [], None
             score = self._evaluate(
@@ -413,21 +447,48 @@ class Searcher:
     def _pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None]:
         """The one choice among a search's scored candidates (with its val top-1, when measured).
 
-        The best score wins (the earlier candidate on a tie) when the score is val top-1 already or
-        ``config.rerank`` is 1; else val top-1 decides among the ``config.rerank`` best-scored ones
-        (ties: the better score, then the earlier candidate).
+        With ``config.rescore`` the ``rescore`` best-scored candidates are scored again on
+        ``rescore_images`` calibration images (each candidate's ``"rescore"``, recorded as a ``rescore``
+        record) and ranked by that instead (ties: the better search score, then the earlier candidate).
+        The best wins when the score is val top-1 already or ``config.rerank`` is 1; else val top-1
+        decides among the ``config.rerank`` best-ranked ones (ties: the better (re-)score, then the
+        earlier candidate).
         """
         ranked = sorted(hist, key=lambda h: (-h["score"], h["index"]))
-        if self.proxy == "top1" or self.config.rerank == 1:
+        if self.proxy == "top1":
+            return ranked[0], None
+        key = "score"
+        if self.config.rescore:
+            pool = ranked[: self.config.rescore]
+            again = self._evaluate_many(
+                [
+                    (
+                        h["plan"],
+                        "rescore",
+                        {"method": method, "target": float(target), "index": h["index"]},
+                        {"calib_images": self.rescorer.calib_images},
+                    )
+                    for h in pool
+                ]
+            )
+            for h, v in zip(pool, again):
+                h["rescore"] = v
+            ranked, key = sorted(pool, key=lambda h: (-h["rescore"], -h["score"], h["index"])), "rescore"
+            self.progress(
+                f"{method} x{target:g}: the {len(pool)} best-scored candidates on "
+                f"{self.rescorer.calib_images} calibration images: "
+                + ", ".join(f"#{h['index']} {h['rescore']:.5g}" for h in ranked)
+            )
+        if self.config.rerank == 1:
             return ranked[0], None
         top = ranked[: self.config.rerank]
         vals = self._evaluate_many(
             [(h["plan"], "rerank", {"method": method, "target": float(target), "index": h["index"]}, None) for h in top]
         )
-        k = max(range(len(top)), key=lambda i: (vals[i], top[i]["score"], -top[i]["index"]))
+        k = max(range(len(top)), key=lambda i: (vals[i], top[i][key], -top[i]["index"]))
         self.progress(
-            f"{method} x{target:g}: val top-1 of the {len(top)} best-scored candidates "
-            + ", ".join(f"#{h['index']} {v:.4f}" for h, v in zip(top, vals))
+            f"{method} x{target:g}: val top-1 of the {len(top)} best-{'re' if key == 'rescore' else ''}scored "
+            "candidates " + ", ".join(f"#{h['index']} {v:.4f}" for h, v in zip(top, vals))
         )
         return top[k], vals[k]
 
@@ -675,7 +736,10 @@ def build_searcher(
     proxy_options.setdefault("channels_last", True)
     # Built first: it checks its settings before the costly steps (the forward pass, the spectra).
     evaluator = ProxyEvaluator(model, data, spectra, **proxy_options)
+    rescorer = None
+    if config is not None and config.rescore:
+        rescorer = ProxyEvaluator(model, data, spectra, **{**proxy_options, "calib_images": config.rescore_images})
     layers = list_conv_layers(model, input_size)
     space = SearchSpace(layers, decomposition, include_1x1=include_1x1, multiple=multiple)
     spectra.warm(space.names)
-    return Searcher(space, evaluator, spectra, recorder, config, progress, tag, bars)
+    return Searcher(space, evaluator, spectra, recorder, config, progress, tag, bars, rescorer)

@@ -451,6 +451,8 @@ OTHER_VALUES = {
     "policy_rounds": 3,
     "temperature": 2.0,
     "policy_knapsack": True,
+    "rescore": 8,
+    "rescore_images": 2048,
     "rank_multiple": 4,
     "latency": True,
     "latency_batches": (1,),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 from common.data import load_dataset
 from common.policy import cem_refit, choice_pdf, drop_curve, knapsack_choices
+from common.proxy import ProxyEvaluator
 from common.ranks import energy_ranks
 from common.recorder import MemoryRecorder
 from common.search import (
@@ -27,7 +29,7 @@ from common.search import (
     repair_plan,
 )
 from common.space import plan_key
-from common.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
+from common.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -159,8 +161,6 @@ def test_seeded_policy_scores_the_rule_plans_first_within_its_budget(digits):
 
 
 def test_policy_with_knapsack_scores_its_model_optimum_first(digits):
-    from dataclasses import replace
-
     from common.policy import choice_costs, choice_drops
 
     rec = MemoryRecorder()
@@ -380,6 +380,60 @@ def test_searches_pick_once_among_their_candidates(digits):
     winner = max(zip(reranked, top3), key=lambda p: (p[0]["val_top1"], p[1]["score"], -p[1]["index"]))
     assert r.val_top1 == winner[0]["val_top1"] and r.score == winner[1]["score"]
     assert plan_to_dict(r.plan) == winner[0]["plan"]
+
+
+def test_rescore_ranks_the_best_candidates_on_more_calibration_images_before_val(digits):
+    """With rescore=k the k best-scored candidates are scored again by a second evaluator (same proxy,
+    rescore_images calibration images), recorded, and val decides among the rerank best of those;
+    re-running with the same recorder evaluates nothing new."""
+    cfg = SearchConfig(sensitivity_levels=(0.5, 0.2), rounds=2, rescore=5, rescore_images=160)
+    rec = MemoryRecorder()
+    s = make(digits, recorder=rec, config=cfg)
+    r = s.run("random", 3.0, n_candidates=8, seed=4)
+    assert r.history == make(digits).run("random", 3.0, n_candidates=8, seed=4).history  # same search
+    pool = sorted(r.history, key=lambda h: (-h["score"], h["index"]))[:5]
+    again = [x for x in rec.items if x["kind"] == "rescore"]
+    assert [x["index"] for x in again] == [h["index"] for h in pool]
+    assert {x["calib_images"] for x in again} == {160} and s.rescorer.calib_images == 160
+    cand = {x["index"]: x for x in rec.items if x["kind"] == "candidate"}
+    oracle = ProxyEvaluator(
+        s.evaluator.model, digits, s.spectra, calib_images=160, val_images=120, batch_size=64, channels_last=True
+    )
+    for x in again:
+        assert x["plan"] == cand[x["index"]]["plan"]
+        assert x["score"] == pytest.approx(oracle.score(plan_from_dict(x["plan"])), rel=1e-6)
+    by_rescore = sorted(again, key=lambda x: (-x["score"], -cand[x["index"]]["score"], x["index"]))[:3]
+    reranked = [x for x in rec.items if x["kind"] == "rerank"]
+    assert [x["index"] for x in reranked] == [x["index"] for x in by_rescore]
+    winner = max(zip(reranked, by_rescore), key=lambda p: (p[0]["val_top1"], p[1]["score"], -p[1]["index"]))
+    assert r.val_top1 == winner[0]["val_top1"] and plan_to_dict(r.plan) == winner[0]["plan"]
+    assert r.score == cand[winner[0]["index"]]["score"]  # the search's own score, not the re-score
+    assert r.params["rescore"] == {
+        "calib_images": 160,
+        "indices": [x["index"] for x in again],
+        "scores": [x["score"] for x in again],
+        "picked": winner[1]["score"],
+    }
+    n = len(rec.items)
+    resumed = make(digits, recorder=rec, config=cfg).run("random", 3.0, n_candidates=8, seed=4)
+    assert len(rec.items) == n and resumed.plan == r.plan and resumed.params["rescore"] == r.params["rescore"]
+    # rerank=1: the best re-score wins, no val spent
+    one = MemoryRecorder()
+    r1 = make(digits, recorder=one, config=replace(cfg, rerank=1)).run("random", 3.0, n_candidates=8, seed=4)
+    best = max(again, key=lambda x: (x["score"], cand[x["index"]]["score"], -x["index"]))
+    assert plan_to_dict(r1.plan) == best["plan"] and r1.val_top1 is None
+    assert not [x for x in one.items if x["kind"] == "rerank"]
+
+
+def test_rescore_settings_are_checked(digits):
+    for bad in (1, 2):  # fewer than the 3 that val decides among
+        with pytest.raises(ValueError, match=f"rescore must be 0 .* got {bad}"):
+            SearchConfig(rescore=bad)
+    with pytest.raises(ValueError, match="rescore_images must be at least 2"):
+        SearchConfig(rescore=4, rescore_images=1)
+    assert SearchConfig(rescore=2, rerank=1).rescore == 2
+    with pytest.raises(ValueError, match="needs a label-free proxy"):
+        make(digits, config=SearchConfig(rescore=4), proxy="top1")
 
 
 def test_energy_shape_matches_level_cost_and_keeps_uniform(digits):
