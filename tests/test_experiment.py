@@ -394,6 +394,27 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
     assert set(agg["n_seeds"]) == {2}
 
 
+def test_rescore_reaches_the_searches_and_their_plan_records(tmp_path, digits_checkpoint):
+    cfg = config(
+        tmp_path,
+        digits_checkpoint("alexnet"),
+        "rescore",
+        methods=("random",),
+        rescore=4,
+        rescore_images=96,
+        final_calib_images=64,
+    )
+    cfg = dataclasses.replace(cfg, search_budget=6)
+    run_experiment(cfg)
+    records, errors = parse_log(log_file(cfg))
+    assert not errors
+    again = of_kind(records, "rescore", method="random")
+    assert len(again) == 4 and {r["calib_images"] for r in again} == {96}
+    (plan,) = of_kind(records, "plan", method="random")
+    assert plan["params"]["rescore"]["indices"] == [r["index"] for r in again]
+    assert {r["index"] for r in of_kind(records, "rerank")} <= {r["index"] for r in again}
+
+
 @pytest.mark.parametrize(
     "flags,phrase",
     [
@@ -407,6 +428,9 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
         (["--calib-images", "1"], "calib_images must be at least 2"),
         (["--methods", "uniform,greedy"], "unknown rank-selection method 'greedy'"),
         (["--shapes", "spectral"], "shapes must be a non-empty subset"),
+        (["--rescore", "2"], "rescore must be 0 (off) or at least 2 and at least rerank (3)"),
+        (["--rescore", "4", "--rescore-images", "1"], "rescore_images must be at least 2"),
+        (["--rescore", "4", "--proxy", "top1"], "rescore needs a label-free proxy"),
         (["--finetune-epochs", "-1"], "finetune_epochs must be a number of epochs >= 0"),
         (["--finetune-epochs", "inf"], "finetune_epochs must be a number of epochs >= 0"),
         (["--latency-batches", "1,x"], "invalid literal for int()"),
