@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--methods", default="uniform,energy,vbmf,policy")
     p.add_argument("--proxy", default=DEFAULT_PROXY, choices=PROXIES)
     p.add_argument("--rerank", type=int, default=SearchConfig.rerank)
+    p.add_argument(
+        "--rescore", type=int, default=SearchConfig.rescore, help="re-score this many best candidates (0 = off)"
+    )
+    p.add_argument("--rescore-images", type=int, default=SearchConfig.rescore_images)
     p.add_argument("--candidates", type=int, default=100)
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--val-images", type=int, default=0, help="0 = the whole val split")
@@ -91,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         f"{a.model} on {cpu_name()}, {int(os.environ.get('WORLD_SIZE', '1'))} process(es) x {a.threads} threads, torch "
         f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
         f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, proxy {a.proxy}, "
-        f"rerank {a.rerank}, shapes {a.shapes}",
+        f"rerank {a.rerank}, rescore {a.rescore} on {a.rescore_images} images, shapes {a.shapes}",
         flush=True,
     )
     data = stage("load data", lambda: load_dataset("cifar10-jpeg", root=a.data_root))
@@ -105,7 +109,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             calib_images=a.calib_images,
             val_images=a.val_images or None,
             seed=a.seed,
-            config=SearchConfig(shapes=tuple(a.shapes.split(",")), rerank=a.rerank),
+            config=SearchConfig(
+                shapes=tuple(a.shapes.split(",")),
+                rerank=a.rerank,
+                rescore=a.rescore,
+                rescore_images=a.rescore_images,
+            ),
         ),
     )
     dense = stage("dense proxy score", searcher.dense_score)

@@ -15,10 +15,10 @@ plans (uniform, energy, VBMF) among its first round's candidates, counted in its
 selection sees them too and the elite that the cross-entropy step fits may include them; random draws
 the choices uniformly; TPE (:mod:`common.tpe`, Optuna) models them. With ``SearchConfig.knapsack`` both
 policies also put their additive model's optimum (the least summed sensitivity drop on the budget) among
-their first candidates. A search returns its scored
-candidates and :meth:`Searcher.run` picks once among them (with ``SearchConfig.rescore``, after scoring its
-best few again on more calibration images, so that val sees the best by a less noisy score); the rule-based methods (uniform, energy,
-VBMF: :mod:`common.rules`) bisect one global knob.
+their first candidates. A search returns its scored candidates and :meth:`Searcher.run` picks once among
+them (with ``SearchConfig.rescore``, after scoring its best few again on more calibration images, so that
+val sees the best by a less noisy score); the rule-based methods (uniform, energy, VBMF:
+:mod:`common.rules`) bisect one global knob.
 
 Resumability: every sensitivity point, candidate and re-ranking goes through a *recorder*
 (:mod:`common.recorder`: a :class:`common.logs.RunLog` or a :class:`MemoryRecorder`) the moment it is
