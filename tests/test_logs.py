@@ -150,6 +150,10 @@ PAYLOADS = {
             params=20,
         ),
     ),
+    "rescore": (
+        dict(method="policy", target=3.0, index=np.int64(4), score=np.float64(-0.21), calib_images=1024, seed=2),
+        dict(method="policy", target=3.0, index=4, score=-0.21, calib_images=1024, seed=2),
+    ),
     "candidate": (
         dict(
             method="random",
