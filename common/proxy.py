@@ -25,6 +25,7 @@ by ``benchmarks/proxy_fidelity.py``, not assumed.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -135,20 +136,34 @@ class ProxyEvaluator:
     ):
         if proxy not in PROXIES:
             raise ValueError(f"unknown proxy {proxy!r}; expected one of {PROXIES}")
-        if calib_images < 2:
-            raise ValueError(f"calib_images must be at least 2, got {calib_images}")
         self.model, self.spectra, self.device, self.proxy = model, spectra, torch.device(device), proxy
         self.channels_last, self.amp_dtype = channels_last, amp_dtype
-        self.calib = [
-            x for x, _ in calibration_loader(data, calib_images, seed, batch_size, self.device, channels_last)
-        ]
+        self.seed, self.batch_size = seed, batch_size
+        self._calibrate_on(data, calib_images)
         vn = None if val_images is None or val_images >= len(data.val) else val_images
         self.val = list(
             make_loader(data, "val", batch_size, device=self.device, seed=seed, subset=vn, channels_last=channels_last)
         )
-        self.calib_images = sum(len(x) for x in self.calib)
         self.val_images = sum(len(y) for _, y in self.val)
+
+    def _calibrate_on(self, data: DatasetSplits, calib_images: int) -> None:
+        if calib_images < 2:
+            raise ValueError(f"calib_images must be at least 2, got {calib_images}")
+        self.calib = [
+            x
+            for x, _ in calibration_loader(
+                data, calib_images, self.seed, self.batch_size, self.device, self.channels_last
+            )
+        ]
+        self.calib_images = sum(len(x) for x in self.calib)
         self._teacher: list[torch.Tensor] | None = None
+
+    def with_calib_images(self, data: DatasetSplits, calib_images: int) -> ProxyEvaluator:
+        """This evaluator (same model, proxy, seed and val batches, which are shared, not loaded again)
+        on ``calib_images`` calibration images of ``data`` instead."""
+        other = copy.copy(self)
+        other._calibrate_on(data, calib_images)
+        return other
 
     def teacher_logits(self) -> list[torch.Tensor]:
         """The dense model's own outputs (its checkpoint statistics) on the calibration images."""

@@ -399,21 +399,16 @@ class Searcher:
                 "policy_seeded": self._policy_seeded,
             }[method]
             rerank = 0 if self.proxy == "top1" or self.config.rerank == 1 else self.config.rerank
-            rescore = 0 if self.proxy == "top1" else self.config.rescore
-            with self._bar_over(n_candidates + rescore + rerank, f"{method} x{target:g} {self._tag_text()}"):
+            with self._bar_over(
+                n_candidates + self.config.rescore + rerank, f"{method} x{target:g} {self._tag_text()}"
+            ):
                 hist, params = search(target, metric, n_candidates, seed)
                 if not hist:
                     raise ValueError(f"{method}: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
-                best, val = self._pick(method, target, hist)
+                best, val, rescored = self._pick(method, target, hist)
             plan, score = best["plan"], best["score"]
-            if "rescore" in best:  # the re-scored candidates, in the order of their search scores
-                pool = sorted((h for h in hist if "rescore" in h), key=lambda h: (-h["score"], h["index"]))
-                params["rescore"] = {
-                    "calib_images": self.rescorer.calib_images,
-                    "indices": [h["index"] for h in pool],
-                    "scores": [h["rescore"] for h in pool],
-                    "picked": best["rescore"],
-                }
+            if rescored:
+                params["rescore"] = rescored
         else:
             (plan, params), hist, val = self._rule(method, target, metric), [], None
             score = self._evaluate(
@@ -444,53 +439,56 @@ class Searcher:
             _strip(hist),
         )
 
-    def _pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None]:
-        """The one choice among a search's scored candidates (with its val top-1, when measured).
+    def _pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None, dict]:
+        """The one choice among a search's scored candidates, its val top-1 (when measured), and the
+        re-scores (``{}`` without ``config.rescore``).
 
         With ``config.rescore`` the ``rescore`` best-scored candidates are scored again on
-        ``rescore_images`` calibration images (each candidate's ``"rescore"``, recorded as a ``rescore``
-        record) and ranked by that instead (ties: the better search score, then the earlier candidate).
-        The best wins when the score is val top-1 already or ``config.rerank`` is 1; else val top-1
-        decides among the ``config.rerank`` best-ranked ones (ties: the better (re-)score, then the
-        earlier candidate).
+        ``rescore_images`` calibration images (recorded as ``rescore`` records) and ranked by that
+        instead (ties: the better search score, then the earlier candidate); the re-scores come back as
+        ``{"calib_images", "indices", "scores"}`` in the order of the search scores, and the pick's
+        ``"picked"``. The best wins when the score is val top-1 already or ``config.rerank`` is 1; else
+        val top-1 decides among the ``config.rerank`` best-ranked ones (ties: the better (re-)score, then
+        the earlier candidate).
         """
         ranked = sorted(hist, key=lambda h: (-h["score"], h["index"]))
         if self.proxy == "top1":
-            return ranked[0], None
-        key = "score"
+            return ranked[0], None, {}
+        again: dict[int, float] = {}
         if self.config.rescore:
             pool = ranked[: self.config.rescore]
-            again = self._evaluate_many(
-                [
-                    (
-                        h["plan"],
-                        "rescore",
-                        {"method": method, "target": float(target), "index": h["index"]},
-                        {"calib_images": self.rescorer.calib_images},
-                    )
-                    for h in pool
-                ]
-            )
-            for h, v in zip(pool, again):
-                h["rescore"] = v
-            ranked, key = sorted(pool, key=lambda h: (-h["rescore"], -h["score"], h["index"])), "rescore"
+            n = self.rescorer.calib_images
+            keys = [{"method": method, "target": float(target), "index": h["index"]} for h in pool]
+            values = self._evaluate_many([(h["plan"], "rescore", k, {"calib_images": n}) for h, k in zip(pool, keys)])
+            again = {h["index"]: v for h, v in zip(pool, values)}
+            ranked = sorted(pool, key=lambda h: (-again[h["index"]], -h["score"], h["index"]))
             self.progress(
-                f"{method} x{target:g}: the {len(pool)} best-scored candidates on "
-                f"{self.rescorer.calib_images} calibration images: "
-                + ", ".join(f"#{h['index']} {h['rescore']:.5g}" for h in ranked)
+                f"{method} x{target:g}: the {len(pool)} best-scored candidates on {n} calibration images: "
+                + ", ".join(f"#{h['index']} {again[h['index']]:.5g}" for h in ranked)
             )
+
+        def rescored(best: dict) -> dict:
+            if not again:
+                return {}
+            return {
+                "calib_images": self.rescorer.calib_images,
+                "indices": list(again),
+                "scores": list(again.values()),
+                "picked": again[best["index"]],
+            }
+
         if self.config.rerank == 1:
-            return ranked[0], None
+            return ranked[0], None, rescored(ranked[0])
         top = ranked[: self.config.rerank]
         vals = self._evaluate_many(
             [(h["plan"], "rerank", {"method": method, "target": float(target), "index": h["index"]}, None) for h in top]
         )
-        k = max(range(len(top)), key=lambda i: (vals[i], top[i][key], -top[i]["index"]))
+        k = max(range(len(top)), key=lambda i: (vals[i], again.get(top[i]["index"], top[i]["score"]), -top[i]["index"]))
         self.progress(
-            f"{method} x{target:g}: val top-1 of the {len(top)} best-{'re' if key == 'rescore' else ''}scored "
-            "candidates " + ", ".join(f"#{h['index']} {v:.4f}" for h, v in zip(top, vals))
+            f"{method} x{target:g}: val top-1 of the {len(top)} best-{'re' if again else ''}scored candidates "
+            + ", ".join(f"#{h['index']} {v:.4f}" for h, v in zip(top, vals))
         )
-        return top[k], vals[k]
+        return top[k], vals[k], rescored(top[k])
 
     def _rule(self, method: str, target: float, metric: str) -> tuple[dict, dict]:
         """The plan of a rule-based method (:mod:`common.rules`) on the budget, and its params."""
@@ -738,7 +736,7 @@ def build_searcher(
     evaluator = ProxyEvaluator(model, data, spectra, **proxy_options)
     rescorer = None
     if config is not None and config.rescore:
-        rescorer = ProxyEvaluator(model, data, spectra, **{**proxy_options, "calib_images": config.rescore_images})
+        rescorer = evaluator.with_calib_images(data, config.rescore_images)
     layers = list_conv_layers(model, input_size)
     space = SearchSpace(layers, decomposition, include_1x1=include_1x1, multiple=multiple)
     spectra.warm(space.names)
