@@ -11,7 +11,11 @@ in the environment) nothing is initialized and every helper is the plain single-
 
 Ranks join with the ``gloo`` backend on the CPU and ``nccl`` on CUDA (each rank on
 ``cuda:<LOCAL_RANK>``); results travel as pickled objects (:func:`torch.distributed.all_gather_object`),
-which is fine for scores and records, not for tensors of weights.
+which is fine for scores and records, not for tensors of weights. A launch of more ranks per machine
+than it has GPUs (``torchrun --nproc-per-node 8`` on one GPU) shares the GPUs round-robin
+(``cuda:<LOCAL_RANK mod GPUs>``) and joins with ``gloo``, since NCCL refuses two ranks on one GPU: the
+CIFAR-sized models here leave one large GPU mostly idle in one process (kernel launches, not
+arithmetic, bound a 32x32 ResNet-18), so several processes on it finish sooner.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-__all__ = ["from_main", "init_from_env", "initialized", "is_main", "launched", "rank_device", "shard_map", "world"]
+__all__ = [
+    "backend_for",
+    "from_main",
+    "gpu_index",
+    "init_from_env",
+    "initialized",
+    "is_main",
+    "launched",
+    "rank_device",
+    "shard_map",
+    "world",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,19 +60,45 @@ def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _local_ranks() -> tuple[int, int]:
+    """``(LOCAL_RANK, LOCAL_WORLD_SIZE)`` from the launcher's environment (``(0, 1)`` without one)."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def gpu_index(local_rank: int, gpus: int) -> int:
+    """The GPU of a rank: its own while there are enough (``local_rank``), else shared round-robin.
+
+    Raises:
+        ValueError: ``gpus < 1`` (no CUDA device to put the rank on) or a negative ``local_rank``.
+    """
+    if gpus < 1:
+        raise ValueError(f"a CUDA rank needs a GPU, but this machine has {gpus}")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK must be >= 0, got {local_rank}")
+    return local_rank % gpus
+
+
+def backend_for(device_type: str, local_world_size: int, gpus: int) -> str:
+    """The process-group backend: ``nccl`` when every CUDA rank of a machine has a GPU of its own,
+    ``gloo`` on the CPU and when ranks share GPUs (NCCL refuses two ranks on one device)."""
+    return "nccl" if device_type == "cuda" and local_world_size <= gpus else "gloo"
+
+
 def rank_device(device: torch.device) -> torch.device:
     """The device of this rank of a multi-process launch: ``cuda:<LOCAL_RANK>`` for a CUDA ``device``
-    (each rank on its own GPU), else ``device`` as it is."""
+    (each rank on its own GPU; with more ranks than GPUs, ``cuda:<LOCAL_RANK mod GPUs>``), else
+    ``device`` as it is."""
     if device.type == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", gpu_index(_local_ranks()[0], torch.cuda.device_count()))
     return device
 
 
 def init_from_env(device_type: str) -> bool:
     """Join the process group ``torchrun`` describes in the environment, once; return whether one is up.
 
-    ``gloo`` for ``device_type == "cpu"``, ``nccl`` for ``"cuda"`` (after selecting ``cuda:LOCAL_RANK``).
-    A no-op (``False``) without a launcher; an already initialized group is kept.
+    ``gloo`` for ``device_type == "cpu"``, ``nccl`` for ``"cuda"`` (after selecting this rank's GPU,
+    :func:`rank_device`), ``gloo`` again where the ranks outnumber the machine's GPUs
+    (:func:`backend_for`). A no-op (``False``) without a launcher; an already initialized group is kept.
     """
     if initialized():
         return True
@@ -65,9 +106,11 @@ def init_from_env(device_type: str) -> bool:
         return False
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    gpus = 0
     if device_type == "cuda":
         torch.cuda.set_device(rank_device(torch.device("cuda")))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+        gpus = torch.cuda.device_count()
+    dist.init_process_group(backend_for(device_type, _local_ranks()[1], gpus), timeout=TIMEOUT)
     return True
 
 

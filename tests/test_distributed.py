@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common.dist import from_main, shard_map, world
+from common.dist import backend_for, from_main, gpu_index, rank_device, shard_map, world
 from common.logs import RunLog, encode_value, parse_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,26 @@ def test_single_process_helpers_are_the_plain_calls():
     order = []
     assert shard_map(lambda x: x + 1, [1, 2, 3], lambda i, r: order.append(i)) == [2, 3, 4]
     assert order == [0, 1, 2] and from_main(lambda: 7) == 7 and world() == (0, 1)
+
+
+def test_ranks_share_gpus_round_robin_over_gloo_when_they_outnumber_them(monkeypatch):
+    # 8 ranks on one GPU all land on cuda:0; on 4 GPUs two per GPU, in launch order
+    assert [gpu_index(r, 1) for r in range(8)] == [0] * 8
+    assert [gpu_index(r, 4) for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [gpu_index(r, 8) for r in range(8)] == list(range(8))
+    # NCCL only where every rank has a GPU of its own; the CPU always gloo
+    assert backend_for("cuda", 8, 8) == "nccl" and backend_for("cuda", 1, 1) == "nccl"
+    assert backend_for("cuda", 8, 1) == "gloo" and backend_for("cuda", 9, 8) == "gloo"
+    assert backend_for("cpu", 2, 0) == "gloo" and backend_for("cpu", 1, 8) == "gloo"
+    with pytest.raises(ValueError, match="needs a GPU, but this machine has 0"):
+        gpu_index(0, 0)
+    with pytest.raises(ValueError, match="LOCAL_RANK must be >= 0"):
+        gpu_index(-1, 1)
+    # rank_device reads LOCAL_RANK and the GPU count (faked: this test runs without CUDA too)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_follower_log_keeps_records_in_memory_only(tmp_path):
