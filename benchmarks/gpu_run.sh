@@ -9,7 +9,10 @@
 # Logs go to $OUT/logs/<model>/ as they are produced, and come back even when the call is cut off.
 #   bash benchmarks/gpu_run.sh PACK MODELS MINUTES [NPROC [N_SEEDS]]
 # RUN_ARGS: the run_results.py options of the table (below); RESERVE_S: seconds kept for a chunk of
-# final models already started when a seed's time box runs out.
+# final models already started when a seed's time box runs out; LAT_MINUTES (default 0: off): then,
+# with the GPU to itself, the CUDA latency of every plan in the logs (eager CUDA graphs and
+# torch.compile max-autotune) plus the 224x224 ImageNet rows, to $OUT/latency_cuda.{csv,md}, continuing
+# the committed results/latency_cuda.csv.
 set -uo pipefail
 pack=$1; models=$2; minutes=$3; nproc=${4:-1}; n_seeds=${5:-3}
 out=${OUT:-out/gpu}
@@ -47,4 +50,10 @@ for m in ${models//,/ }; do
 done
 wait
 rm -f "$out"/logs/*/*.pt "$out"/logs/*/*.lock
+if [ "${LAT_MINUTES:-0}" != 0 ]; then
+  python3 jsonify_logs.py "$out/logs" --out /tmp/json >/dev/null
+  [ -f results/latency_cuda.csv ] && cp -n results/latency_cuda.csv "$out/"
+  python3 benchmarks/latency.py --json /tmp/json --out "$out" --device cuda --checkpoint-dir /tmp/ckpt \
+    --minutes "$LAT_MINUTES" --compile max-autotune --imagenet
+fi
 echo "total $(( $(date +%s) - t0 ))s"
