@@ -8,6 +8,11 @@ weights are near-random, the high bytes hold sign and exponent) each half compre
 terms, 6 % smaller again. Unpacking restores byte-identical files and checks each checkpoint's
 sha256 against the shared manifest, so a run's logged checkpoint identity is the shared baseline's.
 
+The pack also takes the committed GPU logs of its models (``--logs``, default ``results/gpu/logs``), so
+that a device session continues the committed runs (a run resumes, and adding targets, methods or
+seeds extends it), and ``pack`` prints what the call would carry: the working tree (tracked and
+untracked-not-ignored files) plus the pack, against the 64 MiB limit, with the largest folders.
+
     python benchmarks/carry.py pack .gpu-pack --models resnet18,vgg16     # here
     python3 benchmarks/carry.py unpack .gpu-pack /tmp/cifar10-jpeg /tmp/ckpt   # there
 """
@@ -18,13 +23,17 @@ import argparse
 import hashlib
 import json
 import lzma
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LIMIT_BYTES = 64 * 2**20
+"""What one device call carries at most: the working tree plus the carried paths."""
 PACK_TOOL = "imagefolder_pack.py"
 
 
@@ -51,7 +60,40 @@ def join_bytes(packed: bytes) -> bytes:
     return out.tobytes()
 
 
-def pack(out: Path, models: list[str], data: Path, checkpoints: Path, tool: Path) -> None:
+def travelling_bytes(repo: Path = REPO) -> dict[str, int]:
+    """Bytes of the working tree that travels with a device call, by top-level folder (``.`` for files
+    at the root): tracked files that exist and untracked files git does not ignore."""
+    names = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    sizes: dict[str, int] = {}
+    for name in filter(None, names):
+        path = repo / name.decode()
+        if path.is_file():
+            top = name.decode().split("/")[0] if "/" in name.decode() else "."
+            sizes[top] = sizes.get(top, 0) + path.stat().st_size
+    return sizes
+
+
+def report_size(out: Path, repo: Path = REPO) -> int:
+    """Print the pack's and the working tree's share of one call's limit; return their total."""
+    tree = travelling_bytes(repo)
+    packed = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    total = sum(tree.values()) + packed
+    print(
+        f"pack {packed / 2**20:.1f} MiB + working tree {sum(tree.values()) / 2**20:.1f} MiB = {total / 2**20:.1f} MiB "
+        f"of the {LIMIT_BYTES / 2**20:.0f} MiB one call carries"
+    )
+    if total > LIMIT_BYTES:
+        big = ", ".join(f"{k}/ {v / 2**20:.1f} MiB" for k, v in sorted(tree.items(), key=lambda kv: -kv[1])[:3])
+        print(f"over the limit: move folders out of the checkout for the call (largest: {big}), or pack fewer models")
+    return total
+
+
+def pack(out: Path, models: list[str], data: Path, checkpoints: Path, tool: Path, logs: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     npz = out / "all.npz"
     subprocess.run([sys.executable, str(tool), "pack", str(data), str(npz)], check=True)
@@ -61,8 +103,12 @@ def pack(out: Path, models: list[str], data: Path, checkpoints: Path, tool: Path
     (out / "manifest.json").write_bytes((checkpoints / "manifest.json").read_bytes())
     for m in models:
         (out / f"{m}.pt.split.xz").write_bytes(split_bytes((checkpoints / f"{m}.pt").read_bytes()))
-    for f in sorted(out.iterdir()):
-        print(f"{f.stat().st_size / 2**20:7.1f} MiB  {f}")
+        if logs is not None and (logs / m).is_dir():
+            shutil.copytree(logs / m, out / "logs" / m, dirs_exist_ok=True)
+    for f in sorted(out.rglob("*")):
+        if f.is_file():
+            print(f"{f.stat().st_size / 2**20:7.1f} MiB  {f}")
+    report_size(out)
 
 
 def unpack(src: Path, data_dest: Path, ckpt_dest: Path) -> None:
@@ -92,13 +138,14 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10-jpeg")
     a.add_argument("--checkpoints", type=Path, default=SHARED / "checkpoints" / "cifar10-jpeg")
     a.add_argument("--tool", type=Path, default=SHARED / "tools" / PACK_TOOL)
+    a.add_argument("--logs", type=Path, default=REPO / "results" / "gpu" / "logs", help="<model>/ run logs to continue")
     b = sub.add_parser("unpack")
     b.add_argument("src", type=Path)
     b.add_argument("data_dest", type=Path)
     b.add_argument("ckpt_dest", type=Path)
     args = p.parse_args(argv)
     if args.cmd == "pack":
-        pack(args.out, [m for m in args.models.split(",") if m], args.data, args.checkpoints, args.tool)
+        pack(args.out, [m for m in args.models.split(",") if m], args.data, args.checkpoints, args.tool, args.logs)
     else:
         unpack(args.src, args.data_dest, args.ckpt_dest)
 

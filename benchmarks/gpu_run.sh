@@ -28,6 +28,8 @@ if compgen -G "$pack/*.whl" >/dev/null; then
 fi
 python3 -c "import torch, platform; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no cuda', platform.processor())" | tee -a "$out/gpu.txt"
 python3 benchmarks/carry.py unpack "$pack" /tmp/cifar10-jpeg /tmp/ckpt || exit 1
+# the committed logs the pack brought (results/gpu/logs): the runs continue them
+[ -d "$pack/logs" ] && cp -rn "$pack/logs/." "$out/logs/"
 # decode the JPEGs once into the cache, before NPROC ranks per model all want them
 python3 -c "from common.data import load_dataset; load_dataset('cifar10-jpeg', root='/tmp/cifar10-jpeg')" || exit 1
 echo "ready in $(( $(date +%s) - t0 ))s"

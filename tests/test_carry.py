@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import subprocess
 
 import numpy as np
 import pytest
@@ -47,3 +48,19 @@ def test_unpack_checks_each_checkpoint_against_the_manifest(tmp_path):
     (src / "manifest.json").write_text(json.dumps({"models": {"tiny": {"sha256": "0" * 64}}}))
     with pytest.raises(SystemExit, match="tiny.pt.split.xz: restored checkpoint sha256"):
         carry.unpack(src, data, tmp_path / "ckpt2")
+
+
+def test_travelling_bytes_counts_tracked_and_unignored_files_only(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text("/.gpu-pack/\n")
+    (repo / "results" / "a.log").write_bytes(b"x" * 1000)  # untracked, not ignored: travels
+    (repo / "README.md").write_bytes(b"y" * 10)
+    subprocess.run(["git", "-C", str(repo), "add", "README.md"], check=True)
+    (repo / ".gpu-pack").mkdir()
+    (repo / ".gpu-pack" / "all.npz.xz").write_bytes(b"z" * 5000)  # ignored: travels only when carried
+    assert carry.travelling_bytes(repo) == {"results": 1000, ".": 10 + len("/.gpu-pack/\n")}
+    total = carry.report_size(repo / ".gpu-pack", repo)
+    assert total == 5000 + 1000 + 10 + len("/.gpu-pack/\n")
+    assert "of the 64 MiB one call carries" in capsys.readouterr().out
