@@ -22,6 +22,7 @@ from common.analysis import (
     RANKS_PLOT_COLUMNS,
     README_BEGIN,
     README_END,
+    RIVAL_MARGIN_COLUMNS,
     SEARCH_PLOT_COLUMNS,
     SENSITIVITY_PLOT_COLUMNS,
     SUMMARY_COLUMNS,
@@ -42,6 +43,7 @@ from common.analysis import (
     policy_margins,
     readme_block,
     replace_marked_block,
+    rival_margins,
     run_context,
     split_speedup,
     summary_table,
@@ -291,10 +293,11 @@ def test_summary_files_and_plots(runs, tmp_path):
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, plot
         assert not pd.read_csv(plot.with_suffix(".csv")).empty, plot  # the data drawn, next to it
 
-    csv_path, md_path, seeds_path = write_summary(
+    csv_path, md_path, seeds_path, rivals_path = write_summary(
         df, tmp_path, plots=plots, command="python x.py --y", n_runs=len(runs), runs=runs
     )
     back = pd.read_csv(csv_path)
+    assert list(pd.read_csv(rivals_path).columns) == list(RIVAL_MARGIN_COLUMNS)
     assert list(back.columns) == list(AGGREGATE_COLUMNS) and len(back) == len(df)
     assert np.allclose(back.test_top1_bn_mean, df.test_top1_bn)
     assert back.test_top1_bn_std.isna().all() and (back.n_seeds == 1).all()
@@ -507,7 +510,9 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     md = (out / "summary.md").read_text()
     assert f"python analyze_results.py --json {tmp_path / 'json'} --out {out}" in md
     pngs = sorted(p.stem for p in out.glob("*.png"))
-    assert len(pngs) == 8 and sorted(p.stem for p in out.glob("*_*.csv") if not p.stem.startswith("summary")) == pngs
+    tables = ("summary", "policy_vs_rivals")
+    assert len(pngs) == 8 and sorted(p.stem for p in out.glob("*_*.csv") if not p.stem.startswith(tables)) == pngs
+    assert len(pd.read_csv(out / "policy_vs_rivals.csv")) > 0
     printed = capsys.readouterr().out
     assert str(out / "summary.md") in printed and str(out / "ranks_vgg16.csv") in printed
     assert analyze_results.main(["--json", str(tmp_path / "nothing")]) == 2
@@ -877,11 +882,11 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     assert row.speedup_cpu == pytest.approx(2.0) and row.speedup_cpu_setting == "cpu_b64"
     assert row.run_id == "seeds"
 
-    csv_path, md_path, seeds_path = write_summary(per_seed, tmp_path / "out")
+    csv_path, md_path, seeds_path, rivals_path = write_summary(per_seed, tmp_path / "out")
     back = pd.read_csv(csv_path)
     assert list(back.columns) == list(AGGREGATE_COLUMNS) and list(back.n_seeds) == [3, 3]
     assert back.test_top1_bn_std.iloc[1] == pytest.approx(0.02)
-    assert len(pd.read_csv(seeds_path)) == 6
+    assert len(pd.read_csv(seeds_path)) == 6 and rivals_path.exists()
     md = md_path.read_text()
     policy_line = next(line for line in md.splitlines() if line.startswith("| resnet18 | d | – | seeds | policy |"))
     assert "| 3 |" in policy_line and "| 82.00 ± 2.00 |" in policy_line
@@ -931,6 +936,51 @@ def test_policy_margin_paired_interval_policy_ahead():
     assert r["each_rival_bn"] == "uniform +10.23, energy +0.50, tpe +1.07"
     assert r["best_rival_ft"] is None and r["n_ft"] == 0 and r["verdict_ft"] is None
     assert math.isnan(r["margin_ft"])
+
+
+def test_rival_margins_test_each_rival_not_only_the_best_and_show_in_the_summary():
+    # tpe has the best mean, but the policy is compared with every rival, each paired over its own seeds.
+    accs = {
+        "policy": {0: 0.800, 1: 0.812, 2: 0.825},
+        "tpe": {0: 0.790, 1: 0.800, 2: 0.815},
+        "energy": {0: 0.795},
+        "uniform": {0: 0.805, 1: 0.818, 2: 0.8295},
+    }
+    df = pd.DataFrame(
+        [
+            {
+                "model": "m",
+                "target": 3.0,
+                "method": method,
+                "decomposition": "ht2",
+                "seed": seed,
+                "test_top1_bn": acc,
+                "test_top1_ft": acc + 0.01 if method != "energy" else float("nan"),
+            }
+            for method, per_seed in accs.items()
+            for seed, acc in per_seed.items()
+        ]
+    )
+    r = rival_margins(df).set_index("rival")
+    assert list(r.index) == ["uniform", "energy", "tpe"]  # POLICY_RIVALS order, those run
+    # uniform: -0.5, -0.6, -0.45 pp; t(0.975, 2) = 4.302653
+    d = [-0.5, -0.6, -0.45]
+    mean = sum(d) / 3
+    half = 4.302652729749464 * math.sqrt(sum((x - mean) ** 2 for x in d) / 2) / math.sqrt(3)
+    assert r.loc["uniform", "margin_bn"] == pytest.approx(mean)
+    assert (r.loc["uniform", "ci_low_bn"], r.loc["uniform", "ci_high_bn"]) == pytest.approx((mean - half, mean + half))
+    assert r.loc["uniform", "verdict_bn"] == "policy behind" and r.loc["tpe", "verdict_bn"] == "policy ahead"
+    assert r.loc["energy", "n_bn"] == 1 and r.loc["energy", "verdict_bn"] == "1 seed: no interval"
+    assert r.loc["energy", "n_ft"] == 0 and math.isnan(r.loc["energy", "margin_ft"])
+    assert r.loc["uniform", "margin_ft"] == pytest.approx(mean)  # every method +1 pp after finetuning
+    lines = analysis_summary.rivals_section(rival_margins(df))
+    table = "\n".join(lines)
+    assert lines[0] == "### Against each rival"
+    assert (
+        f"| m | – | 3.00× | policy | uniform | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] behind |" in table
+    )
+    assert "| energy | +0.50 | – |" in table  # one seed: a margin without interval or verdict
+    assert analysis_summary.rivals_section(rival_margins(df[df.method != "policy"])) == []
 
 
 def test_policy_margin_sign_changes_are_within_noise():

@@ -14,7 +14,8 @@ wins; a row's dense baseline is its own run's, never another's.
 Seeds: a run may compute every configuration at several seeds (``final.seed``). Records without a
 ``seed`` (older logs) take their run's ``config.seed`` (0 when absent). :func:`summary_table` keeps
 one row per seed, :func:`aggregate_seeds` folds the seeds into mean, std and count, and
-:func:`policy_margins` compares the policy with its rivals seed by seed.
+:func:`policy_margins` compares the policy with its best rival seed by seed, :func:`rival_margins` with
+each rival.
 
 Metric: every summary row's ``metric`` (``"macs"`` or ``"params"``, what the budget counts) is the
 final record's own ``metric``; older logs carry it only in the run's ``config`` record, which then
@@ -38,10 +39,10 @@ Modules, by what they hold:
 * :mod:`~common.analysis.aggregate`: :func:`aggregate_seeds` (mean / std / count per
   configuration).
 * :mod:`~common.analysis.margins`: paired per-seed margins of the policy over its rivals with
-  Student-t intervals (:func:`policy_margins`).
+  Student-t intervals (:func:`policy_margins` against the best rival, :func:`rival_margins` against each).
 * :mod:`~common.analysis.markdown`: :func:`markdown_table`, cell formats, mean ± std cells.
 * :mod:`~common.analysis.summary`: :func:`write_summary` (``summary.csv``,
-  ``summary_seeds.csv``, ``summary.md``).
+  ``summary_seeds.csv``, ``policy_vs_rivals.csv``, ``summary.md``).
 * :mod:`~common.analysis.readme`: the README results block between its marker lines.
 * :mod:`~common.analysis.plots`: the per-model plots, listed once in :data:`PLOTS`
   (:mod:`~common.analysis.plot_accuracy`, :mod:`~common.analysis.plot_ranks`,
@@ -61,9 +62,11 @@ from .margins import (
     POLICY_MARGIN_COLUMNS,
     POLICY_METHODS,
     POLICY_RIVALS,
+    RIVAL_MARGIN_COLUMNS,
     margin_verdict,
     paired_interval,
     policy_margins,
+    rival_margins,
 )
 from .markdown import MARKDOWN_COLUMNS, markdown_table
 from .plot_accuracy import ACC_PLOT_COLUMNS
@@ -129,6 +132,8 @@ __all__ = [
     "plot_search_trace",
     "plot_sensitivity",
     "policy_margins",
+    "rival_margins",
+    "RIVAL_MARGIN_COLUMNS",
     "readme_block",
     "replace_marked_block",
     "run_context",

@@ -21,9 +21,11 @@ __all__ = [
     "POLICY_MARGIN_COLUMNS",
     "POLICY_METHODS",
     "POLICY_RIVALS",
+    "RIVAL_MARGIN_COLUMNS",
     "margin_verdict",
     "paired_interval",
     "policy_margins",
+    "rival_margins",
 ]
 
 POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
@@ -48,6 +50,17 @@ POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
 target and policy method, then per stage (``bn``, ``ft``) the best rival, the mean paired
 margin and its 95 % interval in percentage points, the number of paired seeds, the verdict and
 every rival's mean paired margin as text."""
+
+_RIVAL_FIELDS = ("margin", "ci_low", "ci_high", "n", "verdict")
+RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
+    *RUN_COLUMNS,
+    "target",
+    "policy",
+    "rival",
+    *(f"{field}_{stage}" for stage, _ in STAGES for field in _RIVAL_FIELDS),
+)
+"""Columns of :func:`rival_margins`: one row per run, target, policy and rival, then per stage the
+mean paired margin, its 95 % interval (pp), the number of paired seeds and the verdict."""
 
 
 def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -176,3 +189,46 @@ def policy_margins(
     for stage, _ in STAGES:
         out[f"n_{stage}"] = out[f"n_{stage}"].astype(int)
     return out
+
+
+def rival_margins(
+    df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS, policies: Sequence[str] = POLICY_METHODS
+) -> pd.DataFrame:
+    """Per run, target and policy: its paired margin over *each* rival, BN and finetuned.
+
+    :func:`policy_margins` tests the policy against the best rival only; the claim is about every
+    rival, and a policy can beat the best rival's mean while losing to another rival seed by seed.
+    Same pairing, interval and verdict as there (:func:`paired_interval`, :func:`margin_verdict`);
+    the same rows of ``df`` count (HT-2, compared within one run).
+
+    Returns:
+        :data:`RIVAL_MARGIN_COLUMNS`, one row per run, target, policy and rival that both ran
+        (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both.
+    """
+    if "seed" not in df.columns:
+        df = df.assign(seed=0)
+    df = df.assign(**{c: None for c in RUN_COLUMNS if c not in df.columns})
+    rows = []
+    ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
+    for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False):
+        for policy in policies:
+            if not (g["method"] == policy).any():
+                continue
+            for rival in (r for r in rivals if (g["method"] == r).any()):
+                row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")} | {"policy": policy, "rival": rival}
+                for stage, col in STAGES:
+                    diffs = (
+                        _paired_pp(_per_seed(g, policy, col), _per_seed(g, rival, col))
+                        if col in g.columns
+                        else np.array([])
+                    )
+                    mean, low, high = paired_interval(diffs)
+                    row |= {
+                        f"margin_{stage}": mean,
+                        f"ci_low_{stage}": low,
+                        f"ci_high_{stage}": high,
+                        f"n_{stage}": len(diffs),
+                        f"verdict_{stage}": margin_verdict(low, high, len(diffs)),
+                    }
+                rows.append(row)
+    return pd.DataFrame(rows, columns=list(RIVAL_MARGIN_COLUMNS))

@@ -14,7 +14,7 @@ from common.files import atomic_write
 
 from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
 from .context import RUNS_COLUMNS, runs_table
-from .margins import POLICY_METHODS, POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins
+from .margins import POLICY_METHODS, POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins, rival_margins
 from .markdown import (
     DISPLAY_FORMATS,
     MARKDOWN_COLUMNS,
@@ -45,8 +45,9 @@ def write_summary(
     command: str | None = None,
     n_runs: int | None = None,
     runs: Sequence[Mapping] = (),
-) -> tuple[Path, Path, Path]:
-    """Write ``summary.csv`` (per configuration), ``summary_seeds.csv`` (per seed), ``summary.md``.
+) -> tuple[Path, Path, Path, Path]:
+    """Write ``summary.csv`` (per configuration), ``summary_seeds.csv`` (per seed), ``summary.md``,
+    ``policy_vs_rivals.csv`` (the policy's paired margin over each rival).
 
     Every file is replaced atomically (a reader never sees half a file).
 
@@ -60,9 +61,10 @@ def write_summary(
         runs: the run documents, listed in a "Runs" section (dataset, checkpoint, device, date).
 
     Returns:
-        ``(csv_path, md_path, seeds_csv_path)``: ``summary.csv`` holds
+        ``(csv_path, md_path, seeds_csv_path, rivals_csv_path)``: ``summary.csv`` holds
         :func:`~common.analysis.aggregate_seeds` of ``df`` (mean / std / ``n_seeds`` columns),
-        ``summary_seeds.csv`` every column of ``df``.
+        ``summary_seeds.csv`` every column of ``df``, ``policy_vs_rivals.csv``
+        :func:`~common.analysis.rival_margins` of ``df``.
     """
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
@@ -70,6 +72,9 @@ def write_summary(
     agg = aggregate_seeds(df)
     _write_text(csv_path, agg.to_csv(index=False))
     _write_text(seeds_path, df.to_csv(index=False))
+    rivals_path = out_dir / "policy_vs_rivals.csv"
+    rivals = rival_margins(df)
+    _write_text(rivals_path, rivals.to_csv(index=False))
 
     lines = _summary_intro(agg, command, n_runs) + _runs_section(runs)
     if df.empty:
@@ -79,9 +84,10 @@ def write_summary(
         lines += ["## Results", ""]
         lines.append(markdown_table(display, MARKDOWN_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS))
         lines += margins_section(policy_margins(df))
+        lines += rivals_section(rivals)
     lines += _plots_section(plots, out_dir)
     _write_text(md_path, "\n".join(lines))
-    return csv_path, md_path, seeds_path
+    return csv_path, md_path, seeds_path, rivals_path
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -185,6 +191,39 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
             f"each_rival_{stage}": f"vs each rival ({name})",
         }
     return display, headers
+
+
+def _margin_cell(margin: float, low: float, high: float, verdict: str | None) -> str | None:
+    """``+0.34 [+0.13, +0.55] ahead``: a margin, its interval and the verdict's one word."""
+    if is_missing(margin):
+        return None
+    word = {"policy ahead": "ahead", "policy behind": "behind"}.get(verdict or "", "")
+    interval = _interval_cell(low, high)
+    return " ".join(x for x in (f"{margin:+.2f}", interval, word) if x)
+
+
+def rivals_section(rivals: pd.DataFrame) -> list[str]:
+    """The "Against each rival" section of ``summary.md`` (:func:`rival_margins`); empty without rows."""
+    if rivals.empty:
+        return []
+    display = rivals.copy()
+    headers = {"model": "Model", "run_id": "Run", "target": "Target", "policy": "Policy", "rival": "Rival"}
+    for stage, _ in STAGES:
+        if (rivals[f"n_{stage}"] == 0).all():
+            continue
+        cols = [rivals[f"{f}_{stage}"] for f in ("margin", "ci_low", "ci_high", "verdict")]
+        display[f"cell_{stage}"] = [_margin_cell(*v) for v in zip(*cols)]
+        headers[f"cell_{stage}"] = f"{STAGE_NAMES[stage]}: margin (pp) [95 % CI]"
+    return [
+        "### Against each rival",
+        "",
+        "The same paired margins against every rival, not only the best one (`policy_vs_rivals.csv`): "
+        "the claim is that the policy beats each of them. With several rivals, models and stages, about "
+        "one interval in twenty excludes 0 by chance.",
+        "",
+        markdown_table(display, headers, {"target": factor}),
+        "",
+    ]
 
 
 def margins_section(margins: pd.DataFrame) -> list[str]:
