@@ -901,15 +901,14 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     assert "| 82.00 ± 2.00 |" in readme_policy and readme_policy.endswith("| 2.00× | – |")
 
 
-def test_policy_margin_paired_interval_policy_ahead():
-    # tpe has the best mean (80.17 %) though energy beats it on seed 0, energy's only seed.
-    accs = {
-        "policy": {0: 0.800, 1: 0.812, 2: 0.825},
-        "tpe": {0: 0.790, 1: 0.800, 2: 0.815},
-        "energy": {0: 0.795},
-        "uniform": {0: 0.700, 1: 0.710, 2: 0.720},
-    }
-    df = pd.DataFrame(
+_ACCS = {"policy": {0: 0.800, 1: 0.812, 2: 0.825}, "tpe": {0: 0.790, 1: 0.800, 2: 0.815}, "energy": {0: 0.795}}
+"""Test accuracy per method and seed of the margin tests (each adds its uniform)."""
+
+
+def _margin_frame(accs: dict, finetuned=lambda method, acc: float("nan")) -> pd.DataFrame:
+    """Per-seed rows of one run ("m", 3x, HT-2): ``accs[method][seed]`` test accuracy after BN,
+    ``finetuned(method, acc)`` after finetuning."""
+    return pd.DataFrame(
         [
             {
                 "model": "m",
@@ -918,12 +917,17 @@ def test_policy_margin_paired_interval_policy_ahead():
                 "decomposition": "ht2",
                 "seed": seed,
                 "test_top1_bn": acc,
-                "test_top1_ft": float("nan"),
+                "test_top1_ft": finetuned(method, acc),
             }
             for method, per_seed in accs.items()
             for seed, acc in per_seed.items()
         ]
     )
+
+
+def test_policy_margin_paired_interval_policy_ahead():
+    # tpe has the best mean (80.17 %) though energy beats it on seed 0, energy's only seed.
+    df = _margin_frame(_ACCS | {"uniform": {0: 0.700, 1: 0.710, 2: 0.720}})
     r = policy_margins(df).iloc[0]
     # Paired differences 1.0, 1.2, 1.0 pp; t(0.975, 2) = 4.302653 from the tables.
     mean = 3.2 / 3
@@ -940,27 +944,8 @@ def test_policy_margin_paired_interval_policy_ahead():
 
 def test_rival_margins_test_each_rival_not_only_the_best_and_show_in_the_summary():
     # tpe has the best mean, but the policy is compared with every rival, each paired over its own seeds.
-    accs = {
-        "policy": {0: 0.800, 1: 0.812, 2: 0.825},
-        "tpe": {0: 0.790, 1: 0.800, 2: 0.815},
-        "energy": {0: 0.795},
-        "uniform": {0: 0.805, 1: 0.818, 2: 0.8295},
-    }
-    df = pd.DataFrame(
-        [
-            {
-                "model": "m",
-                "target": 3.0,
-                "method": method,
-                "decomposition": "ht2",
-                "seed": seed,
-                "test_top1_bn": acc,
-                "test_top1_ft": acc + 0.01 if method != "energy" else float("nan"),
-            }
-            for method, per_seed in accs.items()
-            for seed, acc in per_seed.items()
-        ]
-    )
+    accs = _ACCS | {"uniform": {0: 0.805, 1: 0.818, 2: 0.8295}}
+    df = _margin_frame(accs, finetuned=lambda method, acc: acc + 0.01 if method != "energy" else float("nan"))
     r = rival_margins(df).set_index("rival")
     assert list(r.index) == ["uniform", "energy", "tpe"]  # POLICY_RIVALS order, those run
     # uniform: -0.5, -0.6, -0.45 pp; t(0.975, 2) = 4.302653

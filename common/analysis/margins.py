@@ -119,6 +119,17 @@ def _paired_pp(policy: pd.Series, rival: pd.Series) -> np.ndarray:
     return 100.0 * (policy[common] - rival[common]).to_numpy(dtype=float)
 
 
+def _comparison_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
+    """The HT-2 rows of ``df`` (missing decomposition counts as ``ht2``) per run and target, the
+    groups methods are compared within; a missing ``seed`` column counts as seed 0 and missing run
+    columns as one shared value."""
+    if "seed" not in df.columns:
+        df = df.assign(seed=0)
+    df = df.assign(**{c: None for c in RUN_COLUMNS if c not in df.columns})
+    ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
+    return [g for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False)]
+
+
 def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method: str = "policy") -> dict[str, Any]:
     """The :data:`_MARGIN_FIELDS` of policy ``method`` in one (model, target) group for accuracy
     column ``col``."""
@@ -172,12 +183,8 @@ def policy_margins(
     Returns:
         :data:`POLICY_MARGIN_COLUMNS`, one row per run, target and policy run with a rival.
     """
-    if "seed" not in df.columns:
-        df = df.assign(seed=0)
-    df = df.assign(**{c: None for c in RUN_COLUMNS if c not in df.columns})
     rows = []
-    ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
-    for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False):
+    for g in _comparison_groups(df):
         for policy in policies:
             if not (g["method"] == policy).any() or not g["method"].isin(rivals).any():
                 continue
@@ -205,12 +212,8 @@ def rival_margins(
         :data:`RIVAL_MARGIN_COLUMNS`, one row per run, target, policy and rival that both ran
         (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both.
     """
-    if "seed" not in df.columns:
-        df = df.assign(seed=0)
-    df = df.assign(**{c: None for c in RUN_COLUMNS if c not in df.columns})
     rows = []
-    ht2 = df[df["decomposition"].fillna("ht2") == "ht2"]
-    for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False):
+    for g in _comparison_groups(df):
         for policy in policies:
             if not (g["method"] == policy).any():
                 continue
