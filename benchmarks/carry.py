@@ -70,10 +70,10 @@ def travelling_bytes(repo: Path = REPO) -> dict[str, int]:
         check=True,
     ).stdout.split(b"\0")
     sizes: dict[str, int] = {}
-    for name in filter(None, names):
-        path = repo / name.decode()
+    for name in (n.decode() for n in names if n):
+        path = repo / name
         if path.is_file():
-            top = name.decode().split("/")[0] if "/" in name.decode() else "."
+            top = name.split("/")[0] if "/" in name else "."
             sizes[top] = sizes.get(top, 0) + path.stat().st_size
     return sizes
 
