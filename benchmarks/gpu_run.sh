@@ -12,7 +12,7 @@
 # final models already started when a seed's time box runs out; LAT_MINUTES (default 0: off): then,
 # with the GPU to itself, the CUDA latency of every plan in the logs (eager CUDA graphs and
 # torch.compile max-autotune) plus the 224x224 ImageNet rows, to $OUT/latency_cuda.{csv,md}, continuing
-# the committed results/latency_cuda.csv.
+# the committed results/gpu/latency_cuda.csv (the current table's plans) where there is one.
 set -uo pipefail
 pack=$1; models=$2; minutes=$3; nproc=${4:-1}; n_seeds=${5:-3}
 out=${OUT:-out/gpu}
@@ -54,7 +54,7 @@ wait
 rm -f "$out"/logs/*/*.pt "$out"/logs/*/*.lock
 if [ "${LAT_MINUTES:-0}" != 0 ]; then
   python3 jsonify_logs.py "$out/logs" --out /tmp/json >/dev/null
-  [ -f results/latency_cuda.csv ] && cp -n results/latency_cuda.csv "$out/"
+  [ -f results/gpu/latency_cuda.csv ] && cp -n results/gpu/latency_cuda.csv "$out/"
   python3 benchmarks/latency.py --json /tmp/json --out "$out" --device cuda --checkpoint-dir /tmp/ckpt \
     --minutes "$LAT_MINUTES" --compile max-autotune --imagenet
 fi

@@ -24,10 +24,10 @@ Settings: CPU ``cpu_b<B>`` (``--threads`` threads, fp32, contiguous vs channels_
 without ONNX Runtime timings counts as missing while ONNX Runtime is on), so an interrupted run
 continues; ``<out>/latency_<device>.md`` is rewritten from the whole CSV (the last row per key).
 
-    python benchmarks/latency.py --json json/results --out results --device cpu --threads 2 --batches 1,64
-    python benchmarks/latency.py --json json/results --out results --device cpu --imagenet --models \\
+    python benchmarks/latency.py --json json/gpu --out results/gpu --device cpu --threads 2 --batches 1,64
+    python benchmarks/latency.py --json json/gpu --out results/gpu --device cpu --imagenet --models \\
         resnet18_imagenet,vgg16_imagenet,alexnet_imagenet
-    python benchmarks/latency.py --json json/results --out results --device cuda --compile max-autotune
+    python benchmarks/latency.py --json json/gpu --out results/gpu --device cuda --compile max-autotune
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def _load(model_name: str, weights: str, checkpoint_dir: Path) -> tuple[torch.nn
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default="json/results")
-    p.add_argument("--out", default="results")
+    p.add_argument("--json", default="json/gpu")
+    p.add_argument("--out", default="results/gpu")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,64", help="CPU batch sizes at 32×32")

@@ -360,7 +360,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--final-calib-images", type=int, default=1024, help="BN calibration of the reference")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="CSV (default results/proxy_fidelity_<model>.csv); .md beside it")
+    p.add_argument(
+        "--out", default=None, help="CSV (default results/proxy-fidelity/proxy_fidelity_<model>.csv); .md beside it"
+    )
     p.add_argument(
         "--checkpoint",
         default=None,
@@ -377,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a = parse_args(argv)
     specs = parse_proxies(a.proxies)
     torch.set_num_threads(a.threads)
-    out = Path(a.out) if a.out else REPO / "results" / f"proxy_fidelity_{a.model}.csv"
+    out = Path(a.out) if a.out else REPO / "results" / "proxy-fidelity" / f"proxy_fidelity_{a.model}.csv"
     command = "python benchmarks/proxy_fidelity.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     header = [
         f"`{command}`",
