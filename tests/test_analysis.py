@@ -1110,6 +1110,30 @@ def test_pareto_front_only_across_budgets(tmp_path, monkeypatch):
     assert list(drawn.get_xdata()) == [1.98, 2.96, 5.0] and list(drawn.get_ydata()) == pytest.approx([88, 85, 70])
 
 
+def test_series_hidden_under_another_is_drawn_hollow_and_named(tmp_path, monkeypatch):
+    """policy_seeded picking the policy's plan at every budget draws the same points: it is drawn as a
+    larger hollow marker around them and its legend says whose; a series differing at one budget is not."""
+    same = {("policy", 3.0): (2.96, 0.85), ("policy", 5.0): (4.9, 0.80)}
+    same |= {("policy_seeded", t): v for (_, t), v in same.items()}
+    same |= {("uniform", 3.0): (2.96, 0.85), ("uniform", 5.0): (5.0, 0.78)}
+    _acc_run(RunLog(tmp_path / "logs", "vgg16", "r"), same, "/c/a.pt")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    fig, data = _drawn(monkeypatch, plot_acc_vs_macs, load_runs(tmp_path / "json"), "vgg16", tmp_path)
+    series = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}
+    assert set(series) == {
+        "policy, BN recal.",
+        "policy_seeded, BN recal. (same points as policy)",
+        "uniform, BN recal.",
+    }
+    hollow = series["policy_seeded, BN recal. (same points as policy)"]
+    assert (
+        hollow.get_markerfacecolor() == "none"
+        and hollow.get_markersize() > series["policy, BN recal."].get_markersize()
+    )
+    assert series["uniform, BN recal."].get_markerfacecolor() != "none"
+    assert len(data[data.method == "policy_seeded"]) == 2  # the data drawn keeps every series
+
+
 def test_budget_front_hand_made():
     # At 3×, vbmf's 3.07× does not put it on the front: 3× is represented by its most accurate point.
     assert budget_front([3.0, 3.0], [2.96, 3.07], [85.0, 80.0]) == []
