@@ -22,6 +22,7 @@ from common.analysis import (
     RANKS_PLOT_COLUMNS,
     README_BEGIN,
     README_END,
+    RECOVERY_COLUMNS,
     RIVAL_MARGIN_COLUMNS,
     SEARCH_PLOT_COLUMNS,
     SENSITIVITY_PLOT_COLUMNS,
@@ -29,6 +30,7 @@ from common.analysis import (
     aggregate_seeds,
     budget_front,
     checkpoint_fingerprint,
+    finetune_recovery,
     load_runs,
     machine_description,
     make_plots,
@@ -293,7 +295,7 @@ def test_summary_files_and_plots(runs, tmp_path):
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000, plot
         assert not pd.read_csv(plot.with_suffix(".csv")).empty, plot  # the data drawn, next to it
 
-    csv_path, md_path, seeds_path, rivals_path = write_summary(
+    csv_path, md_path, seeds_path, rivals_path, recovery_path = write_summary(
         df, tmp_path, plots=plots, command="python x.py --y", n_runs=len(runs), runs=runs
     )
     back = pd.read_csv(csv_path)
@@ -510,7 +512,7 @@ def test_cli_end_to_end(tmp_path, capsys, monkeypatch):
     md = (out / "summary.md").read_text()
     assert f"python analyze_results.py --json {tmp_path / 'json'} --out {out}" in md
     pngs = sorted(p.stem for p in out.glob("*.png"))
-    tables = ("summary", "policy_vs_rivals")
+    tables = ("summary", "policy_vs_rivals", "finetune_recovery")
     assert len(pngs) == 8 and sorted(p.stem for p in out.glob("*_*.csv") if not p.stem.startswith(tables)) == pngs
     assert len(pd.read_csv(out / "policy_vs_rivals.csv")) > 0
     printed = capsys.readouterr().out
@@ -882,7 +884,7 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     assert row.speedup_cpu == pytest.approx(2.0) and row.speedup_cpu_setting == "cpu_b64"
     assert row.run_id == "seeds"
 
-    csv_path, md_path, seeds_path, rivals_path = write_summary(per_seed, tmp_path / "out")
+    csv_path, md_path, seeds_path, rivals_path, recovery_path = write_summary(per_seed, tmp_path / "out")
     back = pd.read_csv(csv_path)
     assert list(back.columns) == list(AGGREGATE_COLUMNS) and list(back.n_seeds) == [3, 3]
     assert back.test_top1_bn_std.iloc[1] == pytest.approx(0.02)
@@ -893,6 +895,10 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     assert f"| 87.00 ± {100 * math.sqrt(0.0007):.2f} |" in policy_line
     assert f"| -4.00 ± {math.sqrt(7.0):.2f} |" in policy_line
     assert "(3 seeds per configuration)" in md
+    # Six finetuned plans (2 methods x 3 seeds): one recovery row, and its section in the Markdown.
+    recovery = pd.read_csv(recovery_path)
+    assert list(recovery.columns) == list(RECOVERY_COLUMNS) and recovery.n_plans.tolist() == [6]
+    assert "## What finetuning recovers" in md
 
     block = readme_block(per_seed, seed_runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
     assert "mean ± std over 3 seeds per configuration" in block
@@ -1132,6 +1138,36 @@ def test_series_hidden_under_another_is_drawn_hollow_and_named(tmp_path, monkeyp
     )
     assert series["uniform, BN recal."].get_markerfacecolor() != "none"
     assert len(data[data.method == "policy_seeded"]) == 2  # the data drawn keeps every series
+
+
+def test_finetune_recovery_hand_made():
+    """gain = 0.5 * gap + 0.1 pp for five plans, plus one far plan (gain 5 pp at gap 6): Theil-Sen
+    keeps the slope of the many (OLS would not); a run without finetuning has no row."""
+    dense = 0.90
+    bn = [0.89, 0.885, 0.88, 0.87, 0.86, 0.84]
+    ft = [b + (0.5 * 100 * (dense - b) + 0.1) / 100 for b in bn[:5]] + [0.84 + 0.05]
+    rows = [
+        {"run_id": "ft", "method": m, "seed": s, "decomposition": "ht2", "target": 3.0}
+        | {"test_top1_bn": b, "test_top1_ft": f, "baseline_test_top1": dense}
+        for (m, s), b, f in zip(
+            [("policy", 0), ("policy", 1), ("tpe", 0), ("tpe", 1), ("uniform", 0), ("vbmf", 0)], bn, ft
+        )
+    ]
+    rows.append(
+        {"run_id": "bn-only", "method": "policy", "seed": 0, "decomposition": "ht2", "target": 3.0}
+        | {"test_top1_bn": 0.8, "test_top1_ft": float("nan"), "baseline_test_top1": dense}
+    )
+    (row,) = finetune_recovery(pd.DataFrame(rows)).itertuples()
+    assert row.run_id == "ft" and row.n_plans == 6
+    assert row.slope == pytest.approx(0.5) and row.intercept_pp == pytest.approx(0.1)
+    assert row.slope_low <= 0.5 <= row.slope_high and row.kendall_tau == pytest.approx(1.0)
+    gaps = [100 * (dense - b) for b in bn]
+    assert row.mean_gap_pp == pytest.approx(sum(gaps) / 6)
+    ols = np.polyfit(gaps, [100 * (f - b) for f, b in zip(ft, bn)], 1)[0]
+    assert ols > 0.6  # the far plan pulls a least-squares slope up; the median of slopes stays
+    # All gaps equal: no slope to fit, no row.
+    same = pd.DataFrame(rows[:1] * 3).assign(seed=[0, 1, 2])
+    assert finetune_recovery(same).empty
 
 
 def test_budget_front_hand_made():

@@ -40,9 +40,11 @@ Modules, by what they hold:
   configuration).
 * :mod:`~common.analysis.margins`: paired per-seed margins of the policy over its rivals with
   Student-t intervals (:func:`policy_margins` against the best rival, :func:`rival_margins` against each).
+* :mod:`~common.analysis.recovery`: :func:`finetune_recovery`, how much of a plan's BN gap to the
+  dense model finetuning recovers (Theil–Sen slope of gain on gap).
 * :mod:`~common.analysis.markdown`: :func:`markdown_table`, cell formats, mean ± std cells.
 * :mod:`~common.analysis.summary`: :func:`write_summary` (``summary.csv``,
-  ``summary_seeds.csv``, ``policy_vs_rivals.csv``, ``summary.md``).
+  ``summary_seeds.csv``, ``policy_vs_rivals.csv``, ``finetune_recovery.csv``, ``summary.md``).
 * :mod:`~common.analysis.readme`: the README results block between its marker lines.
 * :mod:`~common.analysis.plots`: the per-model plots, listed once in :data:`PLOTS`
   (:mod:`~common.analysis.plot_accuracy`, :mod:`~common.analysis.plot_ranks`,
@@ -96,6 +98,7 @@ from .records import (
     split_speedup,
     summary_table,
 )
+from .recovery import RECOVERY_COLUMNS, finetune_recovery
 from .summary import write_summary
 
 __all__ = [
@@ -109,6 +112,7 @@ __all__ = [
     "POLICY_RIVALS",
     "README_BEGIN",
     "README_END",
+    "RECOVERY_COLUMNS",
     "RANKS_PLOT_COLUMNS",
     "RUNS_COLUMNS",
     "RUN_COLUMNS",
@@ -119,6 +123,7 @@ __all__ = [
     "aggregate_seeds",
     "budget_front",
     "checkpoint_fingerprint",
+    "finetune_recovery",
     "latest_records",
     "load_runs",
     "machine_description",

@@ -22,6 +22,7 @@ __all__ = [
     "POLICY_METHODS",
     "POLICY_RIVALS",
     "RIVAL_MARGIN_COLUMNS",
+    "comparison_groups",
     "margin_verdict",
     "paired_interval",
     "policy_margins",
@@ -119,7 +120,7 @@ def _paired_pp(policy: pd.Series, rival: pd.Series) -> np.ndarray:
     return 100.0 * (policy[common] - rival[common]).to_numpy(dtype=float)
 
 
-def _comparison_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
+def comparison_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
     """The HT-2 rows of ``df`` (missing decomposition counts as ``ht2``) per run and target, the
     groups methods are compared within; a missing ``seed`` column counts as seed 0 and missing run
     columns as one shared value."""
@@ -184,7 +185,7 @@ def policy_margins(
         :data:`POLICY_MARGIN_COLUMNS`, one row per run, target and policy run with a rival.
     """
     rows = []
-    for g in _comparison_groups(df):
+    for g in comparison_groups(df):
         for policy in policies:
             if not (g["method"] == policy).any() or not g["method"].isin(rivals).any():
                 continue
@@ -213,7 +214,7 @@ def rival_margins(
         (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both.
     """
     rows = []
-    for g in _comparison_groups(df):
+    for g in comparison_groups(df):
         for policy in policies:
             if not (g["method"] == policy).any():
                 continue
