@@ -1118,10 +1118,12 @@ def test_pareto_front_only_across_budgets(tmp_path, monkeypatch):
 
 def test_series_hidden_under_another_is_drawn_hollow_and_named(tmp_path, monkeypatch):
     """policy_seeded picking the policy's plan at every budget draws the same points: it is drawn as a
-    larger hollow marker around them and its legend says whose; a series differing at one budget is not."""
+    larger hollow marker around them and its legend says whose; so is a series run at fewer budgets
+    whose points are all among an earlier series'; a series differing at one budget is not."""
     same = {("policy", 3.0): (2.96, 0.85), ("policy", 5.0): (4.9, 0.80)}
     same |= {("policy_seeded", t): v for (_, t), v in same.items()}
     same |= {("uniform", 3.0): (2.96, 0.85), ("uniform", 5.0): (5.0, 0.78)}
+    same |= {("tpe", 3.0): (2.96, 0.85)}  # one budget only, on a point drawn before: hidden too
     _acc_run(RunLog(tmp_path / "logs", "vgg16", "r"), same, "/c/a.pt")
     jsonify(tmp_path / "logs", tmp_path / "json")
     fig, data = _drawn(monkeypatch, plot_acc_vs_macs, load_runs(tmp_path / "json"), "vgg16", tmp_path)
@@ -1129,8 +1131,11 @@ def test_series_hidden_under_another_is_drawn_hollow_and_named(tmp_path, monkeyp
     assert set(series) == {
         "policy, BN recal.",
         "policy_seeded, BN recal. (same points as policy)",
+        "tpe, BN recal. (same points as uniform)",  # the first series drawn (METHOD_ORDER) holding them
         "uniform, BN recal.",
     }
+    # The policy shares uniform's 3x point but not its 5x one: drawn as usual.
+    assert series["policy, BN recal."].get_markerfacecolor() != "none"
     hollow = series["policy_seeded, BN recal. (same points as policy)"]
     assert (
         hollow.get_markerfacecolor() == "none"

@@ -62,9 +62,9 @@ def _mark_fronts(points: pd.DataFrame) -> None:
 
 def _draw_panel(ax: Axes, points: pd.DataFrame, colors: Mapping[tuple, object], several: bool) -> None:
     """One run's series (BN solid, FT dashed, std error bars) and its fronts. A series whose points
-    all coincide with an earlier series' of the same stage (e.g. ``policy_seeded`` picking the
-    policy's or a rule's plan on every seed) is drawn as a larger hollow marker and says so in the
-    legend: otherwise it would hide the other one."""
+    all coincide with points of an earlier series of the same stage (e.g. ``policy_seeded`` picking
+    the policy's or a rule's plan on every seed, at some or all of the policy's budgets) is drawn as
+    a larger hollow marker and says so in the legend: otherwise it would hide the other one."""
     drawn: dict[str, list[tuple[str, tuple]]] = {}
     for (method, decomposition, stage), group in points.groupby(["method", "decomposition", "stage"], sort=False):
         _, _, style, marker, suffix = next(s for s in STAGES if s[0] == stage)
@@ -72,7 +72,7 @@ def _draw_panel(ax: Axes, points: pd.DataFrame, colors: Mapping[tuple, object], 
         std = 100 * group["test_top1_std"]
         name = series_label(method, decomposition, several)
         key = tuple(zip(group["macs_factor"].round(4), group["test_top1_mean"].round(6)))
-        same = next((other for other, k in drawn.get(stage, []) if k == key), None)
+        same = next((other for other, k in drawn.get(stage, []) if set(key) <= set(k)), None)
         drawn.setdefault(stage, []).append((name, key))
         ax.errorbar(
             group["macs_factor"],
