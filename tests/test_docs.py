@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from analyze_results import tracked_files
 
 REPO = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -27,10 +27,10 @@ def test_relative_links_resolve(md):
 
 def test_results_index_lists_every_folder():
     """Every tracked results folder (git-ignored scratch runs such as results/digits/ aside)."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
+    tracked = tracked_files(REPO / "results")
+    if not tracked:
         pytest.skip("needs a git checkout to tell tracked folders from scratch ones")
-    tracked = subprocess.run(["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True, check=True)
-    folders = {Path(f).parts[1] for f in tracked.stdout.splitlines() if len(Path(f).parts) > 2}
+    folders = {Path(f).parts[1] for f in tracked if len(Path(f).parts) > 2}
     index = (REPO / "results" / "README.md").read_text()
     listed = set(re.findall(r"\[`([^`/]+)/`\]", index))
     assert folders - listed == set(), f"results/README.md does not list {sorted(folders - listed)}"
