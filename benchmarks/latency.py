@@ -1,7 +1,8 @@
 """Latency of every chosen plan against its dense baseline, on this machine's CPU or CUDA GPU.
 
 Reads the JSON documents of results runs (``jsonify_logs.py``), rebuilds each compressed model from
-its logged plan and times dense, as-factorized and deployed forwards, all with
+its logged plan (one per run seed in a multi-seed run: ``--seeds``, default 0; the seed is part of each
+row's key) and times dense, as-factorized and deployed forwards, all with
 ``common.deploy.fastest_latency`` (deployed = every factorized layer in its fastest exact partition
 of merged factor convs, timed in the same setting; the faster memory format per model). Latency does
 not depend on the trained values, so ``--weights random`` (or a missing checkpoint) times the same
@@ -51,10 +52,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common.analysis import load_runs, markdown_table  # noqa: E402
+from common.analysis import latest_records, load_runs, markdown_table, seed_lookup  # noqa: E402
 from common.deploy import fastest_latency  # noqa: E402
 from common.latency import compile_for_inference, cpu_name, interleaved_latency  # noqa: E402
-from common.logs import records_of  # noqa: E402
 from common.models import build_model, input_size, load_baseline  # noqa: E402
 from common.paths import CHECKPOINT_DIR  # noqa: E402
 from common.rules import energy_plan, uniform_plan  # noqa: E402
@@ -62,7 +62,7 @@ from common.search import SearchConfig  # noqa: E402
 from common.space import SearchSpace, repair_plan  # noqa: E402
 from common.surgery import LayerPlan, SpectraCache, apply_plan, list_conv_layers, plan_from_dict  # noqa: E402
 
-KEY = ["model", "method", "decomposition", "target", "setting"]
+KEY = ["model", "method", "decomposition", "target", "seed", "setting"]
 ORT_COLUMNS = [
     "ort_dense_ms",
     "ort_factorized_ms",
@@ -79,6 +79,7 @@ ROW_COLUMNS = [
     "method",
     "decomposition",
     "target",
+    "seed",
     "input_size",
     "macs_factor",
     "deployed_macs_factor",
@@ -191,6 +192,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,64", help="CPU batch sizes at 32×32")
     p.add_argument("--targets", default="3", help="only plans at these targets")
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="only plans of these run seeds (comma-separated; 'all' for every seed): a multi-seed run has one "
+        "plan per seed, and the seed is part of each row's key",
+    )
     p.add_argument("--models", default=None, help="only these models (comma-separated; JSON runs and --imagenet)")
     p.add_argument("--methods", default=None, help="only these methods (comma-separated)")
     p.add_argument("--decompositions", default=None, help="only these decompositions (comma-separated: ht2,tucker2)")
@@ -316,13 +323,17 @@ class Bench:
         )
 
 
-def _latest_plans(run: dict, targets: set[float]) -> dict:
-    """``{(method, decomposition, target): plan record}``: the latest plan per configuration."""
-    plans = {}
-    for rec in records_of(run, "plan"):
-        if float(rec["target"]) in targets:
-            plans[(rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]))] = rec
-    return plans
+def _latest_plans(run: dict, targets: set[float], seeds: set[int] | None) -> dict:
+    """``{(method, decomposition, target, seed): plan record}``: the latest plan per configuration and run
+    seed (the seed as :func:`common.analysis.seed_lookup` reads it), of ``targets`` and ``seeds`` (None:
+    every seed)."""
+    seed = seed_lookup()
+    latest = latest_records(
+        [run],
+        "plan",
+        lambda r, rec: (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), seed(r, rec)),
+    )
+    return {k: rec for k, (_, rec) in latest.items() if k[2] in targets and (seeds is None or k[3] in seeds)}
 
 
 class OnnxFiles:
@@ -349,14 +360,15 @@ class OnnxFiles:
     def plan_file(self, config: tuple, comp: torch.nn.Module) -> dict:
         if self.plan is None or self.plan[0] != config:
             self._drop_plan()
-            method, decomp, target = config
-            self.plan = (config, self._export(comp, f"{method}-{decomp}-x{target:g}", (2, 3, self.size, self.size)))
+            method, decomp, target, seed = config
+            stem = f"{method}-{decomp}-x{target:g}-s{seed}"
+            self.plan = (config, self._export(comp, stem, (2, 3, self.size, self.size)))
         return self.plan[1]
 
     def deployed_file(self, config: tuple, comp: torch.nn.Module, s: dict) -> dict:
-        method, decomp, target = config
+        method, decomp, target, seed = config
         options = {"channels_last": False, "threads": s["threads"], **self.bench.deploy_kw(s)}
-        stem = f"{method}-{decomp}-x{target:g}-{s['setting']}-deployed"
+        stem = f"{method}-{decomp}-x{target:g}-s{seed}-{s['setting']}-deployed"
         return self._export(comp, stem, _shape(s), deployed=True, deploy_options=options)
 
     def _drop_plan(self) -> None:
@@ -442,7 +454,7 @@ def _row(
     """One CSV row: pick ``comp``'s memory format (and deployment) first, then time the dense model, it as
     factorized and it deployed in alternation (``d``: the dense model's own :meth:`Bench.timed`), then the
     same in ONNX Runtime when ``files`` is given."""
-    method, decomp, target = config
+    method, decomp, target, seed = config
     load1 = os.getloadavg()[0]  # before the row: what else ran on the cores while it was timed
     dep = bench.timed(comp, s, "latency")
     fact = dep["factorized"]
@@ -470,6 +482,7 @@ def _row(
         "method": method,
         "decomposition": decomp,
         "target": target,
+        "seed": seed,
         "input_size": s["size"],
         "macs_factor": d["conv_macs"] / fact["conv_macs"],
         "deployed_macs_factor": d["conv_macs"] / dep["conv_macs"],
@@ -538,7 +551,7 @@ def _time_configs(
                 else ""
             )
             print(
-                f"{name} {row['method']} {row['decomposition']} x{row['target']:g} {s['setting']}: dense "
+                f"{name} {row['method']} {row['decomposition']} x{row['target']:g} seed {row['seed']} {s['setting']}: dense "
                 f"{row['dense_ms']:.2f} ms, factorized {row['factorized_ms']:.2f} ms "
                 f"({row['speedup_factorized']:.2f}x), deployed {row['deployed_ms']:.2f} ms ({row['speedup']:.2f}x) "
                 f"[{row['forms']}]{ort} (load {row['load1']:.1f})",
@@ -559,11 +572,12 @@ def _time_run(bench: Bench, run: dict, a: argparse.Namespace, csv: Path, done_ke
     if not _wanted(name, a):
         return
     targets = {float(t) for t in a.targets.split(",")}
+    seeds = None if a.seeds == "all" else {int(x) for x in a.seeds.split(",")}
     methods = set(a.methods.split(",")) if a.methods else None
     decomps = set(a.decompositions.split(",")) if a.decompositions else None
     plans = {
         k: plan_from_dict(rec["plan"])
-        for k, rec in _latest_plans(run, targets).items()
+        for k, rec in _latest_plans(run, targets, seeds).items()
         if (methods is None or k[0] in methods) and (decomps is None or k[1] in decomps)
     }
     if not any((name, *k, s["setting"]) not in done_keys for k in plans for s in bench.settings_for(input_size(name))):
@@ -575,9 +589,10 @@ def _time_run(bench: Bench, run: dict, a: argparse.Namespace, csv: Path, done_ke
 def rule_plans(
     model: torch.nn.Module, size: int, targets: Sequence[float], methods: Sequence[str], decomposition: str = "ht2"
 ) -> dict[tuple, dict[str, LayerPlan]]:
-    """``{(method, decomposition, target): plan}`` of the data-free rules (``uniform``, ``energy``) on the
+    """``{(method, decomposition, target, 0): plan}`` of the data-free rules (``uniform``, ``energy``) on the
     conv MACs of ``model`` at ``size``×``size``, finished onto the budget like the searcher's rule plans
-    (:meth:`common.search.Searcher._rule`)."""
+    (:meth:`common.search.Searcher._rule`). Seed 0: the rules draw nothing, and the random weights they
+    read are drawn with seed 0."""
     space = SearchSpace(list_conv_layers(model, (1, 3, size, size)), decomposition)
     spectra = SpectraCache(model)
     tol = SearchConfig().tol
@@ -592,7 +607,7 @@ def rule_plans(
                 raise ValueError(f"--imagenet-methods: only the data-free rules uniform, energy; got {method!r}")
             if abs(space.factor(plan, "macs") / target - 1) > tol:
                 plan, _ = repair_plan(space, plan, target, "macs", tol)
-            plans[(method, decomposition, float(target))] = plan
+            plans[(method, decomposition, float(target), 0)] = plan
     return plans
 
 
@@ -605,7 +620,7 @@ def _time_imagenet(bench: Bench, a: argparse.Namespace, csv: Path, done_keys: se
             return
         if not _wanted(name, a):
             continue
-        keys = [(name, m, "ht2", t, s["setting"]) for m in methods for t in targets for s in bench.settings_for(224)]
+        keys = [(name, m, "ht2", t, 0, s["setting"]) for m in methods for t in targets for s in bench.settings_for(224)]
         if all(k in done_keys for k in keys):
             continue
         torch.manual_seed(0)
@@ -621,6 +636,11 @@ def _read_csv(csv: Path) -> pd.DataFrame:
             df[c] = [input_size(m) for m in df["model"]] if c == "input_size" else np.nan
     df = df[ROW_COLUMNS + [c for c in df.columns if c not in ROW_COLUMNS]]
     return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+def _row_seed(value: object) -> int | None:
+    """A CSV row's seed; None for a row of a file written before rows had seeds (never taken as done)."""
+    return None if pd.isna(value) else int(value)
 
 
 def _values(sub: pd.DataFrame, col: str) -> str:
@@ -728,7 +748,7 @@ def _markdown(bench: Bench, df: pd.DataFrame, argv: Sequence[str]) -> str:
     parts = [header]
     for size, title in ((32, "## 32×32"), (224, "## 224×224: ImageNet architectures")):
         sub = df[df["input_size"] == size] if len(df) else df
-        sub = sub.sort_values(["model", "method", "decomposition", "target", "batch"], kind="stable")
+        sub = sub.sort_values(["model", "method", "decomposition", "target", "seed", "batch"], kind="stable")
         if not len(sub):
             if size == 224:
                 parts.append(f"{title}\n\nNot measured (`--imagenet`). {cuda}\n\n")
@@ -774,7 +794,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         if bench.compile:  # likewise a row without the torch.compile timings while --compile is on
             complete &= done["compile_speedup"].notna()
         done_keys = {
-            (r.model, r.method, r.decomposition, float(r.target), r.setting) for r in done[complete].itertuples()
+            (r.model, r.method, r.decomposition, float(r.target), _row_seed(r.seed), r.setting)
+            for r in done[complete].itertuples()
         }
         if Path(a.json).is_dir() or not a.imagenet:
             for run in load_runs(a.json):

@@ -247,12 +247,12 @@ def test_benchmark_rule_plans_meet_the_target_without_data():
 
     model = fast_model("resnet18")
     plans = rule_plans(model, 32, [3.0], ["uniform", "energy"])
-    assert set(plans) == {("uniform", "ht2", 3.0), ("energy", "ht2", 3.0)}
+    assert set(plans) == {("uniform", "ht2", 3.0, 0), ("energy", "ht2", 3.0, 0)}
     space = SearchSpace(list_conv_layers(model, (1, 3, 32, 32)), "ht2")
     for plan in plans.values():
         assert abs(space.factor(plan, "macs") / 3.0 - 1) <= 0.03
         assert any(lp.method == "ht2" for lp in plan.values())
-    assert plans[("uniform", "ht2", 3.0)] != plans[("energy", "ht2", 3.0)]
+    assert plans[("uniform", "ht2", 3.0, 0)] != plans[("energy", "ht2", 3.0, 0)]
     with pytest.raises(ValueError, match="data-free"):
         rule_plans(model, 32, [3.0], ["policy"])
 

@@ -198,3 +198,45 @@ def test_compile_for_inference_cuda_bf16():
     compiled = compile_for_inference(_model(), (4, 3, 16, 16), "default", "cuda", torch.bfloat16, True)
     r = measure_latency(compiled, (4, 3, 16, 16), "cuda", None, True, torch.bfloat16, warmup=1, iters=3)
     assert r["median_ms"] > 0
+
+
+def test_latency_benchmark_times_the_plans_of_the_chosen_seeds(tmp_path, monkeypatch):
+    """A multi-seed run has one plan per seed: --seeds picks them (default seed 0), the seed is part of each
+    row's key and of the table, and a row of a file written before rows had seeds is measured again."""
+    from benchmarks import latency as bench
+    from common.logs import RunLog, jsonify
+    from common.models import build_model
+    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+
+    torch.manual_seed(0)
+    layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
+    log = RunLog(tmp_path / "logs", "alexnet", "bench")
+    # a multi-seed run (its config lists the seeds): each plan record carries its own seed
+    log.write("config", model="alexnet", dataset="cifar10-jpeg", metric="macs", methods=["tpe"], seed=0, seeds=[0, 1])
+    for seed, rank in ((0, 16), (1, 8)):
+        plan = plan_to_dict({layers[1].name: LayerPlan("ht2", (rank, rank, rank))})
+        log.write("plan", method="tpe", target=3.0, metric="macs", decomposition="ht2", seed=seed, plan=plan)
+    jsonify(log.path, tmp_path / "json")
+    argv = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]
+    argv += ["--batches", "1", "--weights", "random", "--iters", "1", "--warmup", "0", "--deploy-iters", "1"]
+    argv += ["--rounds", "1", "--no-ort"]
+    first = bench.main(argv)
+    assert first["seed"].tolist() == [0]
+    both = bench.main([*argv, "--seeds", "all"])
+    assert sorted(both["seed"]) == [0, 1]
+    by_seed = both.set_index("seed")["macs_factor"]
+    assert by_seed[1] > by_seed[0] > 1.0  # seed 1's plan has the smaller ranks: its own plan was timed
+    md = (tmp_path / "out" / "latency_cpu.md").read_text()
+    assert "| seed |" in md.replace("| target | seed |", "| seed |")
+
+    monkeypatch.setattr(bench, "interleaved_latency", lambda *a, **k: pytest.fail("re-measured a done row"))
+    assert len(bench.main([*argv, "--seeds", "0,1"])) == 2
+    monkeypatch.undo()
+
+    # an older file (no seed column): widened, and its row is not taken for seed 0's
+    csv = tmp_path / "out" / "latency_cpu.csv"
+    old = pd.read_csv(csv)
+    old[old["seed"] == 1].drop(columns="seed").to_csv(csv, index=False)
+    again = bench.main(argv)
+    assert list(pd.read_csv(csv, nrows=0).columns) == bench.ROW_COLUMNS
+    assert again["seed"].isna().sum() == 1 and again["seed"].dropna().tolist() == [0]

@@ -95,6 +95,7 @@ from .records import (
     SUMMARY_COLUMNS,
     latest_records,
     load_runs,
+    seed_lookup,
     split_speedup,
     summary_table,
 )
@@ -144,6 +145,7 @@ __all__ = [
     "run_context",
     "runs_table",
     "save_plot",
+    "seed_lookup",
     "split_speedup",
     "summary_table",
     "update_readme",
