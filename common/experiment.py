@@ -134,11 +134,18 @@ def _plan_layer_costs(searcher, plan) -> list[dict]:
     return rows
 
 
-def _evaluate_splits(model: nn.Module, data: DatasetSplits, device: torch.device, label: str | None = None) -> dict:
-    """``evaluate`` on the whole val and test splits (with progress bars labelled ``label`` if given)."""
+def evaluate_splits(
+    model: nn.Module,
+    data: DatasetSplits,
+    device: torch.device,
+    label: str | None = None,
+    splits: Sequence[str] = ("val", "test"),
+) -> dict:
+    """``evaluate`` on the whole of each split (with progress bars labelled ``label`` if given): how every
+    reported accuracy of a run is measured."""
     return {
         s: evaluate(model, make_loader(data, s, 500, device=device), device, progress=label and f"{label}: {s}")
-        for s in ("val", "test")
+        for s in splits
     }
 
 
@@ -286,7 +293,7 @@ def _baseline(
     size = data.image_size
 
     def measure() -> dict:  # on rank 0 alone: its latency is timed on an otherwise idle machine
-        ev = _evaluate_splits(model, data, device, "baseline" if cfg.progress else None)
+        ev = evaluate_splits(model, data, device, "baseline" if cfg.progress else None)
         return dict(
             val_top1=ev["val"]["top1"],
             test_top1=ev["test"]["top1"],
@@ -504,7 +511,7 @@ def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
         run.device,
         progress=label and f"{label}: BN recalibration",
     )
-    ev = _evaluate_splits(comp, run.data, run.device, label)
+    ev = evaluate_splits(comp, run.data, run.device, label)
     rec = {
         "val_top1_bn": ev["val"]["top1"],
         "test_top1_bn": ev["test"]["top1"],
@@ -619,7 +626,7 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, ch
         best.log_epoch(r)
     comp.load_state_dict(best.state)
     comp.to(memory_format=torch.contiguous_format).eval()
-    ev = _evaluate_splits(comp, run.data, run.device, label)
+    ev = evaluate_splits(comp, run.data, run.device, label)
     return {
         "finetune_selected_epoch": best.epoch,
         "val_top1_ft": ev["val"]["top1"],
