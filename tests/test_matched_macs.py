@@ -48,29 +48,37 @@ def test_matched_plans_reevaluated_as_the_run_did_and_rows_resume(tmp_path, monk
         matched_macs.main(argv)
 
 
-def _rows(policy: list[float], rival: list[float], shift: float) -> list[dict]:
+def _rows(policy: list[float], rival: list[float], shift: float, factors: tuple[float, float]) -> list[dict]:
+    """Policy and uniform rows over seeds; every plan's moved number is its logged one + ``shift`` (pp / 100)."""
     rows = []
-    for method, accs in (("policy", policy), ("uniform", rival)):
+    for method, accs, factor in (("policy", policy, factors[0]), ("uniform", rival, factors[1])):
         for seed, acc in enumerate(accs):
-            matched = acc + (shift if method == "policy" else 0.0)
             rows.append(
                 {
                     "method": method,
                     "seed": str(seed),
                     "target": "5.0",
+                    "factor_logged": str(factor),
                     "test_top1_logged": str(acc),
-                    "test_top1_matched": str(matched),
+                    "test_top1_matched": str(acc + shift),
                 }
             )
     return rows
 
 
-def test_margins_table_pairs_seeds_for_each_column():
-    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], -0.02))
-    row = m.iloc[0]
-    assert (row.policy, row.rival, row.n_logged, row.n_matched) == ("policy", "uniform", 3, 3)
-    assert row.margin_logged == pytest.approx(1.0) and row.verdict_logged == "policy ahead"
-    assert row.margin_matched == pytest.approx(-1.0) and row.verdict_matched == "policy behind"
+def test_margins_pair_seeds_and_only_moves_against_the_policy_count_in_against():
+    # both plans on the generous side: moving them costs each 2 pp; only the policy's move goes against it
+    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], -0.02, (4.9, 4.9))).iloc[0]
+    assert (m.policy, m.rival, m.n_logged, m.n_matched, m.n_against) == ("policy", "uniform", 3, 3, 3)
+    assert m.margin_logged == pytest.approx(1.0) and m.verdict_logged == "policy ahead"
+    assert m.margin_matched == pytest.approx(1.0)  # both moved: the same cost on each side
+    assert m.margin_against == pytest.approx(-1.0) and m.verdict_against == "policy behind"
+    # both on the strict side, moves gain 2 pp: only the rival's move counts against the policy
+    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], 0.02, (5.1, 5.1))).iloc[0]
+    assert m.margin_against == pytest.approx(-1.0) and m.margin_matched == pytest.approx(1.0)
+    # a plan within the tolerance has matched == logged, so either side leaves it as it was
+    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], 0.0, (4.99, 5.01))).iloc[0]
+    assert m.margin_against == pytest.approx(1.0)
 
 
 def test_bad_tolerance_and_a_log_without_config_are_named(tmp_path):
