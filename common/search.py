@@ -405,7 +405,7 @@ class Searcher:
                 hist, params = search(target, metric, n_candidates, seed)
                 if not hist:
                     raise ValueError(f"{method}: no plan drawn reaches {target}x within ±{self.config.tol:.0%}")
-                best, val, rescored = self._pick(method, target, hist)
+                best, val, rescored = self.pick(method, target, hist)
             plan, score = best["plan"], best["score"]
             if rescored:
                 params["rescore"] = rescored
@@ -439,9 +439,13 @@ class Searcher:
             _strip(hist),
         )
 
-    def _pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None, dict]:
+    def pick(self, method: str, target: float, hist: list[dict]) -> tuple[dict, float | None, dict]:
         """The one choice among a search's scored candidates, its val top-1 (when measured), and the
         re-scores (``{}`` without ``config.rescore``).
+
+        ``hist``: candidates as the searches make them (``index``, ``score``, ``plan``); public so that a
+        logged search's candidates can be chosen among again (``benchmarks/matched_macs.py``), re-ranks
+        already in the recorder being read back, not measured.
 
         With ``config.rescore`` the ``rescore`` best-scored candidates are scored again on
         ``rescore_images`` calibration images (recorded as ``rescore`` records) and ranked by that

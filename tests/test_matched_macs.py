@@ -1,5 +1,6 @@
-"""benchmarks/matched_macs.py: plans moved onto the budget are re-evaluated exactly as the run's finals
-were (the committed AlexNet CPU run log is the oracle), rows resume, margins come from rival_margins."""
+"""benchmarks/matched_macs.py on the committed AlexNet CPU run log (the oracle): moved plans are evaluated
+exactly as the run's finals were, a search's pick made again from its logged candidates is the run's own
+pick when the band is the run's, rows resume, and margins come from rival_margins."""
 
 from __future__ import annotations
 
@@ -10,26 +11,31 @@ import pytest
 import torch
 
 from benchmarks import matched_macs
+from common.logs import config_record, parse_log, plan_records
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 
 LOG = Path(__file__).resolve().parents[1] / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "alexnet.pt").is_file() and LOG.is_file()
+needs_shared = pytest.mark.skipif(
+    not HAVE_SHARED, reason="needs ../shared (CIFAR-10 JPEG, AlexNet checkpoint) and the CPU log"
+)
 
 
-@pytest.mark.skipif(not HAVE_SHARED, reason="needs ../shared (CIFAR-10 JPEG, AlexNet checkpoint) and the CPU log")
-def test_matched_plans_reevaluated_as_the_run_did_and_rows_resume(tmp_path, monkeypatch):
+@needs_shared
+def test_moved_plans_evaluated_as_the_run_did_and_rows_resume(tmp_path, monkeypatch):
     torch.set_num_threads(2)
     out = tmp_path / "mm.csv"
     argv = ["--log", str(LOG), "--target", "5", "--seeds", "0", "--methods", "energy,uniform", "--out", str(out)]
+    argv += ["--match", "move"]
     rows = {r["method"]: r for r in matched_macs.main([*argv, "--reevaluate-all"])}
     # energy's plan is within 0.5 % already: unchanged, and measured again it is the logged number exactly
     energy = rows["energy"]
-    assert energy["steps"] == 0 and energy["reevaluated"] == "True"
+    assert energy["how"] == "within" and energy["steps"] == 0 and energy["reevaluated"] == "True"
     assert energy["factor_matched"] == energy["factor_logged"]
     assert float(energy["test_top1_matched"]) == pytest.approx(float(energy["test_top1_logged"]), abs=1e-9)
-    # uniform's (x4.94) is moved onto the budget and measured
+    # uniform's (x4.94, a rule method: moved in either mode) is moved onto the budget and measured
     uniform = rows["uniform"]
-    assert uniform["steps"] > 0 and uniform["reevaluated"] == "True"
+    assert uniform["how"] == "moved" and uniform["steps"] > 0 and uniform["reevaluated"] == "True"
     assert abs(float(uniform["factor_logged"]) / 5 - 1) > 0.005 >= abs(float(uniform["factor_matched"]) / 5 - 1)
     assert 0.5 < float(uniform["test_top1_matched"]) < 1.0
 
@@ -44,41 +50,68 @@ def test_matched_plans_reevaluated_as_the_run_did_and_rows_resume(tmp_path, monk
         w = csv.DictWriter(fh, matched_macs.FIELDS)
         w.writeheader()
         w.writerows(stored)
-    with pytest.raises(SystemExit, match=r"\(uniform, seed 0\) is for another plan"):
+    with pytest.raises(SystemExit, match=r"\(uniform, seed 0, move\) is for another plan"):
         matched_macs.main(argv)
 
 
-def _rows(policy: list[float], rival: list[float], shift: float, factors: tuple[float, float]) -> list[dict]:
-    """Policy and uniform rows over seeds; every plan's moved number is its logged one + ``shift`` (pp / 100)."""
+@needs_shared
+def test_a_search_picks_again_as_the_run_picked():
+    """With the run's own band, the rebuilt searcher's pick among the logged candidates is the logged plan,
+    and its re-ranks measured afresh equal the logged ones; with the tight band it picks a candidate in it."""
+    torch.set_num_threads(2)
+    from common.data import load_dataset
+    from common.models import build_model, load_checkpoint
+    from common.surgery import SpectraCache, plan_from_dict
+
+    records, _ = parse_log(LOG)
+    cfg = config_record(records, LOG)
+    data = load_dataset(cfg["dataset"], root=cfg["data_root"])
+    model = load_checkpoint(build_model("alexnet", num_classes=data.num_classes), cfg["checkpoint"]).eval()
+    searchers = matched_macs._Searchers(model, data, cfg, records, SpectraCache(model))
+    s = searchers(1)
+    cands = matched_macs._candidates(records, "policy", 1, 5.0)
+    assert len(cands) == cfg["search_budget"]
+    logged = plan_from_dict(plan_records(records)["policy", 1, 5.0]["plan"])
+    s.recorder.items = []  # nothing read back: every re-rank measured here
+    plan, _ = matched_macs._reselect(s, cands, "policy", 5.0, 0.03)
+    assert plan == logged
+    measured = {r["index"]: r["val_top1"] for r in s.recorder.items if r["kind"] == "rerank"}
+    run = {
+        r["index"]: r["val_top1"]
+        for r in records
+        if r["kind"] == "rerank" and r.get("seed") == 1 and r.get("method") == "policy" and r.get("target") == 5.0
+    }
+    assert len(measured) == cfg["rerank"] and all(measured[i] == pytest.approx(run[i], abs=1e-9) for i in measured)
+
+    plan, index = matched_macs._reselect(s, cands, "policy", 5.0, 0.005)
+    factor = next(float(c["macs_factor"]) for c in cands if c["index"] == index)
+    assert abs(factor / 5 - 1) <= 0.005 and plan == plan_from_dict(cands[index]["plan"])
+    assert matched_macs._reselect(s, cands, "policy", 50.0, 0.005) is None  # no candidate near 50x
+
+
+def _rows(policy: list[float], rival: list[float], shift: float) -> list[dict]:
+    """Policy and uniform rows over seeds; the policy's matched number is its logged one + ``shift``."""
     rows = []
-    for method, accs, factor in (("policy", policy, factors[0]), ("uniform", rival, factors[1])):
+    for method, accs in (("policy", policy), ("uniform", rival)):
         for seed, acc in enumerate(accs):
+            matched = acc + (shift if method == "policy" else 0.0)
             rows.append(
                 {
                     "method": method,
                     "seed": str(seed),
                     "target": "5.0",
-                    "factor_logged": str(factor),
                     "test_top1_logged": str(acc),
-                    "test_top1_matched": str(acc + shift),
+                    "test_top1_matched": str(matched),
                 }
             )
     return rows
 
 
-def test_margins_pair_seeds_and_only_moves_against_the_policy_count_in_against():
-    # both plans on the generous side: moving them costs each 2 pp; only the policy's move goes against it
-    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], -0.02, (4.9, 4.9))).iloc[0]
-    assert (m.policy, m.rival, m.n_logged, m.n_matched, m.n_against) == ("policy", "uniform", 3, 3, 3)
+def test_margins_table_pairs_seeds_for_each_column():
+    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], -0.02)).iloc[0]
+    assert (m.policy, m.rival, m.n_logged, m.n_matched) == ("policy", "uniform", 3, 3)
     assert m.margin_logged == pytest.approx(1.0) and m.verdict_logged == "policy ahead"
-    assert m.margin_matched == pytest.approx(1.0)  # both moved: the same cost on each side
-    assert m.margin_against == pytest.approx(-1.0) and m.verdict_against == "policy behind"
-    # both on the strict side, moves gain 2 pp: only the rival's move counts against the policy
-    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], 0.02, (5.1, 5.1))).iloc[0]
-    assert m.margin_against == pytest.approx(-1.0) and m.margin_matched == pytest.approx(1.0)
-    # a plan within the tolerance has matched == logged, so either side leaves it as it was
-    m = matched_macs.margins_table(_rows([0.80, 0.81, 0.82], [0.79, 0.80, 0.81], 0.0, (4.99, 5.01))).iloc[0]
-    assert m.margin_against == pytest.approx(1.0)
+    assert m.margin_matched == pytest.approx(-1.0) and m.verdict_matched == "policy behind"
 
 
 def test_bad_tolerance_and_a_log_without_config_are_named(tmp_path):
