@@ -41,11 +41,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see proxy_fidelity.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.data import load_dataset  # noqa: E402
+from common.experiment import logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
-from common.models import build_model, load_checkpoint  # noqa: E402
-from common.preflight import inspect_checkpoint  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
 from common.space import plan_key  # noqa: E402
 from common.surgery import LayerPlan, plan_from_dict, plan_to_dict  # noqa: E402
@@ -138,12 +136,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 except (KeyError, ValueError) as err:
                     print(f"warning: {out}:{i}: unreadable row skipped ({err})", file=sys.stderr)
 
-    ckpt = cfg["checkpoint"]
-    sha = inspect_checkpoint(ckpt)
-    if cfg.get("checkpoint_sha256") and sha != cfg["checkpoint_sha256"]:
-        raise SystemExit(f"{ckpt}: sha256 {sha[:12]}… is not the run's {cfg['checkpoint_sha256'][:12]}…")
-    data = load_dataset(cfg["dataset"], root=a.data_root or cfg["data_root"])
-    model = load_checkpoint(build_model(model_name, num_classes=data.num_classes), ckpt).eval()
+    model, data = logged_inputs(cfg, a.data_root)
     search_cfg = SearchConfig(shapes=tuple(cfg.get("shapes", ("level",))))
     print(
         f"# {model_name} x{a.target:g}, {cfg['proxy']} on {cfg['calib_images']} train images; {cpu_name()}, {a.threads} threads"

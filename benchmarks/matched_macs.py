@@ -52,12 +52,10 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from common.analysis import POLICY_METHODS, rival_margins  # noqa: E402
-from common.data import DatasetSplits, load_dataset  # noqa: E402
-from common.experiment import evaluate_splits  # noqa: E402
+from common.data import DatasetSplits  # noqa: E402
+from common.experiment import evaluate_splits, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
-from common.models import build_model, load_checkpoint  # noqa: E402
-from common.preflight import inspect_checkpoint  # noqa: E402
 from common.proxy import final_model  # noqa: E402
 from common.recorder import MemoryRecorder  # noqa: E402
 from common.search import SearchConfig, Searcher, build_searcher  # noqa: E402
@@ -277,12 +275,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         raise SystemExit(f"{log}: no HT-2 final with a plan at target {a.target:g} for these methods and seeds")
     done = _read_done(out)
 
-    ckpt = cfg["checkpoint"]
-    sha = inspect_checkpoint(ckpt)
-    if cfg.get("checkpoint_sha256") and sha != cfg["checkpoint_sha256"]:
-        raise SystemExit(f"{ckpt}: sha256 {sha[:12]}… is not the run's {cfg['checkpoint_sha256'][:12]}…")
-    data = load_dataset(cfg["dataset"], root=a.data_root or cfg["data_root"])
-    model = load_checkpoint(build_model(model_name, num_classes=data.num_classes), ckpt).eval()
+    model, data = logged_inputs(cfg, a.data_root)
     space = SearchSpace(
         list_conv_layers(model, (1, 3, data.image_size, data.image_size)), "ht2", multiple=cfg.get("rank_multiple", 8)
     )

@@ -18,7 +18,7 @@ import datetime as _dt
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,21 @@ def _plan_layer_costs(searcher, plan) -> list[dict]:
             }
         )
     return rows
+
+
+def logged_inputs(cfg: Mapping, data_root: str | None = None) -> tuple[nn.Module, DatasetSplits]:
+    """The dense model (eval mode) and data a logged run's ``config`` record names, for benchmarks that
+    replay a run: the checkpoint's bytes must be the run's (its logged ``checkpoint_sha256``, when logged).
+
+    Raises:
+        SystemExit: the checkpoint differs, naming both digests.
+    """
+    ckpt = cfg["checkpoint"]
+    sha = inspect_checkpoint(ckpt)
+    if cfg.get("checkpoint_sha256") and sha != cfg["checkpoint_sha256"]:
+        raise SystemExit(f"{ckpt}: sha256 {sha[:12]}… is not the run's {cfg['checkpoint_sha256'][:12]}…")
+    data = load_dataset(cfg["dataset"], root=data_root or cfg["data_root"])
+    return load_checkpoint(build_model(cfg["model"], num_classes=data.num_classes), ckpt).eval(), data
 
 
 def evaluate_splits(

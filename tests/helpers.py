@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -20,3 +24,11 @@ def fast_model(name: str, seed: int = 0) -> nn.Module:
         if hasattr(mod, "reset_running_stats"):
             mod.reset_running_stats()
     return m.eval()
+
+
+def rewrite_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    """Write ``rows`` over the CSV at ``path`` (header ``fields``): a stored file tampered with by a test."""
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fields)
+        w.writeheader()
+        w.writerows(rows)

@@ -12,6 +12,7 @@ import torch
 from benchmarks import additivity
 from common.logs import parse_log
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from tests.helpers import rewrite_csv
 
 LOG = Path(__file__).resolve().parents[1] / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "alexnet.pt").is_file() and LOG.is_file()
@@ -43,10 +44,7 @@ def test_joint_loss_is_the_logged_score_and_rows_resume(tmp_path, capsys):
     # a second run reads the rows back; a stored row for another plan is refused, naming it
     assert [r["joint"] for r in additivity.main(argv)] == [r["joint"] for r in stored]
     stored[1]["plan_json"] = "{}"
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, additivity.FIELDS)
-        w.writeheader()
-        w.writerows(stored)
+    rewrite_csv(out, additivity.FIELDS, stored)
     with pytest.raises(SystemExit, match=r"\(seed 1, policy\) is for another plan"):
         additivity.main(argv)
 

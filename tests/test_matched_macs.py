@@ -13,6 +13,7 @@ import torch
 from benchmarks import matched_macs
 from common.logs import config_record, parse_log, plan_records
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from tests.helpers import rewrite_csv
 
 LOG = Path(__file__).resolve().parents[1] / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "alexnet.pt").is_file() and LOG.is_file()
@@ -46,10 +47,7 @@ def test_moved_plans_evaluated_as_the_run_did_and_rows_resume(tmp_path, monkeypa
     with open(out, newline="") as fh:
         stored = list(csv.DictReader(fh))
     stored[1]["plan_json"] = "{}"
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, matched_macs.FIELDS)
-        w.writeheader()
-        w.writerows(stored)
+    rewrite_csv(out, matched_macs.FIELDS, stored)
     with pytest.raises(SystemExit, match=r"\(uniform, seed 0, move\) is for another plan"):
         matched_macs.main(argv)
 
@@ -59,14 +57,12 @@ def test_a_search_picks_again_as_the_run_picked():
     """With the run's own band, the rebuilt searcher's pick among the logged candidates is the logged plan,
     and its re-ranks measured afresh equal the logged ones; with the tight band it picks a candidate in it."""
     torch.set_num_threads(2)
-    from common.data import load_dataset
-    from common.models import build_model, load_checkpoint
+    from common.experiment import logged_inputs
     from common.surgery import SpectraCache, plan_from_dict
 
     records, _ = parse_log(LOG)
     cfg = config_record(records, LOG)
-    data = load_dataset(cfg["dataset"], root=cfg["data_root"])
-    model = load_checkpoint(build_model("alexnet", num_classes=data.num_classes), cfg["checkpoint"]).eval()
+    model, data = logged_inputs(cfg)
     searchers = matched_macs._Searchers(model, data, cfg, records, SpectraCache(model))
     s = searchers(1)
     cands = matched_macs._candidates(records, "policy", 1, 5.0)
