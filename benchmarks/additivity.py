@@ -41,7 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see proxy_fidelity.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.experiment import logged_inputs  # noqa: E402
+from common.experiment import checked_dense_score, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.search import SearchConfig, build_searcher  # noqa: E402
@@ -67,13 +67,6 @@ def _config(recs: Sequence[dict], log: Path) -> dict:
     if cfg.get("proxy") not in ("logit_mse", "kl"):
         raise SystemExit(f"{log}: proxy {cfg.get('proxy')!r} is not a label-free divergence; nothing to add up")
     return cfg
-
-
-def _dense_score(recs: Sequence[dict], seed: int) -> float | None:
-    for r in recs:
-        if r["kind"] == "sensitivity" and r.get("seed") == seed and r.get("layer") == "<dense>":
-            return float(r["score"])
-    return None
 
 
 def _plans(recs: Sequence[dict], seed: int, target: float, methods: Sequence[str] | None) -> dict[str, dict]:
@@ -159,12 +152,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         )
         spectra = s.spectra
         alone: dict[tuple[str, LayerPlan], float] = {}
-        dense = s.evaluator.score({})
-        logged = _dense_score(recs, seed)
-        if logged is not None and abs(dense - logged) > 1e-5 * max(1.0, abs(logged)):
-            raise SystemExit(
-                f"seed {seed}: the rebuilt proxy scores the dense model {dense:.6g}, the run logged {logged:.6g}"
-            )
+        dense = checked_dense_score(s, recs, seed)
         plans = {m: plan_from_dict(r["plan"]) for m, r in _plans(recs, seed, a.target, methods).items()}
         model_sums: dict[str, float] = {}
         policy_rec = _plans(recs, seed, a.target, ["policy"]).get("policy")

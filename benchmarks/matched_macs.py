@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 from common.analysis import POLICY_METHODS, rival_margins  # noqa: E402
 from common.data import DatasetSplits  # noqa: E402
-from common.experiment import evaluate_splits, logged_inputs  # noqa: E402
+from common.experiment import checked_dense_score, evaluate_splits, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.proxy import final_model  # noqa: E402
@@ -175,20 +175,7 @@ class _Searchers:
             tag={"decomposition": "ht2", "seed": seed},
             channels_last=True,
         )
-        logged = next(
-            (
-                float(r["score"])
-                for r in self.records
-                if r.get("kind") == "sensitivity" and r.get("seed") == seed and r.get("layer") == "<dense>"
-            ),
-            None,
-        )
-        if logged is not None:
-            dense = s.evaluator.score({})
-            if abs(dense - logged) > 1e-5 * max(1.0, abs(logged)):
-                raise SystemExit(
-                    f"seed {seed}: the rebuilt proxy scores the dense model {dense:.6g}, the run {logged:.6g}"
-                )
+        checked_dense_score(s, self.records, seed)
         self.by_seed[seed] = s
         return s
 

@@ -149,6 +149,29 @@ def logged_inputs(cfg: Mapping, data_root: str | None = None) -> tuple[nn.Module
     return load_checkpoint(build_model(cfg["model"], num_classes=data.num_classes), ckpt).eval(), data
 
 
+def checked_dense_score(searcher, records: Sequence[Mapping], seed: int) -> float:
+    """The dense model's score under ``searcher``'s proxy, which must equal the one the run logged for
+    ``seed`` (its ``<dense>`` sensitivity record, when there is one): a replayed search scores as the run did.
+
+    Raises:
+        SystemExit: the scores differ (relative 1e-5), naming both.
+    """
+    dense = searcher.evaluator.score({})
+    logged = next(
+        (
+            float(r["score"])
+            for r in records
+            if r.get("kind") == "sensitivity" and r.get("seed") == seed and r.get("layer") == "<dense>"
+        ),
+        None,
+    )
+    if logged is not None and abs(dense - logged) > 1e-5 * max(1.0, abs(logged)):
+        raise SystemExit(
+            f"seed {seed}: the rebuilt proxy scores the dense model {dense:.6g}, the run logged {logged:.6g}"
+        )
+    return dense
+
+
 def evaluate_splits(
     model: nn.Module,
     data: DatasetSplits,
