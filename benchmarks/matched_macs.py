@@ -1,6 +1,6 @@
 """Accuracy at matched MACs: each method's logged choice made again under a tight budget band.
 
-A search accepts any plan within ``SearchConfig.tol`` (±3 %) of the target factor, and a search that
+A search accepts any plan within the run's ``budget_tol`` (±3 % by default) of the target factor, and a search that
 scores candidates by how close they stay to the dense model prefers the band's generous edge (fewer MACs
 removed): two methods' plans can differ by a few per cent in MACs at "the same" budget. This benchmark
 narrows the band to ``--tol`` (default 0.5 %) after the fact, for every HT-2 plan a run log chose at
@@ -170,6 +170,7 @@ class _Searchers:
                 rescore=cfg.get("rescore", 0),
                 rescore_images=cfg.get("rescore_images", SearchConfig.rescore_images),
                 shapes=tuple(cfg.get("shapes", ("level",))),
+                tol=cfg.get("budget_tol", SearchConfig.tol),
             ),
             spectra=self.spectra,
             tag={"decomposition": "ht2", "seed": seed},
@@ -235,8 +236,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--out", help="CSV (resumable); default <results dir>/matched_macs_<model>.csv")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
-    if not 0 < a.tol < SearchConfig.tol:
-        raise SystemExit(f"--tol {a.tol}: must be in (0, {SearchConfig.tol}), tighter than the searches' band")
     torch.set_num_threads(a.threads)
     log = Path(a.log)
     records, errors = parse_log(log)
@@ -246,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cfg = config_record(records, log)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    band = float(cfg.get("budget_tol", SearchConfig.tol))
+    if not 0 < a.tol < band:
+        raise SystemExit(f"--tol {a.tol}: must be in (0, {band}), tighter than the run's band (budget_tol)")
     model_name, metric = cfg["model"], cfg.get("metric", "macs")
     home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
     out = Path(a.out) if a.out else home / f"matched_macs_{model_name}.csv"

@@ -90,6 +90,11 @@ class ExperimentConfig:
     )
     targets: tuple[float, ...] = _option((3.0,), "reduction factors of the total conv metric (dense / compressed)")
     metric: str = _option("macs", "what the targets reduce", choices=("macs", "params"))
+    budget_tol: float = _option(
+        SearchConfig.tol,
+        "how far a plan's reduction factor may lie from its target, relative (0.03: within ±3 %); every "
+        "method's plan is finished into this band",
+    )
     methods: tuple[str, ...] = _option(METHODS, f"rank-selection methods, a subset of {','.join(METHODS)}")
     policy_tucker2: bool = _option(False, "also run the policy method with Tucker-2 layers (HT-2 for every method)")
     search_budget: int = _option(100, "candidate evaluations of random, tpe, policy and policy_seeded")
@@ -204,9 +209,17 @@ class ExperimentConfig:
         if self.proxy not in PROXIES:
             raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
         check_metric(self.metric)
+        if not 0 < self.budget_tol < 0.5:
+            raise ValueError(
+                f"budget_tol must be in (0, 0.5), a relative distance to the target, got {self.budget_tol}"
+            )
         # validates the search options
         SearchConfig(
-            shapes=tuple(self.shapes), rerank=self.rerank, rescore=self.rescore, rescore_images=self.rescore_images
+            shapes=tuple(self.shapes),
+            rerank=self.rerank,
+            rescore=self.rescore,
+            rescore_images=self.rescore_images,
+            tol=self.budget_tol,
         )
         if self.rescore and self.proxy == "top1":
             raise ValueError("rescore needs a label-free proxy (logit_mse or kl), not top1")
@@ -266,7 +279,7 @@ RESULT_FIELDS: tuple[str, ...] = tuple(name for name, f in _FIELDS.items() if f.
 """The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
 ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
 
-ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack", "rescore", "rescore_images")
+ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack", "rescore", "rescore_images", "budget_tol")
 """Result fields added after default run ids were in use: the run id hashes each only when it is set
 off its default, so adding an option leaves every existing default run id (and its log) as it was."""
 

@@ -481,6 +481,7 @@ def _build_searchers(
         knapsack=cfg.policy_knapsack,
         rescore=cfg.rescore,
         rescore_images=cfg.rescore_images,
+        tol=cfg.budget_tol,
     )
     out, spectra = {}, None
     for decomposition in decompositions:

@@ -34,7 +34,6 @@ from .config import RESUME_FIELDS, ExperimentConfig
 from .data import DatasetSplits
 from .models import read_state_dict
 from .paths import CHECKPOINT_DIR, REPO, default_cache_dir
-from .search import SearchConfig
 from .space import SearchSpace, check_reachable
 from .surgery import LayerInfo
 
@@ -206,7 +205,7 @@ def check_targets(cfg: ExperimentConfig, layers: Sequence[LayerInfo], decomposit
     Raises:
         PreflightError: naming the target and the reachable range.
     """
-    tol = SearchConfig().tol
+    tol = cfg.budget_tol
     for decomposition in decompositions:
         space = SearchSpace(layers, decomposition, multiple=cfg.rank_multiple)
         for target in cfg.targets:

@@ -187,6 +187,8 @@ class SearchConfig:
             raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {self.shapes!r}")
         if self.rerank < 1:
             raise ValueError(f"rerank must be >= 1, got {self.rerank}")
+        if not 0 < self.tol < 0.5:
+            raise ValueError(f"budget tolerance (tol) must be in (0, 0.5), got {self.tol}")
         if self.rescore and self.rescore < max(2, self.rerank):
             raise ValueError(
                 f"rescore must be 0 (off) or at least 2 and at least rerank ({self.rerank}), got {self.rescore}"

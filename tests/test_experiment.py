@@ -394,7 +394,7 @@ def test_seeds_vary_search_and_calibration_and_aggregate(tmp_path, digits_checkp
     assert set(agg["n_seeds"]) == {2}
 
 
-def test_rescore_reaches_the_searches_and_their_plan_records(tmp_path, digits_checkpoint):
+def test_rescore_and_budget_band_reach_the_searches_and_their_plan_records(tmp_path, digits_checkpoint):
     cfg = config(
         tmp_path,
         digits_checkpoint("alexnet"),
@@ -403,6 +403,7 @@ def test_rescore_reaches_the_searches_and_their_plan_records(tmp_path, digits_ch
         rescore=4,
         rescore_images=96,
         final_calib_images=64,
+        budget_tol=0.015,
     )
     cfg = dataclasses.replace(cfg, search_budget=6)
     run_experiment(cfg)
@@ -413,6 +414,9 @@ def test_rescore_reaches_the_searches_and_their_plan_records(tmp_path, digits_ch
     (plan,) = of_kind(records, "plan", method="random")
     assert plan["params"]["rescore"]["indices"] == [r["index"] for r in again]
     assert {r["index"] for r in of_kind(records, "rerank")} <= {r["index"] for r in again}
+    (final,) = of_kind(records, "final", method="random")
+    assert abs(final["macs_factor"] / final["target"] - 1) <= 0.015
+    assert plan["params"]["config"]["tol"] == 0.015
 
 
 @pytest.mark.parametrize(
@@ -428,6 +432,8 @@ def test_rescore_reaches_the_searches_and_their_plan_records(tmp_path, digits_ch
         (["--calib-images", "1"], "calib_images must be at least 2"),
         (["--methods", "uniform,greedy"], "unknown rank-selection method 'greedy'"),
         (["--shapes", "spectral"], "shapes must be a non-empty subset"),
+        (["--budget-tol", "0"], "budget_tol must be in (0, 0.5)"),
+        (["--budget-tol", "0.5"], "budget_tol must be in (0, 0.5)"),
         (["--rescore", "2"], "rescore must be 0 (off) or at least 2 and at least rerank (3)"),
         (["--rescore", "4", "--rescore-images", "1"], "rescore_images must be at least 2"),
         (["--rescore", "4", "--proxy", "top1"], "rescore needs a label-free proxy"),
@@ -455,6 +461,7 @@ OTHER_VALUES = {
     "checkpoint": "other.pt",
     "targets": (2.0,),
     "metric": "params",
+    "budget_tol": 0.01,
     "methods": ("uniform", "policy"),
     "policy_tucker2": True,
     "search_budget": 50,

@@ -480,3 +480,13 @@ def test_tpe_is_deterministic_and_resumes(digits):
         s.run("tpe", 3.0, n_candidates=6, seed=2)
     b = make(digits, recorder=rec).run("tpe", 3.0, n_candidates=6, seed=2)
     assert a.plan == b.plan and a.history == b.history and a.evaluations == 6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_tighter_budget_band_holds_for_every_method(digits, method):
+    tight = replace(CFG, tol=0.01)
+    r = make(digits, config=tight, multiple=1).run(method, 3.0, "macs", n_candidates=6, seed=1)
+    assert abs(r.macs_factor / 3.0 - 1) <= 0.01, (method, r.macs_factor)
+    for bad in (0.0, -0.01, 0.5):
+        with pytest.raises(ValueError, match="budget tolerance"):
+            SearchConfig(tol=bad)
