@@ -113,6 +113,14 @@ def test_margins_table_pairs_seeds_for_each_column():
 def test_bad_tolerance_and_a_log_without_config_are_named(tmp_path):
     with pytest.raises(SystemExit, match="--tol 0.05"):
         matched_macs.main(["--log", str(LOG), "--tol", "0.05"])
+    # the band is the run's own: a run searched within ±1 % refuses a "tighter" 2 %
+    lines = LOG.read_text().splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if '"kind":"config"' in line)
+    lines[i] = lines[i].replace('"kind":"config",', '"kind":"config","budget_tol":0.01,', 1)
+    narrow = tmp_path / "narrow.log"
+    narrow.write_text("".join(lines))
+    with pytest.raises(SystemExit, match=r"--tol 0.02: must be in \(0, 0.01\)"):
+        matched_macs.main(["--log", str(narrow), "--tol", "0.02", "--out", str(tmp_path / "n.csv")])
     empty = tmp_path / "empty.log"
     empty.write_text("")
     with pytest.raises(SystemExit, match="no config record"):
