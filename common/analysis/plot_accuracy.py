@@ -133,6 +133,7 @@ def plot_acc_vs_macs(runs: Sequence[Mapping], model: str, out_dir: str | os.Path
         drawn.append(points.assign(dense_test_top1=dense))
         several_seeds = bool((panel["n_seeds"] > 1).any())
         ax.set_xlabel("MACs reduction factor (dense / compressed, ×)")
+        ax.ticklabel_format(axis="x", useOffset=False)  # one budget's factors span 1e-3: "+2" offsets hide them
         ax.set_ylabel("test top-1 (%)" + (", mean ± std over seeds" if several_seeds else ""))
         ax.set_title(run_title(panel.iloc[0], "accuracy vs MACs reduction"), fontsize=10)
         ax.grid(alpha=0.3)
