@@ -41,10 +41,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see proxy_fidelity.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.experiment import checked_dense_score, logged_inputs  # noqa: E402
+from common.experiment import checked_dense_score, logged_inputs, search_config  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
-from common.search import SearchConfig, build_searcher  # noqa: E402
+from common.search import build_searcher  # noqa: E402
 from common.space import plan_key  # noqa: E402
 from common.surgery import LayerPlan, plan_from_dict, plan_to_dict  # noqa: E402
 
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     print(f"warning: {out}:{i}: unreadable row skipped ({err})", file=sys.stderr)
 
     model, data = logged_inputs(cfg, a.data_root)
-    search_cfg = SearchConfig(shapes=tuple(cfg.get("shapes", ("level",))))
+    search_cfg = search_config(cfg)
     print(
         f"# {model_name} x{a.target:g}, {cfg['proxy']} on {cfg['calib_images']} train images; {cpu_name()}, {a.threads} threads"
     )

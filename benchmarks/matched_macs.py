@@ -53,12 +53,12 @@ import torch  # noqa: E402
 
 from common.analysis import POLICY_METHODS, rival_margins  # noqa: E402
 from common.data import DatasetSplits  # noqa: E402
-from common.experiment import checked_dense_score, evaluate_splits, logged_inputs  # noqa: E402
+from common.experiment import checked_dense_score, evaluate_splits, logged_inputs, search_config  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.proxy import final_model  # noqa: E402
 from common.recorder import MemoryRecorder  # noqa: E402
-from common.search import SearchConfig, Searcher, build_searcher  # noqa: E402
+from common.search import Searcher, build_searcher  # noqa: E402
 from common.space import SearchSpace, repair_plan  # noqa: E402
 from common.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict  # noqa: E402
 
@@ -165,13 +165,7 @@ class _Searchers:
             seed=seed,
             multiple=cfg.get("rank_multiple", 8),
             recorder=recorder,
-            config=SearchConfig(
-                rerank=cfg.get("rerank", 3),
-                rescore=cfg.get("rescore", 0),
-                rescore_images=cfg.get("rescore_images", SearchConfig.rescore_images),
-                shapes=tuple(cfg.get("shapes", ("level",))),
-                tol=cfg.get("budget_tol", SearchConfig.tol),
-            ),
+            config=search_config(cfg),
             spectra=self.spectra,
             tag={"decomposition": "ht2", "seed": seed},
             channels_last=True,
@@ -245,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         cfg = config_record(records, log)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    band = float(cfg.get("budget_tol", SearchConfig.tol))
+    band = search_config(cfg).tol
     if not 0 < a.tol < band:
         raise SystemExit(f"--tol {a.tol}: must be in (0, {band}), tighter than the run's band (budget_tol)")
     model_name, metric = cfg["model"], cfg.get("metric", "macs")

@@ -149,6 +149,23 @@ def logged_inputs(cfg: Mapping, data_root: str | None = None) -> tuple[nn.Module
     return load_checkpoint(build_model(cfg["model"], num_classes=data.num_classes), ckpt).eval(), data
 
 
+def search_config(cfg: Mapping) -> SearchConfig:
+    """The searches' settings of an experiment: ``cfg`` is an :class:`ExperimentConfig` as a dict or a
+    logged ``config`` record; a setting an older log lacks takes its default (as the run had it)."""
+    d = SearchConfig()
+    return SearchConfig(
+        sensitivity_levels=tuple(cfg.get("sensitivity_levels", d.sensitivity_levels)),
+        rounds=cfg.get("policy_rounds", d.rounds),
+        temperature=cfg.get("temperature", d.temperature),
+        rerank=cfg.get("rerank", d.rerank),
+        shapes=tuple(cfg.get("shapes", d.shapes)),
+        knapsack=cfg.get("policy_knapsack", d.knapsack),
+        rescore=cfg.get("rescore", d.rescore),
+        rescore_images=cfg.get("rescore_images", d.rescore_images),
+        tol=cfg.get("budget_tol", d.tol),
+    )
+
+
 def checked_dense_score(searcher, records: Sequence[Mapping], seed: int) -> float:
     """The dense model's score under ``searcher``'s proxy, which must equal the one the run logged for
     ``seed`` (its ``<dense>`` sensitivity record, when there is one): a replayed search scores as the run did.
@@ -472,17 +489,7 @@ def _build_searchers(
     seeds: Sequence[int],
 ) -> dict:
     """One searcher per (decomposition, seed), sharing the dense model's spectra cache."""
-    search_cfg = SearchConfig(
-        sensitivity_levels=tuple(cfg.sensitivity_levels),
-        rounds=cfg.policy_rounds,
-        temperature=cfg.temperature,
-        rerank=cfg.rerank,
-        shapes=tuple(cfg.shapes),
-        knapsack=cfg.policy_knapsack,
-        rescore=cfg.rescore,
-        rescore_images=cfg.rescore_images,
-        tol=cfg.budget_tol,
-    )
+    search_cfg = search_config(dataclasses.asdict(cfg))
     out, spectra = {}, None
     for decomposition in decompositions:
         for seed in seeds:
