@@ -33,6 +33,7 @@ from common.analysis import (
     finetune_recovery,
     load_runs,
     machine_description,
+    macs_pct,
     make_plots,
     margin_verdict,
     markdown_table,
@@ -972,6 +973,28 @@ def test_rival_margins_test_each_rival_not_only_the_best_and_show_in_the_summary
     )
     assert "| energy | +0.50 | – |" in table  # one seed: a margin without interval or verdict
     assert analysis_summary.rivals_section(rival_margins(df[df.method != "policy"])) == []
+
+
+def test_margins_show_how_many_more_macs_the_policy_keeps():
+    # tpe is the best rival; the policy's plans are 2 % and 4 % more expensive on the paired seeds 0
+    # and 1 (seed 2 has no tpe partner); energy's plans are the policy's cost on seed 0.
+    df = _margin_frame({"policy": {0: 0.80, 1: 0.81, 2: 0.82}, "tpe": {0: 0.79, 1: 0.80}, "energy": {0: 0.70}})
+    policy_factor = {0: 3.0 / 1.02, 1: 3.0 / 1.04, 2: 2.0}
+    df["macs_factor"] = [policy_factor[s] if m == "policy" else 3.0 for m, s in zip(df["method"], df["seed"])]
+    assert macs_pct(pd.Series({0: 2.0, 1: 3.0}), pd.Series({1: 3.3, 5: 1.0})) == pytest.approx(10.0)
+    assert math.isnan(macs_pct(pd.Series({0: 2.0}), pd.Series({1: 2.0})))
+    r = policy_margins(df).iloc[0]
+    assert r["best_rival_bn"] == "tpe" and r["macs_pct_bn"] == pytest.approx(3.0)  # mean of +2, +4
+    assert math.isnan(r["macs_pct_ft"])  # nothing finetuned: no rival, no cost comparison
+    each = rival_margins(df).set_index("rival")["macs_pct"]
+    assert each["tpe"] == pytest.approx(3.0) and each["energy"] == pytest.approx(2.0)
+    assert "| +3.0 % |" in "\n".join(analysis_summary.margins_section(policy_margins(df)))
+    table = "\n".join(analysis_summary.rivals_section(rival_margins(df)))
+    assert "| Policy MACs vs rival |" in table and "| energy | +2.0 % | +10.00 |" in table
+    # Rows without MACs factors (matched_macs.py's) keep the margins and leave the cost column out.
+    no_macs = rival_margins(df.drop(columns="macs_factor"))
+    assert no_macs["macs_pct"].isna().all() and no_macs["margin_bn"].notna().all()
+    assert "Policy MACs" not in "\n".join(analysis_summary.rivals_section(no_macs))
 
 
 def test_policy_margin_sign_changes_are_within_noise():

@@ -23,6 +23,7 @@ __all__ = [
     "POLICY_RIVALS",
     "RIVAL_MARGIN_COLUMNS",
     "comparison_groups",
+    "macs_pct",
     "margin_verdict",
     "paired_interval",
     "policy_margins",
@@ -36,7 +37,7 @@ POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded")
 """The methods under test (:data:`common.search.POLICIES`; not imported from there, which would
 import torch into the analysis), each compared with :data:`POLICY_RIVALS` on its own row."""
 
-_MARGIN_FIELDS = ("best_rival", "margin", "ci_low", "ci_high", "n", "verdict", "each_rival")
+_MARGIN_FIELDS = ("best_rival", "margin", "ci_low", "ci_high", "n", "verdict", "each_rival", "macs_pct")
 STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
 """``(stage, accuracy column)``: after BN recalibration and after finetuning."""
 STAGE_NAMES = {"bn": "BN", "ft": "FT"}
@@ -49,8 +50,9 @@ POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
 )
 """Columns of :func:`policy_margins`: the run (:data:`~common.analysis.context.RUN_COLUMNS`),
 target and policy method, then per stage (``bn``, ``ft``) the best rival, the mean paired
-margin and its 95 % interval in percentage points, the number of paired seeds, the verdict and
-every rival's mean paired margin as text."""
+margin and its 95 % interval in percentage points, the number of paired seeds, the verdict,
+every rival's mean paired margin as text and the policy's MACs relative to the best rival's
+(:func:`macs_pct`)."""
 
 _RIVAL_FIELDS = ("margin", "ci_low", "ci_high", "n", "verdict")
 RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
@@ -58,10 +60,12 @@ RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
     "target",
     "policy",
     "rival",
+    "macs_pct",
     *(f"{field}_{stage}" for stage, _ in STAGES for field in _RIVAL_FIELDS),
 )
-"""Columns of :func:`rival_margins`: one row per run, target, policy and rival, then per stage the
-mean paired margin, its 95 % interval (pp), the number of paired seeds and the verdict."""
+"""Columns of :func:`rival_margins`: one row per run, target, policy and rival, the policy's MACs
+relative to the rival's (:func:`macs_pct`), then per stage the mean paired margin, its 95 %
+interval (pp), the number of paired seeds and the verdict."""
 
 
 def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -120,6 +124,38 @@ def _paired_pp(policy: pd.Series, rival: pd.Series) -> np.ndarray:
     return 100.0 * (policy[common] - rival[common]).to_numpy(dtype=float)
 
 
+def macs_pct(policy_factor: pd.Series, rival_factor: pd.Series) -> float:
+    """How many more MACs the policy's plans keep than the rival's, in percent, paired by seed.
+
+    A margin in accuracy is only a win at equal cost: the budget band lets a plan land a few percent
+    either side of the target, and a plan that keeps 2 % more MACs than its rival buys accuracy
+    with them. Factors are dense / compressed, so the policy's MACs over the rival's are
+    ``rival_factor / policy_factor``.
+
+    Args:
+        policy_factor, rival_factor: MACs factors per seed (index: seed).
+
+    Returns:
+        The mean over the seeds both have of ``100 * (rival_factor / policy_factor - 1)``: positive
+        when the policy keeps more MACs; NaN without a common seed.
+    """
+    common = policy_factor.index.intersection(rival_factor.index)
+    if common.empty:
+        return math.nan
+    return float((100.0 * (rival_factor[common] / policy_factor[common] - 1.0)).mean())
+
+
+def _macs_pct_of(group: pd.DataFrame, policy: str, rival: str, seeds: pd.Index | None = None) -> float:
+    """:func:`macs_pct` of two methods in one comparison group, over ``seeds`` if given (the seeds a
+    margin paired); NaN where the rows carry no MACs factor."""
+    if "macs_factor" not in group.columns:
+        return math.nan
+    p, r = _per_seed(group, policy, "macs_factor"), _per_seed(group, rival, "macs_factor")
+    if seeds is not None:
+        p = p[p.index.isin(seeds)]
+    return macs_pct(p, r)
+
+
 def comparison_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
     """The HT-2 rows of ``df`` (missing decomposition counts as ``ht2``) per run and target, the
     groups methods are compared within; a missing ``seed`` column counts as seed 0 and missing run
@@ -145,6 +181,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
     # The strongest rival over all its seeds, not only the ones paired with the policy.
     best = max(scores, key=lambda r: scores[r].mean())
     diffs = _paired_pp(policy, scores[best])
+    paired_seeds = policy.index.intersection(scores[best].index)
     mean, low, high = paired_interval(diffs)
     each = {r: _paired_pp(policy, s) for r, s in scores.items()}
     out.update(
@@ -155,6 +192,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
         n=len(diffs),
         verdict=margin_verdict(low, high, len(diffs)),
         each_rival=", ".join(f"{r} {d.mean():+.2f}" for r, d in each.items() if d.size) or None,
+        macs_pct=_macs_pct_of(group, method, best, paired_seeds),
     )
     return out
 
@@ -212,6 +250,8 @@ def rival_margins(
     Returns:
         :data:`RIVAL_MARGIN_COLUMNS`, one row per run, target, policy and rival that both ran
         (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both.
+        ``macs_pct`` pairs every seed both ran (the plans, hence their MACs, do not change with
+        finetuning).
     """
     rows = []
     for g in comparison_groups(df):
@@ -220,6 +260,7 @@ def rival_margins(
                 continue
             for rival in (r for r in rivals if (g["method"] == r).any()):
                 row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")} | {"policy": policy, "rival": rival}
+                row["macs_pct"] = _macs_pct_of(g, policy, rival)
                 for stage, col in STAGES:
                     diffs = (
                         _paired_pp(_per_seed(g, policy, col), _per_seed(g, rival, col))

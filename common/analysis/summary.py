@@ -197,8 +197,14 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
             f"n_{stage}": f"Seeds {name}",
             f"verdict_{stage}": f"Verdict {name}",
             f"each_rival_{stage}": f"vs each rival ({name})",
+            f"macs_pct_{stage}": f"Policy MACs vs best rival ({name})",
         }
     return display, headers
+
+
+def _pct_cell(pct: float) -> str | None:
+    """``+2.1 %``: the policy's MACs relative to a rival's (:func:`~common.analysis.macs_pct`)."""
+    return None if is_missing(pct) else f"{pct:+.1f} %"
 
 
 def _margin_cell(margin: float, low: float, high: float, verdict: str | None) -> str | None:
@@ -216,6 +222,13 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
         return []
     display = rivals.copy()
     headers = {"model": "Model", "run_id": "Run", "target": "Target", "policy": "Policy", "rival": "Rival"}
+    cost = ""
+    if not rivals["macs_pct"].isna().all():
+        headers["macs_pct"] = "Policy MACs vs rival"
+        cost = (
+            " *Policy MACs vs rival*: how many more MACs the policy's plans keep than the rival's, paired "
+            "by seed (+ = the policy spends more of the budget band)."
+        )
     for stage, _ in STAGES:
         if (rivals[f"n_{stage}"] == 0).all():
             continue
@@ -227,9 +240,9 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
         "",
         "The same paired margins against every rival, not only the best one (`policy_vs_rivals.csv`): "
         "the claim is that the policy beats each of them. With several rivals, models and stages, about "
-        "one interval in twenty excludes 0 by chance.",
+        "one interval in twenty excludes 0 by chance." + cost,
         "",
-        markdown_table(display, headers, {"target": factor}),
+        markdown_table(display, headers, {"target": factor, "macs_pct": _pct_cell}),
         "",
     ]
 
@@ -241,7 +254,11 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
     display, headers = _margins_display(margins)
     formats: dict[str, Format] = {"target": factor}
     for stage, _ in STAGES:
-        formats |= {f"margin_{stage}": "+.2f", f"n_{stage}": lambda n: str(n) if n else "–"}
+        formats |= {
+            f"margin_{stage}": "+.2f",
+            f"n_{stage}": lambda n: str(n) if n else "–",
+            f"macs_pct_{stage}": _pct_cell,
+        }
     return [
         "## Does the policy win?",
         "",
@@ -252,7 +269,10 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         "highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
         "per-seed differences over the seeds both methods ran, with its 95 % Student-t "
         "confidence interval (– with a single seed). Verdict: ahead / behind when the interval "
-        "excludes 0, else within noise. *vs each rival*: the mean paired margin over every rival.",
+        "excludes 0, else within noise. *vs each rival*: the mean paired margin over every rival. "
+        "*Policy MACs vs best rival*: how many more MACs the policy's plans keep than the best rival's, "
+        "paired over the same seeds (+ = the policy spends more of the budget band; "
+        "`benchmarks/matched_macs.py` re-picks at equal MACs).",
         "",
         markdown_table(display, headers, formats, right=[f"ci_{s}" for s, _ in STAGES]),
         "",
