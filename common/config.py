@@ -27,7 +27,7 @@ from .device import resolve_device
 from .logs import check_name
 from .models import MODEL_NAMES
 from .proxy import DEFAULT_PROXY, PROXIES
-from .search import METHODS, SearchConfig, check_method, check_metric, check_target
+from .search import METHODS, SearchConfig, check_budget_tol, check_method, check_metric, check_target
 from .train import FinetuneConfig
 
 DEFAULT_FINETUNE_EPOCHS = 3.0
@@ -209,10 +209,7 @@ class ExperimentConfig:
         if self.proxy not in PROXIES:
             raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
         check_metric(self.metric)
-        if not 0 < self.budget_tol < 0.5:
-            raise ValueError(
-                f"budget_tol must be in (0, 0.5), a relative distance to the target, got {self.budget_tol}"
-            )
+        check_budget_tol(self.budget_tol, "budget_tol")  # named as the user typed it, before SearchConfig's own check
         # validates the search options
         SearchConfig(
             shapes=tuple(self.shapes),

@@ -74,6 +74,7 @@ __all__ = [
     "SearchSpace",
     "Searcher",
     "build_searcher",
+    "check_budget_tol",
     "check_method",
     "check_metric",
     "check_reachable",
@@ -107,6 +108,15 @@ def check_target(value) -> float:
     if isinstance(value, bool) or not (math.isfinite(target) and target > 1.0):
         raise ValueError(f"target reduction must be a finite number > 1, got {value!r}")
     return target
+
+
+def check_budget_tol(value: float, name: str = "tol") -> float:
+    """``value`` if it is a budget band: a relative distance to the target in (0, 0.5); else
+    ``ValueError`` naming it as ``name`` (the field or flag the caller was given). The one place
+    the bound lives: :class:`SearchConfig` and the experiment's ``budget_tol`` both call it."""
+    if isinstance(value, bool) or not 0 < value < 0.5:
+        raise ValueError(f"{name} must be in (0, 0.5), a relative distance to the target, got {value!r}")
+    return value
 
 
 @dataclass
@@ -187,8 +197,7 @@ class SearchConfig:
             raise ValueError(f"shapes must be a non-empty subset of {SHAPES}, got {self.shapes!r}")
         if self.rerank < 1:
             raise ValueError(f"rerank must be >= 1, got {self.rerank}")
-        if not 0 < self.tol < 0.5:
-            raise ValueError(f"budget tolerance (tol) must be in (0, 0.5), got {self.tol}")
+        check_budget_tol(self.tol, "budget tolerance (tol)")
         if self.rescore and self.rescore < max(2, self.rerank):
             raise ValueError(
                 f"rescore must be 0 (off) or at least 2 and at least rerank ({self.rerank}), got {self.rescore}"

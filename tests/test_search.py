@@ -22,6 +22,7 @@ from common.search import (
     SearchConfig,
     SearchSpace,
     build_searcher,
+    check_budget_tol,
     check_method,
     check_metric,
     check_target,
@@ -487,6 +488,9 @@ def test_a_tighter_budget_band_holds_for_every_method(digits, method):
     tight = replace(CFG, tol=0.01)
     r = make(digits, config=tight, multiple=1).run(method, 3.0, "macs", n_candidates=6, seed=1)
     assert abs(r.macs_factor / 3.0 - 1) <= 0.01, (method, r.macs_factor)
-    for bad in (0.0, -0.01, 0.5):
+    for bad in (0.0, -0.01, 0.5, float("nan"), True):
         with pytest.raises(ValueError, match="budget tolerance"):
             SearchConfig(tol=bad)
+    with pytest.raises(ValueError, match=r"--band must be in \(0, 0.5\).*got 0.7"):
+        check_budget_tol(0.7, "--band")
+    assert check_budget_tol(0.005) == 0.005
