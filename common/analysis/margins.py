@@ -130,7 +130,8 @@ def macs_pct(policy_factor: pd.Series, rival_factor: pd.Series) -> float:
     A margin in accuracy is only a win at equal cost: the budget band lets a plan land a few percent
     either side of the target, and a plan that keeps 2 % more MACs than its rival buys accuracy
     with them. Factors are dense / compressed, so the policy's MACs over the rival's are
-    ``rival_factor / policy_factor``.
+    ``rival_factor / policy_factor``. MACs whatever the run's budget metric: under a params budget
+    the band is on params, and this still shows the compute each plan keeps.
 
     Args:
         policy_factor, rival_factor: MACs factors per seed (index: seed).
