@@ -41,7 +41,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see proxy_fidelity.py
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.experiment import checked_dense_score, logged_inputs, search_config  # noqa: E402
+from common.config import search_config  # noqa: E402
+from common.experiment import checked_dense_score, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.search import build_searcher  # noqa: E402
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", help="comma-separated; default every seed the log has a policy plan for")
     p.add_argument("--methods", help="comma-separated; default every method the log has a plan for")
     p.add_argument("--data-root", help="default: the log's data_root")
+    p.add_argument("--checkpoint", help="the dense checkpoint here (default: the log's path; its sha256 must match)")
     p.add_argument(
         "--out",
         help="CSV (resumable); default <results dir>/additivity_<model>.csv for <results dir>/logs/<model>/*.log",
@@ -129,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 except (KeyError, ValueError) as err:
                     print(f"warning: {out}:{i}: unreadable row skipped ({err})", file=sys.stderr)
 
-    model, data = logged_inputs(cfg, a.data_root)
+    model, data = logged_inputs(cfg, a.data_root, a.checkpoint)
     search_cfg = search_config(cfg)
     print(
         f"# {model_name} x{a.target:g}, {cfg['proxy']} on {cfg['calib_images']} train images; {cpu_name()}, {a.threads} threads"

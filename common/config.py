@@ -210,14 +210,7 @@ class ExperimentConfig:
             raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
         check_metric(self.metric)
         check_budget_tol(self.budget_tol, "budget_tol")  # named as the user typed it, before SearchConfig's own check
-        # validates the search options
-        SearchConfig(
-            shapes=tuple(self.shapes),
-            rerank=self.rerank,
-            rescore=self.rescore,
-            rescore_images=self.rescore_images,
-            tol=self.budget_tol,
-        )
+        search_config(dataclasses.asdict(self))  # validates the search options as the searches get them
         if self.rescore and self.proxy == "top1":
             raise ValueError("rescore needs a label-free proxy (logit_mse or kl), not top1")
         try:
@@ -467,3 +460,20 @@ def config_from_args(args: argparse.Namespace | Mapping[str, Any], **fixed: Any)
     names = {f.name for f in dataclasses.fields(ExperimentConfig)}
     values = {k: v for k, v in given.items() if k in names}  # list text is converted by the config
     return ExperimentConfig(**{**values, **fixed})
+
+
+def search_config(cfg: Mapping) -> SearchConfig:
+    """The searches' settings of an experiment: ``cfg`` is an :class:`ExperimentConfig` as a dict or a
+    logged ``config`` record; a setting an older log lacks takes its default (as the run had it)."""
+    d = SearchConfig()
+    return SearchConfig(
+        sensitivity_levels=tuple(cfg.get("sensitivity_levels", d.sensitivity_levels)),
+        rounds=cfg.get("policy_rounds", d.rounds),
+        temperature=cfg.get("temperature", d.temperature),
+        rerank=cfg.get("rerank", d.rerank),
+        shapes=tuple(cfg.get("shapes", d.shapes)),
+        knapsack=cfg.get("policy_knapsack", d.knapsack),
+        rescore=cfg.get("rescore", d.rescore),
+        rescore_images=cfg.get("rescore_images", d.rescore_images),
+        tol=cfg.get("budget_tol", d.tol),
+    )

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .artifacts import artifact_name, save_artifact
-from .config import ExperimentConfig, config_from_args, config_parser
+from .config import ExperimentConfig, config_from_args, config_parser, search_config
 from .cost import count_model
 from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
@@ -50,7 +50,7 @@ from .preflight import (
     rotate_failed,
 )
 from .proxy import final_model
-from .search import POLICIES, SearchConfig, SearchResult, build_searcher
+from .search import POLICIES, SearchResult, build_searcher
 from .surgery import LayerPlan, list_conv_layers, plan_from_dict
 from .train import evaluate, finetune
 
@@ -134,36 +134,27 @@ def _plan_layer_costs(searcher, plan) -> list[dict]:
     return rows
 
 
-def logged_inputs(cfg: Mapping, data_root: str | None = None) -> tuple[nn.Module, DatasetSplits]:
+def logged_inputs(
+    cfg: Mapping, data_root: str | None = None, checkpoint: str | Path | None = None
+) -> tuple[nn.Module, DatasetSplits]:
     """The dense model (eval mode) and data a logged run's ``config`` record names, for benchmarks that
     replay a run: the checkpoint's bytes must be the run's (its logged ``checkpoint_sha256``, when logged).
+
+    Args:
+        cfg: the run's ``config`` record.
+        data_root: the dataset's root here (default: the logged one).
+        checkpoint: the checkpoint file here (default: the logged path), for a log written on another
+            machine; its bytes are checked all the same.
 
     Raises:
         SystemExit: the checkpoint differs, naming both digests.
     """
-    ckpt = cfg["checkpoint"]
+    ckpt = str(checkpoint) if checkpoint is not None else cfg["checkpoint"]
     sha = inspect_checkpoint(ckpt)
     if cfg.get("checkpoint_sha256") and sha != cfg["checkpoint_sha256"]:
         raise SystemExit(f"{ckpt}: sha256 {sha[:12]}… is not the run's {cfg['checkpoint_sha256'][:12]}…")
     data = load_dataset(cfg["dataset"], root=data_root or cfg["data_root"])
     return load_checkpoint(build_model(cfg["model"], num_classes=data.num_classes), ckpt).eval(), data
-
-
-def search_config(cfg: Mapping) -> SearchConfig:
-    """The searches' settings of an experiment: ``cfg`` is an :class:`ExperimentConfig` as a dict or a
-    logged ``config`` record; a setting an older log lacks takes its default (as the run had it)."""
-    d = SearchConfig()
-    return SearchConfig(
-        sensitivity_levels=tuple(cfg.get("sensitivity_levels", d.sensitivity_levels)),
-        rounds=cfg.get("policy_rounds", d.rounds),
-        temperature=cfg.get("temperature", d.temperature),
-        rerank=cfg.get("rerank", d.rerank),
-        shapes=tuple(cfg.get("shapes", d.shapes)),
-        knapsack=cfg.get("policy_knapsack", d.knapsack),
-        rescore=cfg.get("rescore", d.rescore),
-        rescore_images=cfg.get("rescore_images", d.rescore_images),
-        tol=cfg.get("budget_tol", d.tol),
-    )
 
 
 def checked_dense_score(searcher, records: Sequence[Mapping], seed: int) -> float:

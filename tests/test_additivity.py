@@ -54,3 +54,13 @@ def test_a_log_without_config_is_named(tmp_path):
     empty.write_text("")
     with pytest.raises(SystemExit, match="no config record"):
         additivity.main(["--log", str(empty), "--out", str(tmp_path / "x.csv")])
+
+
+def test_checkpoint_option_reaches_the_replay(monkeypatch, tmp_path):
+    def stop(cfg, data_root, checkpoint):
+        raise SystemExit(f"replay with {checkpoint}")
+
+    monkeypatch.setattr(additivity, "logged_inputs", stop)
+    argv = ["--log", str(LOG), "--out", str(tmp_path / "a.csv"), "--checkpoint", "/here/alexnet.pt"]
+    with pytest.raises(SystemExit, match="replay with /here/alexnet.pt"):
+        additivity.main(argv)

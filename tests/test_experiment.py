@@ -13,13 +13,13 @@ import torch
 
 import common.experiment as experiment
 from common.artifacts import file_sha256, load_compressed, read_artifact
-from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig
+from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig, search_config
 from common.data import load_dataset
 from common.experiment import parse_args, run_experiment
 from common.loader import make_loader
 from common.logs import encode_value, jsonify, load_document, parse_log, run_document
 from common.proxy import final_model
-from common.search import METHODS, ProxyEvaluator
+from common.search import METHODS, ProxyEvaluator, SearchConfig
 from common.surgery import SpectraCache, plan_from_dict
 from common.train import evaluate
 
@@ -417,6 +417,30 @@ def test_rescore_and_budget_band_reach_the_searches_and_their_plan_records(tmp_p
     (final,) = of_kind(records, "final", method="random")
     assert abs(final["macs_factor"] / final["target"] - 1) <= 0.015
     assert plan["params"]["config"]["tol"] == 0.015
+
+
+def test_search_config_maps_every_search_field_and_defaults_what_an_old_log_lacks():
+    cfg = ExperimentConfig(
+        sensitivity_levels=(0.2, 0.6),
+        policy_rounds=2,
+        temperature=0.5,
+        rerank=4,
+        shapes=("energy",),
+        policy_knapsack=True,
+        rescore=6,
+        rescore_images=64,
+        budget_tol=0.01,
+    )
+    got = search_config(dataclasses.asdict(cfg))
+    assert (got.sensitivity_levels, got.rounds, got.temperature, got.rerank) == ((0.2, 0.6), 2, 0.5, 4)
+    assert (got.shapes, got.knapsack, got.rescore, got.rescore_images, got.tol) == (
+        tuple(cfg.shapes),
+        True,
+        6,
+        64,
+        0.01,
+    )
+    assert search_config({"model": "alexnet"}) == SearchConfig()  # a log from before these settings existed
 
 
 @pytest.mark.parametrize(

@@ -125,3 +125,39 @@ def test_bad_tolerance_and_a_log_without_config_are_named(tmp_path):
     empty.write_text("")
     with pytest.raises(SystemExit, match="no config record"):
         matched_macs.main(["--log", str(empty), "--out", str(tmp_path / "x.csv")])
+
+
+def test_a_log_from_another_machine_replays_with_its_checkpoint_here(tmp_path, digits_checkpoint):
+    """--checkpoint: the logged path need not exist here, the bytes must still be the run's."""
+    import hashlib
+    import shutil
+
+    from common.experiment import logged_inputs
+    from common.preflight import PreflightError
+
+    here = tmp_path / "alexnet.pt"
+    shutil.copy(digits_checkpoint("alexnet"), here)
+    cfg = {
+        "model": "alexnet",
+        "dataset": "digits",
+        "data_root": None,
+        "checkpoint": str(tmp_path / "elsewhere" / "alexnet.pt"),
+        "checkpoint_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
+    }
+    with pytest.raises(PreflightError, match="elsewhere"):
+        logged_inputs(cfg)
+    model, data = logged_inputs(cfg, checkpoint=here)
+    assert not model.training and data.num_classes == 10
+    other = tmp_path / "other.pt"
+    shutil.copy(digits_checkpoint("alexnet", fit=False), other)
+    with pytest.raises(SystemExit, match=r"other\.pt: sha256 .* is not the run's"):
+        logged_inputs(cfg, checkpoint=other)
+
+
+def test_checkpoint_option_reaches_the_replay(monkeypatch):
+    def stop(cfg, data_root, checkpoint):
+        raise SystemExit(f"replay with {checkpoint}")
+
+    monkeypatch.setattr(matched_macs, "logged_inputs", stop)
+    with pytest.raises(SystemExit, match="replay with /here/alexnet.pt"):
+        matched_macs.main(["--log", str(LOG), "--target", "5", "--checkpoint", "/here/alexnet.pt"])
