@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.config import search_config  # noqa: E402
-from common.experiment import checked_dense_score, logged_inputs  # noqa: E402
+from common.experiment import add_logged_input_args, checked_dense_score, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.search import build_searcher  # noqa: E402
@@ -97,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--target", type=float, default=3.0)
     p.add_argument("--seeds", help="comma-separated; default every seed the log has a policy plan for")
     p.add_argument("--methods", help="comma-separated; default every method the log has a plan for")
-    p.add_argument("--data-root", help="default: the log's data_root")
-    p.add_argument("--checkpoint", help="the dense checkpoint here (default: the log's path; its sha256 must match)")
+    add_logged_input_args(p)
     p.add_argument(
         "--out",
         help="CSV (resumable); default <results dir>/additivity_<model>.csv for <results dir>/logs/<model>/*.log",

@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from common.analysis import POLICY_METHODS, rival_margins  # noqa: E402
 from common.config import search_config  # noqa: E402
 from common.data import DatasetSplits  # noqa: E402
-from common.experiment import checked_dense_score, evaluate_splits, logged_inputs  # noqa: E402
+from common.experiment import add_logged_input_args, checked_dense_score, evaluate_splits, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import config_record, parse_log, plan_records  # noqa: E402
 from common.proxy import final_model  # noqa: E402
@@ -227,8 +227,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", help="comma-separated; default every seed with a final at the target")
     p.add_argument("--methods", help="comma-separated; default every method with a final at the target")
     p.add_argument("--reevaluate-all", action="store_true", help="also evaluate plans already within --tol")
-    p.add_argument("--data-root", help="default: the log's data_root")
-    p.add_argument("--checkpoint", help="the dense checkpoint here (default: the log's path; its sha256 must match)")
+    add_logged_input_args(p)
     p.add_argument("--out", help="CSV (resumable); default <results dir>/matched_macs_<model>.csv")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)

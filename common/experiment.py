@@ -12,6 +12,7 @@ written with other settings (:data:`common.config.RESUME_FIELDS`) is refused, na
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import datetime as _dt
@@ -132,6 +133,13 @@ def _plan_layer_costs(searcher, plan) -> list[dict]:
             }
         )
     return rows
+
+
+def add_logged_input_args(p: argparse.ArgumentParser) -> None:
+    """``--data-root`` and ``--checkpoint``: where this machine keeps the inputs of a logged run that a
+    benchmark replays, for :func:`logged_inputs` (``logged_inputs(cfg, a.data_root, a.checkpoint)``)."""
+    p.add_argument("--data-root", help="default: the log's data_root")
+    p.add_argument("--checkpoint", help="the dense checkpoint here (default: the log's path; its sha256 must match)")
 
 
 def logged_inputs(

@@ -129,9 +129,9 @@ def test_bad_tolerance_and_a_log_without_config_are_named(tmp_path):
 
 def test_a_log_from_another_machine_replays_with_its_checkpoint_here(tmp_path, digits_checkpoint):
     """--checkpoint: the logged path need not exist here, the bytes must still be the run's."""
-    import hashlib
     import shutil
 
+    from common.artifacts import file_sha256
     from common.experiment import logged_inputs
     from common.preflight import PreflightError
 
@@ -142,7 +142,7 @@ def test_a_log_from_another_machine_replays_with_its_checkpoint_here(tmp_path, d
         "dataset": "digits",
         "data_root": None,
         "checkpoint": str(tmp_path / "elsewhere" / "alexnet.pt"),
-        "checkpoint_sha256": hashlib.sha256(here.read_bytes()).hexdigest(),
+        "checkpoint_sha256": file_sha256(here),
     }
     with pytest.raises(PreflightError, match="elsewhere"):
         logged_inputs(cfg)
