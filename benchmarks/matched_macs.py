@@ -11,7 +11,8 @@ logged number), each method by its own means (``--match reselect``, the default)
   chooses again among its own logged candidates that lie within the band, by its own rule
   (:meth:`common.search.Searcher.pick`: the run's proxy scores, then val top-1 among the ``rerank`` best;
   re-ranks the run logged are read back, the others measured exactly as the run measured them, on a
-  searcher rebuilt from the log's ``config`` whose dense proxy score must equal the logged one);
+  searcher rebuilt from the log's ``config`` whose dense proxy score must equal the logged one, and kept
+  in a log beside the CSV, ``<out>.measured.log``, so a resumed replay reads them back too);
 - a rule method (``uniform``, ``energy``, ``vbmf``) is moved by :func:`common.space.repair_plan`, the
   package's one budget repair, which is how the searcher finishes rule plans onto the budget.
 
@@ -56,7 +57,7 @@ from common.config import search_config  # noqa: E402
 from common.data import DatasetSplits  # noqa: E402
 from common.experiment import add_logged_input_args, checked_dense_score, evaluate_splits, logged_inputs  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
-from common.logs import config_record, parse_log, plan_records  # noqa: E402
+from common.logs import RunLog, config_record, parse_log, plan_records  # noqa: E402
 from common.proxy import final_model  # noqa: E402
 from common.recorder import MemoryRecorder  # noqa: E402
 from common.search import Searcher, build_searcher  # noqa: E402
@@ -136,27 +137,57 @@ def _append(out: Path, row: dict) -> None:
         os.fsync(fh.fileno())
 
 
+MEASURED = ("rerank", "rescore")
+"""Record kinds a rebuilt searcher measures when it picks again (val top-1 of the best, re-scores)."""
+
+
+class _Kept(MemoryRecorder):
+    """A rebuilt searcher's recorder: it reads back ``items`` (the run's records, then what earlier replays
+    measured) and writes what it measures now to ``measured`` too, marked ``of_run``, so that an interrupted or
+    repeated replay never measures a re-rank twice."""
+
+    def __init__(self, items: Sequence[dict], measured: RunLog, of_run: str):
+        super().__init__()
+        self.items, self.measured, self.of_run = list(items), measured, of_run
+
+    def write(self, kind: str, text: str = "", **payload) -> dict:
+        rec = self.measured.write(kind, text, **payload, of_run=self.of_run)
+        self.items.append(rec)
+        return rec
+
+
 class _Searchers:
-    """One searcher per seed, rebuilt from the run's ``config`` record and fed the run's own records (so
-    that the re-ranks it logged are read back), built when first needed."""
+    """One searcher per seed, rebuilt from the run's ``config`` record and fed the run's own records and the
+    measurements of earlier replays kept in ``measured_path`` (so that no re-rank is measured again), built
+    when first needed."""
 
     def __init__(
-        self, model: torch.nn.Module, data: DatasetSplits, cfg: dict, records: Sequence[dict], spectra: SpectraCache
+        self,
+        model: torch.nn.Module,
+        data: DatasetSplits,
+        cfg: dict,
+        records: Sequence[dict],
+        spectra: SpectraCache,
+        measured_path: Path,
     ):
         self.model, self.data, self.cfg, self.records, self.spectra = model, data, cfg, records, spectra
+        self.measured_path, self.measured = measured_path, None
         self.by_seed: dict[int, Searcher] = {}
 
     def __call__(self, seed: int) -> Searcher:
         if seed in self.by_seed:
             return self.by_seed[seed]
-        cfg, recorder = self.cfg, MemoryRecorder()
-        recorder.items = [
-            r
-            for r in self.records
-            if r.get("kind") in ("candidate", "rerank", "rescore")
-            and r.get("decomposition", "ht2") == "ht2"
-            and int(r.get("seed", 0)) == seed
-        ]
+        cfg = self.cfg
+        if self.measured is None:  # opened (created) only once a search picks again
+            self.measured = RunLog.at(self.measured_path, cfg["model"], "matched_macs")
+        run_id = str(cfg.get("run_id", ""))
+
+        def mine(r: dict) -> bool:
+            return r.get("decomposition", "ht2") == "ht2" and int(r.get("seed", 0)) == seed
+
+        kept = [r for r in self.records if r.get("kind") in ("candidate", *MEASURED) and mine(r)]
+        kept += [r for r in self.measured.records() if r.get("of_run") == run_id and r["kind"] in MEASURED and mine(r)]
+        recorder = _Kept(kept, self.measured, run_id)
         s = build_searcher(
             self.model,
             self.data,
@@ -264,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         list_conv_layers(model, (1, 3, data.image_size, data.image_size)), "ht2", multiple=cfg.get("rank_multiple", 8)
     )
     spectra = SpectraCache(model)
-    searchers = _Searchers(model, data, cfg, records, spectra)
+    searchers = _Searchers(model, data, cfg, records, spectra, out.with_name(out.stem + ".measured.log"))
     calib = int(cfg.get("final_calib_images", 4096))
     device = torch.device("cpu")
     print(

@@ -344,6 +344,20 @@ def test_resume_with_find(tmp_path):
     assert log.find("final")["method"] == "random"
 
 
+def test_a_log_at_a_path_of_its_own_resumes_and_names_its_records(tmp_path):
+    path = tmp_path / "out" / "mm.measured.log"
+    log = RunLog.at(path, "alexnet", "matched_macs")
+    log.write("timing", stage="a", seconds=1.0)
+    del log
+    log = RunLog.at(path, "alexnet", "matched_macs")
+    assert log.path == path and [r["stage"] for r in log.records()] == ["a"]
+    assert log.write("timing", stage="b", seconds=2.0)["seq"] == 1
+    assert [(r["run_id"], r["seq"]) for r in parse_log(path)[0]] == [("matched_macs", 0), ("matched_macs", 1)]
+    assert path.read_text().startswith("# run log model=alexnet run_id=matched_macs")
+    with pytest.raises(ValueError, match="run_id"):
+        RunLog.at(tmp_path / "x.log", "alexnet", "no spaces")
+
+
 def _damaged_log(tmp_path) -> tuple[Path, list[dict]]:
     log = RunLog(tmp_path, "alexnet", "crash")
     good = [log.write("timing", stage=f"s{i}", seconds=float(i)) for i in range(4)]

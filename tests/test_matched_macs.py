@@ -44,6 +44,7 @@ def test_moved_plans_evaluated_as_the_run_did_and_rows_resume(tmp_path, monkeypa
     monkeypatch.setattr(matched_macs, "final_model", lambda *a, **k: pytest.fail("re-measured a stored row"))
     again = matched_macs.main(argv)
     assert [r["test_top1_matched"] for r in again] == [rows[m]["test_top1_matched"] for m in ("energy", "uniform")]
+    assert not (tmp_path / "mm.measured.log").exists()  # no search picked again: nothing measured to keep
     with open(out, newline="") as fh:
         stored = list(csv.DictReader(fh))
     stored[1]["plan_json"] = "{}"
@@ -53,9 +54,10 @@ def test_moved_plans_evaluated_as_the_run_did_and_rows_resume(tmp_path, monkeypa
 
 
 @needs_shared
-def test_a_search_picks_again_as_the_run_picked():
+def test_a_search_picks_again_as_the_run_picked(tmp_path, monkeypatch):
     """With the run's own band, the rebuilt searcher's pick among the logged candidates is the logged plan,
-    and its re-ranks measured afresh equal the logged ones; with the tight band it picks a candidate in it."""
+    and its re-ranks measured afresh equal the logged ones; with the tight band it picks a candidate in it;
+    what it measured is kept, and a searcher rebuilt later picks the same from it without measuring."""
     torch.set_num_threads(2)
     from common.experiment import logged_inputs
     from common.surgery import SpectraCache, plan_from_dict
@@ -63,7 +65,8 @@ def test_a_search_picks_again_as_the_run_picked():
     records, _ = parse_log(LOG)
     cfg = config_record(records, LOG)
     model, data = logged_inputs(cfg)
-    searchers = matched_macs._Searchers(model, data, cfg, records, SpectraCache(model))
+    kept = tmp_path / "mm.measured.log"
+    searchers = matched_macs._Searchers(model, data, cfg, records, SpectraCache(model), kept)
     s = searchers(1)
     cands = matched_macs._candidates(records, "policy", 1, 5.0)
     assert len(cands) == cfg["search_budget"]
@@ -82,6 +85,14 @@ def test_a_search_picks_again_as_the_run_picked():
     plan, index = matched_macs._reselect(s, cands, "policy", 5.0, 0.005)
     factor = next(float(c["macs_factor"]) for c in cands if c["index"] == index)
     assert abs(factor / 5 - 1) <= 0.005 and plan == plan_from_dict(cands[index]["plan"])
+
+    again = matched_macs._Searchers(model, data, cfg, [r for r in records if r["kind"] != "rerank"], s.spectra, kept)
+    s2 = again(1)
+    monkeypatch.setattr(type(s2), "_score", lambda *a: pytest.fail("measured a re-rank kept from before"))
+    assert matched_macs._reselect(s2, cands, "policy", 5.0, 0.005) == (plan, index)
+    assert matched_macs._reselect(s2, cands, "policy", 5.0, 0.03)[0] == logged
+    kept_records, errors = parse_log(kept)
+    assert not errors and {r["of_run"] for r in kept_records} == {cfg["run_id"]}
     assert matched_macs._reselect(s, cands, "policy", 50.0, 0.005) is None  # no candidate near 50x
 
 
