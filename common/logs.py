@@ -248,20 +248,19 @@ class RunLog:
     """
 
     def __init__(self, log_dir: str | os.PathLike, model: str, run_id: str) -> None:
-        self.model = check_name("model", model)
-        self.run_id = check_name("run_id", run_id)
-        self._open(Path(log_dir) / model / f"{run_id}.log")
+        self._open(Path(log_dir) / model / f"{run_id}.log", model, run_id)
 
     @classmethod
     def at(cls, path: str | os.PathLike, model: str, run_id: str) -> RunLog:
         """A log at ``path`` itself rather than under ``<log_dir>/<model>/`` (e.g. the measurements a
         benchmark keeps beside its CSV), otherwise the same: locked, resumed, records named ``run_id``."""
         self = cls.__new__(cls)
-        self.model, self.run_id = check_name("model", model), check_name("run_id", run_id)
-        self._open(Path(path))
+        self._open(Path(path), model, run_id)
         return self
 
-    def _open(self, path: Path) -> None:
+    def _open(self, path: Path, model: str, run_id: str) -> None:
+        # the names are checked before the path built from them is touched
+        self.model, self.run_id = check_name("model", model), check_name("run_id", run_id)
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = lock.acquire(self.path)  # one writer per log (LogLockedError names the holder)
