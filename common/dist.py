@@ -21,6 +21,7 @@ arithmetic, bound a 32x32 ResNet-18), so several processes on it finish sooner.
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ __all__ = [
     "initialized",
     "is_main",
     "launched",
+    "leave",
     "rank_device",
     "shard_map",
     "world",
@@ -112,6 +114,25 @@ def init_from_env(device_type: str) -> bool:
         gpus = torch.cuda.device_count()
     dist.init_process_group(backend_for(device_type, _local_ranks()[1], gpus), timeout=TIMEOUT)
     return True
+
+
+def leave(*, wait: bool = True) -> None:
+    """Destroy the default process group, after a barrier when ``wait``.
+
+    Without the barrier a rank that finishes first can tear down its gloo pairs while a peer's last
+    message is still in flight; the peer's gloo thread then aborts the process ("terminate called without
+    an active exception", SIGABRT) after all its work is done. ``wait=False`` on an error path: a peer
+    that died would leave the barrier waiting for :data:`TIMEOUT`. A no-op without a process group.
+    """
+    if not initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+    # A DDP wrapper sits in reference cycles (it outlives its last name until a collection) and holds the
+    # group through its reducer; left to the collection at interpreter exit, the group's gloo threads
+    # would be torn down with the interpreter half gone, another way to the same abort. Collect now.
+    gc.collect()
 
 
 def world() -> tuple[int, int]:

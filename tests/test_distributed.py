@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common.dist import backend_for, from_main, gpu_index, rank_device, shard_map, world
+from common.dist import backend_for, from_main, gpu_index, initialized, leave, rank_device, shard_map, world
 from common.logs import RunLog, encode_value, parse_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +28,7 @@ def _collectives(rank: int, tmp: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    ok = False
     try:
         seen: list[tuple[int, int]] = []
         done = shard_map(lambda x: (x * x, world()[0]), list(range(5)), lambda i, r: seen.append((i, r[0])))
@@ -38,8 +39,11 @@ def _collectives(rank: int, tmp: str) -> None:
         except Exception as exc:  # every rank must hear of the failure on rank 1 (item 3)
             failure = f"{type(exc).__name__}: {exc}"
         torch.save({"done": done, "seen": seen, "main": main_only, "failure": failure}, f"{tmp}/rank{rank}.pt")
+        ok = True
     finally:
-        dist.destroy_process_group()
+        leave(wait=ok)
+    if initialized():  # spawn re-raises this in the test
+        raise AssertionError(f"rank {rank}: the process group outlived leave()")
 
 
 def test_shard_map_spreads_items_returns_them_in_order_and_fails_on_every_rank(tmp_path):
@@ -58,6 +62,8 @@ def test_single_process_helpers_are_the_plain_calls():
     order = []
     assert shard_map(lambda x: x + 1, [1, 2, 3], lambda i, r: order.append(i)) == [2, 3, 4]
     assert order == [0, 1, 2] and from_main(lambda: 7) == 7 and world() == (0, 1)
+    leave()  # nothing to leave: a no-op, not an error
+    assert not initialized()
 
 
 def test_ranks_share_gpus_round_robin_over_gloo_when_they_outnumber_them(monkeypatch):
