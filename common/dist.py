@@ -20,10 +20,11 @@ arithmetic, bound a 32x32 ResNet-18), so several processes on it finish sooner.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "is_main",
     "launched",
     "leave",
+    "leaving",
     "rank_device",
     "shard_map",
     "world",
@@ -133,6 +135,22 @@ def leave(*, wait: bool = True) -> None:
     # group through its reducer; left to the collection at interpreter exit, the group's gloo threads
     # would be torn down with the interpreter half gone, another way to the same abort. Collect now.
     gc.collect()
+
+
+@contextlib.contextmanager
+def leaving(owned: bool = True) -> Iterator[None]:
+    """Run the block, then :func:`leave` the process group when ``owned``: after a barrier when the block
+    ends normally, without one when it raises (a peer that died would keep the barrier waiting for
+    :data:`TIMEOUT`; the exception propagates). ``owned=False`` (a group the caller did not start) is kept.
+    """
+    try:
+        yield
+    except BaseException:
+        if owned:
+            leave(wait=False)
+        raise
+    if owned:
+        leave()
 
 
 def world() -> tuple[int, int]:

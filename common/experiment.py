@@ -32,7 +32,7 @@ from .cost import count_model
 from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
 from .device import resolve_device
-from .dist import from_main, init_from_env, initialized, leave, rank_device, shard_map, world
+from .dist import from_main, init_from_env, initialized, leaving, rank_device, shard_map, world
 from .loader import make_loader
 from .lock import LogLockedError
 from .logs import RunLog
@@ -219,8 +219,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     started = not initialized() and init_from_env(device.type)
-    ok = False
-    try:
+    with leaving(started):
         rank, size = world()
         if size > 1:
             device = rank_device(device)
@@ -228,14 +227,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
             cfg = dataclasses.replace(cfg, progress=False)
         log, say, sha = _open_log(cfg, device)
         try:
-            finals = _run_logged(cfg, log, say, sha, device, t_start)
+            return _run_logged(cfg, log, say, sha, device, t_start)
         finally:
             log.close()  # the lock goes now, even while a traceback (a notebook's) holds the log object
-        ok = True
-        return finals
-    finally:
-        if started:
-            leave(wait=ok)
 
 
 def _run_logged(

@@ -15,7 +15,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from common.dist import backend_for, from_main, gpu_index, initialized, leave, rank_device, shard_map, world
+from common.dist import (
+    backend_for,
+    from_main,
+    gpu_index,
+    initialized,
+    leave,
+    leaving,
+    rank_device,
+    shard_map,
+    world,
+)
 from common.logs import RunLog, encode_value, parse_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +38,7 @@ def _collectives(rank: int, tmp: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
-    ok = False
-    try:
+    with leaving():
         seen: list[tuple[int, int]] = []
         done = shard_map(lambda x: (x * x, world()[0]), list(range(5)), lambda i, r: seen.append((i, r[0])))
         main_only = from_main(lambda: f"computed on rank {world()[0]}")
@@ -39,9 +48,6 @@ def _collectives(rank: int, tmp: str) -> None:
         except Exception as exc:  # every rank must hear of the failure on rank 1 (item 3)
             failure = f"{type(exc).__name__}: {exc}"
         torch.save({"done": done, "seen": seen, "main": main_only, "failure": failure}, f"{tmp}/rank{rank}.pt")
-        ok = True
-    finally:
-        leave(wait=ok)
     if initialized():  # spawn re-raises this in the test
         raise AssertionError(f"rank {rank}: the process group outlived leave()")
 
@@ -63,6 +69,33 @@ def test_single_process_helpers_are_the_plain_calls():
     assert shard_map(lambda x: x + 1, [1, 2, 3], lambda i, r: order.append(i)) == [2, 3, 4]
     assert order == [0, 1, 2] and from_main(lambda: 7) == 7 and world() == (0, 1)
     leave()  # nothing to leave: a no-op, not an error
+    assert not initialized()
+
+
+def _one_process_group(tmp_path, name: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/{name}", rank=0, world_size=1)
+
+
+def test_leaving_tears_down_an_owned_group_on_both_exits_and_keeps_a_borrowed_one(tmp_path):
+    _one_process_group(tmp_path, "normal")
+    with leaving():
+        assert initialized()
+    assert not initialized()
+
+    _one_process_group(tmp_path, "raised")
+    with pytest.raises(KeyError, match="lost"), leaving():
+        raise KeyError("lost")  # propagates, and the group goes without a barrier
+    assert not initialized()
+
+    _one_process_group(tmp_path, "borrowed")
+    try:
+        with leaving(owned=False):
+            pass
+        assert initialized()  # not this block's group to destroy
+    finally:
+        leave()
     assert not initialized()
 
 

@@ -200,12 +200,12 @@ def test_finetune_kd_adamw_cosine_max_images(digits):
 def _ddp_worker(rank: int, world: int, tmp: str) -> None:
     import torch.distributed as dist
 
-    from common.dist import leave
+    from common.dist import leaving
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    ok = False
-    try:
+    # leaving(): a barrier before teardown, or a rank that tore down first could abort its peer (gloo SIGABRT)
+    with leaving():
         data = load_dataset("digits")
         model = tiny_cnn(seed=0)
         h = finetune(
@@ -222,9 +222,6 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
             val_subset=120,
         )
         torch.save({"state": model.state_dict(), "history": h}, f"{tmp}/rank{rank}.pt")
-        ok = True
-    finally:
-        leave(wait=ok)  # the barrier: a rank that tore down first could abort its peer (gloo SIGABRT)
 
 
 def test_finetune_ddp_two_processes_identical(tmp_path):
