@@ -52,10 +52,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common.analysis import latest_records, load_runs, markdown_table, seed_lookup  # noqa: E402
+from common.analysis import latest_plans, load_runs, markdown_table  # noqa: E402
 from common.deploy import fastest_latency  # noqa: E402
 from common.latency import compile_for_inference, cpu_name, interleaved_latency  # noqa: E402
-from common.models import build_model, input_size, load_baseline  # noqa: E402
+from common.models import baseline_or_random, build_model, input_size  # noqa: E402
 from common.paths import CHECKPOINT_DIR  # noqa: E402
 from common.rules import energy_plan, uniform_plan  # noqa: E402
 from common.search import SearchConfig  # noqa: E402
@@ -175,13 +175,6 @@ def _settings(
 
 def _shape(s: dict) -> tuple[int, int, int, int]:
     return (s["batch"], 3, s["size"], s["size"])
-
-
-def _load(model_name: str, weights: str, checkpoint_dir: Path) -> tuple[torch.nn.Module, str]:
-    if weights == "baseline" and (checkpoint_dir / f"{model_name}.pt").is_file():
-        return load_baseline(model_name, checkpoint_dir), "baseline"
-    torch.manual_seed(0)
-    return build_model(model_name).eval(), "random"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -321,19 +314,6 @@ class Bench:
             deploy_iters=kw["iters"],
             timing_cache=kw["timing_cache"],
         )
-
-
-def _latest_plans(run: dict, targets: set[float], seeds: set[int] | None) -> dict:
-    """``{(method, decomposition, target, seed): plan record}``: the latest plan per configuration and run
-    seed (the seed as :func:`common.analysis.seed_lookup` reads it), of ``targets`` and ``seeds`` (None:
-    every seed)."""
-    seed = seed_lookup()
-    latest = latest_records(
-        [run],
-        "plan",
-        lambda r, rec: (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), seed(r, rec)),
-    )
-    return {k: rec for k, (_, rec) in latest.items() if k[2] in targets and (seeds is None or k[3] in seeds)}
 
 
 class OnnxFiles:
@@ -577,12 +557,12 @@ def _time_run(bench: Bench, run: dict, a: argparse.Namespace, csv: Path, done_ke
     decomps = set(a.decompositions.split(",")) if a.decompositions else None
     plans = {
         k: plan_from_dict(rec["plan"])
-        for k, rec in _latest_plans(run, targets, seeds).items()
+        for k, rec in latest_plans(run, targets, seeds).items()
         if (methods is None or k[0] in methods) and (decomps is None or k[1] in decomps)
     }
     if not any((name, *k, s["setting"]) not in done_keys for k in plans for s in bench.settings_for(input_size(name))):
         return  # nothing to do: no model load
-    dense, weights = _load(name, a.weights, Path(a.checkpoint_dir))
+    dense, weights = baseline_or_random(name, a.weights, a.checkpoint_dir)
     _time_configs(bench, name, dense, weights, plans, csv, done_keys)
 
 

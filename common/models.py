@@ -209,6 +209,18 @@ def load_baseline(name: str, checkpoint_dir: str | Path = CHECKPOINT_DIR) -> nn.
     return model.float().eval()
 
 
+def baseline_or_random(
+    name: str, weights: str = "baseline", checkpoint_dir: str | Path = CHECKPOINT_DIR
+) -> tuple[nn.Module, str]:
+    """``(model, "baseline")`` from ``checkpoint_dir`` when ``weights == "baseline"`` and the checkpoint
+    is there, else ``(model, "random")`` with seeded random weights (eval mode): for timings, which do not
+    depend on the trained values."""
+    if weights == "baseline" and (Path(checkpoint_dir) / f"{name}.pt").is_file():
+        return load_baseline(name, checkpoint_dir), "baseline"
+    torch.manual_seed(0)
+    return build_model(name).eval(), "random"
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (not buffers)."""
     return sum(p.numel() for p in model.parameters())

@@ -94,6 +94,7 @@ from .readme import (
 from .records import (
     METHOD_ORDER,
     SUMMARY_COLUMNS,
+    latest_plans,
     latest_records,
     load_runs,
     seed_lookup,
@@ -126,6 +127,7 @@ __all__ = [
     "budget_front",
     "checkpoint_fingerprint",
     "finetune_recovery",
+    "latest_plans",
     "latest_records",
     "load_runs",
     "machine_description",

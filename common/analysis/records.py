@@ -149,6 +149,18 @@ def latest_records(
     return out
 
 
+def latest_plans(run: Mapping, targets: set[float], seeds: set[int] | None = None) -> dict[tuple, dict]:
+    """``{(method, decomposition, target, seed): plan record}``: one run's latest plan per configuration
+    and run seed (as :func:`seed_lookup` reads it), of ``targets`` and ``seeds`` (None: every seed)."""
+    seed = seed_lookup()
+    latest = latest_records(
+        [run],
+        "plan",
+        lambda r, rec: (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), seed(r, rec)),
+    )
+    return {k: rec for k, (_, rec) in latest.items() if k[2] in targets and (seeds is None or k[3] in seeds)}
+
+
 def run_baseline(run: Mapping) -> dict | None:
     """The run's own last ``baseline`` record (None without one: never another run's)."""
     own = records_of(run, "baseline")
