@@ -32,3 +32,19 @@ def rewrite_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None
         w = csv.DictWriter(fh, fields)
         w.writeheader()
         w.writerows(rows)
+
+
+def two_seed_plan_log(root: Path):
+    """A multi-seed AlexNet run log under ``root/logs`` (its config lists seeds 0 and 1) with one TPE plan
+    at 3x per seed: ``features.3`` at ranks 16 (seed 0) and 8 (seed 1). Returns the open ``RunLog``."""
+    from common.logs import RunLog
+    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+
+    torch.manual_seed(0)
+    layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
+    log = RunLog(root / "logs", "alexnet", "bench")
+    log.write("config", model="alexnet", dataset="cifar10-jpeg", metric="macs", methods=["tpe"], seed=0, seeds=[0, 1])
+    for seed, rank in ((0, 16), (1, 8)):
+        plan = plan_to_dict({layers[1].name: LayerPlan("ht2", (rank, rank, rank))})
+        log.write("plan", method="tpe", target=3.0, metric="macs", decomposition="ht2", seed=seed, plan=plan)
+    return log

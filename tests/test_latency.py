@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from common.latency import interleaved_latency, measure_latency
+from tests.helpers import two_seed_plan_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,18 +205,10 @@ def test_latency_benchmark_times_the_plans_of_the_chosen_seeds(tmp_path, monkeyp
     """A multi-seed run has one plan per seed: --seeds picks them (default seed 0), the seed is part of each
     row's key and of the table, and a row of a file written before rows had seeds is measured again."""
     from benchmarks import latency as bench
-    from common.logs import RunLog, jsonify
-    from common.models import build_model
-    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+    from common.logs import jsonify
 
-    torch.manual_seed(0)
-    layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
-    log = RunLog(tmp_path / "logs", "alexnet", "bench")
     # a multi-seed run (its config lists the seeds): each plan record carries its own seed
-    log.write("config", model="alexnet", dataset="cifar10-jpeg", metric="macs", methods=["tpe"], seed=0, seeds=[0, 1])
-    for seed, rank in ((0, 16), (1, 8)):
-        plan = plan_to_dict({layers[1].name: LayerPlan("ht2", (rank, rank, rank))})
-        log.write("plan", method="tpe", target=3.0, metric="macs", decomposition="ht2", seed=seed, plan=plan)
+    log = two_seed_plan_log(tmp_path)
     jsonify(log.path, tmp_path / "json")
     argv = ["--json", str(tmp_path / "json"), "--out", str(tmp_path / "out"), "--device", "cpu", "--threads", "1"]
     argv += ["--batches", "1", "--weights", "random", "--iters", "1", "--warmup", "0", "--deploy-iters", "1"]

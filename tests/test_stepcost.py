@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 
 from common.layers import HT2Conv2d
+from common.models import build_model
 from common.stepcost import PHASES, stage_times, time_train_step
+from tests.helpers import two_seed_plan_log
 
 
 def _net(factorized: bool) -> nn.Module:
@@ -72,17 +74,11 @@ def test_stage_times_follow_the_chain_and_its_cost():
 
 def test_train_step_benchmark_rows_table_and_resume(tmp_path, monkeypatch):
     from benchmarks import train_step as bench
-    from common.logs import RunLog, jsonify
-    from common.models import build_model
-    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+    from common.logs import jsonify
+    from common.surgery import list_conv_layers
 
-    torch.manual_seed(0)
+    log = two_seed_plan_log(tmp_path)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
-    log = RunLog(tmp_path / "logs", "alexnet", "bench")
-    log.write("config", model="alexnet", dataset="cifar10-jpeg", metric="macs", methods=["tpe"], seed=0, seeds=[0, 1])
-    for seed, rank in ((0, 16), (1, 8)):
-        plan = plan_to_dict({layers[1].name: LayerPlan("ht2", (rank, rank, rank))})
-        log.write("plan", method="tpe", target=3.0, metric="macs", decomposition="ht2", seed=seed, plan=plan)
     fin = {"test_top1_bn": 0.5, "macs_factor": 2.0, "params_factor": 2.0}
     log.write("final", method="tpe", target=3.0, decomposition="ht2", seed=0, finetune_seconds=12.5, **fin)
     jsonify(log.path, tmp_path / "json")
