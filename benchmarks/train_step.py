@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common.analysis import latest_plans, load_runs, markdown_table  # noqa: E402
+from common.analysis import latest_plans, load_runs, markdown_table, seed_lookup  # noqa: E402
 from common.cost import count_model  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
 from common.logs import records_of  # noqa: E402
@@ -97,12 +97,14 @@ def _keys(df: pd.DataFrame) -> set[tuple]:
 
 def _finetune_seconds(run: dict) -> dict[tuple, float]:
     """``{(method, decomposition, target, seed): finetune_seconds}`` of the run's last final records."""
-    out = {}
-    for rec in records_of(run, "final"):
-        if rec.get("finetune_seconds") is not None:
-            key = (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), int(rec.get("seed", 0)))
-            out[key] = float(rec["finetune_seconds"])
-    return out
+    seed = seed_lookup()
+    return {
+        (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), seed(run, rec)): float(
+            rec["finetune_seconds"]
+        )
+        for rec in records_of(run, "final")
+        if rec.get("finetune_seconds") is not None
+    }
 
 
 def _time_run(run: dict, a: argparse.Namespace, out: Path, done: set, done_layers: set, device_name: str) -> None:
@@ -125,7 +127,9 @@ def _time_run(run: dict, a: argparse.Namespace, out: Path, done: set, done_layer
     logged = _finetune_seconds(run)
     kw = {"device": a.device, "threads": a.threads, "warmup": a.warmup, "iters": a.iters}
     dense_cost = count_model(dense, (1, 3, size, size))
-    dense_step = time_train_step(dense, dense, shape, num_classes, **kw)["step_ms"]
+    # the dense reference step only when a step row is to be written (a --layers top-up needs none)
+    need_step = any((name, *k) not in done for k in todo)
+    dense_step = time_train_step(dense, dense, shape, num_classes, **kw)["step_ms"] if need_step else None
     spectra = SpectraCache(dense)
     for config, plan in sorted(todo.items()):
         comp = apply_plan(dense, plan, spectra)

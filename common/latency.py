@@ -10,8 +10,10 @@ Timing a factorized model in its fastest exact deployment, the project's one way
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,6 +31,25 @@ def summarize_times(times_ms: list[float]) -> dict:
         "p10_ms": float(np.percentile(t, 10)),
         "p90_ms": float(np.percentile(t, 90)),
     }
+
+
+def check_counts(warmup: int, iters: int) -> None:
+    """Every timer's argument check: at least one timed iteration, no negative warm-up."""
+    if iters <= 0 or warmup < 0:
+        raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters} warmup={warmup}")
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block on the CPU (None, or a CUDA device: unchanged);
+    the previous count is restored after, whatever happens."""
+    old = torch.get_num_threads()
+    try:
+        if threads is not None and device.type == "cpu":
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @torch.inference_mode()
@@ -53,8 +74,7 @@ def measure_latency(
         ``median_ms``, ``p10_ms``, ``p90_ms`` per forward, plus ``iters``, ``batch``, ``device``,
         ``threads``, ``channels_last``, ``dtype``, ``cuda_graph``.
     """
-    if iters <= 0 or warmup < 0:
-        raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters} warmup={warmup}")
+    check_counts(warmup, iters)
     dev = resolve_device(device)
     if cuda_graph and dev.type != "cuda":
         raise ValueError("cuda_graph=True needs a CUDA device")
@@ -62,16 +82,11 @@ def measure_latency(
     model = model.eval().to(device=dev, dtype=dtype, memory_format=fmt)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(input_shape, generator=g).to(device=dev, dtype=dtype, memory_format=fmt)
-    old_threads = torch.get_num_threads()
-    try:
+    with cpu_threads(threads, dev):
         if dev.type == "cpu":
-            if threads is not None:
-                torch.set_num_threads(threads)
             times = _time_cpu(model, x, warmup, iters)
         else:
             times = _time_cuda(model, x, warmup, iters, cuda_graph)
-    finally:
-        torch.set_num_threads(old_threads)
     return {
         **summarize_times(times),
         "iters": iters,
@@ -154,17 +169,12 @@ def compile_for_inference(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.eval().to(device=dev, dtype=dtype, memory_format=fmt)
     compiled = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
-    old_threads = torch.get_num_threads()
-    try:
-        if threads is not None and dev.type == "cpu":
-            torch.set_num_threads(threads)
+    with cpu_threads(threads, dev):
         with torch.inference_mode():  # an inference tensor, like measure_latency's input: the guards see the same
             x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
             x = x.to(dev, dtype, memory_format=fmt)
             compiled(x)
             compiled(x)  # a second call: CUDA-graph trees record on the first warm calls
-    finally:
-        torch.set_num_threads(old_threads)
     return compiled
 
 

@@ -22,26 +22,11 @@ import torch
 import torch.nn as nn
 
 from .device import resolve_device
-from .latency import summarize_times
+from .latency import check_counts, cpu_threads, summarize_times
 from .layers import ConvGeometry, FactorizedConv, conv_cost
 from .train import FinetuneConfig, build_optimizer, kd_loss
 
 PHASES = ("teacher_fwd", "student_fwd", "backward", "optimizer", "step")
-
-
-class _Threads:
-    """``torch.set_num_threads(n)`` for the block (CPU only), the previous count restored after."""
-
-    def __init__(self, n: int | None, dev: torch.device):
-        self.n = n if dev.type == "cpu" else None
-        self.old = torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.n is not None:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.old)
 
 
 def _clock(dev: torch.device) -> Callable[[], float]:
@@ -53,11 +38,6 @@ def _clock(dev: torch.device) -> Callable[[], float]:
 
         return now
     return time.perf_counter
-
-
-def _check_counts(warmup: int, iters: int) -> None:
-    if iters <= 0 or warmup < 0:
-        raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters} warmup={warmup}")
 
 
 def time_train_step(
@@ -84,7 +64,7 @@ def time_train_step(
         ``<phase>_ms`` (median over ``iters``) for each of :data:`PHASES` (``step`` = their sum per
         step), ``step_p10_ms``/``step_p90_ms``, ``batch``, ``iters``, ``threads``, ``device``.
     """
-    _check_counts(warmup, iters)
+    check_counts(warmup, iters)
     cfg = config if config is not None else FinetuneConfig(epochs=1)
     dev = resolve_device(device)
     model = copy.deepcopy(student).to(dev).train()
@@ -96,7 +76,7 @@ def time_train_step(
     y = torch.randint(num_classes, (input_shape[0],), generator=g).to(dev)
     now = _clock(dev)
     times: dict[str, list[float]] = {p: [] for p in PHASES}
-    with _Threads(threads, dev):
+    with cpu_threads(threads, dev):
         for i in range(warmup + iters):
             t0 = now()
             with torch.no_grad():
@@ -197,14 +177,14 @@ def stage_times(
         ``bwd_ms`` (medians), ``fwd_gmacs``/``bwd_gmacs`` (GMAC/s; the backward does twice the
         forward's MACs: input and weight gradients).
     """
-    _check_counts(warmup, iters)
+    check_counts(warmup, iters)
     dev = resolve_device(device)
     model = copy.deepcopy(model).to(dev)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(input_shape, generator=g).to(dev)
     now = _clock(dev)
     rows = []
-    with _Threads(threads, dev):
+    with cpu_threads(threads, dev):
         inputs = _layer_inputs(model, x)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, FactorizedConv)}
         for name, layer_in in inputs.items():
