@@ -31,10 +31,9 @@ if __package__ in (None, ""):
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from common.analysis import latest_plans, load_runs, markdown_table, seed_lookup  # noqa: E402
+from common.analysis import latest_of, latest_plans, load_runs, markdown_table  # noqa: E402
 from common.cost import count_model  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
-from common.logs import records_of  # noqa: E402
 from common.models import baseline_or_random, input_size  # noqa: E402
 from common.paths import CHECKPOINT_DIR  # noqa: E402
 from common.stepcost import PHASES, stage_times, time_train_step  # noqa: E402
@@ -96,13 +95,11 @@ def _keys(df: pd.DataFrame) -> set[tuple]:
 
 
 def _finetune_seconds(run: dict) -> dict[tuple, float]:
-    """``{(method, decomposition, target, seed): finetune_seconds}`` of the run's last final records."""
-    seed = seed_lookup()
+    """``{(method, decomposition, target, seed): finetune_seconds}`` of the run's latest final records
+    (the key :func:`~common.analysis.latest_plans` gives the plans); a final without finetuning has none."""
     return {
-        (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), seed(run, rec)): float(
-            rec["finetune_seconds"]
-        )
-        for rec in records_of(run, "final")
+        k: float(rec["finetune_seconds"])
+        for k, rec in latest_of(run, "final").items()
         if rec.get("finetune_seconds") is not None
     }
 
@@ -126,10 +123,10 @@ def _time_run(run: dict, a: argparse.Namespace, out: Path, done: set, done_layer
     num_classes = dense(torch.zeros(1, 3, size, size)).shape[1]
     logged = _finetune_seconds(run)
     kw = {"device": a.device, "threads": a.threads, "warmup": a.warmup, "iters": a.iters}
-    dense_cost = count_model(dense, (1, 3, size, size))
-    # the dense reference step only when a step row is to be written (a --layers top-up needs none)
+    # the dense reference step and cost only when a step row is to be written (a --layers top-up needs none)
     need_step = any((name, *k) not in done for k in todo)
     dense_step = time_train_step(dense, dense, shape, num_classes, **kw)["step_ms"] if need_step else None
+    dense_cost = count_model(dense, (1, 3, size, size)) if need_step else None
     spectra = SpectraCache(dense)
     for config, plan in sorted(todo.items()):
         comp = apply_plan(dense, plan, spectra)

@@ -31,6 +31,7 @@ from common.analysis import (
     budget_front,
     checkpoint_fingerprint,
     finetune_recovery,
+    latest_of,
     load_runs,
     machine_description,
     macs_pct,
@@ -323,6 +324,29 @@ def test_summary_files_and_plots(runs, tmp_path):
     assert "(1 seed per configuration)" in md
     for plot in plots:
         assert f"]({plot.name}) ([data]({plot.stem}.csv))" in md
+
+
+def test_latest_of_keeps_the_last_written_record_per_configuration():
+    def final(method, target, seed, t, **extra):
+        return {"kind": "final", "method": method, "target": target, "seed": seed, "t": t, **extra}
+
+    run = {
+        "records": [
+            {"kind": "config", "seeds": [0, 1]},
+            # written later, logged earlier in the file: write time decides, not file order
+            final("policy", 2.0, 0, 30.0, finetune_seconds=20.0),
+            final("policy", 2.0, 0, 10.0, finetune_seconds=10.0),
+            final("policy", 2, 1, 20.0),
+            final("energy", 5, 0, 5.0, decomposition="tucker2"),
+            {"kind": "plan", "method": "policy", "target": 2.0, "seed": 1, "t": 1.0},
+        ]
+    }
+    got = latest_of(run, "final")
+    assert set(got) == {("policy", "ht2", 2.0, 0), ("policy", "ht2", 2.0, 1), ("energy", "tucker2", 5.0, 0)}
+    assert got[("policy", "ht2", 2.0, 0)]["finetune_seconds"] == 20.0
+    assert set(latest_of(run, "final", targets={5.0})) == {("energy", "tucker2", 5.0, 0)}
+    assert set(latest_of(run, "final", seeds={1})) == {("policy", "ht2", 2.0, 1)}
+    assert set(latest_of(run, "plan")) == {("policy", "ht2", 2.0, 1)}
 
 
 def test_markdown_table_formats_and_missing_values():

@@ -94,6 +94,7 @@ from .readme import (
 from .records import (
     METHOD_ORDER,
     SUMMARY_COLUMNS,
+    latest_of,
     latest_plans,
     latest_records,
     load_runs,
@@ -127,6 +128,7 @@ __all__ = [
     "budget_front",
     "checkpoint_fingerprint",
     "finetune_recovery",
+    "latest_of",
     "latest_plans",
     "latest_records",
     "load_runs",

@@ -149,16 +149,32 @@ def latest_records(
     return out
 
 
-def latest_plans(run: Mapping, targets: set[float], seeds: set[int] | None = None) -> dict[tuple, dict]:
-    """``{(method, decomposition, target, seed): plan record}``: one run's latest plan per configuration
-    and run seed (as :func:`seed_lookup` reads it), of ``targets`` and ``seeds`` (None: every seed)."""
+def latest_of(
+    run: Mapping, kind: str, targets: set[float] | None = None, seeds: set[int] | None = None
+) -> dict[tuple, dict]:
+    """``{(method, decomposition, target, seed): record}``: one run's last-written record of ``kind``
+    per configuration and run seed (as :func:`seed_lookup` reads it), of ``targets`` and ``seeds``
+    (None: all of them).
+
+    A stage logged twice (a resumed or repeated run) counts its later record, by write time, as
+    :func:`summary_table` does; the benchmarks pair a plan with its final through this one key.
+    """
     seed = seed_lookup()
     latest = latest_records(
         [run],
-        "plan",
+        kind,
         lambda r, rec: (rec["method"], rec.get("decomposition", "ht2"), float(rec["target"]), seed(r, rec)),
     )
-    return {k: rec for k, (_, rec) in latest.items() if k[2] in targets and (seeds is None or k[3] in seeds)}
+    return {
+        k: rec
+        for k, (_, rec) in latest.items()
+        if (targets is None or k[2] in targets) and (seeds is None or k[3] in seeds)
+    }
+
+
+def latest_plans(run: Mapping, targets: set[float], seeds: set[int] | None = None) -> dict[tuple, dict]:
+    """:func:`latest_of` for ``plan`` records."""
+    return latest_of(run, "plan", targets, seeds)
 
 
 def run_baseline(run: Mapping) -> dict | None:
