@@ -37,6 +37,7 @@ from common.config import (
 )
 from common.experiment import run_experiment  # noqa: E402
 from common.lock import LogLockedError  # noqa: E402
+from common.notebook import run_status  # noqa: E402
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
 from common.preflight import PreflightError  # noqa: E402
 
@@ -116,13 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"skipping {model}: no checkpoint at {ckpt}")
             continue
         t = time.perf_counter()
+        cfg = model_config(a, model, cuda, deadline)
         try:
-            finals = run_experiment(model_config(a, model, cuda, deadline))
+            finals = run_experiment(cfg)
         except (PreflightError, LogLockedError) as e:  # refused before any work (e.g. a log of other settings)
             print(f"{p.prog}: error: {model}: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         print(f"{model}: {len(finals)} final records in {time.perf_counter() - t:.0f}s")
-        if deadline and time.time() > deadline:
+        if run_status(cfg) == "deadline":  # not the clock: a last stage may end past the deadline, all done
             print(f"{model}: time box reached; re-run the same command to continue")
 
 

@@ -38,7 +38,7 @@ from .analysis import PLOTS as ANALYSIS_PLOTS
 from .analysis import summary_table
 from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
 from .layers import FactorizedConv
-from .logs import run_document
+from .logs import parse_log, run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from .ranks import RANK_NAMES
@@ -51,6 +51,7 @@ __all__ = [
     "experiment_config",
     "log_path",
     "load_run",
+    "run_status",
     "results_table",
     "show_plots",
     "show_results",
@@ -203,6 +204,17 @@ def experiment_config(
 def log_path(cfg: ExperimentConfig) -> Path:
     """The run log ``run_experiment(cfg)`` writes: ``<log_dir>/<model>/<run_id>.log``."""
     return Path(cfg.log_dir) / cfg.model / f"{cfg.resolved_run_id()}.log"
+
+
+def run_status(cfg: ExperimentConfig) -> str | None:
+    """How the last ``run_experiment(cfg)`` ended: the status of its log's last ``end`` record (``"ok"``
+    when every stage finished, ``"deadline"`` when the time box stopped it before one); None when the
+    log is missing or has no ``end`` record (a run that crashed, or never started)."""
+    path = log_path(cfg)
+    if not path.exists():
+        return None
+    records, _ = parse_log(path)  # corrupt lines were reported when the run read its log
+    return next((r.get("status") for r in reversed(records) if r.get("kind") == "end"), None)
 
 
 def load_run(path: str | os.PathLike) -> dict:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -312,6 +314,34 @@ def test_run_results_names_the_model_of_a_refused_run_and_exits_2(tmp_path, monk
         run_results.main(["--models", "alexnet,vgg16", "--checkpoint-dir", str(tmp_path), "--run-tag", "t"])
     assert exit_info.value.code == 2 and seen == ["results-alexnet-t"]  # stops there: vgg16 is not attempted
     assert "error: alexnet: config differs in proxy" in capsys.readouterr().err
+
+
+def test_run_results_says_time_box_only_when_the_deadline_stopped_a_stage(tmp_path, monkeypatch, capsys):
+    """The message follows the log's last ``end`` record, not the clock: a run whose last stage ended
+    past the deadline with every stage done says nothing of a time box."""
+    from benchmarks import run_results
+    from common.logs import RunLog
+
+    for name in ("alexnet", "vgg16"):
+        (tmp_path / f"{name}.pt").write_bytes(b"")
+    ends = {"alexnet": "ok", "vgg16": "deadline"}
+
+    def fake(cfg):
+        log = RunLog(cfg.log_dir, cfg.model, cfg.resolved_run_id())
+        log.write("end", status="deadline", wall_seconds=1.0)  # an earlier, stopped run of the same log
+        log.write("end", status=ends[cfg.model], wall_seconds=2.0)
+        log.close()
+        return []
+
+    monkeypatch.setattr(run_results, "run_experiment", fake)
+    clock = iter(range(0, 10**9, 1000))  # an hour's stages: every deadline is past by the end
+    monkeypatch.setattr(
+        run_results, "time", SimpleNamespace(time=lambda: float(next(clock)), perf_counter=time.perf_counter)
+    )
+    argv = ["--models", "alexnet,vgg16", "--checkpoint-dir", str(tmp_path), "--run-tag", "t", "--minutes", "1"]
+    run_results.main([*argv, "--log-dir", str(tmp_path / "logs")])
+    out = capsys.readouterr().out
+    assert "alexnet: time box" not in out and "vgg16: time box reached" in out
 
 
 def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
