@@ -38,7 +38,7 @@ from .analysis import PLOTS as ANALYSIS_PLOTS
 from .analysis import summary_table
 from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
 from .layers import FactorizedConv
-from .logs import parse_log, run_document
+from .logs import records_of, run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from .ranks import RANK_NAMES
@@ -207,14 +207,15 @@ def log_path(cfg: ExperimentConfig) -> Path:
 
 
 def run_status(cfg: ExperimentConfig) -> str | None:
-    """How the last ``run_experiment(cfg)`` ended: the status of its log's last ``end`` record (``"ok"``
-    when every stage finished, ``"deadline"`` when the time box stopped it before one); None when the
-    log is missing or has no ``end`` record (a run that crashed, or never started)."""
+    """How the latest ``run_experiment(cfg)`` that returned ended: the status of its log's last ``end``
+    record (``"ok"`` when every stage finished, ``"deadline"`` when the time box stopped it before one),
+    the Status that :func:`common.analysis.runs_table` shows; None when the log is missing or has no
+    ``end`` record yet (a run that crashed leaves an earlier run's, if any, as the last)."""
     path = log_path(cfg)
     if not path.exists():
         return None
-    records, _ = parse_log(path)  # corrupt lines were reported when the run read its log
-    return next((r.get("status") for r in reversed(records) if r.get("kind") == "end"), None)
+    ends = records_of(run_document(path)[0], "end")  # corrupt lines were reported when the run read its log
+    return ends[-1].get("status") if ends else None
 
 
 def load_run(path: str | os.PathLike) -> dict:
