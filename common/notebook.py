@@ -35,10 +35,10 @@ from typing import Any
 import pandas as pd
 
 from .analysis import PLOTS as ANALYSIS_PLOTS
-from .analysis import summary_table
+from .analysis import end_status, summary_table
 from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
 from .layers import FactorizedConv
-from .logs import records_of, run_document
+from .logs import run_document
 from .models import MODEL_NAMES
 from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from .ranks import RANK_NAMES
@@ -207,15 +207,14 @@ def log_path(cfg: ExperimentConfig) -> Path:
 
 
 def run_status(cfg: ExperimentConfig) -> str | None:
-    """How the latest ``run_experiment(cfg)`` that returned ended: the status of its log's last ``end``
-    record (``"ok"`` when every stage finished, ``"deadline"`` when the time box stopped it before one),
-    the Status that :func:`common.analysis.runs_table` shows; None when the log is missing or has no
-    ``end`` record yet (a run that crashed leaves an earlier run's, if any, as the last)."""
+    """How the latest ``run_experiment(cfg)`` that returned ended: :func:`common.analysis.end_status`
+    of its log, the Status that :func:`common.analysis.runs_table` shows (``"ok"``, ``"deadline"``);
+    None when the log is missing or has no ``end`` record yet (a run that crashed leaves an earlier
+    run's, if any, as the last)."""
     path = log_path(cfg)
     if not path.exists():
         return None
-    ends = records_of(run_document(path)[0], "end")  # corrupt lines were reported when the run read its log
-    return ends[-1].get("status") if ends else None
+    return end_status(run_document(path)[0])  # corrupt lines were reported when the run read its log
 
 
 def load_run(path: str | os.PathLike) -> dict:

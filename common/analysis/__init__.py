@@ -58,7 +58,7 @@ Every public name is re-exported here: ``from common.analysis import X``.
 from __future__ import annotations
 
 from .aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
-from .context import RUN_COLUMNS, RUNS_COLUMNS, checkpoint_fingerprint, run_context, runs_table
+from .context import RUN_COLUMNS, RUNS_COLUMNS, checkpoint_fingerprint, end_status, run_context, runs_table
 from .figures import budget_front, pareto_front, save_plot
 from .margins import (
     POLICY_MARGIN_COLUMNS,
@@ -148,6 +148,7 @@ __all__ = [
     "RIVAL_MARGIN_COLUMNS",
     "readme_block",
     "replace_marked_block",
+    "end_status",
     "run_context",
     "runs_table",
     "save_plot",

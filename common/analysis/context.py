@@ -50,6 +50,12 @@ def _last(run: Mapping, kind: str) -> dict:
     return records[-1] if records else {}
 
 
+def end_status(run: Mapping) -> str | None:
+    """The status of the run's last ``end`` record (``"ok"`` when every stage finished,
+    ``"deadline"`` when the time box stopped it before one); None while the run has not ended."""
+    return _last(run, "end").get("status")
+
+
 def run_dataset(run: Mapping) -> str | None:
     """The dataset of the run's last ``config`` record (a ``baseline.dataset`` wins), else None."""
     for record in (_last(run, "baseline"), _last(run, "config")):
@@ -104,19 +110,18 @@ RUNS_COLUMNS: tuple[str, ...] = (
 def runs_table(runs: Sequence[Mapping]) -> list[dict[str, Any]]:
     """One row per run (:data:`RUNS_COLUMNS`), sorted by model and start: the context of every
     result row: ``checkpoint`` is the fingerprint, ``checkpoint_path`` the file as logged,
-    ``device`` the config's ``device_name``, ``date`` its start, ``status`` the last ``end``
-    record's (None while the run has not ended)."""
+    ``device`` the config's ``device_name``, ``date`` its start, ``status`` :func:`end_status`."""
     rows = []
     for model in sorted({str(r.get("model")) for r in runs}):
         for run in model_runs(runs, model):
-            base, config, end = _last(run, "baseline"), _last(run, "config"), _last(run, "end")
+            base, config = _last(run, "baseline"), _last(run, "config")
             rows.append(
                 {
                     **run_context(run),
                     "checkpoint_path": base.get("checkpoint") or config.get("checkpoint"),
                     "device": config.get("device_name"),
                     "date": config.get("date"),
-                    "status": end.get("status"),
+                    "status": end_status(run),
                 }
             )
     return [{c: row.get(c) for c in RUNS_COLUMNS} for row in rows]
