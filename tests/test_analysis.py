@@ -28,8 +28,10 @@ from common.analysis import (
     SENSITIVITY_PLOT_COLUMNS,
     SUMMARY_COLUMNS,
     aggregate_seeds,
+    bonferroni_level,
     budget_front,
     checkpoint_fingerprint,
+    every_rival_verdict,
     finetune_recovery,
     latest_of,
     load_runs,
@@ -997,6 +999,59 @@ def test_rival_margins_test_each_rival_not_only_the_best_and_show_in_the_summary
     )
     assert "| energy | +0.50 | – |" in table  # one seed: a margin without interval or verdict
     assert analysis_summary.rivals_section(rival_margins(df[df.method != "policy"])) == []
+
+
+def test_joint_intervals_widen_over_the_rivals_of_a_cell_and_every_rival_needs_each_interval():
+    # uniform and tpe have three paired seeds, energy one: the family is k = 2 at both stages.
+    accs = _ACCS | {"uniform": {0: 0.805, 1: 0.818, 2: 0.8295}}
+    df = _margin_frame(accs, finetuned=lambda method, acc: acc + 0.01 if method != "energy" else float("nan"))
+    r = rival_margins(df).set_index("rival")
+    assert list(r["k_bn"]) == [2, 2, 2] and list(r["k_ft"]) == [2, 2, 2]
+    # tpe: +1.0, +1.2, +1.0 pp; t(1 - 0.025 / 2, 2) = 6.205347 (scipy.stats.t.ppf(0.9875, 2)).
+    d = [1.0, 1.2, 1.0]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    joint = 6.205346816570706 * sd / math.sqrt(3)
+    assert (r.loc["tpe", "ci_low_bonf_bn"], r.loc["tpe", "ci_high_bonf_bn"]) == pytest.approx(
+        (mean - joint, mean + joint)
+    )
+    # Wider than the per-rival interval, and here still clear of 0; energy's single seed has none.
+    assert r.loc["tpe", "ci_low_bonf_bn"] < r.loc["tpe", "ci_low_bn"]
+    assert r.loc["tpe", "verdict_bonf_bn"] == "policy ahead"
+    assert math.isnan(r.loc["energy", "ci_low_bonf_bn"]) and r.loc["energy", "verdict_bonf_bn"] == "1 seed: no interval"
+    table = "\n".join(analysis_summary.rivals_section(rival_margins(df)))
+    assert f"[{mean - joint:+.2f}, {mean + joint:+.2f}] k = 2 ahead" in table
+    # The claim over all rivals: uniform stops it (behind), energy has one seed.
+    m = policy_margins(df).iloc[0]
+    assert m["every_rival_bn"] == "behind uniform; 1 seed: energy"
+    assert m["every_rival_ft"] == "behind uniform"  # energy was not finetuned: not a rival at FT
+    assert "| behind uniform; 1 seed: energy |" in "\n".join(analysis_summary.margins_section(policy_margins(df)))
+    # A margin whose per-rival interval just clears 0 can lose it jointly: 0.3 +- 0.1 pp over 3 seeds.
+    wide = _margin_frame(
+        {
+            "policy": {0: 0.803, 1: 0.802, 2: 0.804},
+            "uniform": {0: 0.800, 1: 0.800, 2: 0.800},
+            "tpe": {0: 0.790, 1: 0.791, 2: 0.792},
+        }
+    )
+    w = rival_margins(wide).set_index("rival")
+    assert w.loc["uniform", "verdict_bn"] == "policy ahead" and w.loc["uniform", "verdict_bonf_bn"] == "within noise"
+    assert policy_margins(wide).iloc[0]["every_rival_bn"] == "ahead of all 2"
+
+
+def test_bonferroni_level_and_every_rival_verdict():
+    assert bonferroni_level(0.95, 1) == pytest.approx(0.95)
+    assert bonferroni_level(0.95, 5) == pytest.approx(0.99)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        bonferroni_level(0.95, 0)
+    with pytest.raises(ValueError, match=r"level must lie in \(0, 1\)"):
+        bonferroni_level(1.0, 2)
+    assert every_rival_verdict({"uniform": "policy ahead", "tpe": "policy ahead", "vbmf": None}) == "ahead of all 2"
+    assert (
+        every_rival_verdict({"uniform": "within noise", "energy": "policy behind", "tpe": "within noise"})
+        == "behind energy; within noise of uniform, tpe"
+    )
+    assert every_rival_verdict({"uniform": None}) is None and every_rival_verdict({}) is None
 
 
 def test_margins_show_how_many_more_macs_the_policy_keeps():

@@ -3,13 +3,23 @@
 :func:`policy_margins` compares, per run, target and policy (``policy`` and ``policy_seeded``, the
 search that also starts from the rule plans), the policy's test accuracy with the best rival's, seed
 by seed (:func:`paired_interval`, :func:`margin_verdict`); the Markdown section that shows it is
-:func:`common.analysis.summary.margins_section`.
+:func:`common.analysis.summary.margins_section`. :func:`rival_margins` does the same against each
+rival.
+
+Several rivals, one question each. The claim "the policy is ahead of *every* rival" is an
+intersection-union test (Berger 1982, *Technometrics* 24(4)): it holds at level 5 % when every
+per-rival 95 % interval excludes 0, with no correction (``every_rival_*`` of :func:`policy_margins`).
+Reading one rival's row as a finding of its own ("ahead of uniform") while the other rivals were
+looked at too is a different question, and its error rate over the ``k`` rivals of the cell needs
+simultaneous intervals: :func:`rival_margins` also gives the Bonferroni ones (each at
+``1 - 0.05 / k``, :func:`bonferroni_level`). Neither corrects for seeds added after a look at the
+margins; that is the protocol's to declare.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +32,9 @@ __all__ = [
     "POLICY_METHODS",
     "POLICY_RIVALS",
     "RIVAL_MARGIN_COLUMNS",
+    "bonferroni_level",
     "comparison_groups",
+    "every_rival_verdict",
     "macs_pct",
     "margin_verdict",
     "paired_interval",
@@ -37,7 +49,17 @@ POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded")
 """The methods under test (:data:`common.search.POLICIES`; not imported from there, which would
 import torch into the analysis), each compared with :data:`POLICY_RIVALS` on its own row."""
 
-_MARGIN_FIELDS = ("best_rival", "margin", "ci_low", "ci_high", "n", "verdict", "each_rival", "macs_pct")
+_MARGIN_FIELDS = (
+    "best_rival",
+    "margin",
+    "ci_low",
+    "ci_high",
+    "n",
+    "verdict",
+    "each_rival",
+    "every_rival",
+    "macs_pct",
+)
 STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
 """``(stage, accuracy column)``: after BN recalibration and after finetuning."""
 STAGE_NAMES = {"bn": "BN", "ft": "FT"}
@@ -51,10 +73,10 @@ POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
 """Columns of :func:`policy_margins`: the run (:data:`~common.analysis.context.RUN_COLUMNS`),
 target and policy method, then per stage (``bn``, ``ft``) the best rival, the mean paired
 margin and its 95 % interval in percentage points, the number of paired seeds, the verdict,
-every rival's mean paired margin as text and the policy's MACs relative to the best rival's
-(:func:`macs_pct`)."""
+every rival's mean paired margin as text, the verdict against every rival at once
+(:func:`every_rival_verdict`) and the policy's MACs relative to the best rival's (:func:`macs_pct`)."""
 
-_RIVAL_FIELDS = ("margin", "ci_low", "ci_high", "n", "verdict")
+_RIVAL_FIELDS = ("margin", "ci_low", "ci_high", "n", "verdict", "k", "ci_low_bonf", "ci_high_bonf", "verdict_bonf")
 RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
     *RUN_COLUMNS,
     "target",
@@ -65,10 +87,15 @@ RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
 )
 """Columns of :func:`rival_margins`: one row per run, target, policy and rival, the policy's MACs
 relative to the rival's (:func:`macs_pct`), then per stage the mean paired margin, its 95 %
-interval (pp), the number of paired seeds and the verdict."""
+interval (pp), the number of paired seeds, the verdict, and the simultaneous version: ``k``, how
+many rivals of the same run, target, policy and stage have an interval (two paired seeds or more),
+the Bonferroni interval at level :func:`bonferroni_level` ``(0.95, k)`` and its verdict."""
+
+LEVEL = 0.95
+"""Confidence level of every margin interval (per comparison)."""
 
 
-def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+def paired_interval(differences: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
     """Mean of paired differences and the two-sided Student-t confidence interval of that mean.
 
     ``mean ± t.ppf((1 + level) / 2, n - 1) * std / sqrt(n)`` with the sample std (ddof 1).
@@ -93,6 +120,52 @@ def paired_interval(differences: Sequence[float], level: float = 0.95) -> tuple[
     quantile = float(stats.t.ppf(0.5 + level / 2, d.size - 1))
     half = quantile * float(d.std(ddof=1)) / math.sqrt(d.size)
     return mean, mean - half, mean + half
+
+
+def bonferroni_level(level: float, k: int) -> float:
+    """Per-interval confidence level that makes ``k`` intervals hold together with probability at
+    least ``level`` (Bonferroni: the miss rate ``1 - level`` split evenly, ``1 - (1 - level) / k``).
+
+    Raises:
+        ValueError: ``k`` below 1 or ``level`` outside (0, 1).
+    """
+    if k < 1:
+        raise ValueError(f"bonferroni_level: k must be at least 1 interval, got {k}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"bonferroni_level: level must lie in (0, 1), got {level}")
+    return 1.0 - (1.0 - level) / k
+
+
+def every_rival_verdict(verdicts: Mapping[str, str | None]) -> str | None:
+    """Is the policy ahead of every rival? One cell's answer from its per-rival verdicts.
+
+    Ahead of all of them only when every rival's own 95 % interval excludes 0 on the policy's side
+    (an intersection-union test: no multiplicity correction is needed for "all", Berger 1982);
+    otherwise the rivals that stop it, by kind.
+
+    Args:
+        verdicts: rival name -> :func:`margin_verdict` of its paired margin, in display order;
+            rivals not measured at this stage (None) are left out.
+
+    Returns:
+        ``"ahead of all 5"``, or e.g. ``"behind energy; within noise of tpe, random"`` (``1 seed:``
+        names rivals paired on one seed only); None when no rival was measured.
+    """
+    measured = {r: v for r, v in verdicts.items() if v is not None}
+    if not measured:
+        return None
+    if all(v == "policy ahead" for v in measured.values()):
+        return f"ahead of all {len(measured)}"
+    parts = []
+    for verdict, label in (
+        ("policy behind", "behind"),
+        ("within noise", "within noise of"),
+        ("1 seed: no interval", "1 seed:"),
+    ):
+        names = [r for r, v in measured.items() if v == verdict]
+        if names:
+            parts.append(f"{label} {', '.join(names)}")
+    return "; ".join(parts)
 
 
 def margin_verdict(low: float, high: float, n: int) -> str | None:
@@ -172,7 +245,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
     """The :data:`_MARGIN_FIELDS` of policy ``method`` in one (model, target) group for accuracy
     column ``col``."""
     out: dict[str, Any] = dict.fromkeys(_MARGIN_FIELDS, math.nan)
-    out.update(best_rival=None, n=0, verdict=None, each_rival=None)
+    out.update(best_rival=None, n=0, verdict=None, each_rival=None, every_rival=None)
     if col not in group.columns:
         return out
     policy = _per_seed(group, method, col)
@@ -185,6 +258,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
     paired_seeds = policy.index.intersection(scores[best].index)
     mean, low, high = paired_interval(diffs)
     each = {r: _paired_pp(policy, s) for r, s in scores.items()}
+    each_verdict = {r: margin_verdict(*paired_interval(d)[1:], len(d)) for r, d in each.items()}
     out.update(
         best_rival=best,
         margin=mean,
@@ -193,6 +267,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
         n=len(diffs),
         verdict=margin_verdict(low, high, len(diffs)),
         each_rival=", ".join(f"{r} {d.mean():+.2f}" for r, d in each.items() if d.size) or None,
+        every_rival=every_rival_verdict(each_verdict),
         macs_pct=_macs_pct_of(group, method, best, paired_seeds),
     )
     return out
@@ -246,35 +321,48 @@ def rival_margins(
     :func:`policy_margins` tests the policy against the best rival only; the claim is about every
     rival, and a policy can beat the best rival's mean while losing to another rival seed by seed.
     Same pairing, interval and verdict as there (:func:`paired_interval`, :func:`margin_verdict`);
-    the same rows of ``df`` count (HT-2, compared within one run).
+    the same rows of ``df`` count (HT-2, compared within one run). Each row also carries the
+    simultaneous interval over the ``k`` rivals of its run, target, policy and stage that have an
+    interval (Bonferroni, each at :func:`bonferroni_level` ``(0.95, k)``): the one to quote when a
+    single rival's row is read as a finding while the others were looked at too.
 
     Returns:
         :data:`RIVAL_MARGIN_COLUMNS`, one row per run, target, policy and rival that both ran
-        (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both.
-        ``macs_pct`` pairs every seed both ran (the plans, hence their MACs, do not change with
-        finetuning).
+        (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both
+        (``k = 0`` where no rival has two paired seeds). ``macs_pct`` pairs every seed both ran
+        (the plans, hence their MACs, do not change with finetuning).
     """
     rows = []
     for g in comparison_groups(df):
         for policy in policies:
             if not (g["method"] == policy).any():
                 continue
-            for rival in (r for r in rivals if (g["method"] == r).any()):
+            cell = [r for r in rivals if (g["method"] == r).any()]
+            diffs = {
+                (r, stage): (
+                    _paired_pp(_per_seed(g, policy, col), _per_seed(g, r, col)) if col in g.columns else np.array([])
+                )
+                for r in cell
+                for stage, col in STAGES
+            }
+            family = {stage: sum(len(diffs[r, stage]) >= 2 for r in cell) for stage, _ in STAGES}
+            for rival in cell:
                 row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")} | {"policy": policy, "rival": rival}
                 row["macs_pct"] = _macs_pct_of(g, policy, rival)
-                for stage, col in STAGES:
-                    diffs = (
-                        _paired_pp(_per_seed(g, policy, col), _per_seed(g, rival, col))
-                        if col in g.columns
-                        else np.array([])
-                    )
-                    mean, low, high = paired_interval(diffs)
+                for stage, _ in STAGES:
+                    d, k = diffs[rival, stage], family[stage]
+                    mean, low, high = paired_interval(d, LEVEL)
+                    _, low_k, high_k = paired_interval(d, bonferroni_level(LEVEL, k)) if k else (mean, low, high)
                     row |= {
                         f"margin_{stage}": mean,
                         f"ci_low_{stage}": low,
                         f"ci_high_{stage}": high,
-                        f"n_{stage}": len(diffs),
-                        f"verdict_{stage}": margin_verdict(low, high, len(diffs)),
+                        f"n_{stage}": len(d),
+                        f"verdict_{stage}": margin_verdict(low, high, len(d)),
+                        f"k_{stage}": k,
+                        f"ci_low_bonf_{stage}": low_k,
+                        f"ci_high_bonf_{stage}": high_k,
+                        f"verdict_bonf_{stage}": margin_verdict(low_k, high_k, len(d)),
                     }
                 rows.append(row)
     return pd.DataFrame(rows, columns=list(RIVAL_MARGIN_COLUMNS))

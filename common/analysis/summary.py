@@ -197,6 +197,7 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
             f"n_{stage}": f"Seeds {name}",
             f"verdict_{stage}": f"Verdict {name}",
             f"each_rival_{stage}": f"vs each rival ({name})",
+            f"every_rival_{stage}": f"Every rival ({name})",
             f"macs_pct_{stage}": f"Policy MACs vs best rival ({name})",
         }
     return display, headers
@@ -214,6 +215,15 @@ def _margin_cell(margin: float, low: float, high: float, verdict: str | None) ->
     word = {"policy ahead": "ahead", "policy behind": "behind"}.get(verdict or "", "")
     interval = _interval_cell(low, high)
     return " ".join(x for x in (f"{margin:+.2f}", interval, word) if x)
+
+
+def _bonferroni_cell(low: float, high: float, verdict: str | None, k: int) -> str | None:
+    """``[-0.00, +0.45] k = 2``: a joint interval, the family it holds over, the verdict's word."""
+    interval = _interval_cell(low, high)
+    if interval is None:
+        return None
+    word = {"policy ahead": "ahead", "policy behind": "behind"}.get(verdict or "", "")
+    return " ".join(x for x in (interval, f"k = {k}", word) if x)
 
 
 def rivals_section(rivals: pd.DataFrame) -> list[str]:
@@ -235,12 +245,19 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
         cols = [rivals[f"{f}_{stage}"] for f in ("margin", "ci_low", "ci_high", "verdict")]
         display[f"cell_{stage}"] = [_margin_cell(*v) for v in zip(*cols)]
         headers[f"cell_{stage}"] = f"{STAGE_NAMES[stage]}: margin (pp) [95 % CI]"
+        cols = [rivals[f"{f}_{stage}"] for f in ("ci_low_bonf", "ci_high_bonf", "verdict_bonf", "k")]
+        display[f"bonf_{stage}"] = [_bonferroni_cell(*v) for v in zip(*cols)]
+        headers[f"bonf_{stage}"] = f"{STAGE_NAMES[stage]}: joint CI over k rivals"
     return [
         "### Against each rival",
         "",
         "The same paired margins against every rival, not only the best one (`policy_vs_rivals.csv`): "
-        "the claim is that the policy beats each of them. With several rivals, models and stages, about "
-        "one interval in twenty excludes 0 by chance." + cost,
+        'the claim is that the policy beats each of them. "Ahead of every rival" needs each 95 % '
+        "interval to exclude 0 and no correction (*Every rival* above). Reading one row as a finding "
+        "of its own while the cell's other rivals were looked at too needs the *joint* interval: "
+        "Bonferroni over the k rivals of that run, target and stage with an interval (each at "
+        "1 − 0.05 / k), so that all k hold together with probability ≥ 95 %. Neither corrects for "
+        "seeds added after a look at the margins, nor across models and budgets." + cost,
         "",
         markdown_table(display, headers, {"target": factor, "macs_pct": _pct_cell}),
         "",
@@ -270,6 +287,9 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         "per-seed differences over the seeds both methods ran, with its 95 % Student-t "
         "confidence interval (– with a single seed). Verdict: ahead / behind when the interval "
         "excludes 0, else within noise. *vs each rival*: the mean paired margin over every rival. "
+        '*Every rival*: the claim itself, "ahead of all k" when the paired 95 % interval against each '
+        "rival excludes 0 on the policy's side (an intersection-union test: no correction for k is "
+        'needed for "all"), else the rivals that stop it. '
         "*Policy MACs vs best rival*: how many more MACs the policy's plans keep than the best rival's, "
         "paired over the same seeds (+ = the policy spends more of the budget band; "
         "`benchmarks/matched_macs.py` re-picks at equal MACs).",
