@@ -186,6 +186,12 @@ def margin_verdict(low: float, high: float, n: int) -> str | None:
     return "within noise"
 
 
+def _judged(differences: np.ndarray, level: float = LEVEL) -> tuple[float, float, float, str | None]:
+    """:func:`paired_interval` of ``differences`` at ``level`` and the :func:`margin_verdict` of it."""
+    mean, low, high = paired_interval(differences, level)
+    return mean, low, high, margin_verdict(low, high, len(differences))
+
+
 def _per_seed(group: pd.DataFrame, method: str, col: str) -> pd.Series:
     """One method's accuracy per seed (index: seed), unmeasured seeds dropped."""
     return group[group["method"] == method].groupby("seed")[col].mean().dropna()
@@ -256,18 +262,17 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
     best = max(scores, key=lambda r: scores[r].mean())
     diffs = _paired_pp(policy, scores[best])
     paired_seeds = policy.index.intersection(scores[best].index)
-    mean, low, high = paired_interval(diffs)
+    mean, low, high, verdict = _judged(diffs)
     each = {r: _paired_pp(policy, s) for r, s in scores.items()}
-    each_verdict = {r: margin_verdict(*paired_interval(d)[1:], len(d)) for r, d in each.items()}
     out.update(
         best_rival=best,
         margin=mean,
         ci_low=low,
         ci_high=high,
         n=len(diffs),
-        verdict=margin_verdict(low, high, len(diffs)),
+        verdict=verdict,
         each_rival=", ".join(f"{r} {d.mean():+.2f}" for r, d in each.items() if d.size) or None,
-        every_rival=every_rival_verdict(each_verdict),
+        every_rival=every_rival_verdict({r: _judged(d)[3] for r, d in each.items()}),
         macs_pct=_macs_pct_of(group, method, best, paired_seeds),
     )
     return out
@@ -351,18 +356,19 @@ def rival_margins(
                 row["macs_pct"] = _macs_pct_of(g, policy, rival)
                 for stage, _ in STAGES:
                     d, k = diffs[rival, stage], family[stage]
-                    mean, low, high = paired_interval(d, LEVEL)
-                    _, low_k, high_k = paired_interval(d, bonferroni_level(LEVEL, k)) if k else (mean, low, high)
+                    mean, low, high, verdict = _judged(d)
+                    # k == 0: no rival, this one included, has two paired seeds: no interval either way.
+                    _, low_k, high_k, verdict_k = _judged(d, bonferroni_level(LEVEL, k)) if k else _judged(d)
                     row |= {
                         f"margin_{stage}": mean,
                         f"ci_low_{stage}": low,
                         f"ci_high_{stage}": high,
                         f"n_{stage}": len(d),
-                        f"verdict_{stage}": margin_verdict(low, high, len(d)),
+                        f"verdict_{stage}": verdict,
                         f"k_{stage}": k,
                         f"ci_low_bonf_{stage}": low_k,
                         f"ci_high_bonf_{stage}": high_k,
-                        f"verdict_bonf_{stage}": margin_verdict(low_k, high_k, len(d)),
+                        f"verdict_bonf_{stage}": verdict_k,
                     }
                 rows.append(row)
     return pd.DataFrame(rows, columns=list(RIVAL_MARGIN_COLUMNS))

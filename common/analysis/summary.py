@@ -208,11 +208,16 @@ def _pct_cell(pct: float) -> str | None:
     return None if is_missing(pct) else f"{pct:+.1f} %"
 
 
+def _verdict_word(verdict: str | None) -> str:
+    """A margin verdict's one word in a table cell: ``ahead``, ``behind``, or nothing (within noise)."""
+    return {"policy ahead": "ahead", "policy behind": "behind"}.get(verdict or "", "")
+
+
 def _margin_cell(margin: float, low: float, high: float, verdict: str | None) -> str | None:
     """``+0.34 [+0.13, +0.55] ahead``: a margin, its interval and the verdict's one word."""
     if is_missing(margin):
         return None
-    word = {"policy ahead": "ahead", "policy behind": "behind"}.get(verdict or "", "")
+    word = _verdict_word(verdict)
     interval = _interval_cell(low, high)
     return " ".join(x for x in (f"{margin:+.2f}", interval, word) if x)
 
@@ -222,8 +227,7 @@ def _bonferroni_cell(low: float, high: float, verdict: str | None, k: int) -> st
     interval = _interval_cell(low, high)
     if interval is None:
         return None
-    word = {"policy ahead": "ahead", "policy behind": "behind"}.get(verdict or "", "")
-    return " ".join(x for x in (interval, f"k = {k}", word) if x)
+    return " ".join(x for x in (interval, f"k = {k}", _verdict_word(verdict)) if x)
 
 
 def rivals_section(rivals: pd.DataFrame) -> list[str]:
