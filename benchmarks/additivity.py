@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.config import search_config  # noqa: E402
-from common.experiment import add_logged_input_args, checked_dense_score, logged_inputs  # noqa: E402
+from common.experiment import add_logged_input_args, checked_dense_score, logged_inputs, logged_run  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
-from common.logs import config_record, parse_log, plan_records  # noqa: E402
+from common.logs import plan_records  # noqa: E402
 from common.search import build_searcher  # noqa: E402
 from common.space import plan_key  # noqa: E402
 from common.surgery import LayerPlan, plan_from_dict, plan_to_dict  # noqa: E402
@@ -53,21 +53,11 @@ OPTIMUM = "model_optimum"
 FIELDS = ["seed", "plan", "joint", "sum_alone", "ratio", "model_sum", "compressed_layers", "plan_json"]
 
 
-def _records(log: Path) -> list[dict]:
-    recs, errors = parse_log(log)
-    for e in errors:
-        print(f"warning: {e}", file=sys.stderr)
-    return recs
-
-
-def _config(recs: Sequence[dict], log: Path) -> dict:
-    try:
-        cfg = config_record(recs, log)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+def _config(log: Path) -> tuple[list[dict], dict]:
+    recs, cfg = logged_run(log)
     if cfg.get("proxy") not in ("logit_mse", "kl"):
         raise SystemExit(f"{log}: proxy {cfg.get('proxy')!r} is not a label-free divergence; nothing to add up")
-    return cfg
+    return recs, cfg
 
 
 def _plans(recs: Sequence[dict], seed: int, target: float, methods: Sequence[str] | None) -> dict[str, dict]:
@@ -106,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     log = Path(a.log)
-    recs = _records(log)
-    cfg = _config(recs, log)
+    recs, cfg = _config(log)
     model_name, metric = cfg["model"], cfg.get("metric", "macs")
     # a run_results log lives in <results dir>/logs/<model>/: the CSV goes to <results dir>
     home = log.parents[2] if log.parent.parent.name == "logs" else log.parent

@@ -55,9 +55,9 @@ import torch  # noqa: E402
 from common.analysis import POLICY_METHODS, rival_margins  # noqa: E402
 from common.config import search_config  # noqa: E402
 from common.data import DatasetSplits  # noqa: E402
-from common.experiment import add_logged_input_args, checked_dense_score, evaluate_splits, logged_inputs  # noqa: E402
+from common.experiment import add_logged_input_args, checked_dense_score, evaluate_splits, logged_inputs, logged_run  # noqa: E402
 from common.latency import cpu_name  # noqa: E402
-from common.logs import RunLog, config_record, parse_log, plan_records  # noqa: E402
+from common.logs import RunLog, final_records, plan_records  # noqa: E402
 from common.proxy import final_model  # noqa: E402
 from common.recorder import MemoryRecorder  # noqa: E402
 from common.search import Searcher, build_searcher  # noqa: E402
@@ -88,15 +88,6 @@ FIELDS = [
 """CSV columns. ``how``: ``within`` (the logged plan meets the band: kept), ``moved`` (``repair_plan``,
 ``steps`` single-rank moves) or ``reselected`` (the search's own pick among its candidates within the band:
 ``pick_index``)."""
-
-
-def _finals(records: Sequence[dict], target: float) -> dict[tuple[str, int], dict]:
-    """``{(method, seed): final record}`` of the HT-2 finals at ``target`` (the latest of each)."""
-    return {
-        (str(r["method"]), int(r.get("seed", 0))): r
-        for r in records
-        if r.get("kind") == "final" and r.get("decomposition", "ht2") == "ht2" and float(r["target"]) == target
-    }
 
 
 def _candidates(records: Sequence[dict], method: str, seed: int, target: float) -> list[dict]:
@@ -264,20 +255,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     log = Path(a.log)
-    records, errors = parse_log(log)
-    for e in errors:
-        print(f"warning: {e}", file=sys.stderr)
-    try:
-        cfg = config_record(records, log)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    records, cfg = logged_run(log)
     band = search_config(cfg).tol
     if not 0 < a.tol < band:
         raise SystemExit(f"--tol {a.tol}: must be in (0, {band}), tighter than the run's band (budget_tol)")
     model_name, metric = cfg["model"], cfg.get("metric", "macs")
     home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
     out = Path(a.out) if a.out else home / f"matched_macs_{model_name}.csv"
-    finals = _finals(records, a.target)
+    finals = {(m, s): r for (m, s, t), r in final_records(records).items() if t == a.target}
     plans = plan_records(records)
     methods = a.methods.split(",") if a.methods else None
     seeds = {int(s) for s in a.seeds.split(",")} if a.seeds else None

@@ -35,7 +35,7 @@ from .device import resolve_device
 from .dist import from_main, init_from_env, initialized, leaving, rank_device, shard_map, world
 from .loader import make_loader
 from .lock import LogLockedError
-from .logs import RunLog
+from .logs import RunLog, config_record, pack_hits, parse_log
 from .models import build_model, load_checkpoint
 from .paths import default_cache_dir
 from .preflight import (
@@ -141,6 +141,22 @@ def add_logged_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="the dense checkpoint here (default: the log's path; its sha256 must match)")
 
 
+def logged_run(log: str | Path) -> tuple[list[dict], dict]:
+    """A run log's records and its ``config`` record, for benchmarks that replay a run: corrupt lines are
+    reported on stderr and skipped (:func:`common.logs.parse_log`).
+
+    Raises:
+        SystemExit: the log has no ``config`` record, naming the file.
+    """
+    records, errors = parse_log(log)
+    for e in errors:
+        print(f"warning: {e}", file=sys.stderr)
+    try:
+        return records, config_record(records, log)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def logged_inputs(
     cfg: Mapping, data_root: str | None = None, checkpoint: str | Path | None = None
 ) -> tuple[nn.Module, DatasetSplits]:
@@ -193,11 +209,19 @@ def evaluate_splits(
     device: torch.device,
     label: str | None = None,
     splits: Sequence[str] = ("val", "test"),
+    per_image: bool = False,
 ) -> dict:
     """``evaluate`` on the whole of each split (with progress bars labelled ``label`` if given): how every
-    reported accuracy of a run is measured."""
+    reported accuracy of a run is measured. ``per_image`` adds each image's top-1 hit (``"correct"``, in the
+    split's fixed order)."""
     return {
-        s: evaluate(model, make_loader(data, s, 500, device=device), device, progress=label and f"{label}: {s}")
+        s: evaluate(
+            model,
+            make_loader(data, s, 500, device=device),
+            device,
+            progress=label and f"{label}: {s}",
+            per_image=per_image,
+        )
         for s in splits
     }
 
@@ -552,10 +576,12 @@ def _finish(run: _Run, searcher, prec: dict, key: dict) -> dict:
         run.device,
         progress=label and f"{label}: BN recalibration",
     )
-    ev = evaluate_splits(comp, run.data, run.device, label)
+    ev = evaluate_splits(comp, run.data, run.device, label, per_image=True)
     rec = {
         "val_top1_bn": ev["val"]["top1"],
         "test_top1_bn": ev["test"]["top1"],
+        "test_images": ev["test"]["n"],
+        "test_hits_bn": pack_hits(ev["test"]["correct"]),
         "val_top1_ft": None,
         "test_top1_ft": None,
         "finetune_epochs": None,
@@ -667,11 +693,12 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, ch
         best.log_epoch(r)
     comp.load_state_dict(best.state)
     comp.to(memory_format=torch.contiguous_format).eval()
-    ev = evaluate_splits(comp, run.data, run.device, label)
+    ev = evaluate_splits(comp, run.data, run.device, label, per_image=True)
     return {
         "finetune_selected_epoch": best.epoch,
         "val_top1_ft": ev["val"]["top1"],
         "test_top1_ft": ev["test"]["top1"],
+        "test_hits_ft": pack_hits(ev["test"]["correct"]),
         "finetune_epochs": cfg.finetune_epochs,
         "finetune_seconds": time.perf_counter() - t,
     }

@@ -44,6 +44,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common import lock
 from common.files import atomic_write
 from common.jsonvalues import decode_value, dumps, encode_value, values_equal
@@ -57,12 +59,15 @@ __all__ = [
     "document_path",
     "dumps_document",
     "encode_value",
+    "final_records",
     "find_logs",
     "jsonify",
     "load_document",
+    "pack_hits",
     "parse_log",
     "records_of",
     "run_document",
+    "unpack_hits",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -196,6 +201,38 @@ def plan_records(
         if r.get("kind") == "plan" and r.get("decomposition", "ht2") == decomposition:
             out[(str(r["method"]), int(r.get("seed", 0)), float(r["target"]))] = dict(r)
     return out
+
+
+def final_records(
+    records: Iterable[Mapping[str, Any]], decomposition: str = "ht2"
+) -> dict[tuple[str, int, float], dict]:
+    """``{(method, seed, target): final record}`` of one ``decomposition``: the latest record of each (as
+    :func:`plan_records`; a resumed stage logs its final again)."""
+    out: dict[tuple[str, int, float], dict] = {}
+    for r in records:
+        if r.get("kind") == "final" and r.get("decomposition", "ht2") == decomposition:
+            out[(str(r["method"]), int(r.get("seed", 0)), float(r["target"]))] = dict(r)
+    return out
+
+
+def pack_hits(hits: np.ndarray | Sequence[bool]) -> str:
+    """Per-image top-1 hits (bool, shape ``N``, in the split's fixed order) as a record value: the hex of
+    their packed bits, ``N / 4`` characters (2,500 for the 10,000 CIFAR-10 test images). ``final`` records
+    carry ``test_hits_bn`` / ``test_hits_ft`` so that margins can count the test images as a sample
+    (:func:`common.analysis.seed_image_interval`); :func:`unpack_hits` reads them back."""
+    return np.packbits(np.asarray(hits, dtype=bool)).tobytes().hex()
+
+
+def unpack_hits(text: str, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_hits`: ``n`` hits (bool).
+
+    Raises:
+        ValueError: ``text`` is not hex of ``ceil(n / 8)`` bytes.
+    """
+    raw = bytes.fromhex(text)
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"unpack_hits: {len(raw)} bytes of hits for {n} images (expected {(n + 7) // 8})")
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n).astype(bool)
 
 
 def _parse_lines(path: str | os.PathLike) -> tuple[list[dict], list[int], list[LogError]]:

@@ -65,6 +65,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     progress: str | None = None,
+    per_image: bool = False,
 ) -> dict:
     """Top-1/top-5 accuracy and mean cross-entropy of ``model`` over ``loader``.
 
@@ -76,15 +77,24 @@ def evaluate(
         amp_dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` = full precision.
         channels_last: convert model and inputs to channels_last.
         progress: label of a progress bar over the batches (``None``: no bar).
+        per_image: also return ``"correct"``, whether each image's top-1 class is its label (bool, shape
+            ``n``, in the loader's order; ``top1`` is its mean). Paired analyses over test images need it
+            (:func:`common.analysis.seed_image_interval`). One process's loader only.
 
     Returns:
-        ``{"top1", "top5", "loss", "n"}`` with accuracies as fractions in [0, 1].
+        ``{"top1", "top5", "loss", "n"}`` with accuracies as fractions in [0, 1] (and ``"correct"``).
+
+    Raises:
+        ValueError: ``per_image`` with a loader that is one rank's shard (its images are not all here).
     """
+    if per_image and getattr(loader, "world_size", 1) > 1 and world()[1] > 1:
+        raise ValueError("evaluate: per_image needs the whole split in this process, not one rank's shard")
     dev = resolve_device(device) if device is not None else (_loader_device(loader) or torch.device("cpu"))
     model.eval().to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loss_sum, c1, c5, n = 0.0, 0.0, 0.0, 0.0
+    correct: list[torch.Tensor] = []
     with progress_bar(len(loader) if hasattr(loader, "__len__") else None, progress, "batch") as bar:
         for x, y in loader:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
@@ -98,13 +108,18 @@ def evaluate(
             topk = logits.topk(k, dim=1).indices
             hit = topk.eq(y[:, None])
             c1 += hit[:, 0].sum().item()
+            if per_image:
+                correct.append(hit[:, 0].cpu())
             c5 += hit.any(dim=1).sum().item()
             n += len(y)
             bar.update()
     loss_sum, c1, c5, n = _sum_over_shards([loss_sum, c1, c5, n], loader, dev)
     if n == 0:
         raise ValueError("evaluate: the loader yielded no images")
-    return {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": int(n)}
+    out = {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": int(n)}
+    if per_image:
+        out["correct"] = torch.cat(correct).numpy()
+    return out
 
 
 def kd_loss(

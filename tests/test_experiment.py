@@ -19,7 +19,7 @@ from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, Experi
 from common.data import load_dataset
 from common.experiment import parse_args, run_experiment
 from common.loader import make_loader
-from common.logs import encode_value, jsonify, load_document, parse_log, run_document
+from common.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
 from common.proxy import final_model
 from common.search import METHODS, ProxyEvaluator, SearchConfig
 from common.surgery import SpectraCache, plan_from_dict
@@ -383,7 +383,10 @@ def test_finetuning_only_at_its_targets_keeps_the_best_val_epoch(tmp_path):
             assert path.parent == tmp_path / "artifacts" / "alexnet" / "ft" and file_sha256(path) == entry["sha256"]
             assert path.name == f"uniform-x{target:g}-ht2{'-ft' if stage == 'ft' else ''}.pt"
             model = load_compressed(path)
-            assert evaluate(model, test, "cpu")["top1"] == rec[f"test_top1_{stage}"]
+            ev = evaluate(model, test, "cpu", per_image=True)
+            assert ev["top1"] == rec[f"test_top1_{stage}"]
+            # the logged per-image hits are this model's, image by image
+            assert (unpack_hits(rec[f"test_hits_{stage}"], rec["test_images"]) == ev["correct"]).all()
             doc = read_artifact(path)
             assert doc["metrics"]["test_top1"] == rec[f"test_top1_{stage}"] and doc["extra"]["stage"] == stage
             assert doc["plan"] == of_kind(records, "plan", target=target)[0]["plan"]

@@ -72,6 +72,7 @@ from .margins import (
     paired_interval,
     policy_margins,
     rival_margins,
+    seed_image_interval,
 )
 from .markdown import MARKDOWN_COLUMNS, markdown_table
 from .plot_accuracy import ACC_PLOT_COLUMNS
@@ -149,6 +150,7 @@ __all__ = [
     "plot_sensitivity",
     "policy_margins",
     "rival_margins",
+    "seed_image_interval",
     "RIVAL_MARGIN_COLUMNS",
     "readme_block",
     "replace_marked_block",

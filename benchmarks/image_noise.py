@@ -1,0 +1,298 @@
+"""Seeds and test images: the policy's margins with both sources of noise, from a run log's finals.
+
+Every method of a run is scored on the same fixed test images, so the margins' 95 % intervals over seeds
+(``policy_vs_rivals.csv``) answer whether other seeds would give the margin *on these images*. Whether it
+would hold on other images from the same distribution depends on how many images the two models disagree
+on, which accuracies alone do not say. Per policy and rival this prints and writes the paired margin with
+the seed-only interval (:func:`common.analysis.paired_interval`, the summary's) and with the interval over
+seeds and images (:func:`common.analysis.seed_image_interval`: the two as crossed random factors), and how
+many test images the two models disagree on.
+
+The hits come from the log where its ``final`` records carry them (``test_hits_bn`` / ``test_hits_ft``,
+logged since 2026-12-06; ``--stage ft`` needs them). For an older log's BN stage the finals are rebuilt
+exactly as the run measured them (:func:`common.proxy.final_model`: exact BN recalibration on the run's
+``final_calib_images`` augmented train images of the plan's seed; the whole test split,
+:func:`common.experiment.evaluate_splits`), and the re-measured top-1 must be the logged one. Those hits
+are appended as they are measured to a run log beside the CSV (``<results dir>/image_hits_<model>.log``,
+one ``test_hits`` record per plan), so an interrupted run resumes; a stored record for another plan is an
+error naming it. A finetuned model is not rebuilt: runs with ``--no-artifacts`` keep no weights.
+
+    python benchmarks/image_noise.py --log results/cpu-mse-tight/logs/resnet18/results-resnet18-cpu.log --target 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see proxy_fidelity.py
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from common.analysis import (  # noqa: E402
+    POLICY_METHODS,
+    POLICY_RIVALS,
+    margin_verdict,
+    paired_interval,
+    seed_image_interval,
+)
+from common.experiment import add_logged_input_args, evaluate_splits, logged_inputs, logged_run  # noqa: E402
+from common.files import atomic_write  # noqa: E402
+from common.jsonvalues import values_equal  # noqa: E402
+from common.latency import cpu_name  # noqa: E402
+from common.logs import (  # noqa: E402
+    RunLog,
+    final_records,
+    pack_hits,
+    plan_records,
+    unpack_hits,
+)
+from common.preflight import PreflightError  # noqa: E402
+from common.proxy import final_model  # noqa: E402
+from common.surgery import SpectraCache, plan_from_dict  # noqa: E402
+
+KIND = "test_hits"
+TOLERANCE = 1e-3
+"""Largest difference between the re-measured and the logged test top-1 (a fraction) accepted as the run's
+model: a few images may flip with the summation order of another thread count, a different plan or
+calibration moves far more. Any difference is printed and kept in the record."""
+
+COLUMNS = [
+    "model",
+    "target",
+    "stage",
+    "policy",
+    "rival",
+    "n_seeds",
+    "n_images",
+    "margin",
+    "ci_low_seed",
+    "ci_high_seed",
+    "verdict_seed",
+    "ci_low_both",
+    "ci_high_both",
+    "verdict_both",
+    "df_both",
+    "se_seed",
+    "se_image",
+    "disagree_pct",
+]
+"""CSV columns (pp unless said): the mean paired margin, the seed-only 95 % interval and verdict, the
+interval over seeds and images and its verdict (Satterthwaite ``df_both``), the standard errors of the two
+main parts (``se_seed`` from the per-seed margins, ``se_image`` from the per-image ones), and the test
+images (%) on which the two models' top-1 hits differ, mean over seeds."""
+
+
+def margin_rows(hits: Mapping[tuple[str, int], np.ndarray], model: str, target: float, stage: str = "bn") -> list[dict]:
+    """:data:`COLUMNS` rows for each policy method and each rival (in :data:`POLICY_RIVALS` order) with
+    hits at a common seed.
+
+    Args:
+        hits: ``{(method, seed): per-image hits}``, every array on the same test images in the same order.
+    """
+    rows = []
+    methods = {m for m, _ in hits}
+    for policy in (p for p in POLICY_METHODS if p in methods):
+        for rival in (r for r in POLICY_RIVALS if r in methods):
+            seeds = sorted({s for m, s in hits if m == policy} & {s for m, s in hits if m == rival})
+            if not seeds:
+                continue
+            d = np.stack([hits[policy, s].astype(np.int8) - hits[rival, s].astype(np.int8) for s in seeds])
+            _, lo_s, hi_s = paired_interval(100.0 * d.mean(axis=1))
+            both = seed_image_interval(d)
+            rows.append(
+                {
+                    "model": model,
+                    "target": target,
+                    "stage": stage,
+                    "policy": policy,
+                    "rival": rival,
+                    "n_seeds": len(seeds),
+                    "n_images": d.shape[1],
+                    "margin": both["mean"],
+                    "ci_low_seed": lo_s,
+                    "ci_high_seed": hi_s,
+                    "verdict_seed": margin_verdict(lo_s, hi_s, len(seeds)),
+                    "ci_low_both": both["low"],
+                    "ci_high_both": both["high"],
+                    # one seed leaves the images as the only sample: that interval is a verdict too
+                    "verdict_both": margin_verdict(both["low"], both["high"], max(len(seeds), 2)),
+                    "df_both": both["df"],
+                    "se_seed": float(np.sqrt(both["var_seed"])),
+                    "se_image": float(np.sqrt(both["var_image"])),
+                    "disagree_pct": 100.0 * float((d != 0).mean()),
+                }
+            )
+    return rows
+
+
+class _Remeasure:
+    """The BN-stage hits of finals whose log lacks them: rebuilt as the run measured them, kept in the hits log
+    ``out`` (read back first, so nothing is measured twice); the model and data are loaded when first needed."""
+
+    def __init__(self, cfg: dict, args: argparse.Namespace, out: Path, run_id: str):
+        self.cfg, self.args, self.out, self.run_id = cfg, args, out, run_id
+        self.log: RunLog | None = None
+        self.stored: dict[tuple[str, int, float], dict] = {}
+        self.loaded: tuple | None = None
+
+    def __call__(self, method: str, seed: int, target: float, prec: dict, logged: float) -> np.ndarray:
+        if self.log is None:
+            self.log = RunLog.at(self.out, self.cfg["model"], "image_noise")
+            self.stored = {
+                (str(r["method"]), int(r["seed"]), float(r["target"])): r
+                for r in self.log.records()
+                if r.get("kind") == KIND and r.get("of_run") == self.run_id
+            }
+        rec = self.stored.get((method, seed, target))
+        if rec is not None:
+            if not values_equal(rec["plan"], prec["plan"]):
+                raise SystemExit(
+                    f"{self.out}: the stored {KIND} of {method} seed {seed} x{target:g} is for another plan"
+                )
+            return unpack_hits(rec["hits"], int(rec["n"]))
+        if self.loaded is None:
+            try:
+                model, data = logged_inputs(self.cfg, self.args.data_root, self.args.checkpoint)
+            except (PreflightError, FileNotFoundError) as e:
+                raise SystemExit(
+                    f"{e} (a log from another machine: --checkpoint and --data-root name this one's)"
+                ) from None
+            self.loaded = model, data, SpectraCache(model)
+        model, data, spectra = self.loaded
+        calib = int(self.cfg.get("final_calib_images", 4096))
+        t0 = time.perf_counter()
+        device = torch.device("cpu")
+        comp = final_model(model, plan_from_dict(prec["plan"]), spectra, data, calib, seed, device)
+        ev = evaluate_splits(comp, data, device, splits=("test",), per_image=True)["test"]
+        if abs(ev["top1"] - logged) > TOLERANCE:
+            raise SystemExit(
+                f"{self.args.log}: {method} seed {seed} x{target:g}: re-measured test top-1 {ev['top1']:.4f} is not "
+                f"the logged {logged:.4f}; not the run's model (checkpoint, data or code differ)"
+            )
+        rec = self.log.write(
+            KIND,
+            f"{method} x{target:g} s{seed}: test {ev['top1']:.4f} (logged {logged:.4f})",
+            of_run=self.run_id,
+            method=method,
+            seed=seed,
+            target=target,
+            n=ev["n"],
+            test_top1=ev["top1"],
+            test_top1_logged=logged,
+            calib_images=calib,
+            seconds=time.perf_counter() - t0,
+            plan=prec["plan"],
+            hits=pack_hits(ev["correct"]),
+        )
+        return unpack_hits(rec["hits"], int(rec["n"]))
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log", required=True, help="a run log with plan and final records (common.experiment)")
+    p.add_argument("--target", type=float, default=3.0)
+    p.add_argument("--seeds", help="comma-separated; default every seed with a final at the target")
+    p.add_argument("--methods", help="comma-separated; default every policy and rival with a final there")
+    add_logged_input_args(p)
+    p.add_argument("--out", help="the hits log (resumable); default <results dir>/image_hits_<model>.log")
+    p.add_argument("--csv", help="the margins; default <results dir>/image_margins_<model>.csv")
+    p.add_argument("--stage", default="bn", choices=("bn", "ft"), help="after BN recalibration or finetuning")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    log = Path(a.log)
+    records, cfg = logged_run(log)
+    model_name, run_id = cfg["model"], str(cfg.get("run_id", ""))
+    home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
+    out = Path(a.out) if a.out else home / f"image_hits_{model_name}.log"
+    csv_path = Path(a.csv) if a.csv else home / f"image_margins_{model_name}.csv"
+    finals, plans = final_records(records), plan_records(records)
+    methods = a.methods.split(",") if a.methods else [*POLICY_METHODS, *POLICY_RIVALS]
+    seeds = {int(s) for s in a.seeds.split(",")} if a.seeds else None
+    wanted = [
+        (m, s)
+        for (m, s, t) in finals
+        if t == a.target and m in methods and (seeds is None or s in seeds) and (m, s, t) in plans
+    ]
+    if not wanted:
+        raise SystemExit(f"{log}: no HT-2 final with a plan at target {a.target:g} for these methods and seeds")
+
+    col = f"test_top1_{a.stage}"
+    missing = [f"{m} seed {s}" for m, s in wanted if finals[m, s, a.target].get(col) is None]
+    if missing:
+        raise SystemExit(f"{log}: no {col} at x{a.target:g} for {', '.join(missing)} (not finetuned there?)")
+    logged_hits = [k for k in wanted if finals[k[0], k[1], a.target].get(f"test_hits_{a.stage}") is not None]
+    if a.stage == "ft" and len(logged_hits) < len(wanted):
+        raise SystemExit(
+            f"{log}: its finals at x{a.target:g} log no test_hits_ft (logs from before 2026-12-06): a finetuned "
+            "model is not rebuilt from a log; --stage bn re-measures the BN stage"
+        )
+    print(
+        f"# {model_name} x{a.target:g} {a.stage.upper()}: test hits of {len(wanted)} finals "
+        f"({len(logged_hits)} logged); {cpu_name()}, {a.threads} threads"
+    )
+    measure = _Remeasure(cfg, a, out, run_id)
+    hits: dict[tuple[str, int], np.ndarray] = {}
+    for method, seed in sorted(wanted, key=lambda k: (k[1], k[0])):
+        final, prec = finals[method, seed, a.target], plans[method, seed, a.target]
+        logged = float(final[col])
+        if (method, seed) in logged_hits:
+            h = unpack_hits(final[f"test_hits_{a.stage}"], int(final["test_images"]))
+            if abs(h.mean() - logged) > 1e-12:
+                raise SystemExit(
+                    f"{log}: {method} seed {seed} x{a.target:g}: its test_hits_{a.stage} are not its {col}"
+                )
+        else:
+            h = measure(method, seed, a.target, prec, logged)
+        hits[method, seed] = h
+        flag = "" if abs(h.mean() - logged) < 0.5 / h.size else f"  (logged {100 * logged:.2f}: differs)"
+        print(f"{method:<14s} seed {seed}: test {100 * h.mean():.2f} %{flag}", flush=True)
+    sizes = {h.size for h in hits.values()}
+    if len(sizes) != 1:
+        raise SystemExit(f"{out}: hits of different test splits ({sorted(sizes)} images)")
+    rows = margin_rows(hits, model_name, a.target, a.stage)
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    write_margins(csv_path, table)
+    _print(table)
+    return rows
+
+
+def write_margins(path: Path, table: pd.DataFrame) -> None:
+    """Write ``table`` to ``path`` in place of the rows of its (model, target, stage) there; the others stay."""
+    if path.exists():
+        old = pd.read_csv(path)
+        keys = set(zip(table["model"], table["target"].astype(float), table["stage"]))
+        keep = [(m, float(t), st) not in keys for m, t, st in zip(old["model"], old["target"], old["stage"])]
+        table = pd.concat([old[keep], table], ignore_index=True).sort_values(
+            ["model", "target", "stage"], kind="stable"
+        )
+    text = table.to_csv(index=False, float_format="%.4f")
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def _print(table: pd.DataFrame) -> None:
+    print(
+        "\n| policy − rival | seeds | margin (pp) | 95 % CI, seeds | verdict | 95 % CI, seeds and images | verdict |"
+        " disagree |"
+    )
+    print("|---|---:|---:|---:|---|---:|---|---:|")
+    for r in table.to_dict("records"):
+        print(
+            f"| {r['policy']} − {r['rival']} | {r['n_seeds']} | {r['margin']:+.2f} | "
+            f"[{r['ci_low_seed']:+.2f}, {r['ci_high_seed']:+.2f}] | {r['verdict_seed']} | "
+            f"[{r['ci_low_both']:+.2f}, {r['ci_high_both']:+.2f}] | {r['verdict_both']} | {r['disagree_pct']:.1f} % |"
+        )
+
+
+if __name__ == "__main__":
+    main()
