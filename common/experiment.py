@@ -639,17 +639,17 @@ def _finetune_checkpoint(log: RunLog, key: dict) -> Path:
 
 
 class _BestValEpoch:
-    """``on_epoch_end`` of a final model's finetuning: logs each ``finetune_epoch`` record and keeps the
-    weights of the best val epoch (epoch 0 = before finetuning): selection on val only."""
+    """``on_epoch_end`` of a final model's finetuning: logs each ``finetune_epoch`` record (when given a log)
+    and keeps the weights of the best val epoch (epoch 0 = before finetuning): selection on val only."""
 
-    def __init__(self, log: RunLog, key: dict, val_top1: float, model: nn.Module):
+    def __init__(self, log: RunLog | None, key: dict, val_top1: float, model: nn.Module):
         self.log, self.key = log, key
         self.val, self.epoch, self.state = val_top1, 0.0, copy.deepcopy(model.state_dict())
 
     def log_epoch(self, r: dict) -> None:
         """Log epoch record ``r`` unless it is logged already (a run resumed from a checkpoint saved just
         before or after it was logged sees it again, or never)."""
-        if self.log.find("finetune_epoch", **self.key, epoch=r["epoch"]) is None:
+        if self.log is not None and self.log.find("finetune_epoch", **self.key, epoch=r["epoch"]) is None:
             self.log.write("finetune_epoch", **self.key, **{k: v for k, v in r.items() if k not in self.key})
 
     def __call__(self, r: dict, m: nn.Module) -> None:
@@ -665,35 +665,53 @@ class _BestValEpoch:
         self.val, self.epoch, self.state = d["val"], d["epoch"], d["state"]
 
 
-def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, checkpoint: Path) -> dict:
-    """Finetune ``comp`` in place, keep its best val epoch, evaluate it: the ``final`` record's finetune fields.
+def finetune_best(
+    comp: nn.Module,
+    dense: nn.Module,
+    data: DatasetSplits,
+    cfg: ExperimentConfig,
+    key: dict,
+    val_top1_bn: float,
+    device: torch.device,
+    *,
+    log: RunLog | None = None,
+    checkpoint: Path | None = None,
+    say: Callable[[str], None] = print,
+    progress: str | None = None,
+) -> dict:
+    """A final model's finetuning, as every run does it: finetune ``comp`` in place with ``cfg``'s recipe and
+    ``key["seed"]`` (distilled from ``dense`` when ``cfg.distill``), keep its best val epoch (epoch 0, the BN
+    model at ``val_top1_bn``, included), evaluate it on val and test.
 
-    The finetuning checkpoints to ``checkpoint`` every minute, so an interrupted run resumes it where it stopped.
+    Args:
+        log: where each epoch's ``finetune_epoch`` record goes (None: nowhere, e.g. a replay).
+        checkpoint: the file the finetuning checkpoints to every minute and resumes from.
+
+    Returns:
+        The ``final`` record's finetune fields (``test_hits_ft`` among them).
     """
     t = time.perf_counter()
-    cfg = run.cfg
-    teacher = copy.deepcopy(run.model) if cfg.distill else None
-    best = _BestValEpoch(run.log, key, val_top1_bn, comp)
-    if checkpoint.exists():
-        run.say(f"resuming the finetuning of {key} from {checkpoint}")
-    label = f"{_stage_label(key)}: finetune" if cfg.progress else None
+    teacher = copy.deepcopy(dense) if cfg.distill else None
+    best = _BestValEpoch(log, key, val_top1_bn, comp)
+    if checkpoint is not None and checkpoint.exists():
+        say(f"resuming the finetuning of {key} from {checkpoint}")
     history = finetune(
         comp,
-        run.data,
-        cfg.finetune_config(key["seed"], run.data.hflip),
+        data,
+        cfg.finetune_config(key["seed"], data.hflip),
         teacher=teacher,
-        device=run.device,
-        progress=label or False,
+        device=device,
+        progress=progress or False,
         on_epoch_end=best,
         checkpoint=checkpoint,
-        say=run.say,
+        say=say,
         distributed=False,  # one final model per rank (common.dist): the single-process numbers
     )
     for r in history:  # epochs restored from the checkpoint whose records did not reach the log
         best.log_epoch(r)
     comp.load_state_dict(best.state)
     comp.to(memory_format=torch.contiguous_format).eval()
-    ev = evaluate_splits(comp, run.data, run.device, label, per_image=True)
+    ev = evaluate_splits(comp, data, device, progress, per_image=True)
     return {
         "finetune_selected_epoch": best.epoch,
         "val_top1_ft": ev["val"]["top1"],
@@ -702,6 +720,24 @@ def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, ch
         "finetune_epochs": cfg.finetune_epochs,
         "finetune_seconds": time.perf_counter() - t,
     }
+
+
+def _finetune_best(run: _Run, comp: nn.Module, key: dict, val_top1_bn: float, checkpoint: Path) -> dict:
+    """:func:`finetune_best` within a run: epochs logged, checkpointed to ``checkpoint`` so an interrupted
+    run resumes the finetuning where it stopped."""
+    return finetune_best(
+        comp,
+        run.model,
+        run.data,
+        run.cfg,
+        key,
+        val_top1_bn,
+        run.device,
+        log=run.log,
+        checkpoint=checkpoint,
+        say=run.say,
+        progress=f"{_stage_label(key)}: finetune" if run.cfg.progress else None,
+    )
 
 
 def _write_final(

@@ -17,7 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import image_noise
-from common.analysis import paired_interval, seed_image_interval
+from common.analysis import (
+    design_se,
+    detectable_margin,
+    images_needed,
+    paired_interval,
+    seed_image_interval,
+    variance_components,
+)
 from common.experiment import run_experiment
 from common.loader import make_loader
 from common.logs import final_records, pack_hits, parse_log, unpack_hits
@@ -114,21 +121,26 @@ def run_log(tmp_path_factory, digits_checkpoint):
         methods=("uniform", "energy", "policy"),
         n_seeds=2,
         final_calib_images=64,
+        finetune_epochs=1,
+        finetune_max_images=400,  # enough steps that some finals keep the finetuned epoch
     )
-    run_experiment(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the replays below run at one thread: a finetuning is reproduced at the run's count
+    try:
+        run_experiment(cfg)
+    finally:
+        torch.set_num_threads(threads)
     return log_file(cfg)
 
 
-def _margins_are_the_logged_ones(rows: list[dict], finals: dict) -> None:
-    assert [(r["policy"], r["rival"], r["n_seeds"]) for r in rows] == [
-        ("policy", "uniform", 2),
-        ("policy", "energy", 2),
+def _margins_are_the_logged_ones(rows: list[dict], finals: dict, stage: str = "bn") -> None:
+    assert [(r["policy"], r["rival"], r["n_seeds"], r["stage"]) for r in rows] == [
+        ("policy", "uniform", 2, stage),
+        ("policy", "energy", 2, stage),
     ]
+    col = f"test_top1_{stage}"
     for r in rows:
-        logged = [
-            100 * (finals["policy", s, 3.0]["test_top1_bn"] - finals[r["rival"], s, 3.0]["test_top1_bn"])
-            for s in (0, 1)
-        ]
+        logged = [100 * (finals["policy", s, 3.0][col] - finals[r["rival"], s, 3.0][col]) for s in (0, 1)]
         assert r["margin"] == pytest.approx(np.mean(logged))
         assert (r["ci_low_seed"], r["ci_high_seed"]) == pytest.approx(paired_interval(logged)[1:], nan_ok=True)
 
@@ -142,8 +154,14 @@ def test_logged_hits_are_read_and_give_every_rivals_margin(run_log, tmp_path, mo
     assert not (tmp_path / "h.log").exists()  # nothing measured, nothing kept
     table = pd.read_csv(csv)
     assert list(table.columns) == image_noise.COLUMNS and list(table["stage"]) == ["bn", "bn"]
+    monkeypatch.setattr(image_noise, "finetune_best", lambda *a, **k: pytest.fail("finetuned a logged plan"))
+    ft = image_noise.main(["--log", str(run_log), "--stage", "ft", "--out", str(tmp_path / "h.log"), "--csv", str(csv)])
+    _margins_are_the_logged_ones(ft, finals, "ft")
+    assert list(pd.read_csv(csv)["stage"]) == ["bn", "bn", "ft", "ft"]
+    unfinetuned = tmp_path / "bn_only.log"
+    unfinetuned.write_text(run_log.read_text().replace('"test_top1_ft":', '"was_ft":'))
     with pytest.raises(SystemExit, match=r"no test_top1_ft at x3 for .*policy seed 0"):
-        image_noise.main(["--log", str(run_log), "--stage", "ft", "--csv", str(csv)])
+        image_noise.main(["--log", str(unfinetuned), "--stage", "ft", "--csv", str(csv)])
 
 
 def test_an_older_log_is_re_measured_image_for_image_and_resumes(run_log, tmp_path, monkeypatch):
@@ -156,15 +174,11 @@ def test_an_older_log_is_re_measured_image_for_image_and_resumes(run_log, tmp_pa
         if '"kind":"final"' in line:
             human, record = line.split(" @@ ", 1)
             rec = json.loads(record)
-            rec.pop("test_hits_bn"), rec.pop("test_images")
-            rec["test_top1_ft"] = rec["test_top1_bn"]  # as if finetuned (an older log kept no hits of that either)
+            rec.pop("test_hits_bn"), rec.pop("test_hits_ft"), rec.pop("test_images")
             line = f"{human} @@ {json.dumps(rec, separators=(',', ':'))}\n"
         lines.append(line)
     old.write_text("".join(lines))
     csv = tmp_path / "old" / "image_margins_alexnet.csv"
-    with pytest.raises(SystemExit, match="log no test_hits_ft"):
-        image_noise.main(["--log", str(old), "--stage", "ft", "--methods", "energy", "--csv", str(csv)])
-
     argv = ["--log", str(old), "--threads", "1"]
     rows = image_noise.main(argv)
     _margins_are_the_logged_ones(rows, finals)
@@ -175,23 +189,48 @@ def test_an_older_log_is_re_measured_image_for_image_and_resumes(run_log, tmp_pa
         logged = finals[rec["method"], rec["seed"], 3.0]
         assert (unpack_hits(rec["hits"], rec["n"]) == unpack_hits(logged["test_hits_bn"], logged["test_images"])).all()
 
+    # finetuned again with the run's recipe and seed: the run's finetuned models, image for image
+    assert any(f["finetune_selected_epoch"] == 1 for f in finals.values()), [
+        f["finetune_selected_epoch"] for f in finals.values()
+    ]
+    ft_argv = [*argv, "--stage", "ft"]
+    rows_ft = image_noise.main(ft_argv)
+    _margins_are_the_logged_ones(rows_ft, finals, "ft")
+    stored, _ = parse_log(out)
+    assert len(stored) == 12 and sorted({r.get("stage", "bn") for r in stored}) == ["bn", "ft"]
+    for rec in (r for r in stored if r.get("stage") == "ft"):
+        logged = finals[rec["method"], rec["seed"], 3.0]
+        assert rec["finetune_selected_epoch"] == logged["finetune_selected_epoch"]
+        assert (unpack_hits(rec["hits"], rec["n"]) == unpack_hits(logged["test_hits_ft"], logged["test_images"])).all()
+
     # resumed: read back, nothing evaluated; another target's rows in the CSV stay
     monkeypatch.setattr(image_noise, "final_model", lambda *a, **k: pytest.fail("re-measured a stored plan"))
-    pd.read_csv(csv).assign(target=5.0).to_csv(csv, index=False)
+    table = pd.read_csv(csv)
+    table[table["stage"] == "bn"].assign(target=5.0).to_csv(csv, index=False)
     assert pd.DataFrame(image_noise.main(argv)).equals(pd.DataFrame(rows))
-    assert sorted(pd.read_csv(csv)["target"]) == [3.0, 3.0, 5.0, 5.0]
+    assert pd.DataFrame(image_noise.main(ft_argv)).equals(pd.DataFrame(rows_ft))
+    assert sorted(zip(pd.read_csv(csv)["target"], pd.read_csv(csv)["stage"])) == [
+        (3.0, "bn"),
+        (3.0, "bn"),
+        (3.0, "ft"),
+        (3.0, "ft"),
+        (5.0, "bn"),
+        (5.0, "bn"),
+    ]
 
     lines = out.read_text().splitlines(keepends=True)
     i = next(i for i, line in enumerate(lines) if '"method":"energy"' in line)
     lines[i] = lines[i].replace('"ranks":[', '"ranks":[1,', 1)
     out.write_text("".join(lines))
-    with pytest.raises(SystemExit, match=r"energy seed \d x3 is for another plan"):
+    with pytest.raises(SystemExit, match=r"energy seed \d x3 \(bn\) is for another plan"):
         image_noise.main(argv)
 
 
 def test_a_model_that_is_not_the_runs_is_refused(run_log, tmp_path, monkeypatch):
     old = tmp_path / "old.log"
-    old.write_text(run_log.read_text().replace('"test_hits_bn":', '"was_hits":'))
+    old.write_text(
+        run_log.read_text().replace('"test_hits_bn":', '"was_hits":').replace('"test_hits_ft":', '"was_ft":')
+    )
     real = image_noise.evaluate_splits
 
     def off(*a, **k):
@@ -201,9 +240,61 @@ def test_a_model_that_is_not_the_runs_is_refused(run_log, tmp_path, monkeypatch)
 
     monkeypatch.setattr(image_noise, "evaluate_splits", off)
     argv = ["--log", str(old), "--methods", "energy", "--seeds", "0", "--out", str(tmp_path / "h.log")]
-    with pytest.raises(SystemExit, match=r"energy seed 0 x3: re-measured test top-1 .* is not the logged"):
+    with pytest.raises(SystemExit, match=r"energy seed 0 x3 test top-1 \(BN\): re-measured .* is not the logged"):
         image_noise.main([*argv, "--csv", str(tmp_path / "m.csv")])
+    monkeypatch.setattr(image_noise, "evaluate_splits", real)
+    ft_argv = [*argv, "--stage", "ft", "--threads", "1", "--csv", str(tmp_path / "m.csv")]
+    real_ft = image_noise.finetune_best
+
+    monkeypatch.setattr(
+        image_noise, "finetune_best", lambda *a, **k: real_ft(*a, **k) | {"finetune_selected_epoch": 7.0}
+    )
+    with pytest.raises(SystemExit, match=r"energy seed 0 x3: the replayed finetuning keeps epoch 7, the run kept"):
+        image_noise.main(ft_argv)
+    monkeypatch.setattr(image_noise, "finetune_best", lambda *a, **k: real_ft(*a, **k) | {"test_top1_ft": 2.0})
+    with pytest.raises(SystemExit, match=r"energy seed 0 x3 test top-1 \(FT\): re-measured 2\.0000"):
+        image_noise.main(ft_argv)
     with pytest.raises(SystemExit, match="no HT-2 final with a plan at target 7"):
         image_noise.main([*argv, "--target", "7"])
+    fresh = [*argv[:-1], str(tmp_path / "fresh.log"), "--csv", str(tmp_path / "m.csv")]  # nothing stored yet
     with pytest.raises(SystemExit, match=r"not found: .*nowhere\.pt \(a log from another machine: --checkpoint"):
-        image_noise.main([*argv, "--checkpoint", str(tmp_path / "nowhere.pt"), "--csv", str(tmp_path / "m.csv")])
+        image_noise.main([*fresh, "--checkpoint", str(tmp_path / "nowhere.pt")])
+
+
+def test_components_give_the_intervals_standard_error_and_project_it():
+    rng = np.random.default_rng(11)
+    d = _crossed(rng, 3, 4000, 0.01)  # a seed effect large enough to be estimated above 0
+    c = variance_components(d)
+    assert all(v > 0 for v in c.values())
+    assert design_se(c, 3, 4000) == pytest.approx(seed_image_interval(d)["se"], rel=1e-9)
+    assert design_se(c, math.inf, 4000) < design_se(c, 3, 4000) < design_se(c, 3, 1000)
+    one = variance_components(d[:1])
+    assert one["seed"] == one["resid"] == 0 and design_se(one, 1, 4000) == pytest.approx(
+        seed_image_interval(d[:1])["se"], rel=1e-9
+    )
+
+
+def test_images_needed_gives_the_promised_power():
+    """A margin of 0.96 pp measured on as many images as images_needed says is found (interval above 0) in about
+    80 % of new draws; on a quarter of them in far fewer."""
+    rng = np.random.default_rng(5)
+    c = variance_components(_crossed(rng, 1, 20000, 0.001))
+    n = round(images_needed(c, 0.96, 1))
+    assert design_se(c, 1, n) * (1.959964 + 0.841621) == pytest.approx(0.96, rel=1e-3)
+    found = {
+        k: np.mean([seed_image_interval(_crossed(rng, 1, k, 0.001))["low"] > 0 for _ in range(300)])
+        for k in (n, n // 4)
+    }
+    assert 0.72 <= found[n] <= 0.88 and found[n // 4] < 0.45
+    assert images_needed(c, 0.0) == math.inf
+    assert images_needed({"image": 1e-3, "seed": 1e-3, "resid": 0.0}, 0.5, 3) == math.inf  # seeds first
+    assert math.isnan(images_needed({"image": 0.0, "seed": 1e-3, "resid": 0.0}, 0.5))  # the images do not limit
+
+
+def test_detectable_margin_is_the_usual_power_formula_and_refuses_nonsense():
+    assert detectable_margin(1.0) == pytest.approx(1.959964 + 0.841621, rel=1e-6)
+    assert detectable_margin(1.0, df=2) == pytest.approx(4.302653 + 1.060660, rel=1e-6)
+    assert detectable_margin(0.1, power=0.5) == pytest.approx(0.1959964, rel=1e-6)
+    for bad in ({"power": 1.0}, {"level": 0.0}, {"df": 0}):
+        with pytest.raises(ValueError, match="detectable_margin"):
+            detectable_margin(1.0, **bad)

@@ -39,13 +39,17 @@ __all__ = [
     "RIVAL_MARGIN_COLUMNS",
     "bonferroni_level",
     "comparison_groups",
+    "design_se",
+    "detectable_margin",
     "every_rival_verdict",
+    "images_needed",
     "macs_pct",
     "margin_verdict",
     "paired_interval",
     "policy_margins",
     "rival_margins",
     "seed_image_interval",
+    "variance_components",
 ]
 
 POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
@@ -128,6 +132,26 @@ def paired_interval(differences: Sequence[float], level: float = LEVEL) -> tuple
     return mean, mean - half, mean + half
 
 
+def _mean_squares(differences: np.ndarray, who: str) -> tuple[int, int, float, float, float, float]:
+    """``(n, N, grand mean, MS_image, MS_seed, MS_res)`` of a seeds x images table of paired hit differences
+    (two-way ANOVA, one observation per cell; ``MS_seed = MS_res = 0`` with one seed)."""
+    d = np.asarray(differences, dtype=float)
+    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 2:
+        raise ValueError(f"{who}: need seeds x images (>= 1 x 2), got shape {d.shape}")
+    if not np.isin(d, (-1.0, 0.0, 1.0)).all():
+        raise ValueError(f"{who}: differences of per-image hits must be -1, 0 or 1")
+    n, big_n = d.shape
+    grand = float(d.mean())
+    by_image, by_seed = d.mean(axis=0), d.mean(axis=1)
+    ms_image = n * float(((by_image - grand) ** 2).sum()) / (big_n - 1)
+    if n == 1:
+        return n, big_n, grand, ms_image, 0.0, 0.0
+    ms_seed = big_n * float(((by_seed - grand) ** 2).sum()) / (n - 1)
+    resid = d - by_image[None, :] - by_seed[:, None] + grand
+    ms_res = float((resid**2).sum()) / ((n - 1) * (big_n - 1))
+    return n, big_n, grand, ms_image, ms_seed, ms_res
+
+
 def seed_image_interval(differences: np.ndarray, level: float = LEVEL) -> dict[str, float]:
     """Mean paired margin with an interval over seeds *and* test images (a crossed two-way design).
 
@@ -154,22 +178,10 @@ def seed_image_interval(differences: np.ndarray, level: float = LEVEL) -> dict[s
     Raises:
         ValueError: not two-dimensional, no image, or a value outside {-1, 0, 1}.
     """
-    d = np.asarray(differences, dtype=float)
-    if d.ndim != 2 or d.shape[0] < 1 or d.shape[1] < 2:
-        raise ValueError(f"seed_image_interval: need seeds x images (>= 1 x 2), got shape {d.shape}")
-    if not np.isin(d, (-1.0, 0.0, 1.0)).all():
-        raise ValueError("seed_image_interval: differences of per-image hits must be -1, 0 or 1")
-    n, big_n = d.shape
-    grand = float(d.mean())
-    by_image, by_seed = d.mean(axis=0), d.mean(axis=1)
-    ms_image = n * float(((by_image - grand) ** 2).sum()) / (big_n - 1)
+    n, big_n, grand, ms_image, ms_seed, ms_res = _mean_squares(differences, "seed_image_interval")
     parts = [(ms_image, big_n - 1)]
     var = ms_image
-    ms_seed = 0.0
     if n > 1:
-        ms_seed = big_n * float(((by_seed - grand) ** 2).sum()) / (n - 1)
-        resid = d - by_image[None, :] - by_seed[:, None] + grand
-        ms_res = float((resid**2).sum()) / ((n - 1) * (big_n - 1))
         parts += [(ms_seed, n - 1), (ms_res, (n - 1) * (big_n - 1))]
         var = ms_image + ms_seed - ms_res
         if var < ms_seed:  # by chance below the seeds' own spread: never report less than they show
@@ -199,6 +211,83 @@ def seed_image_interval(differences: np.ndarray, level: float = LEVEL) -> dict[s
         half = max(half, float(stats.t.ppf(0.5 + level / 2, n - 1)) * 100.0 * math.sqrt(ms_seed / (n * big_n)))
     out.update(low=out["mean"] - half, high=out["mean"] + half, df=float(dof))
     return out
+
+
+def variance_components(differences: np.ndarray) -> dict[str, float]:
+    """The three variance components of a seeds x images table of paired hit differences (fractions²).
+
+    Under :func:`seed_image_interval`'s model ``d[s, i] = mu + a_i + b_s + e_si``, the unbiased ANOVA
+    estimates ``image = (MS_image - MS_res) / n``, ``seed = (MS_seed - MS_res) / N`` and ``resid = MS_res``,
+    each clipped at 0. With one seed only the image part is estimable, as ``var_i(d)`` (the interaction
+    folded in). :func:`design_se` projects them to another number of seeds or images.
+
+    Args:
+        differences: shape ``n x N`` (seeds x images), values in {-1, 0, 1}.
+
+    Raises:
+        ValueError: as :func:`seed_image_interval`.
+    """
+    n, big_n, _, ms_image, ms_seed, ms_res = _mean_squares(differences, "variance_components")
+    if n == 1:
+        return {"image": ms_image, "seed": 0.0, "resid": 0.0}
+    return {
+        "image": max(0.0, (ms_image - ms_res) / n),
+        "seed": max(0.0, (ms_seed - ms_res) / big_n),
+        "resid": ms_res,
+    }
+
+
+def design_se(components: Mapping[str, float], n_seeds: float, n_images: float) -> float:
+    """Standard error (pp) of a mean paired margin over ``n_seeds`` seeds and ``n_images`` test images, from
+    :func:`variance_components`: ``sqrt(image / N + seed / n + resid / (n N))``; ``n_seeds = math.inf``
+    gives the floor that no number of seeds lowers (the test images' own part)."""
+    var = components["image"] / n_images + components["seed"] / n_seeds + components["resid"] / (n_seeds * n_images)
+    return 100.0 * math.sqrt(var)
+
+
+def detectable_margin(se: float, df: float = math.inf, level: float = LEVEL, power: float = 0.8) -> float:
+    """The smallest true margin (pp) whose interval at ``level`` excludes 0 with probability ``power``:
+    ``(t_{(1 + level) / 2} + t_{power}) * se`` on ``df`` degrees of freedom (the usual two-sided
+    approximation, which ignores the far tail). A margin below it is one this design mostly calls
+    *within noise* even when it is real.
+
+    Raises:
+        ValueError: ``power`` or ``level`` outside (0, 1), or ``df`` not positive.
+    """
+    if not (0.0 < level < 1.0 and 0.0 < power < 1.0):
+        raise ValueError(f"detectable_margin: level and power must lie in (0, 1), got {level}, {power}")
+    if not df > 0:
+        raise ValueError(f"detectable_margin: df must be positive, got {df}")
+    from scipy import stats  # deferred, as in paired_interval
+
+    return float(stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(power, df)) * se
+
+
+def images_needed(
+    components: Mapping[str, float], margin: float, n_seeds: float = math.inf, power: float = 0.8
+) -> float:
+    """How many test images make ``margin`` (pp) detectable at 95 % with ``power`` over ``n_seeds`` seeds:
+    ``N`` solving ``(z_0.975 + z_power) * design_se(components, n_seeds, N) = |margin|`` (normal quantiles).
+
+    With unlimited seeds (the default) it is the test split a margin needs whatever the seeds; at a few
+    seeds it is a lower bound, since :func:`seed_image_interval` is never narrower than the seeds' own t
+    interval on ``n - 1`` df, which this ignores.
+
+    Returns:
+        The number of images (fractional); ``math.inf`` where the seeds' own part alone is too large (more
+        seeds are needed, not images) or the margin is 0; NaN where no per-image part is estimated (e.g. two
+        methods that found the same plans: the images do not limit such a design, the seeds do).
+    """
+    from scipy import stats  # deferred, as in paired_interval
+
+    per_image = components["image"] + components["resid"] / n_seeds
+    if per_image <= 0:
+        return math.nan
+    target = (abs(margin) / 100.0 / float(stats.norm.ppf(0.5 + LEVEL / 2) + stats.norm.ppf(power))) ** 2
+    room = target - components["seed"] / n_seeds
+    if room <= 0:
+        return math.inf
+    return per_image / room
 
 
 def bonferroni_level(level: float, k: int) -> float:
