@@ -278,12 +278,10 @@ def images_needed(
         seeds are needed, not images) or the margin is 0; NaN where no per-image part is estimated (e.g. two
         methods that found the same plans: the images do not limit such a design, the seeds do).
     """
-    from scipy import stats  # deferred, as in paired_interval
-
     per_image = components["image"] + components["resid"] / n_seeds
     if per_image <= 0:
         return math.nan
-    target = (abs(margin) / 100.0 / float(stats.norm.ppf(0.5 + LEVEL / 2) + stats.norm.ppf(power))) ** 2
+    target = (abs(margin) / 100.0 / detectable_margin(1.0, power=power)) ** 2  # the se that margin needs, squared
     room = target - components["seed"] / n_seeds
     if room <= 0:
         return math.inf
