@@ -5,7 +5,9 @@ Usage: ``python analyze_results.py [--json json/] [--out out/analysis/] [--readm
 [--overwrite-committed]``. The documents come from ``jsonify_logs.py``; the logic lives in
 :mod:`common.analysis`. Speed-ups are the runs' own measurements (their ``final`` records; see
 :mod:`common.analysis`). ``--readme`` rewrites the block between ``<!-- results:begin -->`` and
-``<!-- results:end -->`` in that file.
+``<!-- results:end -->`` in that file. Documents of hits logs (``benchmarks/image_noise.py``'s, from
+``jsonify_logs.py <results dir>``) are no runs: they give per-image test hits to the margins
+(``policy_vs_rivals.csv``'s interval over seeds and test images).
 
 Committed results are never replaced by accident: the default output folder, ``out/analysis/``,
 is ignored by git, and writing into a folder that holds files tracked by git (``results/``), or
@@ -25,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.analysis import (
+    collect_hits,
+    is_hits_document,
     load_runs,
     make_plots,
     readme_block,
@@ -137,18 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_not_committed(args.out, args.readme)
         if args.readme:
             replace_marked_block(Path(args.readme).read_text(encoding="utf-8"), "", args.readme)
-        runs = load_runs(args.json)
+        documents = load_runs(args.json)
+        runs = [d for d in documents if not is_hits_document(d)]
         if not runs:
             raise ValueError(f"no run documents (*.json) in {args.json}; run jsonify_logs.py first")
         df = summary_table(runs)  # ValueError e.g. for a final record without a metric
+        hits = collect_hits(documents)
     except (OSError, ValueError) as exc:
         return _fail(exc)
     plots = make_plots(runs, args.out)
     command = " ".join(["python analyze_results.py", *map(shlex.quote, argv)])
-    written = [
-        *write_summary(df, args.out, plots=plots, command=command, n_runs=len(runs), runs=runs),
-        *(path for png in plots for path in (png, png.with_suffix(".csv"))),
-    ]
+    try:
+        summary = write_summary(df, args.out, plots=plots, command=command, n_runs=len(runs), runs=runs, hits=hits)
+    except ValueError as exc:  # hits that are not their finals' (named), found before the summary is written
+        return _fail(exc)
+    written = [*summary, *(path for png in plots for path in (png, png.with_suffix(".csv")))]
     if args.readme:
         block = readme_block(df, runs, command, summary_link=summary_link(args.readme, args.out))
         if update_readme(args.readme, block):

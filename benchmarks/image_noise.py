@@ -47,15 +47,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from common.analysis import (  # noqa: E402
+    HITS_KIND,
     POLICY_METHODS,
     POLICY_RIVALS,
-    design_se,
-    detectable_margin,
-    images_needed,
-    margin_verdict,
-    paired_interval,
-    seed_image_interval,
-    variance_components,
+    REPLICA_TOLERANCE,
+    SEED_IMAGE_COLUMNS,
+    seed_image_margin,
 )
 from common.config import config_from_args  # noqa: E402
 from common.experiment import (  # noqa: E402
@@ -79,44 +76,14 @@ from common.preflight import PreflightError  # noqa: E402
 from common.proxy import final_model  # noqa: E402
 from common.surgery import SpectraCache, plan_from_dict  # noqa: E402
 
-KIND = "test_hits"
-TOLERANCE = 1e-3
+KIND = HITS_KIND
+TOLERANCE = REPLICA_TOLERANCE
 """Largest difference between the re-measured and the logged top-1 (a fraction; val and test) accepted as
-the run's model or its replica: a few images flip with another summation order (a GPU-calibrated final
-re-measured on the CPU, a finetuning replayed), a different plan, calibration or recipe moves far more.
-Any difference is printed and kept in the record."""
+the run's model or its replica (:data:`common.analysis.REPLICA_TOLERANCE`, the one the analysis applies
+when it reads the hits back). Any difference is printed and kept in the record."""
 
-COLUMNS = [
-    "model",
-    "target",
-    "stage",
-    "policy",
-    "rival",
-    "n_seeds",
-    "n_images",
-    "margin",
-    "ci_low_seed",
-    "ci_high_seed",
-    "verdict_seed",
-    "ci_low_both",
-    "ci_high_both",
-    "verdict_both",
-    "df_both",
-    "se_seed",
-    "se_image",
-    "disagree_pct",
-    "detectable",
-    "floor",
-    "images_needed",
-]
-"""CSV columns (pp unless said): the mean paired margin, the seed-only 95 % interval and verdict, the
-interval over seeds and images and its verdict (Satterthwaite ``df_both``), the standard errors of the two
-main parts (``se_seed`` from the per-seed margins, ``se_image`` from the per-image ones), the test
-images (%) on which the two models' top-1 hits differ, mean over seeds, and what this design can resolve
-(:func:`common.analysis.detectable_margin`, 95 % and 80 % power): ``detectable``, the smallest true
-margin at these seeds and images; ``floor``, the same with unlimited seeds on these ``n_images`` (what
-the test split alone allows); ``images_needed``, how many test images would make the observed margin
-detectable with unlimited seeds (:func:`common.analysis.images_needed`)."""
+COLUMNS = ["model", "target", "stage", "policy", "rival", *SEED_IMAGE_COLUMNS]
+"""CSV columns: the margin's key, then :data:`common.analysis.SEED_IMAGE_COLUMNS`."""
 
 
 def margin_rows(hits: Mapping[tuple[str, int], np.ndarray], model: str, target: float, stage: str = "bn") -> list[dict]:
@@ -134,45 +101,9 @@ def margin_rows(hits: Mapping[tuple[str, int], np.ndarray], model: str, target: 
             if not seeds:
                 continue
             d = np.stack([hits[policy, s].astype(np.int8) - hits[rival, s].astype(np.int8) for s in seeds])
-            _, lo_s, hi_s = paired_interval(100.0 * d.mean(axis=1))
-            both = seed_image_interval(d)
-            parts = variance_components(d)
-            rows.append(
-                {
-                    "model": model,
-                    "target": target,
-                    "stage": stage,
-                    "policy": policy,
-                    "rival": rival,
-                    "n_seeds": len(seeds),
-                    "n_images": d.shape[1],
-                    "margin": both["mean"],
-                    "ci_low_seed": lo_s,
-                    "ci_high_seed": hi_s,
-                    "verdict_seed": margin_verdict(lo_s, hi_s, len(seeds)),
-                    "ci_low_both": both["low"],
-                    "ci_high_both": both["high"],
-                    # one seed leaves the images as the only sample: that interval is a verdict too
-                    "verdict_both": margin_verdict(both["low"], both["high"], max(len(seeds), 2)),
-                    "df_both": both["df"],
-                    "se_seed": float(np.sqrt(both["var_seed"])),
-                    "se_image": float(np.sqrt(both["var_image"])),
-                    "disagree_pct": 100.0 * float((d != 0).mean()),
-                    "detectable": _detectable(both, len(seeds)),
-                    "floor": detectable_margin(design_se(parts, math.inf, d.shape[1])),
-                    "images_needed": images_needed(parts, both["mean"]),
-                }
-            )
+            key = {"model": model, "target": target, "stage": stage, "policy": policy, "rival": rival}
+            rows.append(key | seed_image_margin(d))
     return rows
-
-
-def _detectable(both: Mapping[str, float], n_seeds: int) -> float:
-    """:func:`~common.analysis.detectable_margin` of the seeds+images interval as it is drawn: the hull with
-    the seed-only interval (t on ``n - 1`` df), so the larger of the two."""
-    out = detectable_margin(both["se"], both["df"]) if both["df"] > 0 else math.nan
-    if n_seeds > 1 and both["var_seed"] > 0:
-        out = max(out, detectable_margin(math.sqrt(both["var_seed"]), n_seeds - 1))
-    return out
 
 
 class _Remeasure:

@@ -473,7 +473,8 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
     """Build the JSON document of one run log.
 
     ``run_id`` comes from the records (else the file stem), ``model`` from the ``config`` record
-    (else the parent folder's name). Records that are not the run's (a repeated ``seq``, a second
+    (else the header line :class:`RunLog` writes, which a benchmark's log beside its CSV has, else the
+    parent folder's name). Records that are not the run's (a repeated ``seq``, a second
     ``config`` record and what follows it) are left out and reported, as is a file without records
     (:func:`common.logcheck.run_errors`).
 
@@ -488,7 +489,7 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
     errors = sorted(errors + order_errors, key=lambda e: e.line_no)
     run_id = next((r["run_id"] for r in records if isinstance(r.get("run_id"), str)), path.stem)
     configs = [r for r in records if r["kind"] == "config" and isinstance(r.get("model"), str)]
-    model = configs[-1]["model"] if configs else path.parent.name
+    model = configs[-1]["model"] if configs else (_header_model(path) or path.parent.name)
     document = {
         "run_id": run_id,
         "model": model,
@@ -497,6 +498,17 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
         "errors": [str(e) for e in errors],
     }
     return document, errors
+
+
+_HEADER = re.compile(r"^# run log model=(\S+) run_id=")
+
+
+def _header_model(path: Path) -> str | None:
+    """The model named by the header line :class:`RunLog` writes first, None without one."""
+    with path.open("rb") as fh:
+        first = fh.readline(4096).decode("utf-8", errors="replace")
+    match = _HEADER.match(first)
+    return match.group(1) if match else None
 
 
 def dumps_document(document: Mapping[str, Any]) -> str:

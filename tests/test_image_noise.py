@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import analyze_results
 from benchmarks import image_noise
 from common.analysis import (
     design_se,
@@ -27,7 +28,7 @@ from common.analysis import (
 )
 from common.experiment import run_experiment
 from common.loader import make_loader
-from common.logs import final_records, pack_hits, parse_log, unpack_hits
+from common.logs import final_records, jsonify, pack_hits, parse_log, unpack_hits
 from common.train import evaluate
 from tests.test_experiment import config, log_file
 
@@ -217,6 +218,16 @@ def test_an_older_log_is_re_measured_image_for_image_and_resumes(run_log, tmp_pa
         (5.0, "bn"),
         (5.0, "bn"),
     ]
+
+    # the analysis reads the same hits back from the folder (run log + hits log): the same intervals
+    jsonify(tmp_path / "old", tmp_path / "json")
+    assert analyze_results.main(["--json", str(tmp_path / "json"), "--out", str(tmp_path / "analysis")]) == 0
+    folded = pd.read_csv(tmp_path / "analysis" / "policy_vs_rivals.csv").set_index("rival")
+    for r in (*rows, *rows_ft):
+        st = r["stage"]
+        got = folded.loc[r["rival"], [f"margin_{st}", f"ci_low_both_{st}", f"ci_high_both_{st}", f"floor_{st}"]]
+        assert list(got) == pytest.approx([r["margin"], r["ci_low_both"], r["ci_high_both"], r["floor"]])
+        assert folded.loc[r["rival"], f"verdict_both_{st}"] == r["verdict_both"]
 
     lines = out.read_text().splitlines(keepends=True)
     i = next(i for i, line in enumerate(lines) if '"method":"energy"' in line)

@@ -39,7 +39,10 @@ Modules, by what they hold:
 * :mod:`~common.analysis.aggregate`: :func:`aggregate_seeds` (mean / std / count per
   configuration).
 * :mod:`~common.analysis.margins`: paired per-seed margins of the policy over its rivals with
-  Student-t intervals (:func:`policy_margins` against the best rival, :func:`rival_margins` against each).
+  Student-t intervals (:func:`policy_margins` against the best rival, :func:`rival_margins` against each,
+  with the interval over seeds and test images where the hits are known: :func:`seed_image_margin`).
+* :mod:`~common.analysis.hits`: the finals' per-image test hits, from run documents and from the hits
+  logs ``benchmarks/image_noise.py`` keeps (:func:`collect_hits`, :func:`is_hits_document`).
 * :mod:`~common.analysis.recovery`: :func:`finetune_recovery`, how much of a plan's BN gap to the
   dense model finetuning recovers (Theil–Sen slope of gain on gap).
 * :mod:`~common.analysis.markdown`: :func:`markdown_table`, cell formats, mean ± std cells.
@@ -60,22 +63,26 @@ from __future__ import annotations
 from .aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
 from .context import RUN_COLUMNS, RUNS_COLUMNS, checkpoint_fingerprint, end_status, run_context, runs_table
 from .figures import budget_front, pareto_front, save_plot
+from .hits import HITS_KIND, REPLICA_TOLERANCE, collect_hits, is_hits_document
 from .margins import (
     POLICY_MARGIN_COLUMNS,
     POLICY_METHODS,
     POLICY_RIVALS,
     RIVAL_MARGIN_COLUMNS,
+    SEED_IMAGE_COLUMNS,
     bonferroni_level,
     design_se,
     detectable_margin,
     every_rival_verdict,
     images_needed,
+    judged,
     macs_pct,
     margin_verdict,
     paired_interval,
     policy_margins,
     rival_margins,
     seed_image_interval,
+    seed_image_margin,
     variance_components,
 )
 from .markdown import MARKDOWN_COLUMNS, markdown_table
@@ -115,6 +122,9 @@ from .summary import write_summary
 __all__ = [
     "ACC_PLOT_COLUMNS",
     "AGGREGATE_COLUMNS",
+    "HITS_KIND",
+    "REPLICA_TOLERANCE",
+    "SEED_IMAGE_COLUMNS",
     "MARKDOWN_COLUMNS",
     "METHOD_ORDER",
     "PLOTS",
@@ -135,11 +145,14 @@ __all__ = [
     "bonferroni_level",
     "budget_front",
     "checkpoint_fingerprint",
+    "collect_hits",
     "design_se",
     "detectable_margin",
     "every_rival_verdict",
     "finetune_recovery",
     "images_needed",
+    "is_hits_document",
+    "judged",
     "latest_of",
     "latest_plans",
     "latest_records",
@@ -158,6 +171,7 @@ __all__ = [
     "policy_margins",
     "rival_margins",
     "seed_image_interval",
+    "seed_image_margin",
     "variance_components",
     "RIVAL_MARGIN_COLUMNS",
     "readme_block",

@@ -18,7 +18,9 @@ margins; that is the protocol's to declare.
 Seeds are not the only sample. Every method is scored on the same fixed test images, so the per-seed
 intervals answer "would other seeds give this margin *on these images*"; whether it holds on other
 images of the same distribution is a second source of noise. :func:`seed_image_interval` takes both
-(seeds and test images as crossed random factors) from per-image results.
+(seeds and test images as crossed random factors) from per-image results, :func:`seed_image_margin` adds
+what such a design can resolve, and :func:`rival_margins` carries both intervals where the finals' per-image
+hits are known (:mod:`~common.analysis.hits`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .context import RUN_COLUMNS
+from .hits import REPLICA_TOLERANCE, HitsKey
 
 __all__ = [
     "POLICY_MARGIN_COLUMNS",
@@ -43,12 +46,15 @@ __all__ = [
     "detectable_margin",
     "every_rival_verdict",
     "images_needed",
+    "judged",
     "macs_pct",
     "margin_verdict",
     "paired_interval",
     "policy_margins",
     "rival_margins",
+    "SEED_IMAGE_COLUMNS",
     "seed_image_interval",
+    "seed_image_margin",
     "variance_components",
 ]
 
@@ -86,7 +92,19 @@ margin and its 95 % interval in percentage points, the number of paired seeds, t
 every rival's mean paired margin as text, the verdict against every rival at once
 (:func:`every_rival_verdict`) and the policy's MACs relative to the best rival's (:func:`macs_pct`)."""
 
-_RIVAL_FIELDS = ("margin", "ci_low", "ci_high", "n", "verdict", "k", "ci_low_bonf", "ci_high_bonf", "verdict_bonf")
+_BOTH_FIELDS = ("ci_low_both", "ci_high_both", "verdict_both", "floor")
+_RIVAL_FIELDS = (
+    "margin",
+    "ci_low",
+    "ci_high",
+    "n",
+    "verdict",
+    "k",
+    "ci_low_bonf",
+    "ci_high_bonf",
+    "verdict_bonf",
+    *_BOTH_FIELDS,
+)
 RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
     *RUN_COLUMNS,
     "target",
@@ -99,7 +117,37 @@ RIVAL_MARGIN_COLUMNS: tuple[str, ...] = (
 relative to the rival's (:func:`macs_pct`), then per stage the mean paired margin, its 95 %
 interval (pp), the number of paired seeds, the verdict, and the simultaneous version: ``k``, how
 many rivals of the same run, target, policy and stage have an interval (two paired seeds or more),
-the Bonferroni interval at level :func:`bonferroni_level` ``(0.95, k)`` and its verdict."""
+the Bonferroni interval at level :func:`bonferroni_level` ``(0.95, k)`` and its verdict; where the per-image
+test hits of every paired final are known, the interval over seeds *and* test images (``ci_*_both``, centred
+on the logged margin, :func:`seed_image_margin`), its verdict and the design's ``floor`` (the smallest
+margin found with 80 % power on these test images whatever the number of seeds); NaN / None elsewhere."""
+
+SEED_IMAGE_COLUMNS: tuple[str, ...] = (
+    "n_seeds",
+    "n_images",
+    "margin",
+    "ci_low_seed",
+    "ci_high_seed",
+    "verdict_seed",
+    "ci_low_both",
+    "ci_high_both",
+    "verdict_both",
+    "df_both",
+    "se_seed",
+    "se_image",
+    "disagree_pct",
+    "detectable",
+    "floor",
+    "images_needed",
+)
+"""Keys of :func:`seed_image_margin` (pp unless said): the mean paired margin, the seed-only 95 % interval and
+verdict, the interval over seeds and images and its verdict (Satterthwaite ``df_both``), the standard errors
+of the two main parts (``se_seed`` from the per-seed margins, ``se_image`` from the per-image ones), the test
+images (%) on which the two models' top-1 hits differ, mean over seeds, and what this design can resolve
+(:func:`detectable_margin`, 95 % and 80 % power): ``detectable``, the smallest true margin at these seeds and
+images; ``floor``, the same with unlimited seeds on these ``n_images`` (what the test split alone allows);
+``images_needed``, how many test images would make the observed margin detectable with unlimited seeds
+(:func:`images_needed`)."""
 
 LEVEL = 0.95
 """Confidence level of every margin interval (per comparison)."""
@@ -288,6 +336,51 @@ def images_needed(
     return per_image / room
 
 
+def seed_image_margin(differences: np.ndarray) -> dict[str, Any]:
+    """One policy's margin over one rival with seeds and test images as samples: :data:`SEED_IMAGE_COLUMNS`.
+
+    Args:
+        differences: shape ``n x N`` (seeds x images), the policy's hit minus the rival's on each test image
+            at each seed, values in {-1, 0, 1} (as :func:`seed_image_interval`).
+
+    Raises:
+        ValueError: as :func:`seed_image_interval`.
+    """
+    d = np.asarray(differences)
+    both = seed_image_interval(d)
+    parts = variance_components(d)
+    n, big_n = d.shape
+    _, low_s, high_s, verdict_s = judged(100.0 * d.mean(axis=1))
+    return {
+        "n_seeds": n,
+        "n_images": big_n,
+        "margin": both["mean"],
+        "ci_low_seed": low_s,
+        "ci_high_seed": high_s,
+        "verdict_seed": verdict_s,
+        "ci_low_both": both["low"],
+        "ci_high_both": both["high"],
+        # one seed leaves the images as the only sample: that interval is a verdict too
+        "verdict_both": margin_verdict(both["low"], both["high"], max(n, 2)),
+        "df_both": both["df"],
+        "se_seed": math.sqrt(both["var_seed"]),
+        "se_image": math.sqrt(both["var_image"]),
+        "disagree_pct": 100.0 * float((d != 0).mean()),
+        "detectable": _detectable(both, n),
+        "floor": detectable_margin(design_se(parts, math.inf, big_n)),
+        "images_needed": images_needed(parts, both["mean"]),
+    }
+
+
+def _detectable(both: Mapping[str, float], n_seeds: int) -> float:
+    """:func:`detectable_margin` of the seeds+images interval as it is drawn: the hull with the seed-only
+    interval (t on ``n - 1`` df), so the larger of the two."""
+    out = detectable_margin(both["se"], both["df"]) if both["df"] > 0 else math.nan
+    if n_seeds > 1 and both["var_seed"] > 0:
+        out = max(out, detectable_margin(math.sqrt(both["var_seed"]), n_seeds - 1))
+    return out
+
+
 def bonferroni_level(level: float, k: int) -> float:
     """Per-interval confidence level that makes ``k`` intervals hold together with probability at
     least ``level`` (Bonferroni: the miss rate ``1 - level`` split evenly, ``1 - (1 - level) / k``).
@@ -352,8 +445,9 @@ def margin_verdict(low: float, high: float, n: int) -> str | None:
     return "within noise"
 
 
-def _judged(differences: np.ndarray, level: float = LEVEL) -> tuple[float, float, float, str | None]:
-    """:func:`paired_interval` of ``differences`` at ``level`` and the :func:`margin_verdict` of it."""
+def judged(differences: Sequence[float], level: float = LEVEL) -> tuple[float, float, float, str | None]:
+    """``(mean, low, high, verdict)``: :func:`paired_interval` of per-seed ``differences`` at ``level`` and
+    the :func:`margin_verdict` of it."""
     mean, low, high = paired_interval(differences, level)
     return mean, low, high, margin_verdict(low, high, len(differences))
 
@@ -428,7 +522,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
     best = max(scores, key=lambda r: scores[r].mean())
     diffs = _paired_pp(policy, scores[best])
     paired_seeds = policy.index.intersection(scores[best].index)
-    mean, low, high, verdict = _judged(diffs)
+    mean, low, high, verdict = judged(diffs)
     each = {r: _paired_pp(policy, s) for r, s in scores.items()}
     out.update(
         best_rival=best,
@@ -438,7 +532,7 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
         n=len(diffs),
         verdict=verdict,
         each_rival=", ".join(f"{r} {d.mean():+.2f}" for r, d in each.items() if d.size) or None,
-        every_rival=every_rival_verdict({r: _judged(d)[3] for r, d in each.items()}),
+        every_rival=every_rival_verdict({r: judged(d)[3] for r, d in each.items()}),
         macs_pct=_macs_pct_of(group, method, best, paired_seeds),
     )
     return out
@@ -484,8 +578,57 @@ def policy_margins(
     return out
 
 
+def _both_fields(
+    group: pd.DataFrame, policy: str, rival: str, stage: str, col: str, hits: Mapping[HitsKey, np.ndarray]
+) -> dict[str, Any]:
+    """The :data:`_BOTH_FIELDS` of one stage of ``policy`` against ``rival`` in a comparison group: NaN / None
+    unless the hits of every final the margin pairs are known.
+
+    Raises:
+        ValueError: hits whose top-1 is not their final's (beyond :data:`REPLICA_TOLERANCE`), or hits of
+            different test splits.
+    """
+    out: dict[str, Any] = {f"{f}_{stage}": None if f == "verdict_both" else math.nan for f in _BOTH_FIELDS}
+    if not hits or col not in group.columns:
+        return out
+    acc = {m: _per_seed(group, m, col) for m in (policy, rival)}
+    seeds = acc[policy].index.intersection(acc[rival].index)
+    if seeds.empty:
+        return out
+    model, run_id, target = str(group["model"].iloc[0]), str(group["run_id"].iloc[0]), float(group["target"].iloc[0])
+    table = {}
+    for method in (policy, rival):
+        for seed in seeds:
+            h = hits.get((model, run_id, method, target, int(seed), stage))
+            if h is None:
+                return out
+            if abs(float(h.mean()) - float(acc[method][seed])) > REPLICA_TOLERANCE:
+                raise ValueError(
+                    f"run {run_id!r} ({model}): the test hits of {method} seed {seed} x{target:g} ({stage}) give "
+                    f"top-1 {h.mean():.4f}, its final {acc[method][seed]:.4f}: not that final's model"
+                )
+            table[method, seed] = h
+    if len({h.size for h in table.values()}) != 1:
+        raise ValueError(f"run {run_id!r} ({model}) x{target:g} ({stage}): test hits of different test splits")
+    d = np.stack([table[policy, s].astype(np.int8) - table[rival, s].astype(np.int8) for s in seeds])
+    both = seed_image_margin(d)
+    # Centred on the logged margin: a replica's hits (a GPU final re-measured on the CPU) may differ from
+    # the logged model's on a few images; they measure the noise, the log holds the measurement.
+    shift = float(_paired_pp(acc[policy], acc[rival]).mean()) - both["margin"]
+    low, high = both["ci_low_both"] + shift, both["ci_high_both"] + shift
+    return {
+        f"ci_low_both_{stage}": low,
+        f"ci_high_both_{stage}": high,
+        f"verdict_both_{stage}": margin_verdict(low, high, max(len(seeds), 2)),
+        f"floor_{stage}": both["floor"],
+    }
+
+
 def rival_margins(
-    df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS, policies: Sequence[str] = POLICY_METHODS
+    df: pd.DataFrame,
+    rivals: Sequence[str] = POLICY_RIVALS,
+    policies: Sequence[str] = POLICY_METHODS,
+    hits: Mapping[HitsKey, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Per run, target and policy: its paired margin over *each* rival, BN and finetuned.
 
@@ -495,13 +638,24 @@ def rival_margins(
     the same rows of ``df`` count (HT-2, compared within one run). Each row also carries the
     simultaneous interval over the ``k`` rivals of its run, target, policy and stage that have an
     interval (Bonferroni, each at :func:`bonferroni_level` ``(0.95, k)``): the one to quote when a
-    single rival's row is read as a finding while the others were looked at too.
+    single rival's row is read as a finding while the others were looked at too. Where ``hits`` holds
+    the per-image test hits of every final a margin pairs (:func:`~common.analysis.collect_hits`), the
+    row also carries the interval over seeds *and* test images (:func:`seed_image_margin`), centred on
+    the logged margin, its verdict and the floor of the design.
+
+    Args:
+        df: per-seed rows (:func:`~common.analysis.summary_table`).
+        rivals, policies: as :func:`policy_margins`.
+        hits: per-image hits by :data:`~common.analysis.hits.HitsKey` (None: no seeds+images columns).
 
     Returns:
         :data:`RIVAL_MARGIN_COLUMNS`, one row per run, target, policy and rival that both ran
         (rivals in the order of ``rivals``); NaN / ``n = 0`` for a stage not measured on both
         (``k = 0`` where no rival has two paired seeds). ``macs_pct`` pairs every seed both ran
         (the plans, hence their MACs, do not change with finetuning).
+
+    Raises:
+        ValueError: hits that are not their final's (:func:`_both_fields`).
     """
     rows = []
     for g in comparison_groups(df):
@@ -520,11 +674,11 @@ def rival_margins(
             for rival in cell:
                 row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")} | {"policy": policy, "rival": rival}
                 row["macs_pct"] = _macs_pct_of(g, policy, rival)
-                for stage, _ in STAGES:
+                for stage, col in STAGES:
                     d, k = diffs[rival, stage], family[stage]
-                    mean, low, high, verdict = _judged(d)
+                    mean, low, high, verdict = judged(d)
                     # k == 0: no rival, this one included, has two paired seeds: no interval either way.
-                    _, low_k, high_k, verdict_k = _judged(d, bonferroni_level(LEVEL, k)) if k else _judged(d)
+                    _, low_k, high_k, verdict_k = judged(d, bonferroni_level(LEVEL, k)) if k else judged(d)
                     row |= {
                         f"margin_{stage}": mean,
                         f"ci_low_{stage}": low,
@@ -536,5 +690,6 @@ def rival_margins(
                         f"ci_high_bonf_{stage}": high_k,
                         f"verdict_bonf_{stage}": verdict_k,
                     }
+                    row |= _both_fields(g, policy, rival, stage, col, hits or {})
                 rows.append(row)
     return pd.DataFrame(rows, columns=list(RIVAL_MARGIN_COLUMNS))

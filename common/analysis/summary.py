@@ -9,12 +9,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from common.files import atomic_write
 
 from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
 from .context import RUNS_COLUMNS, runs_table
+from .hits import HitsKey
 from .margins import POLICY_METHODS, POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins, rival_margins
 from .markdown import (
     DISPLAY_FORMATS,
@@ -47,6 +49,7 @@ def write_summary(
     command: str | None = None,
     n_runs: int | None = None,
     runs: Sequence[Mapping] = (),
+    hits: Mapping[HitsKey, np.ndarray] | None = None,
 ) -> tuple[Path, Path, Path, Path, Path]:
     """Write ``summary.csv`` (per configuration), ``summary_seeds.csv`` (per seed), ``summary.md``,
     ``policy_vs_rivals.csv`` (the policy's paired margin over each rival), ``finetune_recovery.csv``
@@ -62,6 +65,8 @@ def write_summary(
         command: the command that produced the results, stated in the Markdown header.
         n_runs: number of runs analysed, stated in the header when given.
         runs: the run documents, listed in a "Runs" section (dataset, checkpoint, device, date).
+        hits: the finals' per-image test hits (:func:`~common.analysis.collect_hits`): the margins over
+            each rival then also count the test images as a sample where every paired final has them.
 
     Returns:
         ``(csv_path, md_path, seeds_csv_path, rivals_csv_path, recovery_csv_path)``: ``summary.csv``
@@ -73,11 +78,11 @@ def write_summary(
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / "summary.csv", out_dir / "summary.md"
     seeds_path = out_dir / "summary_seeds.csv"
+    rivals = rival_margins(df, hits=hits)  # first: hits that are not their finals' stop it before any write
     agg = aggregate_seeds(df)
     _write_text(csv_path, agg.to_csv(index=False))
     _write_text(seeds_path, df.to_csv(index=False))
     rivals_path = out_dir / "policy_vs_rivals.csv"
-    rivals = rival_margins(df)
     _write_text(rivals_path, rivals.to_csv(index=False))
     recovery_path = out_dir / "finetune_recovery.csv"
     recovery = finetune_recovery(df)
@@ -230,13 +235,22 @@ def _bonferroni_cell(low: float, high: float, verdict: str | None, k: int) -> st
     return " ".join(x for x in (interval, f"k = {k}", _verdict_word(verdict)) if x)
 
 
+def _both_cell(low: float, high: float, verdict: str | None, floor: float) -> str | None:
+    """``[-0.07, +0.57] (floor 0.44)``: the interval over seeds and test images, its verdict's word and the
+    smallest margin these test images let any number of seeds find (80 % power)."""
+    interval = _interval_cell(low, high)
+    if interval is None:
+        return None
+    return " ".join(x for x in (interval, _verdict_word(verdict), f"(floor {floor:.2f})") if x)
+
+
 def rivals_section(rivals: pd.DataFrame) -> list[str]:
     """The "Against each rival" section of ``summary.md`` (:func:`rival_margins`); empty without rows."""
     if rivals.empty:
         return []
     display = rivals.copy()
     headers = {"model": "Model", "run_id": "Run", "target": "Target", "policy": "Policy", "rival": "Rival"}
-    cost = ""
+    cost = both = ""
     if not rivals["macs_pct"].isna().all():
         headers["macs_pct"] = "Policy MACs vs rival"
         cost = (
@@ -252,6 +266,17 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
         cols = [rivals[f"{f}_{stage}"] for f in ("ci_low_bonf", "ci_high_bonf", "verdict_bonf", "k")]
         display[f"bonf_{stage}"] = [_bonferroni_cell(*v) for v in zip(*cols)]
         headers[f"bonf_{stage}"] = f"{STAGE_NAMES[stage]}: joint CI over k rivals"
+        if rivals[f"ci_low_both_{stage}"].notna().any():
+            cols = [rivals[f"{f}_{stage}"] for f in ("ci_low_both", "ci_high_both", "verdict_both", "floor")]
+            display[f"both_{stage}"] = [_both_cell(*v) for v in zip(*cols)]
+            headers[f"both_{stage}"] = f"{STAGE_NAMES[stage]}: 95 % CI over seeds and test images"
+            both = (
+                " *CI over seeds and test images*: where every paired final's per-image test hits are known (logged "
+                "by the run, or re-measured by `benchmarks/image_noise.py` into the folder's hits log), the same "
+                "margin with the test images counted as a sample too (`seed_image_interval`, centred on the "
+                "logged margin; – where hits are missing); *floor*: the smallest true margin found with 80 % "
+                "power on these test images whatever the number of seeds."
+            )
     return [
         "### Against each rival",
         "",
@@ -261,7 +286,7 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
         "of its own while the cell's other rivals were looked at too needs the *joint* interval: "
         "Bonferroni over the k rivals of that run, target and stage with an interval (each at "
         "1 − 0.05 / k), so that all k hold together with probability ≥ 95 %. Neither corrects for "
-        "seeds added after a look at the margins, nor across models and budgets." + cost,
+        "seeds added after a look at the margins, nor across models and budgets." + cost + both,
         "",
         markdown_table(display, headers, {"target": factor, "macs_pct": _pct_cell}),
         "",
