@@ -36,9 +36,12 @@ PARAMETERS = (
     "LOG_DIR",
 )
 # What each smoke run takes on a 2-core CPU machine (README; printed by the test, not asserted: speed
-# is measured, never a pass/fail condition). Twice it is papermill's per-cell limit, so a hung kernel
-# fails instead of stalling CI.
+# is measured, never a pass/fail condition). Five times it is papermill's per-cell limit, so a hung kernel
+# fails instead of stalling CI: twice was too tight for a slow day of the same VM (2026-12-07: the whole
+# suite 1.6x slower, the ResNet-18 notebook's run cell past 240 s), and a limit is a hang guard, not a
+# speed test.
 SMOKE_SECONDS = 120
+CELL_LIMIT_SECONDS = 5 * SMOKE_SECONDS
 # ResNet-18 and VGG-16 cost ~2.5x AlexNet per image, and every final model is evaluated on val+test
 # twice and finetuned: with all seven methods a smoke run of either takes over 2 min on 2 cores. Each
 # runs one method of each kind (closed form, sampling or modelling, sensitivity-guided), different
@@ -218,7 +221,7 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
         kernel_name=python3_kernel,
         cwd=str(REPO),
         progress_bar=False,
-        execution_timeout=2 * SMOKE_SECONDS,
+        execution_timeout=CELL_LIMIT_SECONDS,
     )
     seconds = time.perf_counter() - t0
     print(f"{name}: {seconds:.1f}s")
