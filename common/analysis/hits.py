@@ -63,9 +63,11 @@ def collect_hits(documents: Iterable[Mapping]) -> dict[HitsKey, np.ndarray]:
             )
         out[key], source[key] = hits, where
 
-    documents = list(documents)
-    hits_docs = [d for d in documents if is_hits_document(d)]
-    for run in (d for d in documents if not is_hits_document(d)):
+    hits_docs = []
+    for run in documents:
+        if is_hits_document(run):
+            hits_docs.append(run)
+            continue
         for (method, decomposition, target, seed), final in latest_of(run, "final").items():
             if decomposition != "ht2" or final.get("test_images") is None:
                 continue

@@ -579,10 +579,16 @@ def policy_margins(
 
 
 def _both_fields(
-    group: pd.DataFrame, policy: str, rival: str, stage: str, col: str, hits: Mapping[HitsKey, np.ndarray]
+    group: pd.DataFrame,
+    policy: str,
+    rival: str,
+    stage: str,
+    col: str,
+    hits: Mapping[HitsKey, np.ndarray],
+    margin: float,
 ) -> dict[str, Any]:
-    """The :data:`_BOTH_FIELDS` of one stage of ``policy`` against ``rival`` in a comparison group: NaN / None
-    unless the hits of every final the margin pairs are known.
+    """The :data:`_BOTH_FIELDS` of one stage of ``policy`` against ``rival`` in a comparison group, centred on
+    the logged paired ``margin`` (pp): NaN / None unless the hits of every final the margin pairs are known.
 
     Raises:
         ValueError: hits whose top-1 is not their final's (beyond :data:`REPLICA_TOLERANCE`), or hits of
@@ -614,7 +620,7 @@ def _both_fields(
     both = seed_image_margin(d)
     # Centred on the logged margin: a replica's hits (a GPU final re-measured on the CPU) may differ from
     # the logged model's on a few images; they measure the noise, the log holds the measurement.
-    shift = float(_paired_pp(acc[policy], acc[rival]).mean()) - both["margin"]
+    shift = margin - both["margin"]
     low, high = both["ci_low_both"] + shift, both["ci_high_both"] + shift
     return {
         f"ci_low_both_{stage}": low,
@@ -690,6 +696,6 @@ def rival_margins(
                         f"ci_high_bonf_{stage}": high_k,
                         f"verdict_bonf_{stage}": verdict_k,
                     }
-                    row |= _both_fields(g, policy, rival, stage, col, hits or {})
+                    row |= _both_fields(g, policy, rival, stage, col, hits or {}, mean)
                 rows.append(row)
     return pd.DataFrame(rows, columns=list(RIVAL_MARGIN_COLUMNS))
