@@ -1,5 +1,6 @@
 """The finals' per-image test hits in the analysis: :func:`common.analysis.collect_hits` (from run documents
-and from hits logs), and :func:`common.analysis.rival_margins`' interval over seeds and test images (the one
+and from hits logs), and the interval over seeds and test images of :func:`common.analysis.rival_margins` and
+:func:`common.analysis.policy_margins` (the one
 ``seed_image_margin`` gives, centred on the logged margin; missing hits leave it empty; hits that are not
 their final's are refused by name); ``jsonify_logs`` naming a hits log's model from its header."""
 
@@ -14,11 +15,14 @@ import pytest
 import analyze_results
 from common.analysis import (
     collect_hits,
+    every_rival_verdict,
     is_hits_document,
     load_runs,
+    policy_margins,
     rival_margins,
     seed_image_margin,
 )
+from common.analysis.summary import margins_section
 from common.logs import RunLog, jsonify, pack_hits
 
 N = 2000
@@ -88,6 +92,34 @@ def test_a_replicas_hits_give_the_width_and_the_log_the_centre():
     h[np.flatnonzero(~h)[:10]] = True  # now 11 images (0.55 pp) off: another model's hits
     with pytest.raises(ValueError, match=r"run 'r1' \(m\): the test hits of policy seed 1 x3 \(bn\) give top-1"):
         rival_margins(df, hits=hits)
+
+
+def test_the_best_rival_table_carries_the_seeds_and_images_interval_and_the_claim_read_from_it():
+    df, hits = _frame_and_hits()
+    rng = np.random.default_rng(1)
+    energy = [0.830, 0.832, 0.829]  # far behind: the claim then turns on uniform alone
+    rows = df[df["method"] == "uniform"].assign(method="energy", test_top1_bn=energy)
+    df = pd.concat([df, rows], ignore_index=True)
+    for s, acc in enumerate(energy):
+        hits["m", RUN, "energy", 3.0, s, "bn"] = _hits(rng, acc)
+    row = policy_margins(df, hits=hits).iloc[0]
+    each = rival_margins(df, hits=hits).set_index("rival")
+    assert row["best_rival_bn"] == "uniform"
+    for f in ("ci_low_both", "ci_high_both", "verdict_both"):  # the best rival's row of the per-rival table
+        assert row[f"{f}_bn"] == each.loc["uniform", f"{f}_bn"]
+    assert row["every_rival_both_bn"] == every_rival_verdict(dict(each["verdict_both_bn"]))
+    assert each.loc["energy", "verdict_both_bn"] == "policy ahead"
+    section = "\n".join(margins_section(policy_margins(df, hits=hits)))
+    cell = f"[{row['ci_low_both_bn']:+.2f}, {row['ci_high_both_bn']:+.2f}]"
+    assert "| 95 % CI over seeds and test images BN |" in section and cell in section
+    assert f"| {row['every_rival_both_bn']} |" in section
+
+    del hits["m", RUN, "energy", 3.0, 0, "bn"]  # one rival without hits: no claim on these intervals
+    partial = policy_margins(df, hits=hits).iloc[0]
+    assert partial["every_rival_both_bn"] is None and partial["ci_low_both_bn"] == row["ci_low_both_bn"]
+    plain = policy_margins(df).iloc[0]
+    assert math.isnan(plain["ci_low_both_bn"]) and plain["every_rival_both_bn"] is None
+    assert "seeds and test images" not in "\n".join(margins_section(policy_margins(df)))
 
 
 def _final(method: str, seed: int, acc: float, hits: np.ndarray | None) -> dict:

@@ -75,6 +75,10 @@ _MARGIN_FIELDS = (
     "each_rival",
     "every_rival",
     "macs_pct",
+    "ci_low_both",
+    "ci_high_both",
+    "verdict_both",
+    "every_rival_both",
 )
 STAGES = (("bn", "test_top1_bn"), ("ft", "test_top1_ft"))
 """``(stage, accuracy column)``: after BN recalibration and after finetuning."""
@@ -90,7 +94,10 @@ POLICY_MARGIN_COLUMNS: tuple[str, ...] = (
 target and policy method, then per stage (``bn``, ``ft``) the best rival, the mean paired
 margin and its 95 % interval in percentage points, the number of paired seeds, the verdict,
 every rival's mean paired margin as text, the verdict against every rival at once
-(:func:`every_rival_verdict`) and the policy's MACs relative to the best rival's (:func:`macs_pct`)."""
+(:func:`every_rival_verdict`), the policy's MACs relative to the best rival's (:func:`macs_pct`), and where
+per-image test hits are known the interval over seeds *and* test images against the best rival
+(``ci_*_both``, ``verdict_both``, as :func:`rival_margins`) and the verdict against every rival on those
+intervals (``every_rival_both``: only where every rival of the stage has one; None elsewhere)."""
 
 _BOTH_FIELDS = ("ci_low_both", "ci_high_both", "verdict_both", "floor")
 _RIVAL_FIELDS = (
@@ -507,11 +514,19 @@ def comparison_groups(df: pd.DataFrame) -> list[pd.DataFrame]:
     return [g for _, g in ht2.groupby([*RUN_COLUMNS, "target"], sort=True, dropna=False)]
 
 
-def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method: str = "policy") -> dict[str, Any]:
-    """The :data:`_MARGIN_FIELDS` of policy ``method`` in one (model, target) group for accuracy
-    column ``col``."""
+def _stage_margins(
+    group: pd.DataFrame,
+    stage: str,
+    col: str,
+    rivals: Sequence[str],
+    method: str = "policy",
+    hits: Mapping[HitsKey, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """The :data:`_MARGIN_FIELDS` of policy ``method`` in one (model, target) group for ``stage``, whose
+    accuracy column is ``col``."""
     out: dict[str, Any] = dict.fromkeys(_MARGIN_FIELDS, math.nan)
     out.update(best_rival=None, n=0, verdict=None, each_rival=None, every_rival=None)
+    out.update(verdict_both=None, every_rival_both=None)
     if col not in group.columns:
         return out
     policy = _per_seed(group, method, col)
@@ -524,6 +539,19 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
     paired_seeds = policy.index.intersection(scores[best].index)
     mean, low, high, verdict = judged(diffs)
     each = {r: _paired_pp(policy, s) for r, s in scores.items()}
+    both = {
+        r: {
+            k.removesuffix(f"_{stage}"): v
+            for k, v in _both_fields(group, method, r, stage, col, hits, d.mean()).items()
+        }
+        for r, d in each.items()
+        if d.size and hits
+    }
+    if both.get(best):
+        out.update({k: both[best][k] for k in ("ci_low_both", "ci_high_both", "verdict_both")})
+    measured = [r for r, d in each.items() if d.size]
+    if measured and all(r in both and both[r]["verdict_both"] is not None for r in measured):
+        out["every_rival_both"] = every_rival_verdict({r: both[r]["verdict_both"] for r in measured})
     out.update(
         best_rival=best,
         margin=mean,
@@ -539,7 +567,10 @@ def _stage_margins(group: pd.DataFrame, col: str, rivals: Sequence[str], method:
 
 
 def policy_margins(
-    df: pd.DataFrame, rivals: Sequence[str] = POLICY_RIVALS, policies: Sequence[str] = POLICY_METHODS
+    df: pd.DataFrame,
+    rivals: Sequence[str] = POLICY_RIVALS,
+    policies: Sequence[str] = POLICY_METHODS,
+    hits: Mapping[HitsKey, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Per run, target and policy: the HT-2 policy's test accuracy minus the best rival's, BN and finetuned.
 
@@ -559,9 +590,13 @@ def policy_margins(
             as ``ht2``) are ignored.
         rivals: methods to compare with, in order of preference on ties.
         policies: the methods under test, each on its own row (in this order) where it was run.
+        hits: per-image hits by :data:`~common.analysis.hits.HitsKey` (None: no seeds+images columns).
 
     Returns:
         :data:`POLICY_MARGIN_COLUMNS`, one row per run, target and policy run with a rival.
+
+    Raises:
+        ValueError: hits that are not their final's (:func:`_both_fields`).
     """
     rows = []
     for g in comparison_groups(df):
@@ -570,7 +605,7 @@ def policy_margins(
                 continue
             row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")} | {"policy": policy}
             for stage, col in STAGES:
-                row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, col, rivals, policy).items()})
+                row.update({f"{k}_{stage}": v for k, v in _stage_margins(g, stage, col, rivals, policy, hits).items()})
             rows.append(row)
     out = pd.DataFrame(rows, columns=list(POLICY_MARGIN_COLUMNS))
     for stage, _ in STAGES:

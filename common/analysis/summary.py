@@ -95,7 +95,7 @@ def write_summary(
         display = seed_display(agg)
         lines += ["## Results", ""]
         lines.append(markdown_table(display, MARKDOWN_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS))
-        lines += margins_section(policy_margins(df))
+        lines += margins_section(policy_margins(df, hits=hits))
         lines += rivals_section(rivals)
         lines += recovery_section(recovery)
     lines += _plots_section(plots, out_dir)
@@ -205,6 +205,13 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
             f"every_rival_{stage}": f"Every rival ({name})",
             f"macs_pct_{stage}": f"Policy MACs vs best rival ({name})",
         }
+        if margins[f"ci_low_both_{stage}"].notna().any():
+            cols = [margins[f"{f}_{stage}"] for f in ("ci_low_both", "ci_high_both", "verdict_both")]
+            display[f"both_{stage}"] = [_both_interval_cell(*v) for v in zip(*cols)]
+            headers |= {
+                f"both_{stage}": f"95 % CI over seeds and test images {name}",
+                f"every_rival_both_{stage}": f"Every rival, seeds and test images ({name})",
+            }
     return display, headers
 
 
@@ -233,6 +240,14 @@ def _bonferroni_cell(low: float, high: float, verdict: str | None, k: int) -> st
     if interval is None:
         return None
     return " ".join(x for x in (interval, f"k = {k}", _verdict_word(verdict)) if x)
+
+
+def _both_interval_cell(low: float, high: float, verdict: str | None) -> str | None:
+    """``[+0.23, +0.71] ahead``: an interval over seeds and test images and its verdict's word."""
+    interval = _interval_cell(low, high)
+    if interval is None:
+        return None
+    return " ".join(x for x in (interval, _verdict_word(verdict)) if x)
 
 
 def _both_cell(low: float, high: float, verdict: str | None, floor: float) -> str | None:
@@ -298,6 +313,13 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
     if margins.empty:
         return []
     display, headers = _margins_display(margins)
+    both = ""
+    if any(h.startswith("both_") for h in headers):
+        both = (
+            " *CI over seeds and test images*: the same margin with the test images counted as a sample too, where "
+            "every paired final's per-image test hits are known (as in *Against each rival* below); *Every rival, "
+            "seeds and test images*: the claim read from those intervals, where every rival of the cell has one."
+        )
     formats: dict[str, Format] = {"target": factor}
     for stage, _ in STAGES:
         formats |= {
@@ -321,9 +343,9 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         'needed for "all"), else the rivals that stop it. '
         "*Policy MACs vs best rival*: how many more MACs the policy's plans keep than the best rival's, "
         "paired over the same seeds (+ = the policy spends more of the budget band; "
-        "`benchmarks/matched_macs.py` re-picks at equal MACs).",
+        "`benchmarks/matched_macs.py` re-picks at equal MACs)." + both,
         "",
-        markdown_table(display, headers, formats, right=[f"ci_{s}" for s, _ in STAGES]),
+        markdown_table(display, headers, formats, right=[f"{c}_{s}" for s, _ in STAGES for c in ("ci", "both")]),
         "",
     ]
 
