@@ -101,6 +101,11 @@ _KIND_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 _RECORD_START_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T")
 _KIND_WIDTH = max(len(k) for k in KIND_KEYS)
+_HEADER_LINE = (
+    "# run log model={model} run_id={run_id} | record lines: <UTC time> <KIND> <text>, then '@@' and the JSON record\n"
+)
+"""The first line of a new log; :func:`_header_model` reads the model back from it (hits logs have no config)."""
+_HEADER = re.compile("^" + re.escape(_HEADER_LINE.split("{model}")[0]) + r"(\S+) ")
 
 
 def check_name(what: str, name: str) -> str:
@@ -308,11 +313,7 @@ class RunLog:
         if self.path.exists():
             self._resume()
         else:
-            self._append(
-                f"# run log model={self.model} run_id={self.run_id} | record lines: "
-                "<UTC time> <KIND> <text>, then '@@' and the JSON record\n",
-                new_file=True,
-            )
+            self._append(_HEADER_LINE.format(model=self.model, run_id=self.run_id), new_file=True)
         self._next_seq = self._seq_after_records()
 
     @classmethod
@@ -498,9 +499,6 @@ def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
         "errors": [str(e) for e in errors],
     }
     return document, errors
-
-
-_HEADER = re.compile(r"^# run log model=(\S+) run_id=")
 
 
 def _header_model(path: Path) -> str | None:
