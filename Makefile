@@ -18,7 +18,8 @@ export PYTHONDONTWRITEBYTECODE := 1
 # The demo (see README, Quick start): every method at 20x conv MACs (digits is too easy to separate them at
 # 3x: at 10x uniform, energy and vbmf are still within one test image of the baseline), 3 seeds, a
 # 12-candidate search budget, a quarter epoch of finetuning, each final model's BN statistics from 256 train
-# images. Measured 7.3 min with the baseline training on an idle 2-core CPU (about 9.5 with the venv build).
+# images. Measured 8.5 min with the baseline training on an idle 2-core Xeon (2026-11-30), 9.2 on an AMD EPYC
+# (2026-12-07); the venv build adds 2-4 min (README, Quick start).
 RUN_ARGS ?= --model resnet18 --dataset digits --targets 20 --n-seeds 3 --search-budget 12 \
 	--finetune-epochs 0.25 --finetune-batch-size 32 --calib-images 128 --val-images 0 --final-calib-images 256 \
 	--sensitivity-levels 0.3 --run-id make-run

@@ -33,6 +33,7 @@ from .data import DatasetSplits, load_dataset
 from .deploy import fastest_latency
 from .device import resolve_device
 from .dist import from_main, init_from_env, initialized, leaving, rank_device, shard_map, world
+from .latency import cpu_name
 from .loader import make_loader
 from .lock import LogLockedError
 from .logs import RunLog, config_record, pack_hits, parse_log
@@ -340,6 +341,7 @@ def _log_inputs(cfg: ExperimentConfig, log: RunLog, device: torch.device, inputs
         torch=torch.__version__,
         host=platform.node(),
         machine=platform.processor() or platform.machine(),
+        cpu=cpu_name(),  # CPU models differ in their kernels' last digits (README: the demo on two CPUs)
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )

@@ -18,6 +18,7 @@ from common.artifacts import file_sha256, load_compressed, read_artifact
 from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig, search_config
 from common.data import load_dataset
 from common.experiment import parse_args, run_experiment
+from common.latency import cpu_name
 from common.loader import make_loader
 from common.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
 from common.proxy import final_model
@@ -96,6 +97,7 @@ def test_log_round_trips_through_jsonify(reference, tmp_path):
     assert canon(of_kind(records, "final")[: len(finals)]) == canon(finals)
     config_rec = of_kind(records, "config")[0]
     assert config_rec["calib_images"] == 64 and config_rec["sensitivity_levels"] == [0.5, 0.2]
+    assert config_rec["cpu"] == cpu_name()  # the CPU model: its kernels' last digits are the run's
 
 
 def test_every_method_meets_the_budget(reference):

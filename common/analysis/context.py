@@ -23,6 +23,7 @@ __all__ = [
     "CHECKPOINT_HASH_FIELDS",
     "RUN_COLUMNS",
     "checkpoint_fingerprint",
+    "device_of",
     "RUNS_COLUMNS",
     "model_runs",
     "run_context",
@@ -107,10 +108,20 @@ RUNS_COLUMNS: tuple[str, ...] = (
 """Columns of :func:`runs_table`."""
 
 
+def device_of(config: Mapping[str, Any]) -> str | None:
+    """The device a ``config`` record names: its ``device_name``, or for a CPU run the CPU's model name
+    where the run logged it (``cpu``, since 2026-12-07): two CPU models can give a run different last
+    digits, and so a different finetuned model."""
+    device = config.get("device_name")
+    if (device is None or str(device).lower() == "cpu") and config.get("cpu"):
+        return str(config["cpu"])
+    return device
+
+
 def runs_table(runs: Sequence[Mapping]) -> list[dict[str, Any]]:
     """One row per run (:data:`RUNS_COLUMNS`), sorted by model and start: the context of every
     result row: ``checkpoint`` is the fingerprint, ``checkpoint_path`` the file as logged,
-    ``device`` the config's ``device_name``, ``date`` its start, ``status`` :func:`end_status`."""
+    ``device`` the config's device (:func:`device_of`), ``date`` its start, ``status`` :func:`end_status`."""
     rows = []
     for model in sorted({str(r.get("model")) for r in runs}):
         for run in model_runs(runs, model):
@@ -119,7 +130,7 @@ def runs_table(runs: Sequence[Mapping]) -> list[dict[str, Any]]:
                 {
                     **run_context(run),
                     "checkpoint_path": base.get("checkpoint") or config.get("checkpoint"),
-                    "device": config.get("device_name"),
+                    "device": device_of(config),
                     "date": config.get("date"),
                     "status": end_status(run),
                 }

@@ -15,7 +15,7 @@ from common.files import atomic_write
 
 from . import summary
 from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
-from .context import runs_table
+from .context import device_of, runs_table
 from .markdown import DISPLAY_FORMATS, markdown_table, seed_display, seed_sentence
 from .records import is_missing, kind_records
 
@@ -50,7 +50,7 @@ _README_COLUMNS = {
 
 def _describe_config(record: Mapping[str, Any]) -> str:
     """``"<device> (<machine>, torch <version>)"`` from a ``config`` record."""
-    device = record.get("device_name")
+    device = device_of(record)
     name = "CPU" if is_missing(device) or str(device).lower() == "cpu" else str(device)
     extras = [str(record["machine"])] if record.get("machine") else []
     if record.get("torch"):
@@ -61,8 +61,9 @@ def _describe_config(record: Mapping[str, Any]) -> str:
 def machine_description(runs: Sequence[Mapping]) -> str:
     """Where the numbers were measured: the runs' devices.
 
-    They come from the runs' ``config`` records (``device_name``, ``machine``, ``torch``; the host
-    name is left out, it identifies a box, not hardware).
+    They come from the runs' ``config`` records (``device_name`` or, for a CPU run, the CPU model as
+    :func:`~common.analysis.context.device_of` gives it; ``machine``, ``torch``; the host name is left
+    out, it identifies a box, not hardware).
 
     Returns:
         E.g. ``"runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0)"``; ``"runs on an unrecorded
