@@ -887,6 +887,16 @@ def seed_runs(tmp_path) -> list[dict]:
     return load_runs(tmp_path / "json")
 
 
+def test_equal_seeds_aggregate_to_their_value_and_a_zero_std(seed_runs):
+    per_seed = summary_table(seed_runs)
+    equal = per_seed.assign(test_top1_bn=0.8408)  # AlexNet energy on the GPU: no BN, three equal seeds
+    assert pd.Series([0.8408] * 3).std() > 0  # what float rounding alone gives
+    row = aggregate_seeds(equal).iloc[0]
+    assert row.test_top1_bn_mean == 0.8408 and row.test_top1_bn_std == 0.0
+    one = aggregate_seeds(equal[equal.seed == 0]).iloc[0]
+    assert one.test_top1_bn_mean == 0.8408 and math.isnan(one.test_top1_bn_std)  # one seed: no std
+
+
 def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     per_seed = summary_table(seed_runs)
     assert len(per_seed) == 6 and sorted(set(per_seed.seed)) == [0, 1, 2]

@@ -61,8 +61,13 @@ def _aggregate_group(group: pd.DataFrame) -> dict[str, Any]:
             row["n_seeds"] = len(group)
             row["seeds"] = ";".join(str(s) for s in sorted(set(values)))
         elif col in SEED_STAT_COLUMNS:
-            row[f"{col}_mean"] = values.mean()
-            row[f"{col}_std"] = values.std(ddof=1)  # NaN with fewer than two measured seeds
+            measured = values.dropna()
+            if len(measured) >= 2 and measured.nunique() == 1:
+                # equal seeds (a rule plan without BN): exactly their value and 0, not float rounding's 1e-16
+                row[f"{col}_mean"], row[f"{col}_std"] = float(measured.iloc[0]), 0.0
+            else:
+                row[f"{col}_mean"] = values.mean()
+                row[f"{col}_std"] = values.std(ddof=1)  # NaN with fewer than two measured seeds
         elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             row[col] = values.mean()
         else:
