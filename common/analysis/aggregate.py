@@ -50,6 +50,17 @@ def _most_common(values: pd.Series) -> Any:
     return max(dict.fromkeys(present), key=present.count) if present else None
 
 
+def _equal(values: pd.Series) -> bool:
+    """Two or more measured values, all the same."""
+    measured = values.dropna()
+    return len(measured) >= 2 and measured.nunique() == 1
+
+
+def _mean(values: pd.Series) -> float:
+    """The mean of the measured values; of equal ones exactly their value (a plain mean can be 1 ulp off)."""
+    return float(values.dropna().iloc[0]) if _equal(values) else values.mean()
+
+
 def _aggregate_group(group: pd.DataFrame) -> dict[str, Any]:
     """One configuration's row of :func:`aggregate_seeds` from its per-seed rows."""
     row: dict[str, Any] = {}
@@ -61,15 +72,11 @@ def _aggregate_group(group: pd.DataFrame) -> dict[str, Any]:
             row["n_seeds"] = len(group)
             row["seeds"] = ";".join(str(s) for s in sorted(set(values)))
         elif col in SEED_STAT_COLUMNS:
-            measured = values.dropna()
-            if len(measured) >= 2 and measured.nunique() == 1:
-                # equal seeds (a rule plan without BN): exactly their value and 0, not float rounding's 1e-16
-                row[f"{col}_mean"], row[f"{col}_std"] = float(measured.iloc[0]), 0.0
-            else:
-                row[f"{col}_mean"] = values.mean()
-                row[f"{col}_std"] = values.std(ddof=1)  # NaN with fewer than two measured seeds
+            row[f"{col}_mean"] = _mean(values)
+            # equal seeds (a rule plan without BN): 0, not float rounding's 1e-16; NaN under two measured seeds
+            row[f"{col}_std"] = 0.0 if _equal(values) else values.std(ddof=1)
         elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-            row[col] = values.mean()
+            row[col] = _mean(values)
         else:
             row[col] = _most_common(values)
     return row
