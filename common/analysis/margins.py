@@ -525,8 +525,9 @@ def _stage_margins(
     """The :data:`_MARGIN_FIELDS` of policy ``method`` in one (model, target) group for ``stage``, whose
     accuracy column is ``col``."""
     out: dict[str, Any] = dict.fromkeys(_MARGIN_FIELDS, math.nan)
-    out.update(best_rival=None, n=0, verdict=None, each_rival=None, every_rival=None)
-    out.update(verdict_both=None, every_rival_both=None)
+    out.update(
+        best_rival=None, n=0, verdict=None, each_rival=None, every_rival=None, verdict_both=None, every_rival_both=None
+    )
     if col not in group.columns:
         return out
     policy = _per_seed(group, method, col)
@@ -539,14 +540,7 @@ def _stage_margins(
     paired_seeds = policy.index.intersection(scores[best].index)
     mean, low, high, verdict = judged(diffs)
     each = {r: _paired_pp(policy, s) for r, s in scores.items()}
-    both = {
-        r: {
-            k.removesuffix(f"_{stage}"): v
-            for k, v in _both_fields(group, method, r, stage, col, hits, d.mean()).items()
-        }
-        for r, d in each.items()
-        if d.size and hits
-    }
+    both = {r: _both_fields(group, method, r, stage, col, hits, d.mean()) for r, d in each.items() if d.size and hits}
     if both.get(best):
         out.update({k: both[best][k] for k in ("ci_low_both", "ci_high_both", "verdict_both")})
     measured = [r for r, d in each.items() if d.size]
@@ -622,14 +616,15 @@ def _both_fields(
     hits: Mapping[HitsKey, np.ndarray],
     margin: float,
 ) -> dict[str, Any]:
-    """The :data:`_BOTH_FIELDS` of one stage of ``policy`` against ``rival`` in a comparison group, centred on
-    the logged paired ``margin`` (pp): NaN / None unless the hits of every final the margin pairs are known.
+    """The :data:`_BOTH_FIELDS` (unsuffixed) of one stage of ``policy`` against ``rival`` in a comparison group,
+    centred on the logged paired ``margin`` (pp): NaN / None unless the hits of every final the margin pairs
+    are known.
 
     Raises:
         ValueError: hits whose top-1 is not their final's (beyond :data:`REPLICA_TOLERANCE`), or hits of
             different test splits.
     """
-    out: dict[str, Any] = {f"{f}_{stage}": None if f == "verdict_both" else math.nan for f in _BOTH_FIELDS}
+    out: dict[str, Any] = {f: None if f == "verdict_both" else math.nan for f in _BOTH_FIELDS}
     if not hits or col not in group.columns:
         return out
     acc = {m: _per_seed(group, m, col) for m in (policy, rival)}
@@ -658,10 +653,10 @@ def _both_fields(
     shift = margin - both["margin"]
     low, high = both["ci_low_both"] + shift, both["ci_high_both"] + shift
     return {
-        f"ci_low_both_{stage}": low,
-        f"ci_high_both_{stage}": high,
-        f"verdict_both_{stage}": margin_verdict(low, high, max(len(seeds), 2)),
-        f"floor_{stage}": both["floor"],
+        "ci_low_both": low,
+        "ci_high_both": high,
+        "verdict_both": margin_verdict(low, high, max(len(seeds), 2)),
+        "floor": both["floor"],
     }
 
 
@@ -731,6 +726,7 @@ def rival_margins(
                         f"ci_high_bonf_{stage}": high_k,
                         f"verdict_bonf_{stage}": verdict_k,
                     }
-                    row |= _both_fields(g, policy, rival, stage, col, hits or {}, mean)
+                    both = _both_fields(g, policy, rival, stage, col, hits or {}, mean)
+                    row |= {f"{k}_{stage}": v for k, v in both.items()}
                 rows.append(row)
     return pd.DataFrame(rows, columns=list(RIVAL_MARGIN_COLUMNS))

@@ -4,6 +4,7 @@ the policy's margins, what finetuning recovers, the plots)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -207,7 +208,7 @@ def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str
         }
         if margins[f"ci_low_both_{stage}"].notna().any():
             cols = [margins[f"{f}_{stage}"] for f in ("ci_low_both", "ci_high_both", "verdict_both")]
-            display[f"both_{stage}"] = [_both_interval_cell(*v) for v in zip(*cols)]
+            display[f"both_{stage}"] = [_both_cell(*v) for v in zip(*cols)]
             headers |= {
                 f"both_{stage}": f"95 % CI over seeds and test images {name}",
                 f"every_rival_both_{stage}": f"Every rival, seeds and test images ({name})",
@@ -242,21 +243,14 @@ def _bonferroni_cell(low: float, high: float, verdict: str | None, k: int) -> st
     return " ".join(x for x in (interval, f"k = {k}", _verdict_word(verdict)) if x)
 
 
-def _both_interval_cell(low: float, high: float, verdict: str | None) -> str | None:
-    """``[+0.23, +0.71] ahead``: an interval over seeds and test images and its verdict's word."""
+def _both_cell(low: float, high: float, verdict: str | None, floor: float = math.nan) -> str | None:
+    """``[-0.07, +0.57] (floor 0.44)``: the interval over seeds and test images, its verdict's word and, when
+    given, the smallest margin these test images let any number of seeds find (80 % power)."""
     interval = _interval_cell(low, high)
     if interval is None:
         return None
-    return " ".join(x for x in (interval, _verdict_word(verdict)) if x)
-
-
-def _both_cell(low: float, high: float, verdict: str | None, floor: float) -> str | None:
-    """``[-0.07, +0.57] (floor 0.44)``: the interval over seeds and test images, its verdict's word and the
-    smallest margin these test images let any number of seeds find (80 % power)."""
-    interval = _interval_cell(low, high)
-    if interval is None:
-        return None
-    return " ".join(x for x in (interval, _verdict_word(verdict), f"(floor {floor:.2f})") if x)
+    floor_text = None if is_missing(floor) else f"(floor {floor:.2f})"
+    return " ".join(x for x in (interval, _verdict_word(verdict), floor_text) if x)
 
 
 def rivals_section(rivals: pd.DataFrame) -> list[str]:
