@@ -30,14 +30,15 @@ LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standa
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (htd .venv)"
 	touch $@
 
 test: venv
-	$(PY) -m pytest $(PYTEST_FLAGS) tests
+	$(PY) -m pytest $(PYTEST_FLAGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -48,7 +49,7 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 run: venv
-	$(LAUNCH) -m common.experiment $(RUN_ARGS)
+	$(LAUNCH) -m common.run $(RUN_ARGS)
 	$(PY) jsonify_logs.py logs --out json/digits
 	$(PY) analyze_results.py --json json/digits --out results/digits
 

@@ -5,7 +5,7 @@ Usage: ``python analyze_results.py [--json json/] [--out out/analysis/] [--readm
 [--overwrite-committed]``. The documents come from ``jsonify_logs.py``; the logic lives in
 :mod:`common.analysis`. Speed-ups are the runs' own measurements (their ``final`` records; see
 :mod:`common.analysis`). ``--readme`` rewrites the block between ``<!-- results:begin -->`` and
-``<!-- results:end -->`` in that file. Documents of hits logs (``benchmarks/image_noise.py``'s, from
+``<!-- results:end -->`` in that file. Documents of hits logs (``studies/image_noise/image_noise.py``'s, from
 ``jsonify_logs.py <results dir>``) are no runs: they give per-image test hits to the margins
 (``policy_vs_rivals.csv``'s interval over seeds and test images).
 

@@ -6,7 +6,7 @@ Usage: ``python jsonify_logs.py [paths ...] [--out json/]``. Paths are log files
 repeated ``seq``, a second ``config`` and what follows it) and logs without records (empty, binary)
 are printed to stderr as ``file:line: reason`` and skipped. Exit status: 0 on success, 2 when no log was found, 1 when
 two logs claim the same run.
-The format and the conversion live in :mod:`common.logs`.
+The format and the conversion live in :mod:`common.run.logs`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from common.logs import LogError, jsonify
+from common.run.logs import LogError, jsonify
 
 
 def main(argv: Sequence[str] | None = None) -> int:

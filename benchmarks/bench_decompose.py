@@ -27,14 +27,17 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
+
+# isort: split
 import torch
 from torch import nn
 
-from common.latency import cpu_name
+from common.decompose.ranks import ranks_from_level
+from common.decompose.surgery import LayerInfo, LayerPlan, SpectraCache, apply_plan, list_conv_layers
+from common.deploy.latency import cpu_name
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR
-from common.ranks import ranks_from_level
-from common.surgery import LayerInfo, LayerPlan, SpectraCache, apply_plan, list_conv_layers
 
 DEFAULT_MODELS = ("resnet18", "vgg16", "alexnet")
 DEFAULT_LEVELS = (0.5, 0.45, 0.4, 0.35)

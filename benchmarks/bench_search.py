@@ -29,20 +29,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
-import torch  # noqa: E402
+# isort: split
+import torch
 
-from common.data import load_dataset  # noqa: E402
-from common.dist import init_from_env, is_main  # noqa: E402
-from common.latency import cpu_name  # noqa: E402
-from common.loader import make_loader  # noqa: E402
-from common.models import load_baseline  # noqa: E402
-from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
-from common.proxy import DEFAULT_PROXY, PROXIES, final_model  # noqa: E402
-from common.search import SearchConfig, build_searcher  # noqa: E402
-from common.train import evaluate  # noqa: E402
+from common.data.datasets import load_dataset
+from common.data.loader import make_loader
+from common.deploy.latency import cpu_name
+from common.dist import init_from_env, is_main
+from common.models import load_baseline
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.search.proxy import DEFAULT_PROXY, PROXIES, final_model
+from common.search.searcher import SearchConfig, build_searcher
+from common.train.finetune import evaluate
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shapes", default="level", help="per-layer rank shapes of the searches: level[,energy]")
     p.add_argument(
-        "--test", action="store_true", help="also report each chosen plan's test top-1 (common.proxy.final_model)"
+        "--test",
+        action="store_true",
+        help="also report each chosen plan's test top-1 (common.search.proxy.final_model)",
     )
     p.add_argument("--final-calib-images", type=int, default=4096)
     p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))

@@ -34,6 +34,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
+
+# isort: split
 import numpy as np
 import torch
 from torch import nn
@@ -158,7 +161,7 @@ def small_cnn(num_classes: int, seed: int = 0) -> nn.Module:
 
 
 def machine() -> str:
-    from common.latency import cpu_name
+    from common.deploy.latency import cpu_name
 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
@@ -172,9 +175,9 @@ def measure(a: argparse.Namespace) -> None:
     """Load the dataset streamed and evaluate every split; print times and peak memory."""
     import gc
 
-    from common.data import load_dataset
-    from common.loader import make_loader
-    from common.train import evaluate
+    from common.data.datasets import load_dataset
+    from common.data.loader import make_loader
+    from common.train.finetune import evaluate
 
     print(f"machine: {machine()}")
     with TreeMemory() as mem:

@@ -3,18 +3,18 @@
 Reads the JSON documents of results runs (``jsonify_logs.py``), rebuilds each compressed model from
 its logged plan (one per run seed in a multi-seed run: ``--seeds``, default 0; the seed is part of each
 row's key) and times dense, as-factorized and deployed forwards, all with
-``common.deploy.fastest_latency`` (deployed = every factorized layer in its fastest exact partition
+``common.deploy.merge.fastest_latency`` (deployed = every factorized layer in its fastest exact partition
 of merged factor convs, timed in the same setting; the faster memory format per model). Latency does
 not depend on the trained values, so ``--weights random`` (or a missing checkpoint) times the same
 architecture with seeded random weights.
 
-On the CPU the same three models are also exported to ONNX (``common.export.export_onnx``: dynamic
+On the CPU the same three models are also exported to ONNX (``common.deploy.export.export_onnx``: dynamic
 batch, checked, verified against PyTorch eager) and timed in ONNX Runtime with ``--threads``
-intra-op threads (``common.export.ort_interleaved_latency``; ``--no-ort`` skips it). ``--imagenet``
+intra-op threads (``common.deploy.export.ort_interleaved_latency``; ``--no-ort`` skips it). ``--imagenet``
 adds rows for the ImageNet architectures at 224×224 (``--imagenet-models``), with seeded random
-weights and ``uniform``/``energy`` plans built from those weights (``common.rules``, no data needed):
+weights and ``uniform``/``energy`` plans built from those weights (``common.search.rules``, no data needed):
 speed rows, not accuracy ones. ``--compile MODE`` adds columns for the dense and the deployed model
-compiled by ``torch.compile`` (inductor; ``common.latency.compile_for_inference``) in that mode, e.g.
+compiled by ``torch.compile`` (inductor; ``common.deploy.latency.compile_for_inference``) in that mode, e.g.
 ``default`` on the CPU or ``max-autotune`` on CUDA (inductor's own CUDA graphs, next to the eager
 CUDA-graph replay of the other columns).
 
@@ -45,22 +45,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+# isort: split
+import numpy as np
+import pandas as pd
+import torch
 
-from common.analysis import latest_plans, load_runs, markdown_table  # noqa: E402
-from common.deploy import fastest_latency  # noqa: E402
-from common.latency import compile_for_inference, cpu_name, interleaved_latency  # noqa: E402
-from common.models import baseline_or_random, build_model, input_size  # noqa: E402
-from common.paths import CHECKPOINT_DIR  # noqa: E402
-from common.rules import energy_plan, uniform_plan  # noqa: E402
-from common.search import SearchConfig  # noqa: E402
-from common.space import SearchSpace, repair_plan  # noqa: E402
-from common.surgery import LayerPlan, SpectraCache, apply_plan, list_conv_layers, plan_from_dict  # noqa: E402
+from common.analysis import latest_plans, load_runs, markdown_table
+from common.decompose.surgery import LayerPlan, SpectraCache, apply_plan, list_conv_layers, plan_from_dict
+from common.deploy.latency import compile_for_inference, cpu_name, interleaved_latency
+from common.deploy.merge import fastest_latency
+from common.models import baseline_or_random, build_model, input_size
+from common.paths import CHECKPOINT_DIR
+from common.search.rules import energy_plan, uniform_plan
+from common.search.searcher import SearchConfig
+from common.search.space import SearchSpace, repair_plan
 
 KEY = ["model", "method", "decomposition", "target", "seed", "setting"]
 ORT_COLUMNS = [
@@ -328,7 +328,7 @@ class OnnxFiles:
         self.plan: tuple[tuple, dict] | None = None  # (config, export report) of the current plan
 
     def _export(self, model: torch.nn.Module, stem: str, shape: Sequence[int], **kw) -> dict:
-        from common.export import export_onnx
+        from common.deploy.export import export_onnx
 
         return export_onnx(model, shape, self.bench.onnx_dir / f"{self.name}-{stem}.onnx", **kw)
 
@@ -364,7 +364,7 @@ class OnnxFiles:
 
 def _ort_row(bench: Bench, files: OnnxFiles, config: tuple, comp: torch.nn.Module, s: dict) -> dict:
     """The ONNX Runtime columns of one row: dense, factorized and deployed exports timed in alternation."""
-    from common.export import ort_interleaved_latency, ort_session
+    from common.deploy.export import ort_interleaved_latency, ort_session
 
     dense, fact = files.dense_file(), files.plan_file(config, comp)
     dep = files.deployed_file(config, comp, s)
@@ -571,7 +571,7 @@ def rule_plans(
 ) -> dict[tuple, dict[str, LayerPlan]]:
     """``{(method, decomposition, target, 0): plan}`` of the data-free rules (``uniform``, ``energy``) on the
     conv MACs of ``model`` at ``size``×``size``, finished onto the budget like the searcher's rule plans
-    (:meth:`common.search.Searcher._rule`). Seed 0: the rules draw nothing, and the random weights they
+    (:meth:`common.search.searcher.Searcher._rule`). Seed 0: the rules draw nothing, and the random weights they
     read are drawn with seed 0."""
     space = SearchSpace(list_conv_layers(model, (1, 3, size, size)), decomposition)
     spectra = SpectraCache(model)
@@ -686,7 +686,7 @@ def _markdown(bench: Bench, df: pd.DataFrame, argv: Sequence[str]) -> str:
     has_ort = len(df) > 0 and df["ort_speedup"].notna().any()
     if has_ort:
         header += (
-            "*ort_*: the same dense, factorized and deployed models exported to ONNX (`common.export.export_onnx`: "
+            "*ort_*: the same dense, factorized and deployed models exported to ONNX (`common.deploy.export.export_onnx`: "
             "torch's dynamo exporter at its default opset, dynamic batch, `onnx.checker` passed, ONNX Runtime's "
             "output within 1e-4 of PyTorch eager relative to the output's scale: `ort_max_rel_error` in the CSV) "
             f"and run by ONNX Runtime's CPU provider with {bench.threads} intra-op threads and all graph "
@@ -700,7 +700,7 @@ def _markdown(bench: Bench, df: pd.DataFrame, argv: Sequence[str]) -> str:
         modes = ", ".join(sorted({str(m) for m in df["compile_mode"].dropna()}))
         header += (
             f"*compile_*: the dense and the deployed model compiled by `torch.compile` (inductor, mode {modes}, "
-            "static shapes, no graph breaks; `common.latency.compile_for_inference`) in the memory format and "
+            "static shapes, no graph breaks; `common.deploy.latency.compile_for_inference`) in the memory format and "
             "partition chosen in eager mode, compiled before timing and timed in their own interleaved rounds"
             + (" without our CUDA-graph capture" if bench.device == "cuda" else "")
             + ".\n\n"
@@ -740,7 +740,7 @@ def _markdown(bench: Bench, df: pd.DataFrame, argv: Sequence[str]) -> str:
             note = (
                 "Seeded random weights (no ImageNet checkpoint is used: latency does not depend on the values), "
                 f"{', '.join(sorted(set(sub['method'])))} plans at the same conv-MAC targets built from those "
-                "weights' spectra by the data-free rules (`common.rules`, finished onto the budget like the "
+                "weights' spectra by the data-free rules (`common.search.rules`, finished onto the budget like the "
                 "searcher's): speed rows; the energy ranks are not those of a trained model. "
                 f"{note} {cuda}"
             )

@@ -1,7 +1,7 @@
 """The results table: every shared baseline × budget × rank-selection method × seed, HT-2 (and Tucker-2 for
 the policy), BN-recalibrated accuracy, finetuned accuracy at every budget, params/MACs and measured latency.
 
-Each model is one resumable experiment (``common.experiment.run_experiment``) logging to
+Each model is one resumable experiment (``common.run.experiment.run_experiment``) logging to
 ``<log-dir>/<model>/<run id>.log``; an interrupted run continues where it stopped when started again.
 Then ``jsonify_logs.py`` and ``analyze_results.py`` turn the logs into ``results/``.
 
@@ -11,7 +11,7 @@ Then ``jsonify_logs.py`` and ``analyze_results.py`` turn the logs into ``results
 Finetune budget: 3 epochs with CUDA; on CPU a stated smaller budget (``--finetune-epochs``, default
 0.1 epoch), the same for every method. Selection uses ``val`` only; reported accuracies are ``test``.
 
-Every ``ExperimentConfig`` field but the per-model ones is an option (as in ``python -m common.experiment``),
+Every ``ExperimentConfig`` field but the per-model ones is an option (as in ``python -m common.run``),
 with this table's defaults: targets 3,2,5, 3 seeds, the Tucker-2 policy and latency on (``--no-tucker2``,
 ``--no-latency``), device-dependent finetuning and proxy sizes.
 """
@@ -24,22 +24,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from anywhere: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
-import torch  # noqa: E402
+# isort: split
+import torch
 
-from common.config import (
+from common.notebook import run_status
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.run.config import (
     DEFAULT_FINETUNE_EPOCHS,
     ExperimentConfig,
-    add_config_arguments,  # noqa: E402
+    add_config_arguments,
     config_from_args,
 )
-from common.experiment import run_experiment  # noqa: E402
-from common.lock import LogLockedError  # noqa: E402
-from common.notebook import run_status  # noqa: E402
-from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT  # noqa: E402
-from common.preflight import PreflightError  # noqa: E402
+from common.run.experiment import run_experiment
+from common.run.lock import LogLockedError
+from common.run.preflight import PreflightError
 
 # Fixed per model by this script, so not options.
 PER_MODEL = ("model", "dataset", "checkpoint", "run_id", "deadline")

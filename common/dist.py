@@ -1,4 +1,4 @@
-"""Several processes, one result: the collective helpers behind ``torchrun -m common.experiment``.
+"""Several processes, one result: the collective helpers behind ``torchrun -m common.run.experiment``.
 
 Under ``torchrun`` every rank runs the same experiment code. Work whose result is a deterministic
 function of its input (a candidate's proxy score, a sensitivity point, one final model's BN

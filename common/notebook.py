@@ -1,18 +1,18 @@
 """What the ``htd-<model>-res.ipynb`` notebooks call: defaults, the experiment config, results and plots.
 
 The notebooks hold parameters (a papermill ``parameters`` cell) and calls into ``common`` only; the
-logic lives here and in :mod:`common.experiment` / :mod:`common.analysis`, so it is tested once.
+logic lives here and in :mod:`common.run.experiment` / :mod:`common.analysis`, so it is tested once.
 
 * :func:`default_params`: what ``DATASET = "auto"`` / ``CHECKPOINT = "auto"`` mean on this machine
   (the shared cifar10-jpeg data and baseline when ``../shared`` exists, else the embedded digits
   dataset with a baseline trained once and cached).
-* :func:`experiment_config`: notebook parameters → :class:`common.config.ExperimentConfig`
+* :func:`experiment_config`: notebook parameters → :class:`common.run.config.ExperimentConfig`
   (keyword names are the config's field names; :data:`PARAMETERS` maps the notebook names), each
   value checked first, with an error naming the notebook parameter.
 * :func:`show_results` / :func:`show_plots`: the run's results table (:func:`results_table`) and its
   plots, read back from the run log and drawn inline.
 * :func:`artifacts_table` / :func:`factorized_layers`: where the run saved its compressed models, and
-  what a model loaded back with :func:`common.artifacts.load_compressed` holds.
+  what a model loaded back with :func:`common.deploy.artifacts.load_compressed` holds.
 
 List parameters (``METHODS``, ``SENSITIVITY_LEVELS``, several ``TARGET`` values) are real lists:
 papermill passes them with ``-y "SENSITIVITY_LEVELS: [0.3]"`` (YAML). ``-p`` passes text, which is
@@ -34,15 +34,15 @@ from typing import Any
 
 import pandas as pd
 
-from .analysis import PLOTS as ANALYSIS_PLOTS
-from .analysis import end_status, summary_table
-from .config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
-from .layers import FactorizedConv
-from .logs import run_document
-from .models import MODEL_NAMES
-from .paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from .ranks import RANK_NAMES
-from .search import METHODS, check_method, check_target
+from common.analysis import PLOTS as ANALYSIS_PLOTS
+from common.analysis import end_status, summary_table
+from common.decompose.layers import FactorizedConv
+from common.decompose.ranks import RANK_NAMES
+from common.models import MODEL_NAMES
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.run.config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
+from common.run.logs import run_document
+from common.search.searcher import METHODS, check_method, check_target
 
 __all__ = [
     "PARAMETERS",
@@ -96,7 +96,7 @@ _ITEM_CHECKS: dict[str, Callable[[Any], Any]] = {"targets": check_target, "metho
 
 
 def _parameter_value(field: str, value: Any) -> Any:
-    """``value`` checked as field ``field`` (:func:`common.config.field_value`, and each item of
+    """``value`` checked as field ``field`` (:func:`common.run.config.field_value`, and each item of
     ``targets`` / ``methods``), errors naming the notebook parameter (and the field, where the names
     differ) and, for lists, papermill's ``-y`` form."""
     param = _PARAMETER_OF.get(field)
@@ -147,19 +147,19 @@ def experiment_config(
 
     Notebook values are taken as a notebook writes them: lists for tuples, one number for
     ``targets``, paths for ``data_root`` / ``checkpoint``, and a yes/no or a number for finetuning.
-    Every value is checked before anything else (:func:`common.config.field_value`): a wrong type,
+    Every value is checked before anything else (:func:`common.run.config.field_value`): a wrong type,
     e.g. ``SENSITIVITY_LEVELS = "[0.3"``, is a ``ValueError`` naming the notebook parameter
     (:data:`PARAMETERS`) and, for a list, papermill's ``-y`` form. Text for a list is read as
     comma-separated items, optionally in brackets (what papermill's ``-p`` passes).
 
     Args:
         model: a name of :data:`common.models.MODEL_NAMES`.
-        dataset: ``"auto"`` (see :func:`default_params`) or a dataset name of :mod:`common.data`.
+        dataset: ``"auto"`` (see :func:`default_params`) or a dataset name of :mod:`common.data.datasets`.
         data_root: dataset root (``None``: the dataset's default).
         checkpoint: state_dict path, ``"auto"`` (shared baseline, else a trained-and-cached one) or
             ``None`` (the seeded random init: for smoke runs only).
         finetune_epochs: epochs of finetuning after BN recalibration (fractions allowed); ``True`` =
-            :data:`common.config.DEFAULT_FINETUNE_EPOCHS` (3), ``False`` or 0 = off.
+            :data:`common.run.config.DEFAULT_FINETUNE_EPOCHS` (3), ``False`` or 0 = off.
         targets: reduction factor of total conv MACs, or several.
         **config: any other field (``methods``, ``search_budget``, ``calib_images``,
             ``val_images``, ``sensitivity_levels``, ``device``, ``seed``, ``run_id``, ``log_dir``, ...).
@@ -218,7 +218,7 @@ def run_status(cfg: ExperimentConfig) -> str | None:
 
 
 def load_run(path: str | os.PathLike) -> dict:
-    """The run document (see :func:`common.logs.run_document`) of one log; corrupt lines are logged."""
+    """The run document (see :func:`common.run.logs.run_document`) of one log; corrupt lines are logged."""
     document, errors = run_document(path)
     for err in errors:
         _LOG.warning("%s", err)
@@ -335,7 +335,7 @@ def show_results(
     """The results table of a run's final models (and its plots, drawn inline).
 
     Args:
-        finals: what :func:`common.experiment.run_experiment` returned (rows are limited to these
+        finals: what :func:`common.run.experiment.run_experiment` returned (rows are limited to these
             method × decomposition × target; empty = every final in the log).
         path: the run log.
         plots: also draw every plot of :data:`PLOTS` (see :func:`show_plots`).
@@ -357,7 +357,7 @@ def show_results(
 
 
 def artifacts_table(finals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Where a run saved each final model (:mod:`common.artifacts`): one row per method, target,
+    """Where a run saved each final model (:mod:`common.deploy.artifacts`): one row per method, target,
     decomposition, seed and stage (``BN``, or ``FT`` for the finetuned model), with its test top-1 in %.
 
     Empty when the run was made with ``artifacts=False`` (or before artifacts existed).

@@ -31,25 +31,24 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
+# isort: split
 import torch
 import torchvision
 
-from common.bn import bn_recalibrate
-from common.data import DATASET_NAMES, atomic_torch_save, load_dataset
+from common.data.datasets import DATASET_NAMES, atomic_torch_save, load_dataset
+from common.data.loader import calibration_loader, make_loader
 from common.device import resolve_device
-from common.loader import calibration_loader, make_loader
 from common.models import MODEL_NAMES, build_model, count_params, load_checkpoint
 from common.paths import REPO
-from common.train import evaluate, finetune
+from common.train.bn import bn_recalibrate
+from common.train.finetune import evaluate, finetune
 
 # defaults per dataset; digits: resnet18 trains in ~1.6 min on 2 idle CPU cores (see the module docstring)
 _CIFAR10 = {"epochs": 100.0, "batch_size": 512, "lr": 0.1, "weight_decay": 5e-4, "bn_recalibrate": 0, "hflip": True}

@@ -37,8 +37,8 @@ def rewrite_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None
 def two_seed_plan_log(root: Path):
     """A multi-seed AlexNet run log under ``root/logs`` (its config lists seeds 0 and 1) with one TPE plan
     at 3x per seed: ``features.3`` at ranks 16 (seed 0) and 8 (seed 1). Returns the open ``RunLog``."""
-    from common.logs import RunLog
-    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+    from common.decompose.surgery import LayerPlan, list_conv_layers, plan_to_dict
+    from common.run.logs import RunLog
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))

@@ -10,8 +10,8 @@ import zipfile
 import pytest
 import torch
 
-from common.artifacts import ArtifactError, file_sha256, load_compressed, read_artifact, save_artifact
-from common.surgery import LayerPlan, apply_plan
+from common.decompose.surgery import LayerPlan, apply_plan
+from common.deploy.artifacts import ArtifactError, file_sha256, load_compressed, read_artifact, save_artifact
 from tests.helpers import fast_model
 
 PLAN = {"features.3": LayerPlan("ht2", (16, 16, 16)), "features.6": LayerPlan("tucker2", (32, 32))}

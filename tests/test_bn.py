@@ -1,4 +1,4 @@
-"""Exact BN recalibration (common.bn): population statistics, independent of batch boundaries."""
+"""Exact BN recalibration (common.train.bn): population statistics, independent of batch boundaries."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from common import bn as bnmod
-from common.bn import bn_modules, bn_recalibrate
-from common.loader import make_loader
+from common.data.loader import make_loader
 from common.models import build_model, load_baseline, manifest
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from common.train import evaluate
+from common.train import bn as bnmod
+from common.train.bn import bn_modules, bn_recalibrate
+from common.train.finetune import evaluate
 
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
 
@@ -140,9 +140,9 @@ def test_no_batches_and_single_value_are_errors():
 def test_recalibrated_dense_baseline_keeps_its_accuracy(name):
     """Recalibrating a trained dense model as every final model is (4,096 augmented train images) moves
     val and test by at most 0.1 pp."""
-    from common.config import ExperimentConfig
-    from common.data import load_dataset
-    from common.loader import calibration_loader
+    from common.data.datasets import load_dataset
+    from common.data.loader import calibration_loader
+    from common.run.config import ExperimentConfig
 
     torch.set_num_threads(2)
     data = load_dataset("cifar10-jpeg")

@@ -1,4 +1,4 @@
-"""benchmarks/carry.py: the device pack restores byte-identical checkpoints and refuses damaged ones."""
+"""tools/carry.py: the device pack restores byte-identical checkpoints and refuses damaged ones."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks import carry
+from tools import carry
 
 
 @given(st.binary(max_size=513))

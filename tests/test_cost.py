@@ -1,4 +1,4 @@
-"""Tests for common.cost and the layer cost formula (common.layers.conv_cost).
+"""Tests for common.decompose.cost and the layer cost formula (common.decompose.layers.conv_cost).
 
 The oracle for MACs is PyTorch's ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2), for
 parameters ``sum(p.numel())``, and for the shared baselines their manifest.
@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.cost import count_model, flop_counter_macs
-from common.layers import LAYER_CLASSES, ConvGeometry, FactorizedConv, conv_cost, group_kernel_shape
+from common.decompose.cost import count_model, flop_counter_macs
+from common.decompose.layers import LAYER_CLASSES, ConvGeometry, FactorizedConv, conv_cost, group_kernel_shape
+from common.decompose.ranks import ranks_from_level
+from common.decompose.surgery import LayerPlan, apply_plan, list_conv_layers
 from common.paths import CHECKPOINT_DIR
-from common.ranks import ranks_from_level
-from common.space import SearchSpace
-from common.surgery import LayerPlan, apply_plan, list_conv_layers
+from common.search.space import SearchSpace
 from tests.helpers import fast_model
 
 PROFILE = settings.get_profile("ht2-tests")

@@ -1,4 +1,4 @@
-"""Tests for common.deploy: every partition of a factorized layer computes the layer's function, and
+"""Tests for common.deploy.merge: every partition of a factorized layer computes the layer's function, and
 ``fastest_latency`` times a model in its fastest deployment.
 
 Oracle: the factorized layer itself (its chain of convs), in float64 so that a wrong merge (lost
@@ -13,10 +13,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from common.cost import count_model
-from common.deploy import DeployedChain, build_form, chain_forms, deploy_model, fastest_latency, form_macs, merge_convs
-from common.layers import LAYER_CLASSES, HT2Conv2d
-from common.surgery import LayerPlan, apply_plan, list_conv_layers
+from common.decompose.cost import count_model
+from common.decompose.layers import LAYER_CLASSES, HT2Conv2d
+from common.decompose.surgery import LayerPlan, apply_plan, list_conv_layers
+from common.deploy.merge import (
+    DeployedChain,
+    build_form,
+    chain_forms,
+    deploy_model,
+    fastest_latency,
+    form_macs,
+    merge_convs,
+)
 from tests.test_layers import PROFILE, _methods, _random_ranks, _rel, conv_cases
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")

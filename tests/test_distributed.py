@@ -26,7 +26,7 @@ from common.dist import (
     shard_map,
     world,
 )
-from common.logs import RunLog, encode_value, parse_log
+from common.run.logs import RunLog, encode_value, parse_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def _run(tmp: Path, run_id: str, ckpt: Path, nproc: int, extra=(), env=None) -> 
     args = [*ARGS, "--checkpoint", str(ckpt), "--log-dir", str(tmp / "logs"), "--run-id", run_id]
     args += ["--artifacts-dir", str(tmp / "artifacts" / run_id), *extra]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "common.experiment", *args]
+        cmd = [sys.executable, "-m", "common.run.experiment", *args]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
         cmd = [*launcher, str(REPO / "tests" / "dist_entry.py"), *args]

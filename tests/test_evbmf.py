@@ -1,4 +1,4 @@
-"""Tests for common.evbmf (EVBMF rank selection, Nakajima et al. JMLR 2013)."""
+"""Tests for common.decompose.evbmf (EVBMF rank selection, Nakajima et al. JMLR 2013)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.evbmf import EVBMFResult, evbmf_rank_from_singular_values
+from common.decompose.evbmf import EVBMFResult, evbmf_rank_from_singular_values
 
 
 def evbmf_of(Y) -> EVBMFResult:

@@ -13,18 +13,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import common.experiment as experiment
-from common.artifacts import file_sha256, load_compressed, read_artifact
-from common.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig, search_config
-from common.data import load_dataset
-from common.experiment import parse_args, run_experiment
-from common.latency import cpu_name
-from common.loader import make_loader
-from common.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
-from common.proxy import final_model
-from common.search import METHODS, ProxyEvaluator, SearchConfig
-from common.surgery import SpectraCache, plan_from_dict
-from common.train import evaluate
+import common.run.experiment as experiment
+from common.data.datasets import load_dataset
+from common.data.loader import make_loader
+from common.decompose.surgery import SpectraCache, plan_from_dict
+from common.deploy.artifacts import file_sha256, load_compressed, read_artifact
+from common.deploy.latency import cpu_name
+from common.run.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig, search_config
+from common.run.experiment import parse_args, run_experiment
+from common.run.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
+from common.search.proxy import final_model
+from common.search.searcher import METHODS, ProxyEvaluator, SearchConfig
+from common.train.finetune import evaluate
 
 TARGET = 3.0
 
@@ -301,7 +301,7 @@ def test_run_results_options_are_the_config_with_the_tables_defaults():
 
 def test_run_results_names_the_model_of_a_refused_run_and_exits_2(tmp_path, monkeypatch, capsys):
     from benchmarks import run_results
-    from common.preflight import PreflightError
+    from common.run.preflight import PreflightError
 
     for name in ("alexnet", "vgg16"):  # only their existence is checked before a run
         (tmp_path / f"{name}.pt").write_bytes(b"")
@@ -322,7 +322,7 @@ def test_run_results_says_time_box_only_when_the_deadline_stopped_a_stage(tmp_pa
     """The message follows the log's last ``end`` record, not the clock: a run whose last stage ended
     past the deadline with every stage done says nothing of a time box."""
     from benchmarks import run_results
-    from common.logs import RunLog
+    from common.run.logs import RunLog
 
     for name in ("alexnet", "vgg16"):
         (tmp_path / f"{name}.pt").write_bytes(b"")
@@ -623,7 +623,7 @@ def test_explicit_run_id_with_other_settings_is_refused_naming_them(tmp_path, mo
 
 
 def test_an_older_log_with_finetuning_switched_off_resumes_as_zero_epochs():
-    from common.preflight import resume_changes
+    from common.run.preflight import resume_changes
 
     cfg = ExperimentConfig(device="cpu", finetune_epochs=0)
     logged = json.loads(json.dumps(dataclasses.asdict(cfg))) | {"device_type": "cpu"}

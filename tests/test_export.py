@@ -1,5 +1,5 @@
-"""Tests for common.export: ONNX export of compressed models, its check and ONNX Runtime verification,
-ONNX Runtime timing, and the ``python -m common.export`` command line on a saved artifact."""
+"""Tests for common.deploy.export: ONNX export of compressed models, its check and ONNX Runtime verification,
+ONNX Runtime timing, and the ``python -m common.deploy.export`` command line on a saved artifact."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from common import export as export_mod
-from common.export import ExportError, export_onnx, ort_latency, ort_session
-from common.layers import FactorizedConv
-from common.surgery import LayerPlan, apply_plan, list_conv_layers
+from common.decompose.layers import FactorizedConv
+from common.decompose.surgery import LayerPlan, apply_plan, list_conv_layers
+from common.deploy import export as export_mod
+from common.deploy.export import ExportError, export_onnx, ort_latency, ort_session
 
 pytestmark = pytest.mark.one_thread
 REPO = Path(__file__).resolve().parents[1]
@@ -158,9 +158,9 @@ def test_ort_latency_dict_and_session_reuse(tmp_path):
 
 
 def _artifacts():
-    if importlib.util.find_spec("common.artifacts") is None:
-        pytest.skip("common.artifacts is not importable yet (the artifact format lands with it)")
-    import common.artifacts as artifacts
+    if importlib.util.find_spec("common.deploy.artifacts") is None:
+        pytest.skip("common.deploy.artifacts is not importable yet (the artifact format lands with it)")
+    import common.deploy.artifacts as artifacts
 
     return artifacts
 
@@ -199,7 +199,7 @@ def test_cli_bad_artifact_exits_2_naming_the_file(tmp_path, capsys):
 def test_cli_missing_artifact_exits_2_naming_the_file(tmp_path):
     missing = tmp_path / "nowhere" / "model.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "common.export", str(missing), "--onnx", str(tmp_path / "m.onnx")],
+        [sys.executable, "-m", "common.deploy.export", str(missing), "--onnx", str(tmp_path / "m.onnx")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -242,7 +242,7 @@ def test_ort_interleaved_latency_ratios_and_reference(tmp_path):
 def test_benchmark_rule_plans_meet_the_target_without_data():
     """The 224×224 rows' plans (benchmarks/latency.py): data-free uniform and energy plans on the budget."""
     from benchmarks.latency import rule_plans
-    from common.space import SearchSpace
+    from common.search.space import SearchSpace
     from tests.helpers import fast_model
 
     model = fast_model("resnet18")
@@ -263,8 +263,8 @@ def test_benchmark_ort_columns_and_rows_without_them_measured_again(tmp_path):
     import pandas as pd
 
     from benchmarks import latency as bench
-    from common.logs import RunLog, jsonify
     from common.models import build_model
+    from common.run.logs import RunLog, jsonify
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))

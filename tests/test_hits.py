@@ -23,7 +23,7 @@ from common.analysis import (
     seed_image_margin,
 )
 from common.analysis.summary import margins_section
-from common.logs import RunLog, jsonify, pack_hits
+from common.run.logs import RunLog, jsonify, pack_hits
 
 N = 2000
 RUN = "r1"

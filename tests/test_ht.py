@@ -1,4 +1,4 @@
-"""Tests for common.ranks and common.ht: HT-2 / Tucker-2 / SVD kernel decompositions.
+"""Tests for common.decompose.ranks and common.decompose.ht: HT-2 / Tucker-2 / SVD kernel decompositions.
 
 Oracles: exactness at full rank, an independent numpy implementation of HT-2 from its definition
 (Gabor & Zdunek 2023), tensorly's HOSVD building blocks and its HOOI ``partial_tucker`` for Tucker-2,
@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.ht import HT2Factors, KernelSpectra
-from common.ranks import (
+from common.decompose.ht import HT2Factors, KernelSpectra
+from common.decompose.ranks import (
     RANK_NAMES,
     energy_rank,
     energy_ranks,

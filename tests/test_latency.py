@@ -1,4 +1,4 @@
-"""Tests for common.latency (plain timing) and the benchmarks/latency.py table built on it."""
+"""Tests for common.deploy.latency (plain timing) and the benchmarks/latency.py table built on it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.latency import interleaved_latency, measure_latency
+from common.deploy.latency import interleaved_latency, measure_latency
 from tests.helpers import two_seed_plan_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def test_interleaved_latency_ratios_and_reference():
 def test_latency_imports_neither_training_nor_deployment():
     """Plain timing stands alone: deployment imports it, never the other way round (no import cycle)."""
     code = (
-        "import sys, common.latency; "
-        "print(sorted(m for m in ('common.train', 'common.deploy', 'common.experiment') if m in sys.modules))"
+        "import sys, common.deploy.latency; "
+        "print(sorted(m for m in ('common.train.finetune', 'common.deploy.merge', 'common.run.experiment') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -88,9 +88,9 @@ def test_latency_benchmark_table_and_resume(tmp_path, monkeypatch):
     """benchmarks/latency.py on a one-plan run document: one CSV row per setting, the Markdown table, and a
     re-run that measures nothing new."""
     from benchmarks import latency as bench
-    from common.logs import RunLog, jsonify
+    from common.decompose.surgery import LayerPlan, list_conv_layers, plan_to_dict
     from common.models import build_model
-    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+    from common.run.logs import RunLog, jsonify
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
@@ -138,7 +138,7 @@ def test_latency_benchmark_table_and_resume(tmp_path, monkeypatch):
 def test_compile_for_inference_matches_eager_and_is_not_recompiled_when_timed():
     import torch._dynamo.utils as dynamo_utils
 
-    from common.latency import compile_for_inference
+    from common.deploy.latency import compile_for_inference
 
     model = _model()
     with torch.inference_mode():  # inputs as measure_latency makes them (an inference tensor)
@@ -160,9 +160,9 @@ def test_latency_benchmark_compile_columns_and_their_resume(tmp_path, monkeypatc
     """--compile adds the torch.compile columns (the compiler itself is stubbed here: the test above runs it),
     and a row timed without them is measured again while --compile is on."""
     from benchmarks import latency as bench
-    from common.logs import RunLog, jsonify
+    from common.decompose.surgery import LayerPlan, list_conv_layers, plan_to_dict
     from common.models import build_model
-    from common.surgery import LayerPlan, list_conv_layers, plan_to_dict
+    from common.run.logs import RunLog, jsonify
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
@@ -194,7 +194,7 @@ def test_latency_benchmark_compile_columns_and_their_resume(tmp_path, monkeypatc
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compile_for_inference_cuda_bf16():
-    from common.latency import compile_for_inference
+    from common.deploy.latency import compile_for_inference
 
     compiled = compile_for_inference(_model(), (4, 3, 16, 16), "default", "cuda", torch.bfloat16, True)
     r = measure_latency(compiled, (4, 3, 16, 16), "cuda", None, True, torch.bfloat16, warmup=1, iters=3)
@@ -205,7 +205,7 @@ def test_latency_benchmark_times_the_plans_of_the_chosen_seeds(tmp_path, monkeyp
     """A multi-seed run has one plan per seed: --seeds picks them (default seed 0), the seed is part of each
     row's key and of the table, and a row of a file written before rows had seeds is measured again."""
     from benchmarks import latency as bench
-    from common.logs import jsonify
+    from common.run.logs import jsonify
 
     # a multi-seed run (its config lists the seeds): each plan record carries its own seed
     log = two_seed_plan_log(tmp_path)

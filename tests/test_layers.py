@@ -1,4 +1,4 @@
-"""Tests for common.layers: factorized Conv2d replacements (HT-2, Tucker-2, SVD).
+"""Tests for common.decompose.layers: factorized Conv2d replacements (HT-2, Tucker-2, SVD).
 
 The oracle for every layer is a dense ``nn.Conv2d`` with the original geometry whose weight is the
 reconstructed kernel; at full rank that is the original conv itself.
@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from common.ht import KernelSpectra
-from common.layers import LAYER_CLASSES, ConvGeometry, HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
-from common.ranks import full_ranks
+from common.decompose.ht import KernelSpectra
+from common.decompose.layers import LAYER_CLASSES, ConvGeometry, HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
+from common.decompose.ranks import full_ranks
 
 PROFILE = settings.get_profile("ht2-tests")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -188,7 +188,7 @@ def test_compressed_model_scripts_traces_and_exports_with_equal_outputs():
     """The layers compile as they are: torch.jit.script/trace and torch.export give the eager output."""
     import warnings
 
-    from common.surgery import LayerPlan, apply_plan
+    from common.decompose.surgery import LayerPlan, apply_plan
     from tests.helpers import fast_model
 
     model = fast_model("resnet18")

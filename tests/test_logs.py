@@ -1,4 +1,4 @@
-"""Tests for common.logs (run-log format, resume, corruption handling) and jsonify_logs.py."""
+"""Tests for common.run.logs (run-log format, resume, corruption handling) and jsonify_logs.py."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import jsonify_logs
-from common.jsonvalues import decode_value, encode_value
-from common.logs import (
+from common.run.jsonvalues import decode_value, encode_value
+from common.run.logs import (
     KIND_KEYS,
     RunLog,
     config_record,

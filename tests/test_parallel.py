@@ -1,4 +1,4 @@
-"""Tests for common.parallel and the parallel paths of SpectraCache (warm, decompose)."""
+"""Tests for common.decompose.parallel and the parallel paths of SpectraCache (warm, decompose)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from common.ht import KernelSpectra
-from common.parallel import map_layers
-from common.ranks import ranks_from_level
-from common.surgery import LayerPlan, SpectraCache, apply_plan, list_conv_layers
+from common.decompose.ht import KernelSpectra
+from common.decompose.parallel import map_layers
+from common.decompose.ranks import ranks_from_level
+from common.decompose.surgery import LayerPlan, SpectraCache, apply_plan, list_conv_layers
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from common.analysis.plot_search import DIVERGENCE_LABELS
-from common.proxy import DIVERGENCE_PROXIES, DIVERGENCES, PROXIES, ProxyEvaluator, kl_divergence, logit_mse
-from common.surgery import LayerPlan, SpectraCache, list_conv_layers
+from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers
+from common.search.proxy import DIVERGENCE_PROXIES, DIVERGENCES, PROXIES, ProxyEvaluator, kl_divergence, logit_mse
 from tests.test_search import small_cnn
 
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from common.data import load_dataset
-from common.policy import cem_refit, choice_pdf, drop_curve, knapsack_choices
-from common.proxy import ProxyEvaluator
-from common.ranks import energy_ranks
-from common.recorder import MemoryRecorder
-from common.search import (
+from common.data.datasets import load_dataset
+from common.decompose.ranks import energy_ranks
+from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
+from common.search.policy import cem_refit, choice_pdf, drop_curve, knapsack_choices
+from common.search.proxy import ProxyEvaluator
+from common.search.recorder import MemoryRecorder
+from common.search.searcher import (
     METHODS,
     SEARCHING,
     SearchConfig,
@@ -29,8 +30,7 @@ from common.search import (
     project,
     repair_plan,
 )
-from common.space import plan_key
-from common.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
+from common.search.space import plan_key
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -77,8 +77,8 @@ def test_every_method_hits_the_budget(digits, method, target):
         assert 0.0 <= r.val_top1 <= 1.0
     assert set(r.plan) == set(s.space.names)
     # The achieved factor is the model's real conv-MAC reduction.
-    from common.cost import count_model
-    from common.surgery import apply_plan
+    from common.decompose.cost import count_model
+    from common.decompose.surgery import apply_plan
 
     dense = count_model(s.evaluator.model)
     comp = count_model(apply_plan(s.evaluator.model, r.plan, s.spectra))
@@ -162,7 +162,7 @@ def test_seeded_policy_scores_the_rule_plans_first_within_its_budget(digits):
 
 
 def test_policy_with_knapsack_scores_its_model_optimum_first(digits):
-    from common.policy import choice_costs, choice_drops
+    from common.search.policy import choice_costs, choice_drops
 
     rec = MemoryRecorder()
     s = make(digits, recorder=rec, config=replace(CFG, knapsack=True))
@@ -341,7 +341,7 @@ def test_check_target_names_the_bad_value(value):
 def test_the_analysis_knows_every_method_and_policy():
     # common.analysis keeps its own lists (it does not import torch); they must not drift
     from common.analysis import METHOD_ORDER, POLICY_METHODS, POLICY_RIVALS
-    from common.search import POLICIES
+    from common.search.searcher import POLICIES
 
     assert POLICY_METHODS == POLICIES and set(METHOD_ORDER) == set(METHODS)
     assert set(POLICY_RIVALS) == set(METHODS) - set(POLICIES)
@@ -350,7 +350,7 @@ def test_the_analysis_knows_every_method_and_policy():
 def test_the_analysis_draws_every_rank_shape():
     # the sensitivity plot's line styles are keyed by shape name, a list of its own (no torch import)
     from common.analysis.plot_search import SHAPE_STYLES
-    from common.space import SHAPES
+    from common.search.space import SHAPES
 
     assert tuple(SHAPE_STYLES) == SHAPES and len(set(SHAPE_STYLES.values())) == len(SHAPES)
 

@@ -1,4 +1,4 @@
-"""Tests for common.stream: the streamed ImageFolder path and its loader (decoded on the fly)."""
+"""Tests for common.data.stream: the streamed ImageFolder path and its loader (decoded on the fly)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.data import load_dataset, stratified_indices
-from common.loader import BatchLoader, calibration_loader, make_loader
-from common.stream import StreamLoader, StreamSplit, estimate_decoded_bytes, sample_seed
-from common.train import FinetuneConfig, evaluate, finetune
+from common.data.datasets import load_dataset, stratified_indices
+from common.data.loader import BatchLoader, calibration_loader, make_loader
+from common.data.stream import StreamLoader, StreamSplit, estimate_decoded_bytes, sample_seed
+from common.train.finetune import FinetuneConfig, evaluate, finetune
 
 CLASSES = ("ant", "bee", "cat")
 SIZES = {"train": 40, "val": 20, "test": 10}  # per class: 210 images in all
@@ -276,9 +276,9 @@ def test_undecodable_image_is_named(tree, tmp_path):
 def test_an_experiment_runs_on_a_streamed_imagefolder(tree, tmp_path, monkeypatch):
     """--stream on end to end: baseline, search, BN recalibration and evaluation through the streaming
     loader; the log's dataset identity says it was streamed (a resume in memory is refused)."""
-    from common.config import ExperimentConfig
-    from common.experiment import run_experiment
-    from common.logs import parse_log
+    from common.run.config import ExperimentConfig
+    from common.run.experiment import run_experiment
+    from common.run.logs import parse_log
 
     monkeypatch.setenv("HTD_CACHE", str(tmp_path / "cache"))
     cfg = ExperimentConfig(

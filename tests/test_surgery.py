@@ -1,4 +1,4 @@
-"""Tests for common.surgery: listing conv layers, applying rank plans, plan JSON round trips.
+"""Tests for common.decompose.surgery: listing conv layers, applying rank plans, plan JSON round trips.
 
 Models are built on the ``meta`` device and then materialized on the CPU with each module's own
 ``reset_parameters`` (same architecture and init scheme as ``build_model``, but without paying for
@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.layers import HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
-from common.models import build_model
-from common.ranks import full_ranks, ranks_from_level
-from common.surgery import (
+from common.decompose.layers import HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
+from common.decompose.ranks import full_ranks, ranks_from_level
+from common.decompose.surgery import (
     LayerPlan,
     SpectraCache,
     apply_plan,
@@ -25,6 +24,7 @@ from common.surgery import (
     plan_to_dict,
     validate_plan,
 )
+from common.models import build_model
 from tests.helpers import fast_model
 
 CIFAR_CONVS = {"resnet18": 20, "vgg16": 13, "alexnet": 5}

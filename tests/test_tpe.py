@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from common.tpe import tpe_search
+from common.search.tpe import tpe_search
 
 OPT12 = np.array([0, 7, 3, 5, 1, 6, 2, 4, 7, 0, 5, 3])
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import common.experiment as experiment
+import common.run.experiment as experiment
 import jsonify_logs
 from common.analysis import summary_table
-from common.data import TensorSplit
-from common.experiment import run_experiment
-from common.lock import LogLockedError
-from common.logs import RunLog, parse_log, run_document
-from common.preflight import PreflightError
+from common.data.datasets import TensorSplit
+from common.run.experiment import run_experiment
+from common.run.lock import LogLockedError
+from common.run.logs import RunLog, parse_log, run_document
+from common.run.preflight import PreflightError
 from tests.test_experiment import config, log_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_one_writer_per_log(tmp_path):
     again = RunLog(tmp_path, "alexnet", "locked")  # the same process shares the lock
     open_it = textwrap.dedent(f"""
         import os, sys
-        from common.logs import RunLog
+        from common.run.logs import RunLog
         log = RunLog({str(tmp_path)!r}, "alexnet", "locked")
         if sys.argv[1:] == ["crash"]:
             os._exit(3)  # dies holding the lock: the OS releases it
@@ -207,7 +207,7 @@ def test_malformed_final_record_is_reported_and_skipped():
 
 
 def test_missing_cifar10_binaries_name_the_expected_layout_not_a_download_flag(tmp_path):
-    from common.data import load_dataset
+    from common.data.datasets import load_dataset
 
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("cifar10", root=tmp_path, cache_dir=tmp_path / "cache")

@@ -1,7 +1,7 @@
 """Results analysis: run documents (``json/<model>/<run_id>.json``) to tables and plots.
 
-The documents are written by :func:`common.logs.jsonify` (see :mod:`common.logs` for the record
-kinds; :func:`common.logs.records_of` selects one kind). Conventions: accuracies are fractions in
+The documents are written by :func:`common.run.logs.jsonify` (see :mod:`common.run.logs` for the record
+kinds; :func:`common.run.logs.records_of` selects one kind). Conventions: accuracies are fractions in
 [0, 1] in the data and the CSVs, shown in % in Markdown and plots; factors are dense / compressed.
 
 Runs are never merged: every row carries its run's context (:data:`RUN_COLUMNS`: model, dataset,
@@ -23,7 +23,7 @@ holds for the whole run. A final record with neither is an error naming the run'
 
 Speed-ups have one source: the ``speedup`` dict of each ``final`` record (dense / compressed
 median forward latency per setting, both measured by the run itself with
-:func:`common.latency.fastest_latency` on its own machine when run with ``--latency``), split by
+:func:`common.deploy.latency.fastest_latency` on its own machine when run with ``--latency``), split by
 :func:`split_speedup` into the best CPU setting and the best CUDA one. That is the only measurement
 made per run and per seed, of the very model the row describes; the latency tables of
 ``benchmarks/latency.py`` (``results/latency_{cpu,cuda}.csv``) time one plan per configuration
@@ -42,7 +42,7 @@ Modules, by what they hold:
   Student-t intervals (:func:`policy_margins` against the best rival, :func:`rival_margins` against each,
   with the interval over seeds and test images where the hits are known: :func:`seed_image_margin`).
 * :mod:`~common.analysis.hits`: the finals' per-image test hits, from run documents and from the hits
-  logs ``benchmarks/image_noise.py`` keeps (:func:`collect_hits`, :func:`is_hits_document`).
+  logs ``studies/image_noise/image_noise.py`` keeps (:func:`collect_hits`, :func:`is_hits_document`).
 * :mod:`~common.analysis.recovery`: :func:`finetune_recovery`, how much of a plan's BN gap to the
   dense model finetuning recovers (Theil–Sen slope of gain on gap).
 * :mod:`~common.analysis.markdown`: :func:`markdown_table`, cell formats, mean ± std cells.
@@ -60,11 +60,18 @@ Every public name is re-exported here: ``from common.analysis import X``.
 
 from __future__ import annotations
 
-from .aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
-from .context import RUN_COLUMNS, RUNS_COLUMNS, checkpoint_fingerprint, end_status, run_context, runs_table
-from .figures import budget_front, pareto_front, save_plot
-from .hits import HITS_KIND, REPLICA_TOLERANCE, collect_hits, is_hits_document
-from .margins import (
+from common.analysis.aggregate import AGGREGATE_COLUMNS, SEED_STAT_COLUMNS, aggregate_seeds
+from common.analysis.context import (
+    RUN_COLUMNS,
+    RUNS_COLUMNS,
+    checkpoint_fingerprint,
+    end_status,
+    run_context,
+    runs_table,
+)
+from common.analysis.figures import budget_front, pareto_front, save_plot
+from common.analysis.hits import HITS_KIND, REPLICA_TOLERANCE, collect_hits, is_hits_document
+from common.analysis.margins import (
     POLICY_MARGIN_COLUMNS,
     POLICY_METHODS,
     POLICY_RIVALS,
@@ -85,11 +92,11 @@ from .margins import (
     seed_image_margin,
     variance_components,
 )
-from .markdown import MARKDOWN_COLUMNS, markdown_table
-from .plot_accuracy import ACC_PLOT_COLUMNS
-from .plot_ranks import RANKS_PLOT_COLUMNS
-from .plot_search import SEARCH_PLOT_COLUMNS, SENSITIVITY_PLOT_COLUMNS
-from .plots import (
+from common.analysis.markdown import MARKDOWN_COLUMNS, markdown_table
+from common.analysis.plot_accuracy import ACC_PLOT_COLUMNS
+from common.analysis.plot_ranks import RANKS_PLOT_COLUMNS
+from common.analysis.plot_search import SEARCH_PLOT_COLUMNS, SENSITIVITY_PLOT_COLUMNS
+from common.analysis.plots import (
     PLOTS,
     make_plots,
     plot_acc_vs_macs,
@@ -97,7 +104,7 @@ from .plots import (
     plot_search_trace,
     plot_sensitivity,
 )
-from .readme import (
+from common.analysis.readme import (
     README_BEGIN,
     README_END,
     machine_description,
@@ -105,7 +112,7 @@ from .readme import (
     replace_marked_block,
     update_readme,
 )
-from .records import (
+from common.analysis.records import (
     METHOD_ORDER,
     SUMMARY_COLUMNS,
     latest_of,
@@ -116,8 +123,8 @@ from .records import (
     split_speedup,
     summary_table,
 )
-from .recovery import RECOVERY_COLUMNS, finetune_recovery
-from .summary import write_summary
+from common.analysis.recovery import RECOVERY_COLUMNS, finetune_recovery
+from common.analysis.summary import write_summary
 
 __all__ = [
     "ACC_PLOT_COLUMNS",

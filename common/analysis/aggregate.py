@@ -7,8 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from .context import RUN_COLUMNS
-from .records import SUMMARY_COLUMNS, is_missing, sort_rows
+from common.analysis.context import RUN_COLUMNS
+from common.analysis.records import SUMMARY_COLUMNS, is_missing, sort_rows
 
 __all__ = ["AGGREGATE_COLUMNS", "SEED_STAT_COLUMNS", "aggregate_seeds"]
 

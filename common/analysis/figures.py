@@ -17,9 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from common.analysis.records import METHOD_ORDER, to_float
 from common.files import atomic_write
-
-from .records import METHOD_ORDER, to_float
 
 __all__ = ["budget_front", "pareto_front", "save_plot"]
 

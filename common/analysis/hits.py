@@ -2,7 +2,7 @@
 
 A final's hits (which test images its model gets right, in the split's fixed order) come from two places:
 its own ``final`` record (``test_hits_bn`` / ``test_hits_ft``, logged since 2026-12-06), or a ``test_hits``
-record of a *hits log*, which ``benchmarks/image_noise.py`` keeps beside a results folder for logs from
+record of a *hits log*, which ``studies/image_noise/image_noise.py`` keeps beside a results folder for logs from
 before then (``<results dir>/image_hits_<model>.log``, run id ``image_noise``, each record naming its run in
 ``of_run``). ``jsonify_logs.py <results dir>`` turns both kinds of log into documents;
 :func:`is_hits_document` tells a hits log's from a run's, :func:`collect_hits` reads the hits of both.
@@ -14,9 +14,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from common.logs import records_of, unpack_hits
-
-from .records import latest_of, run_file
+from common.analysis.records import latest_of, run_file
+from common.run.logs import records_of, unpack_hits
 
 __all__ = ["HITS_KIND", "REPLICA_TOLERANCE", "HitsKey", "collect_hits", "is_hits_document"]
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .context import RUN_COLUMNS
-from .hits import REPLICA_TOLERANCE, HitsKey
+from common.analysis.context import RUN_COLUMNS
+from common.analysis.hits import REPLICA_TOLERANCE, HitsKey
 
 __all__ = [
     "POLICY_MARGIN_COLUMNS",
@@ -62,7 +62,7 @@ POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
 """Methods :func:`policy_margins` compares the policy with (those present)."""
 
 POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded")
-"""The methods under test (:data:`common.search.POLICIES`; not imported from there, which would
+"""The methods under test (:data:`common.search.searcher.POLICIES`; not imported from there, which would
 import torch into the analysis), each compared with :data:`POLICY_RIVALS` on its own row."""
 
 _MARGIN_FIELDS = (

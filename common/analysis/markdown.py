@@ -7,8 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from .aggregate import SEED_STAT_COLUMNS
-from .records import ACC_COLUMNS, is_missing
+from common.analysis.aggregate import SEED_STAT_COLUMNS
+from common.analysis.records import ACC_COLUMNS, is_missing
 
 __all__ = ["MARKDOWN_COLUMNS", "markdown_table"]
 

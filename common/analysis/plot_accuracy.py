@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.axes import Axes
 
-from . import figures
-from .aggregate import aggregate_seeds
-from .context import RUN_COLUMNS, run_title
-from .figures import budget_front, dense_line, method_colors, panels, series_label, skip
-from .records import summary_table
+from common.analysis import figures
+from common.analysis.aggregate import aggregate_seeds
+from common.analysis.context import RUN_COLUMNS, run_title
+from common.analysis.figures import budget_front, dense_line, method_colors, panels, series_label, skip
+from common.analysis.records import summary_table
 
 __all__ = ["ACC_PLOT_COLUMNS", "plot_acc_vs_macs"]
 

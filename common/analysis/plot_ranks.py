@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from . import figures
-from .context import RUN_COLUMNS, model_runs, run_context, run_title
-from .figures import method_colors, panels, series_label, skip, target_text
-from .records import kind_records, lowest_seed, method_rank, seed_lookup, target_key, to_float
+from common.analysis import figures
+from common.analysis.context import RUN_COLUMNS, model_runs, run_context, run_title
+from common.analysis.figures import method_colors, panels, series_label, skip, target_text
+from common.analysis.records import kind_records, lowest_seed, method_rank, seed_lookup, target_key, to_float
 
 __all__ = ["RANKS_PLOT_COLUMNS", "plot_ranks"]
 

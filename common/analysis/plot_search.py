@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 
-from . import figures
-from .context import RUN_COLUMNS, model_runs, run_context, run_title
-from .figures import dense_line, method_colors, palette, panels, series_label, skip, target_text
-from .records import kind_records, lowest_seed, run_baseline, seed_lookup, target_key, to_float
+from common.analysis import figures
+from common.analysis.context import RUN_COLUMNS, model_runs, run_context, run_title
+from common.analysis.figures import dense_line, method_colors, palette, panels, series_label, skip, target_text
+from common.analysis.records import kind_records, lowest_seed, run_baseline, seed_lookup, target_key, to_float
 
 __all__ = [
     "DIVERGENCE_LABELS",
@@ -35,16 +35,16 @@ __all__ = [
 
 SENSITIVITY_PLOT_COLUMNS: tuple[str, ...] = (*RUN_COLUMNS, "seed", "layer", "level", "shape", "proxy", "value")
 """Columns of ``sensitivity_<model>.csv``: one row per point; ``shape`` is the rank shape the layer
-took (:mod:`common.space`; ``"level"`` for records older than shapes, and for the dense point);
+took (:mod:`common.search.space`; ``"level"`` for records older than shapes, and for the dense point);
 ``proxy`` says what ``value`` is (a label-free proxy's name, ``kl`` or ``logit_mse``: its score, minus
 the divergence; ``score``: another proxy's score; or ``val_top1`` as a fraction)."""
 
 SHAPE_STYLES: dict[str, str] = {"level": "-", "energy": "--"}
-"""Line style of each rank shape (:data:`common.space.SHAPES`, named here so that the analysis does not
+"""Line style of each rank shape (:data:`common.search.space.SHAPES`, named here so that the analysis does not
 import torch) in the sensitivity plot, where colours name the layers."""
 
 DIVERGENCE_LABELS: dict[str, str] = {"logit_mse": "logit MSE", "kl": "KL divergence"}
-"""The label-free proxies (:data:`common.proxy.DIVERGENCE_PROXIES`, kept here so that the analysis
+"""The label-free proxies (:data:`common.search.proxy.DIVERGENCE_PROXIES`, kept here so that the analysis
 does not import torch) and what their divergence is called on an axis."""
 
 SEARCH_PLOT_COLUMNS: tuple[str, ...] = (

@@ -18,9 +18,9 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from .plot_accuracy import plot_acc_vs_macs
-from .plot_ranks import plot_ranks
-from .plot_search import plot_search_trace, plot_sensitivity
+from common.analysis.plot_accuracy import plot_acc_vs_macs
+from common.analysis.plot_ranks import plot_ranks
+from common.analysis.plot_search import plot_search_trace, plot_sensitivity
 
 __all__ = [
     "PLOTS",

@@ -11,13 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from common.analysis import summary
+from common.analysis.aggregate import SEED_STAT_COLUMNS, aggregate_seeds
+from common.analysis.context import device_of, runs_table
+from common.analysis.markdown import DISPLAY_FORMATS, markdown_table, seed_display, seed_sentence
+from common.analysis.records import is_missing, kind_records
 from common.files import atomic_write
-
-from . import summary
-from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
-from .context import device_of, runs_table
-from .markdown import DISPLAY_FORMATS, markdown_table, seed_display, seed_sentence
-from .records import is_missing, kind_records
 
 __all__ = [
     "README_BEGIN",

@@ -17,9 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from common.logs import KIND_KEYS, load_document, records_of
-
-from .context import RUN_COLUMNS, run_context
+from common.analysis.context import RUN_COLUMNS, run_context
+from common.run.logs import KIND_KEYS, load_document, records_of
 
 __all__ = [
     "METHOD_ORDER",
@@ -369,7 +368,7 @@ def _summary_row(key: tuple, run: Mapping, final: Mapping) -> dict:
 
 
 def _complete(run: Mapping, final: Mapping) -> bool:
-    """Whether a final record has every key a writer must give it (:data:`common.logs.KIND_KEYS`);
+    """Whether a final record has every key a writer must give it (:data:`common.run.logs.KIND_KEYS`);
     one without is reported (a warning naming the log and the missing keys) and makes no row."""
     missing = [k for k in KIND_KEYS["final"] if final.get(k) is None]
     if missing:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .context import RUN_COLUMNS
-from .margins import comparison_groups
+from common.analysis.context import RUN_COLUMNS
+from common.analysis.margins import comparison_groups
 
 __all__ = ["RECOVERY_COLUMNS", "finetune_recovery"]
 

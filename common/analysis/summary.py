@@ -13,13 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.files import atomic_write
-
-from .aggregate import SEED_STAT_COLUMNS, aggregate_seeds
-from .context import RUNS_COLUMNS, runs_table
-from .hits import HitsKey
-from .margins import POLICY_METHODS, POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins, rival_margins
-from .markdown import (
+from common.analysis.aggregate import SEED_STAT_COLUMNS, aggregate_seeds
+from common.analysis.context import RUNS_COLUMNS, runs_table
+from common.analysis.hits import HitsKey
+from common.analysis.margins import POLICY_METHODS, POLICY_RIVALS, STAGE_NAMES, STAGES, policy_margins, rival_margins
+from common.analysis.markdown import (
     DISPLAY_FORMATS,
     MARKDOWN_COLUMNS,
     Format,
@@ -28,9 +26,10 @@ from .markdown import (
     seed_count_text,
     seed_display,
 )
-from .plots import plot_caption
-from .records import is_missing
-from .recovery import finetune_recovery
+from common.analysis.plots import plot_caption
+from common.analysis.records import is_missing
+from common.analysis.recovery import finetune_recovery
+from common.files import atomic_write
 
 __all__ = ["SPEEDUP_ORIGIN", "write_summary"]
 
@@ -281,7 +280,7 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
             headers[f"both_{stage}"] = f"{STAGE_NAMES[stage]}: 95 % CI over seeds and test images"
             both = (
                 " *CI over seeds and test images*: where every paired final's per-image test hits are known (logged "
-                "by the run, or re-measured by `benchmarks/image_noise.py` into the folder's hits log), the same "
+                "by the run, or re-measured by `studies/image_noise/image_noise.py` into the folder's hits log), the same "
                 "margin with the test images counted as a sample too (`seed_image_interval`, centred on the "
                 "logged margin; – where hits are missing); *floor*: the smallest true margin found with 80 % "
                 "power on these test images whatever the number of seeds."
@@ -337,7 +336,7 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         'needed for "all"), else the rivals that stop it. '
         "*Policy MACs vs best rival*: how many more MACs the policy's plans keep than the best rival's, "
         "paired over the same seeds (+ = the policy spends more of the budget band; "
-        "`benchmarks/matched_macs.py` re-picks at equal MACs)." + both,
+        "`studies/matched_macs/matched_macs.py` re-picks at equal MACs)." + both,
         "",
         markdown_table(display, headers, formats, right=[f"{c}_{s}" for s, _ in STAGES for c in ("ci", "both")]),
         "",
