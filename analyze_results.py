@@ -5,7 +5,9 @@ Usage: ``python analyze_results.py [--json json/] [--out out/analysis/] [--readm
 [--overwrite-committed]``. The documents come from ``jsonify_logs.py``; the logic lives in
 :mod:`common.analysis`. Speed-ups are the runs' own measurements (their ``final`` records; see
 :mod:`common.analysis`). ``--readme`` rewrites the block between ``<!-- results:begin -->`` and
-``<!-- results:end -->`` in that file. Documents of hits logs (``studies/image_noise/image_noise.py``'s, from
+``<!-- results:end -->`` in that file from the committed results folders it names
+(:func:`common.analysis.readme_block`), after the summary when ``--json`` is given too; alone
+(``python analyze_results.py --readme README.md``), it writes only the block. Documents of hits logs (``studies/image_noise/image_noise.py``'s, from
 ``jsonify_logs.py <results dir>``) are no runs: they give per-image test hits to the margins
 (``policy_vs_rivals.csv``'s interval over seeds and test images).
 
@@ -42,16 +44,6 @@ DEFAULT_OUT = "out/analysis"
 """The default output folder: under ``out/``, which git ignores."""
 
 OVERWRITE_FLAG = "--overwrite-committed"
-
-
-def summary_link(readme: str, out_dir: str) -> str:
-    """Link from the README to ``<out>/summary.md``: relative when the summary lies under the
-    README's folder, else the path as written (the summary is elsewhere, so say where)."""
-    summary = Path(out_dir) / "summary.md"
-    try:
-        return summary.resolve().relative_to(Path(readme).resolve().parent).as_posix()
-    except ValueError:
-        return summary.as_posix()
 
 
 def tracked_files(path: str | Path) -> list[str]:
@@ -105,7 +97,12 @@ def check_not_committed(out_dir: str, readme: str | None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default="json", help="folder of run documents (default: json/)")
+    parser.add_argument(
+        "--json", help="folder of run documents (default: json/; with --readme alone, no summary is made)"
+    )
+    parser.add_argument(
+        "--results", default="results", help="the results folders the --readme block reads (default: results/)"
+    )
     parser.add_argument(
         "--out",
         default=DEFAULT_OUT,
@@ -125,6 +122,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _readme_only(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--readme`` without ``--json``: rewrite only the README block from the committed results folders."""
+    try:
+        if not args.overwrite_committed and tracked_files(args.readme):
+            raise ValueError(
+                f"{args.readme} is tracked by git: its results block is rewritten only with {OVERWRITE_FLAG}"
+            )
+        changed = update_readme(args.readme, readme_block(args.results))
+    except (OSError, ValueError) as exc:
+        return _fail(exc)
+    print(args.readme if changed else f"{args.readme}: unchanged")
+    return 0
+
+
 def _fail(message: object) -> int:
     print(f"analyze_results: error: {message}", file=sys.stderr)
     return 2
@@ -136,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    if args.json is None and args.readme:
+        return _readme_only(args, argv)
+    args.json = args.json or "json"
     try:  # everything that can refuse does so before the slow part and before writing anything
         if not args.overwrite_committed:
             check_not_committed(args.out, args.readme)
@@ -157,9 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc)
     written = [*summary, *(path for png in plots for path in (png, png.with_suffix(".csv")))]
     if args.readme:
-        block = readme_block(df, runs, command, summary_link=summary_link(args.readme, args.out))
-        if update_readme(args.readme, block):
-            written.append(args.readme)
+        try:
+            if update_readme(args.readme, readme_block(args.results)):
+                written.append(args.readme)
+        except (OSError, ValueError) as exc:
+            return _fail(exc)
     for path in written:
         print(path)
     return 0

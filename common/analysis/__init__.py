@@ -107,10 +107,12 @@ from common.analysis.plots import (
 from common.analysis.readme import (
     README_BEGIN,
     README_END,
-    machine_description,
+    README_GRID,
+    README_TABLE,
     readme_block,
     replace_marked_block,
     update_readme,
+    verdict_grid,
 )
 from common.analysis.records import (
     METHOD_ORDER,
@@ -139,6 +141,8 @@ __all__ = [
     "POLICY_METHODS",
     "POLICY_RIVALS",
     "README_BEGIN",
+    "README_GRID",
+    "README_TABLE",
     "README_END",
     "RECOVERY_COLUMNS",
     "RANKS_PLOT_COLUMNS",
@@ -164,7 +168,6 @@ __all__ = [
     "latest_plans",
     "latest_records",
     "load_runs",
-    "machine_description",
     "macs_pct",
     "make_plots",
     "margin_verdict",
@@ -191,5 +194,6 @@ __all__ = [
     "split_speedup",
     "summary_table",
     "update_readme",
+    "verdict_grid",
     "write_summary",
 ]

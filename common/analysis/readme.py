@@ -1,144 +1,249 @@
-"""The generated results block of the README, between :data:`README_BEGIN` and :data:`README_END`."""
+"""The generated results block of the README, between :data:`README_BEGIN` and :data:`README_END`.
+
+The block is made from committed results folders (their ``summary.csv`` and ``policy_vs_rivals.csv``), not
+from run logs: :data:`README_TABLE` gives the current table and :data:`README_GRID` the folders of the
+verdict grid, so ``tests/test_docs.py`` can check that the README shows what the analysis would write now.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from common.analysis import summary
-from common.analysis.aggregate import SEED_STAT_COLUMNS, aggregate_seeds
-from common.analysis.context import device_of, runs_table
+from common.analysis.aggregate import SEED_STAT_COLUMNS
 from common.analysis.markdown import DISPLAY_FORMATS, markdown_table, seed_display, seed_sentence
-from common.analysis.records import is_missing, kind_records
+from common.analysis.records import METHOD_ORDER, is_missing
 from common.files import atomic_write
 
 __all__ = [
     "README_BEGIN",
     "README_END",
-    "machine_description",
+    "README_GRID",
+    "README_TABLE",
+    "current_table",
+    "read_results",
     "readme_block",
     "replace_marked_block",
     "update_readme",
+    "verdict_grid",
 ]
 
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
 """Marker lines around the generated results block in the README."""
 
-_README_COLUMNS = {
-    "model": "Model",
-    "dataset": "Dataset",
-    "run_id": "Run",
-    "method": "Method",
-    "decomposition": "Decomp.",
-    "macs_factor": "MACs ×",
-    "params_factor": "Params ×",
-    "test_top1_bn": "Test BN (%)",
-    "test_top1_ft": "Test FT (%)",
-    "delta_pp": "Δ vs dense (pp)",
-    "speedup_cpu_b64": "CPU speed-up b64",
-    "speedup_cuda": "CUDA speed-up",
-}
+README_TABLE = "gpu"
+"""The results folder whose ``summary.csv`` is the README's current table (the GPU protocol)."""
+
+README_GRID: tuple[tuple[str, str], ...] = (
+    ("gpu", "GPU, 3 ep."),
+    ("cpu-mse-tight-ft", "CPU ±0.5 %, 1 ep."),
+    ("cpu-mse-ft", "CPU, 1 ep."),
+    ("cpu-mse-tight", "CPU ±0.5 %"),
+    ("cpu-mse", "CPU"),
+)
+"""Results folders the verdict grid reads (``policy_vs_rivals.csv``), with a short label each. For every
+model, budget and stage the first folder that has the cell gives it: finetuned rows on a GPU first, then
+the CPU protocols, tightest budget band first."""
+
+GRID_RIVALS = ("uniform", "energy", "vbmf", "random", "tpe")
+_SYMBOL = {"policy ahead": "↑", "within noise": "≈", "policy behind": "↓"}
+_STAGES = (("bn", "BN"), ("ft", "FT"))
+_MODEL_NAMES = {"alexnet": "AlexNet", "resnet18": "ResNet18", "vgg16": "VGG16"}
 
 
-def _describe_config(record: Mapping[str, Any]) -> str:
-    """``"<device> (<machine>, torch <version>)"`` from a ``config`` record."""
-    device = device_of(record)
-    name = "CPU" if is_missing(device) or str(device).lower() == "cpu" else str(device)
-    extras = [str(record["machine"])] if record.get("machine") else []
-    if record.get("torch"):
-        extras.append(f"torch {record['torch']}")
-    return f"{name} ({', '.join(extras)})" if extras else name
+def _model_name(model: str) -> str:
+    return _MODEL_NAMES.get(model, model)
 
 
-def machine_description(runs: Sequence[Mapping]) -> str:
-    """Where the numbers were measured: the runs' devices.
+def read_results(results: str | os.PathLike, folders: Sequence[str]) -> dict[str, dict[str, pd.DataFrame]]:
+    """``{folder: {"summary": summary.csv, "margins": policy_vs_rivals.csv}}`` of the committed
+    ``results/<folder>`` (a file a folder lacks is an empty frame).
 
-    They come from the runs' ``config`` records (``device_name`` or, for a CPU run, the CPU model as
-    :func:`~common.analysis.context.device_of` gives it; ``machine``, ``torch``; the host name is left
-    out, it identifies a box, not hardware).
+    Raises:
+        FileNotFoundError: a folder is missing, naming it.
+    """
+    out = {}
+    for name in folders:
+        folder = Path(results) / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such results folder (named by the README block)")
+        out[name] = {
+            key: pd.read_csv(folder / file) if (folder / file).is_file() else pd.DataFrame()
+            for key, file in (("summary", "summary.csv"), ("margins", "policy_vs_rivals.csv"))
+        }
+    return out
+
+
+def _margin_cell(row: Mapping[str, Any], stage: str) -> str:
+    """``"↑ +0.49"``: the verdict and margin (pp) of one rival; over seeds and test images (``ⁱ``) where
+    that interval is known, else over seeds; ``–`` where the stage has no margin."""
+    margin = row.get(f"margin_{stage}")
+    if is_missing(margin):
+        return "–"
+    both = row.get(f"verdict_both_{stage}")
+    verdict = both if not is_missing(both) else row.get(f"verdict_{stage}")
+    symbol = _SYMBOL.get(verdict, "·")
+    return f"{symbol} {margin:+.2f}" + ("ⁱ" if not is_missing(both) else "")
+
+
+def _claim(cells: Mapping[str, str]) -> str:
+    """The claim over every rival of a row from its cells: ahead of all, or which rivals stop it."""
+    shown = {r: c for r, c in cells.items() if c != "–"}
+    behind = [r for r, c in shown.items() if c.startswith("↓")]
+    level = [r for r, c in shown.items() if c.startswith("≈")]
+    if behind:
+        return "**behind** " + ", ".join(behind)
+    if level:
+        return "≈ " + ", ".join(level)
+    return f"ahead of all {len(shown)}" if shown else "–"
+
+
+def verdict_grid(tables: Mapping[str, Mapping[str, pd.DataFrame]], method: str = "policy") -> pd.DataFrame:
+    """One row per model × budget × stage: ``method``'s verdict against each rival, from the first folder
+    of :data:`README_GRID` (in ``tables``' order) that has that cell.
 
     Returns:
-        E.g. ``"runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0)"``; ``"runs on an unrecorded
-        machine"`` without config records.
+        Columns ``model``, ``target``, ``stage``, ``source``, one per rival of :data:`GRID_RIVALS`
+        (``"↑ +0.49"`` cells, :func:`_margin_cell`) and ``claim``.
     """
-    described = dict.fromkeys(_describe_config(rec) for _, rec in kind_records(runs, "config"))
-    return f"runs on {', '.join(described) if described else 'an unrecorded machine'}"
+    rows, seen = [], set()
+    for folder, frames in tables.items():
+        margins = frames["margins"]
+        if margins.empty:
+            continue
+        margins = margins[margins["policy"] == method]
+        for (model, target), group in margins.groupby(["model", "target"], sort=True):
+            by_rival = {r["rival"]: r for r in group.to_dict("records")}
+            for stage, label in _STAGES:
+                cells = {r: _margin_cell(by_rival[r], stage) if r in by_rival else "–" for r in GRID_RIVALS}
+                if all(c == "–" for c in cells.values()) or (model, target, stage) in seen:
+                    continue
+                seen.add((model, target, stage))
+                rows.append({"model": model, "target": target, "stage": label, "source": folder, **cells})
+                rows[-1]["claim"] = _claim(cells)
+    grid = pd.DataFrame(rows, columns=["model", "target", "stage", "source", *GRID_RIVALS, "claim"])
+    return grid.sort_values(["model", "target", "stage"], kind="stable").reset_index(drop=True)
 
 
-def checkpoint_description(runs: Sequence[Mapping]) -> str:
-    """The runs' checkpoints, ``"checkpoints `alexnet.pt` (run-a), …"`` (fingerprints, see
-    :func:`~common.analysis.context.checkpoint_fingerprint`)."""
-    named = [f"`{r['checkpoint']}` ({r['run_id']})" for r in runs_table(runs) if not is_missing(r["checkpoint"])]
-    return f"checkpoints {', '.join(named)}" if named else "checkpoints not logged"
+def current_table(summary_csv: pd.DataFrame) -> pd.DataFrame:
+    """The current table (one folder's ``summary.csv``): model, budget, method, MACs and params factors,
+    test top-1 after BN and after finetuning and Δ vs dense as mean ± std text cells, in table order."""
+    df = summary_csv[summary_csv["decomposition"].fillna("ht2") == "ht2"]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    df = df.assign(_order=df["method"].map(lambda m: order.get(m, len(order))))
+    return seed_display(df.sort_values(["model", "target", "_order"], kind="stable").drop(columns="_order"))
 
 
-def _readme_rows(df: pd.DataFrame, target: float) -> pd.DataFrame:
-    """The configurations at ``target`` (:func:`~common.analysis.aggregate_seeds` rows) with
-    ``speedup_cpu_b64``.
+def _best_methods(table: pd.DataFrame) -> list[str]:
+    """Per model and budget of the current table, the method with the best mean test top-1 after
+    finetuning (after BN where nothing was finetuned), as ``"`tpe` on AlexNet 3× (84.89 %)"``."""
+    out = []
+    for (model, target), group in table.groupby(["model", "target"], sort=True):
+        col = "test_top1_ft_mean" if group["test_top1_ft_mean"].notna().any() else "test_top1_bn_mean"
+        best = group.loc[group[col].idxmax()]
+        gap = 100.0 * (best[col] - best["baseline_test_top1"])
+        out.append(f"`{best['method']}` on {_model_name(model)} {target:g}× ({100.0 * best[col]:.2f} %, {gap:+.2f} pp)")
+    return out
 
-    The run records' CPU speed-up counts only when its setting is ``cpu_b64``; another setting
-    would be a different measurement under the same header. That is decided per seed, before the
-    seeds are averaged, since each seed names its own best setting.
-    """
-    rows = df[np.isclose(df["target"].astype(float), target)].copy()
-    setting = rows.get("speedup_cpu_setting", pd.Series(None, index=rows.index))
-    rows["speedup_cpu_b64"] = rows["speedup_cpu"].where(setting == "cpu_b64").astype(float)
-    return aggregate_seeds(rows)
+
+def _model_verdicts(grid: pd.DataFrame) -> list[str]:
+    """Per model: in how many grid rows the claim holds, and where a rival is ahead."""
+    lines = []
+    for model, rows in grid.groupby("model", sort=True):
+        ahead = rows[rows["claim"].str.startswith("ahead")]
+        behind = rows[rows["claim"].str.startswith("**behind**")]
+        where = "; ".join(
+            f"{r.target:g}× {r.stage}, {r.source}: {r.claim.removeprefix('**behind** ')}" for r in behind.itertuples()
+        )
+        lines.append(
+            f"- **{_model_name(model)}**: ahead of every rival in {len(ahead)} of {len(rows)} cells"
+            + (f"; behind a rival in {len(behind)} ({where})" if len(behind) else "; behind none")
+            + "."
+        )
+    return lines
 
 
 def readme_block(
-    df: pd.DataFrame,
-    runs: Sequence[Mapping],
-    command: str,
-    summary_link: str = "results/summary.md",
-    target: float = 3.0,
-    date: datetime | None = None,
+    results: str | os.PathLike = "results", command: str = "python analyze_results.py --readme README.md"
 ) -> str:
-    """The generated README results block (without the marker lines).
+    """The generated README results block (without the marker lines), from committed results folders.
 
-    A provenance line (command, UTC date, machines, checkpoints, origin of the speed-ups), a
-    compact table of every run's configurations at one target (one row per run: rows of
-    different runs are never merged), and a pointer to the full summary.
+    (c) *Which rank method should I use?*: the best method per model in the current table and the
+    policy's record per model in the verdict grid; (b) the verdict grid (:func:`verdict_grid` over
+    :data:`README_GRID`); (a) the current table (:data:`README_TABLE`'s ``summary.csv``). Every number
+    is read from the folders' CSVs, which ``analyze_results.py`` wrote; nothing is dated, so the block
+    changes only when the results do.
 
-    Args:
-        df: output of :func:`~common.analysis.summary_table` (one row per seed; the table shows
-            mean ± std over seeds).
-        runs: the run documents (for :func:`machine_description`).
-        command: the command that generated the block.
-        summary_link: link to the full summary, relative to the README.
-        target: the only target shown.
-        date: the stated date (default: today, UTC).
-
-    Returns:
-        Markdown text ending with a newline.
+    Raises:
+        FileNotFoundError: a named results folder is missing.
     """
-    day = (date or summary.utc_now()).strftime("%Y-%m-%d")
+    folders = dict.fromkeys([README_TABLE, *(f for f, _ in README_GRID)])
+    tables = read_results(results, list(folders))
+    grid = verdict_grid({f: tables[f] for f, _ in README_GRID})
+    labels = dict(README_GRID)
+    table = tables[README_TABLE]["summary"]
+    shown = current_table(table)
     lines = [
-        f"Generated by `{command}` on {day} (UTC); {machine_description(runs)}; "
-        f"{checkpoint_description(runs)}; speed-ups from {summary.SPEEDUP_ORIGIN}.",
+        f"*Generated by `{command}` from the committed results folders named below; do not edit by hand.*",
         "",
+        "**Which rank method should I use?** No method is best everywhere. After finetuning, the best mean "
+        f"in the current table ([results/{README_TABLE}]({'results/' + README_TABLE}/summary.md)) is "
+        + "; ".join(_best_methods(table))
+        + ". The sensitivity-guided `policy` against the five rivals, cell by cell (grid below):",
+        "",
+        *_model_verdicts(grid),
+        "",
+        "**Does the policy win?** `policy` − rival in pp of test top-1, paired over seeds: ↑ ahead / ≈ within "
+        "noise / ↓ behind by the 95 % interval over seeds, or over seeds and test images where the per-image "
+        "hits are known (ⁱ). Each row comes from the first of these folders that has it: "
+        + ", ".join(f"[{f}](results/{f}/summary.md) ({labels[f]})" for f, _ in README_GRID)
+        + ".",
+        "",
+        markdown_table(
+            grid.assign(
+                model=grid["model"].map(_model_name),
+                target=grid["target"].map(lambda t: f"{t:g}×"),
+                source=grid["source"].map(labels),
+            ),
+            {
+                "model": "Model",
+                "target": "Budget",
+                "stage": "Stage",
+                "source": "Source",
+                "uniform": "uniform",
+                "energy": "energy",
+                "vbmf": "VBMF",
+                "random": "random",
+                "tpe": "TPE",
+                "claim": "Claim",
+            },
+            right=GRID_RIVALS,
+        ),
+        f"**The current table** ([results/{README_TABLE}](results/{README_TABLE}/summary.md): {seed_sentence(shown)[0].lower()}"
+        f"{seed_sentence(shown)[1:]} BN: after BN recalibration; FT: after finetuning):",
+        "",
+        markdown_table(
+            shown.assign(model=shown["model"].map(_model_name)),
+            {
+                "model": "Model",
+                "target": "Budget",
+                "method": "Method",
+                "macs_factor": "MACs ×",
+                "params_factor": "Params ×",
+                "test_top1_bn": "Test BN (%)",
+                "test_top1_ft": "Test FT (%)",
+                "delta_pp": "Δ vs dense (pp)",
+            },
+            {**DISPLAY_FORMATS, "target": lambda t: f"{t:g}×"},
+            right=SEED_STAT_COLUMNS,
+        ),
     ]
-    rows = _readme_rows(df, target)
-    if rows.empty:
-        lines += [f"No results at target {target:g}× yet.", ""]
-    else:
-        lines += [
-            seed_sentence(rows),
-            "",
-            markdown_table(seed_display(rows), _README_COLUMNS, DISPLAY_FORMATS, right=SEED_STAT_COLUMNS),
-        ]
-    lines.append(
-        f"Target {target:g}× MACs reduction only; the full table (2× and 5× targets, validation "
-        f"accuracies, search cost, column definitions) is in [{summary_link}]({summary_link})."
-    )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _marker_lines(text: str, source: str, begin: str, end: str) -> tuple[list[str], int, int]:
