@@ -42,7 +42,7 @@ from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.search.proxy import DEFAULT_PROXY, PROXIES, final_model
 from common.search.searcher import SearchConfig, build_searcher
-from common.train.finetune import evaluate
+from common.train.evaluate import evaluate
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -177,7 +177,7 @@ def measure(a: argparse.Namespace) -> None:
 
     from common.data.datasets import load_dataset
     from common.data.loader import make_loader
-    from common.train.finetune import evaluate
+    from common.train.evaluate import evaluate
 
     print(f"machine: {machine()}")
     with TreeMemory() as mem:

@@ -1,7 +1,7 @@
 """Which torch device a run uses: the one place that turns ``"auto"`` into a device.
 
 Kept apart from training and timing so that :mod:`common.deploy.latency`, :mod:`common.deploy.merge` and
-:mod:`common.train.finetune` can all resolve devices without importing each other.
+:mod:`common.train.evaluate` / :mod:`common.train.finetune` can all resolve devices without importing each other.
 """
 
 from __future__ import annotations

@@ -42,13 +42,15 @@ import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before to
 import torch
 import torchvision
 
-from common.data.datasets import DATASET_NAMES, atomic_torch_save, load_dataset
+from common.data.datasets import DATASET_NAMES, load_dataset
 from common.data.loader import calibration_loader, make_loader
+from common.data.memory import atomic_torch_save
 from common.device import resolve_device
 from common.models import MODEL_NAMES, build_model, count_params, load_checkpoint
 from common.paths import REPO
 from common.train.bn import bn_recalibrate
-from common.train.finetune import evaluate, finetune
+from common.train.evaluate import evaluate
+from common.train.finetune import finetune
 
 # defaults per dataset; digits: resnet18 trains in ~1.6 min on 2 idle CPU cores (see the module docstring)
 _CIFAR10 = {"epochs": 100.0, "batch_size": 512, "lr": 0.1, "weight_decay": 5e-4, "bn_recalibrate": 0, "hflip": True}

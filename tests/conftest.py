@@ -24,10 +24,11 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common.data.datasets import DatasetSplits, load_dataset  # noqa: E402
+from common.data.datasets import load_dataset  # noqa: E402
 from common.data.loader import make_loader  # noqa: E402
+from common.data.splits import DatasetSplits  # noqa: E402
 from common.models import build_model  # noqa: E402
-from common.train.finetune import bn_recalibrate  # noqa: E402
+from common.train.bn import bn_recalibrate  # noqa: E402
 
 # One hypothesis profile for the property tests: derandomized (seeded), no deadline on shared CPUs.
 settings.register_profile(

@@ -11,7 +11,7 @@ from common.models import build_model, load_baseline, manifest
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.train import bn as bnmod
 from common.train.bn import bn_modules, bn_recalibrate
-from common.train.finetune import evaluate
+from common.train.evaluate import evaluate
 
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
 

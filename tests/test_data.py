@@ -1,4 +1,4 @@
-"""Tests for common.data.datasets: datasets, the decode cache, and the device-side batch loader."""
+"""Tests for common.data (datasets, splits, memory, loader): datasets, the decode cache, and the device-side batch loader."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data.datasets import TensorSplit, load_dataset, stratified_indices
+from common.data.datasets import load_dataset
 from common.data.loader import BatchLoader, make_loader
+from common.data.splits import TensorSplit, stratified_indices
 from common.paths import CIFAR_JPEG_ROOT
 
 
@@ -131,7 +132,7 @@ def test_imagefolder_cache_roundtrip(tmp_path):
 
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
     """A crash during the cache write leaves neither a cache file nor a temp file."""
-    import common.data.datasets as cd
+    import common.data.memory as cd
 
     root = _write_imagefolder(tmp_path / "ds")
     cache = tmp_path / "cache"
@@ -150,7 +151,7 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_process_pool_decode_matches_serial(tmp_path):
-    from common.data.datasets import decode_images
+    from common.data.memory import decode_images
 
     root = _write_imagefolder(tmp_path / "ds", n_per_class=300, classes=("a",))
     paths = sorted(str(p) for p in (root / "train" / "a").iterdir())

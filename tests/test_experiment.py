@@ -24,7 +24,7 @@ from common.run.experiment import parse_args, run_experiment
 from common.run.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
 from common.search.proxy import final_model
 from common.search.searcher import METHODS, ProxyEvaluator, SearchConfig
-from common.train.finetune import evaluate
+from common.train.evaluate import evaluate
 
 TARGET = 3.0
 

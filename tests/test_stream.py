@@ -1,4 +1,4 @@
-"""Tests for common.data.stream: the streamed ImageFolder path and its loader (decoded on the fly)."""
+"""Tests for common.data.stream and common.data.streamloader: the streamed ImageFolder path and its loader (decoded on the fly)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from common.data.datasets import load_dataset, stratified_indices
+from common.data.datasets import load_dataset
 from common.data.loader import BatchLoader, calibration_loader, make_loader
-from common.data.stream import StreamLoader, StreamSplit, estimate_decoded_bytes, sample_seed
-from common.train.finetune import FinetuneConfig, evaluate, finetune
+from common.data.splits import StreamSplit, stratified_indices
+from common.data.stream import estimate_decoded_bytes
+from common.data.streamloader import StreamLoader, sample_seed
+from common.train.evaluate import evaluate
+from common.train.finetune import FinetuneConfig, finetune
 
 CLASSES = ("ant", "bee", "cat")
 SIZES = {"train": 40, "val": 20, "test": 10}  # per class: 210 images in all

@@ -1,4 +1,4 @@
-"""Tests for common.train.finetune: evaluation, BN recalibration, fine-tuning (incl. 2-process DDP)."""
+"""Tests for common.train (evaluate, bn, finetune, checkpoint): evaluation, BN recalibration, fine-tuning (incl. 2-process DDP)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.data.datasets import TensorSplit, load_dataset
+from common.data.datasets import load_dataset
 from common.data.loader import BatchLoader, make_loader
+from common.data.splits import TensorSplit
 from common.device import resolve_device
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from common.train.finetune import FinetuneConfig, bn_recalibrate, evaluate, finetune
+from common.train.bn import bn_recalibrate
+from common.train.evaluate import evaluate
+from common.train.finetune import FinetuneConfig, finetune
 
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "manifest.json").is_file()
 

@@ -17,7 +17,7 @@ import torch
 import common.run.experiment as experiment
 import jsonify_logs
 from common.analysis import summary_table
-from common.data.datasets import TensorSplit
+from common.data.splits import TensorSplit
 from common.run.experiment import run_experiment
 from common.run.lock import LogLockedError
 from common.run.logs import RunLog, parse_log, run_document

@@ -1,11 +1,11 @@
 """The device-side batch loader: normalized, optionally augmented batches of a uint8 split.
 
-A :class:`common.data.datasets.TensorSplit` is moved to the device once; batching, normalization, random crops
+A :class:`common.data.splits.TensorSplit` is moved to the device once; batching, normalization, random crops
 and flips are then whole-batch tensor ops there, drawn from a CPU generator seeded with
 ``(seed, epoch)`` so an epoch is the same on any device. :func:`make_loader` builds one over a split of
-a :class:`common.data.datasets.DatasetSplits` with the dataset's normalization, :func:`calibration_loader` the
-BN-calibration images. For a streamed dataset (:class:`common.data.stream.StreamSplit` splits) both return a
-:class:`common.data.stream.StreamLoader` instead: the same interface, images decoded by DataLoader workers.
+a :class:`common.data.splits.DatasetSplits` with the dataset's normalization, :func:`calibration_loader` the
+BN-calibration images. For a streamed dataset (:class:`common.data.splits.StreamSplit` splits) both return a
+:class:`common.data.streamloader.StreamLoader` instead: the same interface, images decoded by DataLoader workers.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from common.data.datasets import DatasetSplits, TensorSplit
-from common.data.stream import StreamLoader, StreamSplit
+from common.data.splits import DatasetSplits, StreamSplit, TensorSplit
+from common.data.streamloader import StreamLoader
 
 
 class BatchLoader:
@@ -158,7 +158,7 @@ def make_loader(
     **kw,
 ) -> BatchLoader | StreamLoader:
     """A :class:`BatchLoader` over ``data.<split>`` with the dataset's normalization (a
-    :class:`common.data.stream.StreamLoader` when the split is streamed).
+    :class:`common.data.streamloader.StreamLoader` when the split is streamed).
 
     Args:
         subset: keep a seeded class-stratified subset of this many images (``seed`` picks it).

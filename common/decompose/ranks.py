@@ -14,7 +14,8 @@ same fraction of every mode, see :func:`ranks_from_level`) or a tuple of ints in
 
 Every rule that turns real-valued per-mode ranks into a rank tuple (a level, an energy threshold,
 scaled EVBMF ranks) goes through :func:`rounded_ranks`; the rules that read a kernel's spectra
-(:func:`energy_ranks`, :func:`evbmf_ranks`) take a :class:`common.decompose.ht.KernelSpectra`.
+(:func:`energy_ranks`, :func:`evbmf_ranks`) take a :class:`common.decompose.ht.KernelSpectra` (typed as
+:class:`common.decompose.types.Spectra`: ht imports this module).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import TYPE_CHECKING
 
 from common.decompose.evbmf import evbmf_rank_from_singular_values
 
-if TYPE_CHECKING:  # ht imports this module
+if TYPE_CHECKING:
     import torch
 
-    from common.decompose.ht import KernelSpectra
+    from common.decompose.types import Spectra
 
 RankSpec = int | float | Sequence[int]
 # raw(rank name, its full value, the ranks rounded so far) -> unrounded rank; see rounded_ranks
@@ -193,7 +194,7 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     return int(min(int(ranks.max()), singular_values.shape[-1]))
 
 
-def _mode_spectrum(spectra: KernelSpectra, name: str, done: tuple) -> tuple[torch.Tensor, int, int, str]:
+def _mode_spectrum(spectra: Spectra, name: str, done: tuple) -> tuple[torch.Tensor, int, int, str]:
     """(singular values (G, n), rows, cols, description) of the matrix whose rank ``name`` sets."""
     t, c, kh, kw = spectra.kernel_shape
     if name == "R":
@@ -206,7 +207,7 @@ def _mode_spectrum(spectra: KernelSpectra, name: str, done: tuple) -> tuple[torc
     return spectra.core_spectrum(r1, r3), r1 * kh, r3 * kw, "the HT-2 core"
 
 
-def energy_ranks(spectra: KernelSpectra, method: str, energy: float, multiple: int = 1) -> tuple[int, ...]:
+def energy_ranks(spectra: Spectra, method: str, energy: float, multiple: int = 1) -> tuple[int, ...]:
     """Per-unfolding energy threshold (the HT-2 paper's rule): each rank keeps ``energy`` of its own
     spectrum (R13 that of the core for the rounded R1, R3), rounded up with :func:`round_rank`."""
     return rounded_ranks(
@@ -217,7 +218,7 @@ def energy_ranks(spectra: KernelSpectra, method: str, energy: float, multiple: i
     )
 
 
-def evbmf_ranks(spectra: KernelSpectra, method: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def evbmf_ranks(spectra: Spectra, method: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """EVBMF ranks of each unfolding (Kim et al. 2016's rule; R13 from the core at those R1, R3).
 
     For groups the largest singular value over groups is analysed. A matrix where EVBMF keeps nothing

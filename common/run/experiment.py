@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.data.datasets import DatasetSplits, load_dataset
+from common.data.datasets import load_dataset
 from common.data.loader import make_loader
+from common.data.splits import DatasetSplits
 from common.decompose.cost import count_model
 from common.decompose.surgery import LayerPlan, list_conv_layers, plan_from_dict
 from common.deploy.artifacts import artifact_name, save_artifact
@@ -53,7 +54,8 @@ from common.run.preflight import (
 )
 from common.search.proxy import final_model
 from common.search.searcher import POLICIES, SearchResult, build_searcher
-from common.train.finetune import evaluate, finetune
+from common.train.evaluate import evaluate
+from common.train.finetune import finetune
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ExperimentConfig:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common.data.datasets import DatasetSplits
+from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerInfo
 from common.models import read_state_dict
 from common.paths import CHECKPOINT_DIR, REPO, default_cache_dir

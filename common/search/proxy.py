@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.data.datasets import DatasetSplits
 from common.data.loader import calibration_loader, make_loader
+from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, apply_plan
 from common.train.bn import bn_recalibrate
-from common.train.finetune import evaluate
+from common.train.evaluate import evaluate
 
 
 def logit_mse(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ class ProxyEvaluator:
 
     Args:
         model: the dense model (never modified).
-        data: a :class:`common.data.datasets.DatasetSplits`.
+        data: a :class:`common.data.splits.DatasetSplits`.
         spectra: the dense model's :class:`common.decompose.surgery.SpectraCache`.
         proxy: one of :data:`PROXIES`.
         calib_images: BN-calibration (and, for a label-free proxy, scoring) images from ``train``.

@@ -1,8 +1,9 @@
-"""Evaluation, batch-norm recalibration and (distributed-aware) fine-tuning.
+"""(Distributed-aware) fine-tuning: the recipe, optimizer and schedule, distillation loss, epochs and the loop.
 
 Written in the style of torchvision's reference scripts: small functions with explicit arguments.
 All loaders are :class:`common.data.loader.BatchLoader` objects yielding normalized ``B x 3 x H x W``
-batches already on the device.
+batches already on the device. Evaluation is :mod:`common.train.evaluate`, batch-norm recalibration
+:mod:`common.train.bn`, and the checkpoint a run resumes from :mod:`common.train.checkpoint`.
 
 On CUDA, :func:`finetune` uses bf16 autocast and channels_last by default; on CPU it runs fp32 and
 is deterministic for a given seed. When ``torch.distributed`` is initialized, :func:`finetune`
@@ -13,11 +14,10 @@ trains in this process alone even then (:mod:`common.run.experiment` finishes on
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,98 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data.datasets import DatasetSplits
 from common.data.loader import BatchLoader, make_loader
+from common.data.splits import DatasetSplits
 from common.device import resolve_device
 from common.dist import world
-from common.files import atomic_write
 from common.progress import progress_bar
-from common.train.bn import bn_recalibrate  # noqa: F401  (re-exported: the one recalibration)
-
-
-def _sum_over_shards(values: list[float], loader: Iterable, device: torch.device) -> list[float]:
-    """Sum ``values`` over the ranks when ``loader`` is one rank's shard (``world_size > 1``); else as
-    they are, even under an initialized process group (this process alone ran over the whole loader)."""
-    if getattr(loader, "world_size", 1) == 1 or world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def _loader_device(loader: Iterable) -> torch.device | None:
-    return getattr(loader, "device", None)
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: Iterable,
-    device: str | torch.device | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: str | None = None,
-    per_image: bool = False,
-) -> dict:
-    """Top-1/top-5 accuracy and mean cross-entropy of ``model`` over ``loader``.
-
-    The model is put in eval mode and moved to ``device`` (default: the loader's device). When the
-    loader is a rank's shard (``world_size > 1``), counts are all-reduced over ranks.
-
-    Args:
-        loader: yields ``(x, y)``, ``x``: ``B x 3 x H x W`` float, ``y``: ``B`` int64.
-        amp_dtype: autocast dtype (e.g. ``torch.bfloat16``); ``None`` = full precision.
-        channels_last: convert model and inputs to channels_last.
-        progress: label of a progress bar over the batches (``None``: no bar).
-        per_image: also return ``"correct"``, whether each image's top-1 class is its label (bool, shape
-            ``n``, in the loader's order; ``top1`` is its mean). Paired analyses over test images need it
-            (:func:`common.analysis.seed_image_interval`). One process's loader only.
-
-    Returns:
-        ``{"top1", "top5", "loss", "n"}`` with accuracies as fractions in [0, 1] (and ``"correct"``).
-
-    Raises:
-        ValueError: ``per_image`` with a loader that is one rank's shard (its images are not all here).
-    """
-    if per_image and getattr(loader, "world_size", 1) > 1 and world()[1] > 1:
-        raise ValueError("evaluate: per_image needs the whole split in this process, not one rank's shard")
-    dev = resolve_device(device) if device is not None else (_loader_device(loader) or torch.device("cpu"))
-    model.eval().to(dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    loss_sum, c1, c5, n = 0.0, 0.0, 0.0, 0.0
-    correct: list[torch.Tensor] = []
-    with progress_bar(len(loader) if hasattr(loader, "__len__") else None, progress, "batch") as bar:
-        for x, y in loader:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(dev, amp_dtype):
-                logits = model(x)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            k = min(5, logits.shape[1])
-            topk = logits.topk(k, dim=1).indices
-            hit = topk.eq(y[:, None])
-            c1 += hit[:, 0].sum().item()
-            if per_image:
-                correct.append(hit[:, 0].cpu())
-            c5 += hit.any(dim=1).sum().item()
-            n += len(y)
-            bar.update()
-    loss_sum, c1, c5, n = _sum_over_shards([loss_sum, c1, c5, n], loader, dev)
-    if n == 0:
-        raise ValueError("evaluate: the loader yielded no images")
-    out = {"top1": c1 / n, "top5": c5 / n, "loss": loss_sum / n, "n": int(n)}
-    if per_image:
-        out["correct"] = torch.cat(correct).numpy()
-    return out
+from common.train.checkpoint import Checkpointer, Position
+from common.train.evaluate import autocast, evaluate, sum_over_shards
 
 
 def kd_loss(
@@ -207,7 +122,7 @@ def train_one_epoch(
             break
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(dev, amp_dtype):
+        with autocast(dev, amp_dtype):
             logits = model(x)
             if teacher is not None:
                 with torch.no_grad():
@@ -232,7 +147,7 @@ def train_one_epoch(
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if on_step is not None:
             on_step(steps, [loss_sum, correct, n])
-    loss_sum, correct, n = _sum_over_shards([loss_sum, correct, n], loader, dev)
+    loss_sum, correct, n = sum_over_shards([loss_sum, correct, n], loader, dev)
     return {"loss": loss_sum / max(n, 1), "top1": correct / max(n, 1), "images": int(n), "steps": steps}
 
 
@@ -360,7 +275,7 @@ def finetune(
     group = world() if distributed is not False else (0, 1)
     run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), label, group)
     if checkpoint is not None:
-        run.saver = _Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end)
+        run.saver = Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end)
         run.saver.restore(run)
     if label is not None:
         run.say = say or tqdm.write
@@ -370,18 +285,6 @@ def finetune(
         run.bar.close()
     model.eval()
     return history
-
-
-@dataclass
-class _Position:
-    """How far a finetuning run is: what a checkpoint restores besides the weights and optimizer."""
-
-    done: int = 0  # steps over all epochs
-    epoch: int = 0  # index of the epoch in progress
-    in_epoch: int = 0  # steps of that epoch done
-    sums: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])  # its loss sum, correct, images
-    images_seen: int = 0  # images of the finished epochs
-    history: list[dict] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -402,8 +305,8 @@ class _FinetuneRun:
     total_steps: int
     bar: Any
     eval_label: str | None = None
-    pos: _Position = dataclasses.field(default_factory=_Position)
-    saver: _Checkpointer | None = None
+    pos: Position = dataclasses.field(default_factory=Position)
+    saver: Checkpointer | None = None
     say: Callable[[str], None] | None = None
     rank: int = 0
     world: int = 1
@@ -555,82 +458,6 @@ class _StepTimer:
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-CHECKPOINT_FORMAT = "htd-finetune-checkpoint/1"
-
-
-class _Checkpointer:
-    """Saves a finetuning run's whole state to one file (atomically) and restores it."""
-
-    def __init__(self, path: Path, every: float, callback: Any):
-        self.path, self.every, self.callback = path, float(every), callback
-        self.last = time.perf_counter()
-
-    def _identity(self, run: _FinetuneRun) -> dict:
-        recipe = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in dataclasses.asdict(run.cfg).items()}
-        return {
-            "recipe": recipe,
-            "total_steps": run.total_steps,
-            "steps_per_epoch": len(run.train_loader),
-            "world_size": run.world,
-        }
-
-    def maybe_save(self, run: _FinetuneRun) -> None:
-        if time.perf_counter() - self.last >= self.every:
-            self.save(run)
-
-    def save(self, run: _FinetuneRun) -> None:
-        self.last = time.perf_counter()
-        if run.rank != 0:
-            return
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            **self._identity(run),
-            "position": dataclasses.asdict(run.pos),
-            "model": run.model.state_dict(),
-            "optimizer": run.opt.state_dict(),
-            "scheduler": run.sched.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
-            "callback": self.callback.state_dict() if hasattr(self.callback, "state_dict") else None,
-        }
-        atomic_write(self.path, lambda fh: torch.save(state, fh))
-
-    def restore(self, run: _FinetuneRun) -> None:
-        """Load the checkpoint into ``run`` if the file exists (a fresh run otherwise)."""
-        if not self.path.exists():
-            return
-        try:
-            state = torch.load(self.path, map_location=run.device, weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"finetune checkpoint {self.path} is unreadable ({type(exc).__name__}: {exc}); delete it to start over"
-            ) from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.path} is not a finetune checkpoint ({CHECKPOINT_FORMAT}); delete or move it")
-        want = self._identity(run)
-        diff = [k for k in want if state.get(k) != want[k]]
-        if "recipe" in diff:
-            diff.remove("recipe")
-            diff += [f"recipe.{k}" for k in want["recipe"] if state["recipe"].get(k) != want["recipe"][k]]
-        if diff:
-            raise ValueError(
-                f"finetune checkpoint {self.path} belongs to another run (differs in {', '.join(diff)}); "
-                "delete it to start this finetuning over"
-            )
-        try:
-            run.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ValueError(f"finetune checkpoint {self.path} holds another model: {exc}") from exc
-        run.opt.load_state_dict(state["optimizer"])
-        run.sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu())
-        if state["cuda_rng"] is not None and run.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), run.device)
-        if state["callback"] is not None and hasattr(self.callback, "load_state_dict"):
-            self.callback.load_state_dict(state["callback"])
-        run.pos = _Position(**state["position"])
 
 
 def _loaders(

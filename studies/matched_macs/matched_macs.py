@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 
 from common.analysis import POLICY_METHODS, rival_margins
-from common.data.datasets import DatasetSplits
+from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.run.config import search_config

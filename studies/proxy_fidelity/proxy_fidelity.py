@@ -50,8 +50,9 @@ import torch
 from scipy.stats import kendalltau, spearmanr
 from torch import nn
 
-from common.data.datasets import DatasetSplits, load_dataset
+from common.data.datasets import load_dataset
 from common.data.loader import make_loader
+from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.models import build_model, load_baseline, load_checkpoint
@@ -59,7 +60,7 @@ from common.paths import CHECKPOINT_DIR, REPO
 from common.search.proxy import DIVERGENCE_PROXIES, PROXIES, ProxyEvaluator
 from common.search.searcher import SearchConfig, build_searcher
 from common.search.space import SearchSpace, plan_key, project
-from common.train.finetune import evaluate
+from common.train.evaluate import evaluate
 
 TOL = 0.03
 LEVEL_RANGE = (0.05, 1.0)
