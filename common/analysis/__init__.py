@@ -38,9 +38,16 @@ Modules, by what they hold:
   seed), :func:`summary_table` (one row per final record) and :func:`split_speedup`.
 * :mod:`~common.analysis.aggregate`: :func:`aggregate_seeds` (mean / std / count per
   configuration).
-* :mod:`~common.analysis.margins`: paired per-seed margins of the policy over its rivals with
-  Student-t intervals (:func:`policy_margins` against the best rival, :func:`rival_margins` against each,
-  with the interval over seeds and test images where the hits are known: :func:`seed_image_margin`).
+* :mod:`~common.analysis.margins`: the tables of paired per-seed margins of the policy over its rivals
+  (:func:`policy_margins` against the best rival, :func:`rival_margins` against each, with the interval
+  over seeds and test images where the hits are known).
+* :mod:`~common.analysis.stats`: the statistics of those margins, on arrays: Student-t intervals
+  (:func:`paired_interval`), the interval over seeds and test images (:func:`seed_image_interval`), what a
+  design of n seeds and N test images can resolve (:func:`variance_components`, :func:`design_se`,
+  :func:`detectable_margin`, :func:`images_needed`), :func:`bonferroni_level`.
+* :mod:`~common.analysis.verdicts`: what an interval says (:func:`margin_verdict`, :func:`judged`,
+  :func:`every_rival_verdict`; :func:`seed_image_margin`, everything one margin says with seeds and test
+  images as samples).
 * :mod:`~common.analysis.hits`: the finals' per-image test hits, from run documents and from the hits
   logs ``studies/image_noise/image_noise.py`` keeps (:func:`collect_hits`, :func:`is_hits_document`).
 * :mod:`~common.analysis.recovery`: :func:`finetune_recovery`, how much of a plan's BN gap to the
@@ -76,21 +83,9 @@ from common.analysis.margins import (
     POLICY_METHODS,
     POLICY_RIVALS,
     RIVAL_MARGIN_COLUMNS,
-    SEED_IMAGE_COLUMNS,
-    bonferroni_level,
-    design_se,
-    detectable_margin,
-    every_rival_verdict,
-    images_needed,
-    judged,
     macs_pct,
-    margin_verdict,
-    paired_interval,
     policy_margins,
     rival_margins,
-    seed_image_interval,
-    seed_image_margin,
-    variance_components,
 )
 from common.analysis.markdown import MARKDOWN_COLUMNS, markdown_table
 from common.analysis.plot_accuracy import ACC_PLOT_COLUMNS
@@ -126,7 +121,23 @@ from common.analysis.records import (
     summary_table,
 )
 from common.analysis.recovery import RECOVERY_COLUMNS, finetune_recovery
+from common.analysis.stats import (
+    bonferroni_level,
+    design_se,
+    detectable_margin,
+    images_needed,
+    paired_interval,
+    seed_image_interval,
+    variance_components,
+)
 from common.analysis.summary import write_summary
+from common.analysis.verdicts import (
+    SEED_IMAGE_COLUMNS,
+    every_rival_verdict,
+    judged,
+    margin_verdict,
+    seed_image_margin,
+)
 
 __all__ = [
     "ACC_PLOT_COLUMNS",

@@ -66,7 +66,7 @@ def finetune_recovery(df: pd.DataFrame) -> pd.DataFrame:
             gain = 100.0 * (g["test_top1_ft"] - g["test_top1_bn"]).to_numpy(dtype=float)
             if len(g) < _MIN_PLANS or np.ptp(gap) == 0:
                 continue
-            from scipy import stats  # deferred, as in margins.paired_interval
+            from scipy import stats  # deferred, as in stats.paired_interval
 
             fit = stats.theilslopes(gain, gap, alpha=0.95)
             tau = stats.kendalltau(gap, gain)
