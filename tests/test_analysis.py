@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from common.analysis import (
     RANKS_PLOT_COLUMNS,
     README_BEGIN,
     README_END,
+    README_GRID,
+    README_TABLE,
     RECOVERY_COLUMNS,
     RIVAL_MARGIN_COLUMNS,
     SEARCH_PLOT_COLUMNS,
@@ -35,7 +38,6 @@ from common.analysis import (
     finetune_recovery,
     latest_of,
     load_runs,
-    machine_description,
     macs_pct,
     make_plots,
     margin_verdict,
@@ -47,7 +49,6 @@ from common.analysis import (
     plot_search_trace,
     plot_sensitivity,
     policy_margins,
-    readme_block,
     replace_marked_block,
     rival_margins,
     run_context,
@@ -55,11 +56,14 @@ from common.analysis import (
     split_speedup,
     summary_table,
     update_readme,
+    verdict_grid,
     write_summary,
 )
 from common.analysis import figures as analysis_figures
 from common.analysis import plots as analysis_plots
 from common.analysis import summary as analysis_summary
+from common.analysis.markdown import seed_sentence
+from common.analysis.readme import current_table
 from common.run.logs import KIND_KEYS, RunLog, jsonify, records_of
 
 MODELS = {"resnet18": (0.9142, 0.9125), "vgg16": (0.9010, 0.8964)}  # val, test baseline
@@ -675,34 +679,79 @@ def test_replace_marked_block_keeps_markers_and_surroundings():
         replace_marked_block(README, f"x\n{README_END}\n")
 
 
-def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch):
-    build_logs(tmp_path / "logs")
-    jsonify(tmp_path / "logs", tmp_path / "json")
+def _results_folders(root: Path, runs: list[dict]) -> Path:
+    """A results tree with every folder the README block names: the table's folder holds ``runs``'
+    summary (``write_summary``), the others nothing (an empty folder reads as no rows)."""
+    for name in dict.fromkeys([README_TABLE, *(f for f, _ in README_GRID)]):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    write_summary(summary_table(runs), root / README_TABLE)
+    return root
+
+
+def test_readme_update_idempotent_via_cli(tmp_path, monkeypatch, runs):
+    results = _results_folders(tmp_path / "results", runs)
     readme = tmp_path / "README.md"
     readme.write_text(README)
-    out = tmp_path / "results"
-    args = ["--json", str(tmp_path / "json"), "--out", str(out), "--readme", str(readme)]
-    monkeypatch.setattr(analysis_summary, "utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC))
+    args = ["--readme", str(readme), "--results", str(results)]
     assert analyze_results.main(args) == 0
     once = readme.read_text()
     assert analyze_results.main(args) == 0
     assert readme.read_text() == once
     assert once.startswith("# Project\n\n## Results\n\nIntro sentence.\n\n" + README_BEGIN + "\n")
     assert once.endswith(README_END + "\n\n## References\n") and "old table" not in once
-    assert "on 2030-01-02 (UTC)" in once and "--readme" in once
-    assert "on 2030-01-02 03:04 UTC" in (out / "summary.md").read_text()  # one clock for both
-    assert "[results/summary.md](results/summary.md)" in once
-    table = [line for line in once.splitlines() if line.startswith("| ")]
-    # header + the target-3 rows only: each main run's and each "-old" run's policy, never merged
-    assert len(table) == 1 + len(MODELS) * (len(METHODS) + 1)
-    assert table[0].startswith("| Model | Dataset | Run | Method | Decomp. | MACs × |")
-    main = [line for line in table[1:] if "-main |" in line]
-    assert len(main) == len(MODELS) * len(METHODS)
-    assert all(line.startswith(("| resnet18 | cifar10-jpeg | resnet18-main |", "| vgg16 |")) for line in main)
-    # build_logs's CPU speed-ups are cpu_t1/cpu_t4, not batch 64; its CUDA one is 1.1 * 3.
-    assert all(line.endswith("| – | 3.30× |") for line in main)
-    assert "| resnet18 | – | resnet18-old | policy | ht2 | 3.00× |" in once
-    assert "checkpoints `resnet18.pt` (resnet18-main), `vgg16.pt` (vgg16-main);" in once
+    assert "2030" not in once and "UTC" not in once  # undated: it changes only when the results do
+    table = [line for line in once.splitlines() if line.startswith("| ") and "|" in line[2:]]
+    rows = [line for line in table if re.match(r"\| (ResNet18|VGG16) \| 3× \| (uniform|random|policy) \|", line)]
+    # the table's HT-2 rows at 3x: each main run's methods and each "-old" run's policy
+    assert len(rows) == len(MODELS) * (len(METHODS) + 1)
+    # build_logs's best method per model is always the policy (1 pp ahead of random)
+    assert "`policy` on ResNet18 3×" in once and "`policy` on VGG16 2×" in once
+    # the grid: one row per model x budget x stage with margins; build_logs has one seed (no interval)
+    grid = [line for line in table if " | BN | GPU, 3 ep. |" in line]
+    assert len(grid) == len(MODELS) * len(TARGETS)
+    assert all("· +1.00" in line and line.endswith("| no interval: random, uniform |") for line in grid)
+    # alongside an analysis (--json), the block is written from the results folders too
+    out = tmp_path / "out"
+    args = ["--json", str(tmp_path / "json"), "--out", str(out), "--readme", str(readme), "--results", str(results)]
+    build_logs(tmp_path / "logs")
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    monkeypatch.setattr(analysis_summary, "utc_now", lambda: datetime(2030, 1, 2, 3, 4, tzinfo=UTC))
+    assert analyze_results.main(args) == 0
+    assert readme.read_text() == once and "on 2030-01-02 03:04 UTC" in (out / "summary.md").read_text()
+
+
+def test_verdict_grid_reads_the_first_folder_with_each_cell():
+    def margins(rows):
+        base = {"model": "m", "target": 3.0, "policy": "policy"}
+        return pd.DataFrame([{**base, **r} for r in rows])
+
+    first = margins(
+        [
+            {
+                "rival": "uniform",
+                "margin_ft": 0.5,
+                "verdict_ft": "policy ahead",
+                "margin_bn": 0.2,
+                "verdict_bn": "within noise",
+                "verdict_both_bn": "policy behind",
+            },
+            {"rival": "energy", "margin_ft": -0.3, "verdict_ft": "policy behind"},
+        ]
+    )
+    second = margins(
+        [
+            {"rival": r, "margin_bn": 1.0, "verdict_bn": "policy ahead", "margin_ft": 9.0, "verdict_ft": "policy ahead"}
+            for r in ("uniform", "energy", "vbmf", "random", "tpe")
+        ]
+    )
+    grid = verdict_grid({"a": {"margins": first}, "b": {"margins": second}, "c": {"margins": pd.DataFrame()}})
+    assert grid[["stage", "source"]].values.tolist() == [["BN", "a"], ["FT", "a"]]
+    bn, ft = grid.to_dict("records")
+    # the interval over seeds and test images decides where known (ⁱ), else the seed interval
+    assert bn["uniform"] == "↓ +0.20ⁱ" and bn["energy"] == "–" and bn["claim"] == "**behind** uniform"
+    assert ft["uniform"] == "↑ +0.50" and ft["energy"] == "↓ -0.30" and ft["claim"] == "**behind** energy"
+    grid = verdict_grid({"b": {"margins": second}})
+    assert grid.claim.tolist() == ["ahead of all 5", "ahead of all 5"]
 
 
 def test_readme_missing_markers_leaves_file_untouched(tmp_path, capsys):
@@ -730,22 +779,10 @@ def _one_config_run(folder: Path, **device: str) -> list[dict]:
     return load_runs(folder / "json")
 
 
-def test_machine_description_from_config(runs, tmp_path):
-    gpu = dict(device_name="NVIDIA H100 80GB HBM3", machine="x86_64", torch="2.11.0", host="vm")
-    text = machine_description(_one_config_run(tmp_path / "gpu", **gpu))
-    assert text == "runs on NVIDIA H100 80GB HBM3 (x86_64, torch 2.11.0)"
-    assert "vm" not in text
-    assert machine_description([]) == "runs on an unrecorded machine"
-    assert machine_description(runs) == "runs on CPU"  # build_logs's configs have no device
+def test_runs_table_names_the_cpu_model(tmp_path):
     # a CPU run names its CPU model (logged as `cpu` since 2026-12-07)
     cpu_runs = _one_config_run(tmp_path / "cpu", device_name="cpu", cpu="AMD EPYC", machine="x86_64", torch="2.14.1")
-    assert machine_description(cpu_runs) == "runs on AMD EPYC (x86_64, torch 2.14.1)"
     assert runs_table(cpu_runs)[0]["device"] == "AMD EPYC"
-    block = readme_block(summary_table(runs), runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
-    assert block.startswith(
-        "Generated by `cmd` on 2030-01-02 (UTC); runs on CPU; checkpoints `resnet18.pt` (resnet18-main), "
-        "`vgg16.pt` (vgg16-main); speed-ups from"
-    )
 
 
 def _doc(*records: dict) -> dict:
@@ -938,11 +975,10 @@ def test_aggregate_three_seeds_by_hand(seed_runs, tmp_path):
     assert list(recovery.columns) == list(RECOVERY_COLUMNS) and recovery.n_plans.tolist() == [6]
     assert "## What finetuning recovers" in md
 
-    block = readme_block(per_seed, seed_runs, "cmd", date=datetime(2030, 1, 2, tzinfo=UTC))
-    assert "mean ± std over 3 seeds per configuration" in block
-    lines = block.splitlines()
-    readme_policy = next(line for line in lines if line.startswith("| resnet18 | d | seeds | policy"))
-    assert "| 82.00 ± 2.00 |" in readme_policy and readme_policy.endswith("| 2.00× | – |")
+    shown = current_table(back)
+    assert "mean ± std over 3 seeds per configuration" in seed_sentence(shown)
+    policy = shown[shown.method == "policy"].iloc[0]
+    assert policy.test_top1_bn == "82.00 ± 2.00" and policy.delta_pp == f"-4.00 ± {math.sqrt(7.0):.2f}"
 
 
 _ACCS = {"policy": {0: 0.800, 1: 0.812, 2: 0.825}, "tpe": {0: 0.790, 1: 0.800, 2: 0.815}, "energy": {0: 0.795}}
@@ -1128,8 +1164,8 @@ def test_old_records_without_seed_make_a_one_seed_table(runs, tmp_path):
     # The best rival of build_logs is always "random" (method index 1), 1 pp behind the policy.
     assert (margins.best_rival_bn == "random").all()
     assert np.allclose(margins.margin_bn, 1.0)
-    block = readme_block(per_seed, runs, "cmd")
-    assert "±" not in block and "One seed per configuration." in block
+    shown = current_table(agg)
+    assert not shown.test_top1_bn.str.contains("±").any() and seed_sentence(shown) == "One seed per configuration."
 
     # Without final.seed, a run's config seed is the seed.
     log = RunLog(tmp_path / "logs", "alexnet", "seed5")

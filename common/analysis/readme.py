@@ -81,7 +81,8 @@ def read_results(results: str | os.PathLike, folders: Sequence[str]) -> dict[str
 
 def _margin_cell(row: Mapping[str, Any], stage: str) -> str:
     """``"↑ +0.49"``: the verdict and margin (pp) of one rival; over seeds and test images (``ⁱ``) where
-    that interval is known, else over seeds; ``–`` where the stage has no margin."""
+    that interval is known, else over seeds; ``·`` where there is no interval (one seed); ``–`` where the
+    stage has no margin."""
     margin = row.get(f"margin_{stage}")
     if is_missing(margin):
         return "–"
@@ -96,10 +97,13 @@ def _claim(cells: Mapping[str, str]) -> str:
     shown = {r: c for r, c in cells.items() if c != "–"}
     behind = [r for r, c in shown.items() if c.startswith("↓")]
     level = [r for r, c in shown.items() if c.startswith("≈")]
+    unknown = [r for r, c in shown.items() if c.startswith("·")]
     if behind:
         return "**behind** " + ", ".join(behind)
     if level:
         return "≈ " + ", ".join(level)
+    if unknown:
+        return "no interval: " + ", ".join(sorted(unknown))
     return f"ahead of all {len(shown)}" if shown else "–"
 
 

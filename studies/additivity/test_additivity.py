@@ -4,17 +4,16 @@ proxy exactly, adds up single-layer losses, and resumes from its CSV."""
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
-from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT, REPO
 from common.run.logs import parse_log
 from studies.additivity import additivity
 from tests.helpers import rewrite_csv
 
-LOG = Path(__file__).resolve().parents[1] / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
+LOG = REPO / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "alexnet.pt").is_file() and LOG.is_file()
 
 

@@ -5,17 +5,16 @@ pick when the band is the run's, rows resume, and margins come from rival_margin
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 
-from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT, REPO
 from common.run.logs import config_record, parse_log, plan_records
 from studies.matched_macs import matched_macs
 from tests.helpers import rewrite_csv
 
-LOG = Path(__file__).resolve().parents[1] / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
+LOG = REPO / "results/cpu-mse/logs/alexnet/results-alexnet-cpu.log"
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "alexnet.pt").is_file() and LOG.is_file()
 needs_shared = pytest.mark.skipif(
     not HAVE_SHARED, reason="needs ../shared (CIFAR-10 JPEG, AlexNet checkpoint) and the CPU log"

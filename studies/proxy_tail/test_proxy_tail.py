@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT, REPO
 from studies.proxy_tail import proxy_tail
 
-LOG = Path(__file__).resolve().parents[1] / "results/cpu/logs/alexnet/results-alexnet-cpu.log"
+LOG = REPO / "results/cpu/logs/alexnet/results-alexnet-cpu.log"
 HAVE_SHARED = CIFAR_JPEG_ROOT.is_dir() and (CHECKPOINT_DIR / "alexnet.pt").is_file() and LOG.is_file()
 
 
