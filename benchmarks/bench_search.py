@@ -40,8 +40,9 @@ from common.deploy.latency import cpu_name
 from common.dist import init_from_env, is_main
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.search.options import SearchConfig
 from common.search.proxy import DEFAULT_PROXY, PROXIES, final_model
-from common.search.searcher import SearchConfig, build_searcher
+from common.search.searcher import build_searcher
 from common.train.evaluate import evaluate
 
 

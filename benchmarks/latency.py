@@ -58,8 +58,8 @@ from common.deploy.latency import compile_for_inference, cpu_name, interleaved_l
 from common.deploy.merge import fastest_latency
 from common.models import baseline_or_random, build_model, input_size
 from common.paths import CHECKPOINT_DIR
+from common.search.options import SearchConfig
 from common.search.rules import energy_plan, uniform_plan
-from common.search.searcher import SearchConfig
 from common.search.space import SearchSpace, repair_plan
 
 KEY = ["model", "method", "decomposition", "target", "seed", "setting"]
@@ -571,7 +571,7 @@ def rule_plans(
 ) -> dict[tuple, dict[str, LayerPlan]]:
     """``{(method, decomposition, target, 0): plan}`` of the data-free rules (``uniform``, ``energy``) on the
     conv MACs of ``model`` at ``size``×``size``, finished onto the budget like the searcher's rule plans
-    (:meth:`common.search.searcher.Searcher._rule`). Seed 0: the rules draw nothing, and the random weights they
+    (:func:`common.search.methods.rule_plan`). Seed 0: the rules draw nothing, and the random weights they
     read are drawn with seed 0."""
     space = SearchSpace(list_conv_layers(model, (1, 3, size, size)), decomposition)
     spectra = SpectraCache(model)

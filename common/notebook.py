@@ -42,7 +42,7 @@ from common.models import MODEL_NAMES
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.run.config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
 from common.run.logs import run_document
-from common.search.searcher import METHODS, check_method, check_target
+from common.search.options import METHODS, check_method, check_target
 
 __all__ = [
     "PARAMETERS",

@@ -22,8 +22,8 @@ from common.deploy.latency import cpu_name
 from common.run.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig, search_config
 from common.run.experiment import parse_args, run_experiment
 from common.run.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
-from common.search.proxy import final_model
-from common.search.searcher import METHODS, ProxyEvaluator, SearchConfig
+from common.search.options import METHODS, SearchConfig
+from common.search.proxy import ProxyEvaluator, final_model
 from common.train.evaluate import evaluate
 
 TARGET = 3.0

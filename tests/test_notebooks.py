@@ -14,7 +14,7 @@ import nbformat
 import pytest
 
 from common.run.logs import parse_log
-from common.search.searcher import METHODS
+from common.search.options import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {"htd-alexnet-res.ipynb": "alexnet", "htd-vgg-res.ipynb": "vgg16", "htd-resnet-res.ipynb": "resnet18"}
@@ -69,7 +69,7 @@ def test_notebook_is_clean_and_parameterized(name):
         assert isinstance(s, ast.Assign) and len(s.targets) == 1 and s.lineno == s.end_lineno, ast.unparse(s)
         defaults[s.targets[0].id] = ast.literal_eval(s.value)
     assert defaults["MODEL"] == NOTEBOOKS[name]
-    assert defaults["METHODS"] == list(METHODS)  # all of them, in common.search.searcher order
+    assert defaults["METHODS"] == list(METHODS)  # all of them, in common.search.options order
     assert defaults["SENSITIVITY_LEVELS"] == [0.5, 0.3, 0.15] and defaults["RUN_ID"] is None
     for c in cells:
         assert c.outputs == [] and c.execution_count is None, f"{name}: committed output in cell {c.id}"
@@ -251,7 +251,7 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     table = by_id["results"].outputs[0]["data"]["text/plain"]
     assert all(m in table for m in methods)
     first = sorted(methods, key=table.index)  # (pandas may wrap wide tables into blocks of columns)
-    assert first == [m for m in METHODS if m in methods]  # in common.search.searcher order
+    assert first == [m for m in METHODS if m in methods]  # in common.search.options order
     assert "test FT %" in table and "nan" not in table.lower()
     # the artifacts table lists a file per method and stage, and one of them loaded back shows its layers
     listing = by_id["artifacts"].outputs[0]["data"]["text/plain"]
@@ -327,7 +327,7 @@ def test_notebook_plots_are_the_analysis_plots():
 
 
 def test_results_table_is_formatted_for_reading():
-    """Percent and factors with two decimals, methods in common.search.searcher order, "–" where a step did not
+    """Percent and factors with two decimals, methods in common.search.options order, "–" where a step did not
     run (FT of a model not finetuned, never its BN value), no column without any value."""
     import math
 

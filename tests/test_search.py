@@ -14,23 +14,21 @@ from torch import nn
 from common.data.datasets import load_dataset
 from common.decompose.ranks import energy_ranks
 from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
-from common.search.policy import cem_refit, choice_pdf, drop_curve, knapsack_choices
-from common.search.proxy import ProxyEvaluator
-from common.search.recorder import MemoryRecorder
-from common.search.searcher import (
+from common.search.methods import model_optimum, nearest_choices
+from common.search.options import (
     METHODS,
     SEARCHING,
     SearchConfig,
-    SearchSpace,
-    build_searcher,
     check_budget_tol,
     check_method,
     check_metric,
     check_target,
-    project,
-    repair_plan,
 )
-from common.search.space import plan_key
+from common.search.policy import cem_refit, choice_pdf, drop_curve, knapsack_choices
+from common.search.proxy import ProxyEvaluator
+from common.search.recorder import MemoryRecorder
+from common.search.searcher import build_searcher
+from common.search.space import SearchSpace, plan_key, project, repair_plan
 
 
 def small_cnn(seed: int = 0) -> nn.Module:
@@ -149,7 +147,7 @@ def test_seeded_policy_scores_the_rule_plans_first_within_its_budget(digits):
     for c in cands[: len(distinct)]:
         assert c["plan"] == plan_to_dict(rules[c["seeded_from"]]) and c["round"] == 0
         # mapped onto the nearest choices, which the cross-entropy step counts like any draw
-        assert c["choices_drawn"] == s.nearest_choices(rules[c["seeded_from"]])
+        assert c["choices_drawn"] == nearest_choices(s, rules[c["seeded_from"]])
     assert r.params["seeded_from"] == distinct
     # the pick is one of the 3 best-scored candidates, chosen on val as for the plain policy
     top = sorted(cands, key=lambda c: (-c["score"], c["index"]))[:3]
@@ -166,7 +164,7 @@ def test_policy_with_knapsack_scores_its_model_optimum_first(digits):
 
     rec = MemoryRecorder()
     s = make(digits, recorder=rec, config=replace(CFG, knapsack=True))
-    plan, ks, drop, ok = s.model_optimum(3.0, "macs")
+    plan, ks, drop, ok = model_optimum(s, 3.0, "macs")
     assert ok
     drops = choice_drops(s.space, s.choices, s.sensitivity(), s.dense_score())
     cost, budget = choice_costs(s.space, s.choices, 3.0, "macs")
@@ -207,7 +205,7 @@ def test_nearest_choices_maps_a_choice_plan_back_onto_itself(digits):
         {n: s.choices[k][0] for n, k in zip(s.space.names, ks)},
         {n: s.choices[k][1] for n, k in zip(s.space.names, ks)},
     )
-    back = s.nearest_choices(plan)
+    back = nearest_choices(s, plan)
     # the same cost per layer (choices that round to one rank triple share it: the earlier is kept)
     for ls, k, j in zip(s.space.layers, ks, back):
         assert ls.cost(ls.choice(*s.choices[j])) == ls.cost(ls.choice(*s.choices[k]))
@@ -341,7 +339,7 @@ def test_check_target_names_the_bad_value(value):
 def test_the_analysis_knows_every_method_and_policy():
     # common.analysis keeps its own lists (it does not import torch); they must not drift
     from common.analysis import METHOD_ORDER, POLICY_METHODS, POLICY_RIVALS
-    from common.search.searcher import POLICIES
+    from common.search.options import POLICIES
 
     assert POLICY_METHODS == POLICIES and set(METHOD_ORDER) == set(METHODS)
     assert set(POLICY_RIVALS) == set(METHODS) - set(POLICIES)

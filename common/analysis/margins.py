@@ -46,7 +46,7 @@ POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
 """Methods :func:`policy_margins` compares the policy with (those present)."""
 
 POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded")
-"""The methods under test (:data:`common.search.searcher.POLICIES`; not imported from there, which would
+"""The methods under test (:data:`common.search.options.POLICIES`; not imported from there, which would
 import torch into the analysis), each compared with :data:`POLICY_RIVALS` on its own row."""
 
 _MARGIN_FIELDS = (

@@ -26,8 +26,8 @@ from common.data.datasets import DATASET_NAMES
 from common.device import resolve_device
 from common.models import MODEL_NAMES
 from common.run.logs import check_name
+from common.search.options import METHODS, SearchConfig, check_budget_tol, check_method, check_metric, check_target
 from common.search.proxy import DEFAULT_PROXY, PROXIES
-from common.search.searcher import METHODS, SearchConfig, check_budget_tol, check_method, check_metric, check_target
 from common.train.finetune import FinetuneConfig
 
 DEFAULT_FINETUNE_EPOCHS = 3.0

@@ -52,8 +52,9 @@ from common.run.preflight import (
     resume_changes,
     rotate_failed,
 )
+from common.search.options import POLICIES, SearchResult
 from common.search.proxy import final_model
-from common.search.searcher import POLICIES, SearchResult, build_searcher
+from common.search.searcher import build_searcher
 from common.train.evaluate import evaluate
 from common.train.finetune import finetune
 

@@ -6,7 +6,7 @@
 
 Each returns ``(plan, params)``, ``params`` naming the knob's value. A layer whose ranks come out full,
 or whose factorized form would cost at least its dense conv, stays dense. Rank rounding can leave the
-plan off the budget's tolerance: :meth:`common.search.searcher.Searcher.run` then finishes it layer by layer
+plan off the budget's tolerance: :func:`common.search.methods.rule_plan` then finishes it layer by layer
 (:func:`common.search.space.repair_plan`).
 """
 

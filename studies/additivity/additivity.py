@@ -6,7 +6,7 @@ logged run chose. For every seed of the run it rebuilds the run's proxy (model a
 proxy, calibration images and seed, all read from the log's ``config`` record; the rebuilt proxy must
 reproduce the run's logged dense score) and, for each method's chosen plan (the log's ``plan``
 records) plus the **model optimum** (the choices with the least total drop under the budget,
-:meth:`common.search.searcher.Searcher.model_optimum` over the drops the policy logged, projected onto the budget as
+:func:`common.search.methods.model_optimum` over the drops the policy logged, projected onto the budget as
 the search projects its draws), it measures
 
 - ``joint``: the dense model's score minus the plan's score (the loss the proxy sees),
@@ -44,6 +44,7 @@ from common.deploy.latency import cpu_name
 from common.run.config import search_config
 from common.run.experiment import add_logged_input_args, checked_dense_score, logged_inputs, logged_run
 from common.run.logs import plan_records
+from common.search.methods import model_optimum
 from common.search.searcher import build_searcher
 from common.search.space import plan_key
 
@@ -73,7 +74,7 @@ def _optimum(searcher, policy_rec: dict, target: float, metric: str) -> tuple[di
     choices = [(float(f), s) for f, s in info["choices"]]
     if choices != list(searcher.choices):
         raise SystemExit(f"the logged policy choices {choices} are not the rebuilt search's {searcher.choices}")
-    plan, _, drop, ok = searcher.model_optimum(target, metric, drops=np.array(info["drops"], dtype=float))
+    plan, _, drop, ok = model_optimum(searcher, target, metric, drops=np.array(info["drops"], dtype=float))
     if not ok:
         raise SystemExit("the model optimum cannot be projected onto the budget")
     return plan, drop

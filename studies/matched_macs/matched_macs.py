@@ -9,7 +9,7 @@ logged number), each method by its own means (``--match reselect``, the default)
 
 - a search method (``policy``, ``policy_seeded``, ``tpe``, ``random``: more than one logged candidate)
   chooses again among its own logged candidates that lie within the band, by its own rule
-  (:meth:`common.search.searcher.Searcher.pick`: the run's proxy scores, then val top-1 among the ``rerank`` best;
+  (:func:`common.search.pick.pick`: the run's proxy scores, then val top-1 among the ``rerank`` best;
   re-ranks the run logged are read back, the others measured exactly as the run measured them, on a
   searcher rebuilt from the log's ``config`` whose dense proxy score must equal the logged one, and kept
   in a log beside the CSV, ``<out>.measured.log``, so a resumed replay reads them back too);
@@ -57,6 +57,7 @@ from common.deploy.latency import cpu_name
 from common.run.config import search_config
 from common.run.experiment import add_logged_input_args, checked_dense_score, evaluate_splits, logged_inputs, logged_run
 from common.run.logs import RunLog, final_records, plan_records
+from common.search.pick import pick
 from common.search.proxy import final_model
 from common.search.recorder import MemoryRecorder
 from common.search.searcher import Searcher, build_searcher
@@ -213,7 +214,7 @@ def _reselect(
     ]
     if not hist:
         return None
-    best, _, _ = searcher.pick(method, target, hist)
+    best, _, _ = pick(searcher, method, target, hist)
     return best["plan"], best["index"]
 
 

@@ -57,8 +57,9 @@ from common.decompose.surgery import LayerPlan, SpectraCache, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.models import build_model, load_baseline, load_checkpoint
 from common.paths import CHECKPOINT_DIR, REPO
+from common.search.options import SearchConfig
 from common.search.proxy import DIVERGENCE_PROXIES, PROXIES, ProxyEvaluator
-from common.search.searcher import SearchConfig, build_searcher
+from common.search.searcher import build_searcher
 from common.search.space import SearchSpace, plan_key, project
 from common.train.evaluate import evaluate
 
