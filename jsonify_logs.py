@@ -6,7 +6,7 @@ Usage: ``python jsonify_logs.py [paths ...] [--out json/]``. Paths are log files
 repeated ``seq``, a second ``config`` and what follows it) and logs without records (empty, binary)
 are printed to stderr as ``file:line: reason`` and skipped. Exit status: 0 on success, 2 when no log was found, 1 when
 two logs claim the same run.
-The format and the conversion live in :mod:`common.run.logs`.
+The format lives in :mod:`common.run.logs`, the conversion in :mod:`common.run.documents`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from common.run.logs import LogError, jsonify
+from common.run.documents import jsonify
+from common.run.logs import LogError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,7 +5,7 @@ content, never a partial file: the data goes to a temporary file in the same fol
 system, so the rename is atomic), is flushed and fsynced, and only then replaces ``path``. On any
 failure, an interrupt included, the temporary file is removed and ``path`` is left as it was.
 
-Used by :func:`common.run.logs.jsonify` (run documents) and :func:`common.data.memory.atomic_torch_save`
+Used by :func:`common.run.documents.jsonify` (run documents) and :func:`common.data.memory.atomic_torch_save`
 (decoded-dataset cache, baselines). This module imports nothing from the toolkit, so any module
 may use it without an import cycle.
 """

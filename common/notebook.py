@@ -41,7 +41,7 @@ from common.decompose.ranks import RANK_NAMES
 from common.models import MODEL_NAMES
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
 from common.run.config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig, field_value
-from common.run.logs import run_document
+from common.run.documents import run_document
 from common.search.options import METHODS, check_method, check_target
 
 __all__ = [
@@ -218,7 +218,7 @@ def run_status(cfg: ExperimentConfig) -> str | None:
 
 
 def load_run(path: str | os.PathLike) -> dict:
-    """The run document (see :func:`common.run.logs.run_document`) of one log; corrupt lines are logged."""
+    """The run document (see :func:`common.run.documents.run_document`) of one log; corrupt lines are logged."""
     document, errors = run_document(path)
     for err in errors:
         _LOG.warning("%s", err)

@@ -64,7 +64,8 @@ from common.analysis import plots as analysis_plots
 from common.analysis import summary as analysis_summary
 from common.analysis.markdown import seed_sentence
 from common.analysis.readme import current_table
-from common.run.logs import KIND_KEYS, RunLog, jsonify, records_of
+from common.run.documents import jsonify, records_of
+from common.run.logs import KIND_KEYS, RunLog
 
 MODELS = {"resnet18": (0.9142, 0.9125), "vgg16": (0.9010, 0.8964)}  # val, test baseline
 METHODS = ("uniform", "random", "policy")

@@ -14,14 +14,16 @@ import pytest
 import torch
 
 import common.run.experiment as experiment
+import common.run.measure as measure
 from common.data.datasets import load_dataset
 from common.data.loader import make_loader
 from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.deploy.artifacts import file_sha256, load_compressed, read_artifact
 from common.deploy.latency import cpu_name
 from common.run.config import EXTENDING_FIELDS, RESULT_FIELDS, RESUME_FIELDS, ExperimentConfig, search_config
+from common.run.documents import jsonify, load_document, run_document
 from common.run.experiment import parse_args, run_experiment
-from common.run.logs import encode_value, jsonify, load_document, parse_log, run_document, unpack_hits
+from common.run.logs import encode_value, parse_log, unpack_hits
 from common.search.options import METHODS, SearchConfig
 from common.search.proxy import ProxyEvaluator, final_model
 from common.train.evaluate import evaluate
@@ -124,7 +126,7 @@ def test_rerun_resumes_without_evaluating(reference, monkeypatch):
         raise AssertionError("a resumed run evaluated a model")
 
     monkeypatch.setattr(ProxyEvaluator, "score", no_evaluation)
-    monkeypatch.setattr(experiment, "evaluate", no_evaluation)
+    monkeypatch.setattr(measure, "evaluate", no_evaluation)
     again = run_experiment(cfg)
     after, _ = parse_log(log_file(cfg))
     assert canon(again) == canon(finals)

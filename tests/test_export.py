@@ -264,7 +264,8 @@ def test_benchmark_ort_columns_and_rows_without_them_measured_again(tmp_path):
 
     from benchmarks import latency as bench
     from common.models import build_model
-    from common.run.logs import RunLog, jsonify
+    from common.run.documents import jsonify
+    from common.run.logs import RunLog
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))

@@ -23,7 +23,8 @@ from common.analysis import (
     seed_image_margin,
 )
 from common.analysis.summary import margins_section
-from common.run.logs import RunLog, jsonify, pack_hits
+from common.run.documents import jsonify
+from common.run.logs import RunLog, pack_hits
 
 N = 2000
 RUN = "r1"

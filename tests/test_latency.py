@@ -90,7 +90,8 @@ def test_latency_benchmark_table_and_resume(tmp_path, monkeypatch):
     from benchmarks import latency as bench
     from common.decompose.surgery import LayerPlan, list_conv_layers, plan_to_dict
     from common.models import build_model
-    from common.run.logs import RunLog, jsonify
+    from common.run.documents import jsonify
+    from common.run.logs import RunLog
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
@@ -162,7 +163,8 @@ def test_latency_benchmark_compile_columns_and_their_resume(tmp_path, monkeypatc
     from benchmarks import latency as bench
     from common.decompose.surgery import LayerPlan, list_conv_layers, plan_to_dict
     from common.models import build_model
-    from common.run.logs import RunLog, jsonify
+    from common.run.documents import jsonify
+    from common.run.logs import RunLog
 
     torch.manual_seed(0)
     layers = list_conv_layers(build_model("alexnet"), (1, 3, 32, 32))
@@ -205,7 +207,7 @@ def test_latency_benchmark_times_the_plans_of_the_chosen_seeds(tmp_path, monkeyp
     """A multi-seed run has one plan per seed: --seeds picks them (default seed 0), the seed is part of each
     row's key and of the table, and a row of a file written before rows had seeds is measured again."""
     from benchmarks import latency as bench
-    from common.run.logs import jsonify
+    from common.run.documents import jsonify
 
     # a multi-seed run (its config lists the seeds): each plan record carries its own seed
     log = two_seed_plan_log(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for common.run.logs (run-log format, resume, corruption handling) and jsonify_logs.py."""
+"""Tests for common.run.logs (run-log format, resume, corruption handling), common.run.documents and jsonify_logs.py."""
 
 from __future__ import annotations
 
@@ -13,17 +13,9 @@ import pytest
 import torch
 
 import jsonify_logs
+from common.run.documents import jsonify, load_document, records_of
 from common.run.jsonvalues import decode_value, encode_value
-from common.run.logs import (
-    KIND_KEYS,
-    RunLog,
-    config_record,
-    jsonify,
-    load_document,
-    parse_log,
-    plan_records,
-    records_of,
-)
+from common.run.logs import KIND_KEYS, RunLog, config_record, parse_log, plan_records
 
 
 def same(a, b) -> bool:

@@ -15,12 +15,14 @@ import pytest
 import torch
 
 import common.run.experiment as experiment
+import common.run.measure as measure
 import jsonify_logs
 from common.analysis import summary_table
 from common.data.splits import TensorSplit
+from common.run.documents import run_document
 from common.run.experiment import run_experiment
 from common.run.lock import LogLockedError
-from common.run.logs import RunLog, parse_log, run_document
+from common.run.logs import RunLog, parse_log
 from common.run.preflight import PreflightError
 from tests.test_experiment import config, log_file
 
@@ -73,7 +75,7 @@ def test_bad_inputs_are_refused_by_name(flags, phrases, tmp_path, digits_checkpo
         monkeypatch.setenv("HTD_CACHE", str(a_file))
         flags = []
     flags = [str(a_file) if f == "file" else str(bad[f]) if f in bad else f for f in flags]
-    monkeypatch.setattr(experiment, "evaluate", lambda *a, **k: pytest.fail("evaluated a model"))
+    monkeypatch.setattr(measure, "evaluate", lambda *a, **k: pytest.fail("evaluated a model"))
     argv = ["--model", "alexnet", "--dataset", "digits", "--methods", "uniform", "--device", "cpu", "--quiet"]
     argv += ["--log-dir", str(tmp_path / "logs"), "--checkpoint", str(good), *flags]
     with pytest.raises(SystemExit) as exc:

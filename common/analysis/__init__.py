@@ -1,7 +1,7 @@
 """Results analysis: run documents (``json/<model>/<run_id>.json``) to tables and plots.
 
-The documents are written by :func:`common.run.logs.jsonify` (see :mod:`common.run.logs` for the record
-kinds; :func:`common.run.logs.records_of` selects one kind). Conventions: accuracies are fractions in
+The documents are written by :func:`common.run.documents.jsonify` (see :mod:`common.run.logs` for the record
+kinds; :func:`common.run.documents.records_of` selects one kind). Conventions: accuracies are fractions in
 [0, 1] in the data and the CSVs, shown in % in Markdown and plots; factors are dense / compressed.
 
 Runs are never merged: every row carries its run's context (:data:`RUN_COLUMNS`: model, dataset,

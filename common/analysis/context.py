@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.run.logs import records_of
+from common.run.documents import records_of
 
 __all__ = [
     "CHECKPOINT_HASH_FIELDS",

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from common.analysis.records import latest_of, run_file
-from common.run.logs import records_of, unpack_hits
+from common.run.documents import records_of
+from common.run.logs import unpack_hits
 
 __all__ = ["HITS_KIND", "REPLICA_TOLERANCE", "HitsKey", "collect_hits", "is_hits_document"]
 

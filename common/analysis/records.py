@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 
 from common.analysis.context import RUN_COLUMNS, run_context
-from common.run.logs import KIND_KEYS, load_document, records_of
+from common.run.documents import load_document, records_of
+from common.run.logs import KIND_KEYS
 
 __all__ = [
     "METHOD_ORDER",

@@ -7,8 +7,8 @@ those three exact strings are refused as payload values. :func:`dumps` writes th
 compact line for a record, indented for a document) and refuses anything non-standard;
 :func:`values_equal` compares decoded values as record lookups must (NaN equals NaN).
 
-Used by :mod:`common.run.logs`, the only implementation of the run-log format. Never imports torch or
-numpy: readers of logs and documents must not need them.
+Used by :mod:`common.run.logs`, the only implementation of the run-log format, and by
+:mod:`common.run.documents`. Never imports torch or numpy: readers of logs and documents must not need them.
 """
 
 from __future__ import annotations

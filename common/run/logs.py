@@ -1,4 +1,4 @@
-"""Run logs: one human-readable, append-only text file per run, and their conversion to JSON.
+"""Run logs: one human-readable, append-only text file per run: its format, reader, writer and record selectors.
 
 A run writes ``<log_dir>/<model>/<run_id>.log``. Every record is one line::
 
@@ -20,14 +20,10 @@ Records are written, flushed and fsynced the moment they are produced, so an int
 nothing it already logged, and a run restarted with the same ``run_id`` appends to the same file
 and can skip finished work with :meth:`RunLog.find`.
 
-This module is the only implementation of the format: :func:`parse_log` reads it,
-:func:`jsonify` turns logs into one JSON document per run (``jsonify_logs.py`` is its CLI), and
-``common.analysis`` reads those documents.
-
-A run document (:func:`run_document`, :func:`load_document`) is a dict with ``run_id``, ``model``,
-``source`` (the log file), ``records`` (every record, in file order) and ``errors``. Each record is
-stored once, in ``records``; :func:`records_of` selects one kind. (Documents written before this
-layout also carry a ``by_kind`` copy of the records; :func:`load_document` drops it.)
+This module is the only implementation of the format: :func:`parse_log` reads it, :class:`RunLog`
+writes it, and :func:`config_record`, :func:`plan_records`, :func:`final_records` select records of a
+run; :func:`common.run.documents.jsonify` turns logs into one JSON document per run (``jsonify_logs.py``
+is its CLI), and ``common.analysis`` reads those documents.
 """
 
 from __future__ import annotations
@@ -39,34 +35,26 @@ import os
 import re
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.files import atomic_write
 from common.run import lock
 from common.run.jsonvalues import decode_value, dumps, encode_value, values_equal
-from common.run.logcheck import LogError, run_errors
+from common.run.logcheck import LogError
 
 __all__ = [
     "KIND_KEYS",
     "LogError",
     "RunLog",
     "decode_value",
-    "document_path",
-    "dumps_document",
     "encode_value",
     "final_records",
-    "find_logs",
-    "jsonify",
-    "load_document",
     "pack_hits",
     "parse_log",
-    "records_of",
-    "run_document",
     "unpack_hits",
 ]
 
@@ -104,7 +92,7 @@ _KIND_WIDTH = max(len(k) for k in KIND_KEYS)
 _HEADER_LINE = (
     "# run log model={model} run_id={run_id} | record lines: <UTC time> <KIND> <text>, then '@@' and the JSON record\n"
 )
-"""The first line of a new log; :func:`_header_model` reads the model back from it (hits logs have no config)."""
+"""The first line of a new log; :func:`header_model` reads the model back from it (hits logs have no config)."""
 _HEADER = re.compile("^" + re.escape(_HEADER_LINE.split("{model}")[0]) + r"(\S+) ")
 
 
@@ -177,7 +165,7 @@ def parse_log(path: str | os.PathLike) -> tuple[list[dict], list[LogError]]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
-    records, _, errors = _parse_lines(path)
+    records, _, errors = parse_lines(path)
     return records, errors
 
 
@@ -240,7 +228,7 @@ def unpack_hits(text: str, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=n).astype(bool)
 
 
-def _parse_lines(path: str | os.PathLike) -> tuple[list[dict], list[int], list[LogError]]:
+def parse_lines(path: str | os.PathLike) -> tuple[list[dict], list[int], list[LogError]]:
     """:func:`parse_log`, plus the 1-based line number of each record."""
     path = Path(path)
     if not path.is_file():
@@ -265,6 +253,14 @@ def _parse_lines(path: str | os.PathLike) -> tuple[list[dict], list[int], list[L
             records.append(record)
             line_nos.append(no)
     return records, line_nos, errors
+
+
+def header_model(path: Path) -> str | None:
+    """The model named by the header line :class:`RunLog` writes first, None without one."""
+    with path.open("rb") as fh:
+        first = fh.readline(4096).decode("utf-8", errors="replace")
+    match = _HEADER.match(first)
+    return match.group(1) if match else None
 
 
 # --------------------------------------------------------------------------- writing
@@ -443,160 +439,3 @@ class RunLog:
 
     def __repr__(self) -> str:
         return f"RunLog({str(self.path)!r}, records={len(self._records)})"
-
-
-# --------------------------------------------------------------------------- JSON documents
-
-
-def find_logs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, ``*.log``) into a sorted, de-duplicated list.
-
-    Raises:
-        FileNotFoundError: a path does not exist, or no log file was found at all.
-    """
-    found: dict[Path, Path] = {}
-    paths = list(paths)
-    for p in map(Path, paths):
-        if p.is_dir():
-            for f in sorted(p.rglob("*.log")):
-                if f.is_file():
-                    found.setdefault(f.resolve(), f)
-        elif p.is_file():
-            found.setdefault(p.resolve(), p)
-        else:
-            raise FileNotFoundError(f"no such log file or folder: {p}")
-    if not found:
-        raise FileNotFoundError("no run logs (*.log) found in " + ", ".join(str(p) for p in paths))
-    return sorted(found.values(), key=lambda f: f.as_posix())
-
-
-def run_document(path: str | os.PathLike) -> tuple[dict, list[LogError]]:
-    """Build the JSON document of one run log.
-
-    ``run_id`` comes from the records (else the file stem), ``model`` from the ``config`` record
-    (else the header line :class:`RunLog` writes, which a benchmark's log beside its CSV has, else the
-    parent folder's name). Records that are not the run's (a repeated ``seq``, a second
-    ``config`` record and what follows it) are left out and reported, as is a file without records
-    (:func:`common.run.logcheck.run_errors`).
-
-    Returns:
-        ``(document, errors)`` with document keys ``run_id``, ``model``, ``source``, ``records``
-        (file order; select a kind with :func:`records_of`) and ``errors``
-        (``"file:line: reason"``).
-    """
-    path = Path(path)
-    records, line_nos, errors = _parse_lines(path)
-    records, order_errors = run_errors(str(path), records, line_nos)
-    errors = sorted(errors + order_errors, key=lambda e: e.line_no)
-    run_id = next((r["run_id"] for r in records if isinstance(r.get("run_id"), str)), path.stem)
-    configs = [r for r in records if r["kind"] == "config" and isinstance(r.get("model"), str)]
-    model = configs[-1]["model"] if configs else (_header_model(path) or path.parent.name)
-    document = {
-        "run_id": run_id,
-        "model": model,
-        "source": path.as_posix(),
-        "records": records,
-        "errors": [str(e) for e in errors],
-    }
-    return document, errors
-
-
-def _header_model(path: Path) -> str | None:
-    """The model named by the header line :class:`RunLog` writes first, None without one."""
-    with path.open("rb") as fh:
-        first = fh.readline(4096).decode("utf-8", errors="replace")
-    match = _HEADER.match(first)
-    return match.group(1) if match else None
-
-
-def dumps_document(document: Mapping[str, Any]) -> str:
-    """Serialize a run document: standard JSON, indent 1, key order as built, final newline."""
-    return dumps(encode_value(document, "document"), indent=1) + "\n"
-
-
-def records_of(document: Mapping[str, Any], kind: str) -> list[dict]:
-    """The records of one ``kind`` in a run document, in file (write) order.
-
-    The records themselves, not copies: the document holds each record once.
-    """
-    return [r for r in document.get("records", []) if r.get("kind") == kind]
-
-
-def load_document(path: str | os.PathLike) -> dict:
-    """Load a run document written by :func:`jsonify` (non-finite floats decoded).
-
-    A ``by_kind`` copy of the records, as documents written before it was dropped carry, is not
-    kept: read the records with :func:`records_of`.
-
-    Raises:
-        ValueError: the file is not JSON or not a run document.
-    """
-    path = Path(path)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(document, dict) or not isinstance(document.get("records"), list):
-        raise ValueError(f"{path}: not a run document (no 'records' list)")
-    document.pop("by_kind", None)
-    return decode_value(document)
-
-
-def document_path(document: Mapping[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Where :func:`jsonify` writes a document: ``<out_dir>/<model>/<run_id>.json``."""
-    model = check_name("model", document["model"])
-    run_id = check_name("run_id", document["run_id"])
-    return Path(out_dir) / model / f"{run_id}.json"
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    """Write ``text`` atomically (:func:`common.files.atomic_write`) unless ``path`` holds it."""
-    data = text.encode("utf-8")
-    if path.is_file() and path.read_bytes() == data:
-        return  # already up to date; leave mtime alone
-    atomic_write(path, lambda fh: fh.write(data))
-
-
-def jsonify(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    out_dir: str | os.PathLike,
-    on_error: Callable[[LogError], None] | None = None,
-) -> list[Path]:
-    """Convert run logs into one JSON document per run, ``<out_dir>/<model>/<run_id>.json``.
-
-    Writing is atomic (temporary file + ``os.replace``) and deterministic, so re-running on the
-    same logs gives byte-identical files. A log without records (empty, binary) is reported through
-    ``on_error`` and gets no document.
-
-    Args:
-        paths: log files and/or folders (searched recursively for ``*.log``).
-        out_dir: output root.
-        on_error: called with each corrupt line; default logs a warning ``file:line: reason``.
-
-    Returns:
-        The written document paths, in input order.
-
-    Raises:
-        FileNotFoundError: a path is missing or no log file was found.
-        ValueError: two different logs would produce the same document.
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    report = on_error or (lambda err: _LOG.warning("%s", err))
-    documents: dict[Path, tuple[Path, dict]] = {}
-    for log in find_logs(paths):
-        document, errors = run_document(log)
-        for err in errors:
-            report(err)
-        if not document["records"]:
-            continue  # reported: no run to write
-        target = document_path(document, out_dir)
-        if target in documents:
-            raise ValueError(
-                f"{log} and {documents[target][0]} are both run {document['run_id']!r} of model "
-                f"{document['model']!r}; both would be written to {target}"
-            )
-        documents[target] = (log, document)
-    for target, (_, document) in documents.items():
-        _write_if_changed(target, dumps_document(document))
-    return list(documents)

@@ -42,11 +42,11 @@ import torch
 from common.decompose.surgery import LayerPlan, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.run.config import search_config
-from common.run.experiment import add_logged_input_args, checked_dense_score, logged_inputs, logged_run
 from common.run.logs import plan_records
 from common.search.methods import model_optimum
 from common.search.searcher import build_searcher
 from common.search.space import plan_key
+from studies.replay import add_logged_input_args, checked_dense_score, logged_inputs, logged_run
 
 OPTIMUM = "model_optimum"
 FIELDS = ["seed", "plan", "joint", "sum_alone", "ratio", "model_sum", "compressed_layers", "plan_json"]

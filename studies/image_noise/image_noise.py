@@ -11,9 +11,9 @@ many test images the two models disagree on.
 The hits come from the log where its ``final`` records carry them (``test_hits_bn`` / ``test_hits_ft``,
 logged since 2026-12-06). For an older log the finals are rebuilt exactly as the run measured them
 (:func:`common.search.proxy.final_model`: exact BN recalibration on the run's ``final_calib_images`` augmented
-train images of the plan's seed; the whole test split, :func:`common.run.experiment.evaluate_splits`), and
+train images of the plan's seed; the whole test split, :func:`common.run.measure.evaluate_splits`), and
 the re-measured top-1 must be the logged one. ``--stage ft`` then finetunes that model again with the
-run's recipe and seed (:func:`common.run.experiment.finetune_best`, the run's own function, the dense model
+run's recipe and seed (:func:`common.run.finetune_stage.finetune_best`, the run's own function, the dense model
 in the run's memory format). That is the run's model only where the finetuning is bit-reproducible
 (the digits runs of the tests, at one thread, are); on this repository's 2-core CPU a replayed epoch of
 AlexNet was not: 3 and 4 test images off the logged top-1 for two finals, 10 val images off for a third
@@ -54,13 +54,7 @@ from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.deploy.latency import cpu_name
 from common.files import atomic_write
 from common.run.config import config_from_args
-from common.run.experiment import (
-    add_logged_input_args,
-    evaluate_splits,
-    finetune_best,
-    logged_inputs,
-    logged_run,
-)
+from common.run.finetune_stage import finetune_best
 from common.run.jsonvalues import values_equal
 from common.run.logs import (
     RunLog,
@@ -69,8 +63,10 @@ from common.run.logs import (
     plan_records,
     unpack_hits,
 )
+from common.run.measure import evaluate_splits
 from common.run.preflight import PreflightError
 from common.search.proxy import final_model
+from studies.replay import add_logged_input_args, logged_inputs, logged_run
 
 KIND = HITS_KIND
 TOLERANCE = REPLICA_TOLERANCE
@@ -107,7 +103,7 @@ class _Remeasure:
     ``out`` (read back first, so nothing is measured twice); the model and data are loaded when first needed.
 
     The BN stage is the run's :func:`~common.search.proxy.final_model`; the finetuned stage finetunes that model
-    again with the run's recipe and seed (:func:`common.run.experiment.finetune_best`, the function the run
+    again with the run's recipe and seed (:func:`common.run.finetune_stage.finetune_best`, the function the run
     used): a replica of the run's model unless the finetuning is bit-reproducible, so its val and test
     top-1 must lie within :data:`TOLERANCE` of the logged ones and its kept epoch be the run's."""
 

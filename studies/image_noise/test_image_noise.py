@@ -26,8 +26,9 @@ from common.analysis import (
     variance_components,
 )
 from common.data.loader import make_loader
+from common.run.documents import jsonify
 from common.run.experiment import run_experiment
-from common.run.logs import final_records, jsonify, pack_hits, parse_log, unpack_hits
+from common.run.logs import final_records, pack_hits, parse_log, unpack_hits
 from common.train.evaluate import evaluate
 from studies.image_noise import image_noise
 from tests.test_experiment import config, log_file

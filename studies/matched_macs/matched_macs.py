@@ -22,7 +22,7 @@ judges the move more than the method (kept to reproduce the first pass, reported
 
 The chosen plan is evaluated exactly as the run's ``final`` records were (:func:`common.search.proxy.final_model`:
 exact BN recalibration on the run's ``final_calib_images`` augmented train images drawn with the plan's
-seed; top-1 on the whole test split, :func:`common.run.experiment.evaluate_splits`); ``--reevaluate-all``
+seed; top-1 on the whole test split, :func:`common.run.measure.evaluate_splits`); ``--reevaluate-all``
 measures the unchanged plans again too, which is how the test suite checks that these numbers are the
 run's. Per (method, seed) it prints the factor and test top-1 before and after, per method the mean over
 seeds, and the policy's paired margin over each rival as logged and at matched MACs with 95 % intervals
@@ -55,13 +55,14 @@ from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.run.config import search_config
-from common.run.experiment import add_logged_input_args, checked_dense_score, evaluate_splits, logged_inputs, logged_run
 from common.run.logs import RunLog, final_records, plan_records
+from common.run.measure import evaluate_splits
 from common.search.pick import pick
 from common.search.proxy import final_model
 from common.search.recorder import MemoryRecorder
 from common.search.searcher import Searcher, build_searcher
 from common.search.space import SearchSpace, repair_plan
+from studies.replay import add_logged_input_args, checked_dense_score, logged_inputs, logged_run
 
 MATCHES = ("reselect", "move")
 FIELDS = [

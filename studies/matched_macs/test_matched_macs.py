@@ -59,7 +59,7 @@ def test_a_search_picks_again_as_the_run_picked(tmp_path, monkeypatch):
     what it measured is kept, and a searcher rebuilt later picks the same from it without measuring."""
     torch.set_num_threads(2)
     from common.decompose.surgery import SpectraCache, plan_from_dict
-    from common.run.experiment import logged_inputs
+    from studies.replay import logged_inputs
 
     records, _ = parse_log(LOG)
     cfg = config_record(records, LOG)
@@ -142,8 +142,8 @@ def test_a_log_from_another_machine_replays_with_its_checkpoint_here(tmp_path, d
     import shutil
 
     from common.deploy.artifacts import file_sha256
-    from common.run.experiment import logged_inputs
     from common.run.preflight import PreflightError
+    from studies.replay import logged_inputs
 
     here = tmp_path / "alexnet.pt"
     shutil.copy(digits_checkpoint("alexnet"), here)

@@ -11,7 +11,7 @@ For every plan it records each proxy's score and seconds (``--proxies``, ``name:
 label-free proxy, ``logit_mse`` or ``kl``, the images are the BN-calibration/scoring train images, for
 ``top1`` the val images, calibrated on 256) and the *reference*: top-1 on the whole test split after exact BN recalibration on
 ``--final-calib-images`` augmented train images (plus the whole-val top-1 of that same model), as
-``common.run.experiment`` calibrates its final models. Every image subset is drawn from ``--seed``, so a
+``common.run.finals`` calibrates a run's final models. Every image subset is drawn from ``--seed``, so a
 label-free proxy on as many images as the reference scores the very model the reference tests. It
 then prints Kendall τ and Spearman ρ of each proxy against test top-1, the test top-1 lost by
 trusting each proxy's best plan, the seconds per candidate, the plans' test spread and the binomial

@@ -74,7 +74,7 @@ def test_stage_times_follow_the_chain_and_its_cost():
 
 def test_train_step_benchmark_rows_table_and_resume(tmp_path, monkeypatch):
     from common.decompose.surgery import list_conv_layers
-    from common.run.logs import jsonify
+    from common.run.documents import jsonify
     from studies.train_step import train_step as bench
 
     log = two_seed_plan_log(tmp_path)
