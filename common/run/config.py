@@ -130,6 +130,12 @@ class ExperimentConfig:
     # factorized chains amplify SGD steps (the effective lr grows with the product of factor norms);
     # 0.01 diverged on AlexNet
     finetune_lr: float = _option(0.0005, "finetuning peak learning rate (SGD, one-cycle)")
+    finetune_optimizer: str = _option("sgd", "finetuning optimizer: sgd (nesterov) or adamw", choices=("sgd", "adamw"))
+    finetune_clip: float | None = _option(None, "clip the gradients' global norm to this while finetuning", shown="off")
+    finetune_warmup: float = _option(0.15, "share of the finetuning steps the one-cycle schedule warms up over")
+    finetune_balance: bool = _option(
+        False, "balance each factorized layer's factor norms before finetuning (the same function)"
+    )
     finetune_batch_size: int = _option(128, "finetuning batch size")
     finetune_max_images: int | None = _option(
         None, "finetune on a stratified subset of this many train images", shown="all"
@@ -273,6 +279,9 @@ class ExperimentConfig:
             self.finetune_epochs,
             batch_size=self.finetune_batch_size,
             lr=self.finetune_lr,
+            optimizer=self.finetune_optimizer,
+            pct_start=self.finetune_warmup,
+            clip_grad_norm=self.finetune_clip,
             max_images=self.finetune_max_images,
             seed=seed,
             eval_every_epoch=True,
@@ -286,7 +295,17 @@ RESULT_FIELDS: tuple[str, ...] = tuple(name for name, f in _FIELDS.items() if f.
 """The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
 ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
 
-ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack", "rescore", "rescore_images", "budget_tol", "refine")
+ADDED_FIELDS: tuple[str, ...] = (
+    "policy_knapsack",
+    "rescore",
+    "rescore_images",
+    "budget_tol",
+    "refine",
+    "finetune_optimizer",
+    "finetune_clip",
+    "finetune_warmup",
+    "finetune_balance",
+)
 """Result fields added after default run ids were in use: the run id hashes each only when it is set
 off its default, so adding an option leaves every existing default run id (and its log) as it was."""
 
