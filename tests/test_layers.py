@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from common.decompose.ht import KernelSpectra
-from common.decompose.layers import LAYER_CLASSES, ConvGeometry, HT2Conv2d, SVDConv2d, Tucker2Conv2d, group_kernel_shape
+from common.decompose.layers import (
+    LAYER_CLASSES,
+    ConvGeometry,
+    HT2Conv2d,
+    SVDConv2d,
+    Tucker2Conv2d,
+    balance_factors,
+    group_kernel_shape,
+)
 from common.decompose.ranks import full_ranks
 
 PROFILE = settings.get_profile("ht2-tests")
@@ -163,6 +171,29 @@ def test_to_dense_tracks_finetuned_factors(case, data):
             assert isinstance(dense, nn.Conv2d)
             assert (dense.bias is None) == (conv.bias is None)
             assert float((dense(x) - out).norm()) <= 1e-4 * max(float(out.norm()), 1e-6), (method, conv)
+
+
+@settings(PROFILE, max_examples=60)
+@given(conv_cases(), st.data())
+def test_balance_keeps_the_function_and_equalizes_the_factor_norms(case, data):
+    """Balanced factors (a finetuning option) compute the same layer: outputs equal to float tolerance,
+    the stage norms all equal to their old geometric mean, the bias untouched."""
+    conv, x = case
+    for method in _methods(conv):
+        layer = LAYER_CLASSES[method].from_conv(conv, _random_ranks(method, group_kernel_shape(conv), data))
+        with torch.no_grad():
+            before = layer(x)
+            norms = torch.tensor([float(c.weight.double().norm()) for c in layer.stages()], dtype=torch.float64)
+            bias = None if conv.bias is None else layer.stages()[-1].bias.clone()
+            assert balance_factors(nn.Sequential(layer)) == 1
+            after = layer(x)
+            scale = max(float(before.norm()), 1e-6)
+            assert float((after - before).norm()) <= 1e-5 * scale, (method, conv)
+            balanced = torch.tensor([float(c.weight.double().norm()) for c in layer.stages()], dtype=torch.float64)
+            mean = norms.log().mean().exp()
+            torch.testing.assert_close(balanced, mean.expand_as(balanced), rtol=1e-5, atol=0)
+            if bias is not None:
+                assert torch.equal(layer.stages()[-1].bias, bias)
 
 
 def test_from_conv_is_one_classmethod_for_every_layer_class():

@@ -1,7 +1,7 @@
 """Does the HT-2 policy beat its rivals? The tables of paired per-seed margins, from run rows.
 
-:func:`policy_margins` compares, per run, target and policy (``policy`` and ``policy_seeded``, the
-search that also starts from the rule plans), the policy's test accuracy with the best rival's, seed
+:func:`policy_margins` compares, per run, target and policy (``policy``; ``policy_seeded``, the
+search that also starts from the rule plans; ``guided``, the same refined around its best candidate), the policy's test accuracy with the best rival's, seed
 by seed (Student-t intervals, :func:`~common.analysis.stats.paired_interval`, and their verdicts,
 :func:`~common.analysis.verdicts.margin_verdict`); the Markdown section that shows it is
 :func:`common.analysis.summary.margins_section`. :func:`rival_margins` does the same against each
@@ -45,7 +45,7 @@ __all__ = [
 POLICY_RIVALS: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "tpe")
 """Methods :func:`policy_margins` compares the policy with (those present)."""
 
-POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded")
+POLICY_METHODS: tuple[str, ...] = ("policy", "policy_seeded", "guided")
 """The methods under test (:data:`common.search.options.POLICIES`; not imported from there, which would
 import torch into the analysis), each compared with :data:`POLICY_RIVALS` on its own row."""
 

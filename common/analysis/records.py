@@ -60,7 +60,7 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
 (:data:`~common.analysis.context.RUN_COLUMNS`), the configuration, accuracies as fractions,
 ``delta_pp`` in percentage points."""
 
-METHOD_ORDER: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "policy", "tpe", "policy_seeded")
+METHOD_ORDER: tuple[str, ...] = ("uniform", "energy", "vbmf", "random", "policy", "tpe", "policy_seeded", "guided")
 """Row order of the methods in tables; other methods follow, alphabetically."""
 
 ACC_COLUMNS = ("val_top1_bn", "test_top1_bn", "val_top1_ft", "test_top1_ft", "baseline_test_top1")

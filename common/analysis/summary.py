@@ -325,7 +325,8 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         "",
         "HT-2 policy minus its best rival at the same budget within the same run, in percentage "
         f"points of test accuracy, one row per policy run ({', '.join(POLICY_METHODS)}; `policy_seeded` is "
-        "the policy's search with the rule plans among its candidates); "
+        "the policy's search with the rule plans among its candidates, `guided` the same refined around its "
+        "best candidate); "
         f"rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
         "highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
         "per-seed differences over the seeds both methods ran, with its 95 % Student-t "

@@ -254,6 +254,25 @@ class FactorizedConv(nn.Module):
             if bias is not None:
                 last.bias.copy_(bias)
 
+    def balance(self) -> None:
+        """Rescale the stage kernels to the geometric mean of their Frobenius norms; the layer's function
+        is unchanged (the chain is linear, the scales multiply to 1, and the bias is the last stage's).
+
+        The decomposition puts a layer's whole scale into one factor (HT-2: ``U1`` and ``U3`` have
+        orthonormal columns and the core's ``G2`` carries the singular values), so plain SGD steps move
+        the factors at very unequal relative rates; balancing the norms of a factor chain is the usual
+        remedy (e.g. Arora et al., *On the optimization of deep networks: implicit acceleration by
+        overparameterization*, ICML 2018, on balanced linear chains).
+        """
+        stages = self.stages()
+        with torch.no_grad():
+            norms = [float(c.weight.double().norm()) for c in stages]
+            if min(norms) <= 0.0 or not all(math.isfinite(n) for n in norms):
+                return  # a zero or broken stage has no scale to share
+            mean = math.exp(sum(math.log(n) for n in norms) / len(norms))
+            for conv, n in zip(stages, norms):
+                conv.weight.mul_(mean / n)
+
     def _split(self, conv: nn.Conv2d, *shape: int) -> Tensor:
         """A stage kernel with a leading group axis: ``(G, *shape)``."""
         return conv.weight.reshape(self.groups, *shape)
@@ -384,3 +403,11 @@ def group_kernel_shape(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     """Per-group kernel shape ``(T/G, C/G, kh, kw)`` that ranks refer to."""
     t, c, kh, kw = conv.weight.shape
     return (t // conv.groups, c, kh, kw)
+
+
+def balance_factors(model: nn.Module) -> int:
+    """:meth:`FactorizedConv.balance` every factorized layer of ``model`` in place; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, FactorizedConv)]
+    for layer in layers:
+        layer.balance()
+    return len(layers)

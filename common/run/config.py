@@ -26,7 +26,15 @@ from common.data.datasets import DATASET_NAMES
 from common.device import resolve_device
 from common.models import MODEL_NAMES
 from common.run.logs import check_name
-from common.search.options import METHODS, SearchConfig, check_budget_tol, check_method, check_metric, check_target
+from common.search.options import (
+    DEFAULT_METHOD,
+    METHODS,
+    SearchConfig,
+    check_budget_tol,
+    check_method,
+    check_metric,
+    check_target,
+)
 from common.search.proxy import DEFAULT_PROXY, PROXIES
 from common.train.finetune import FinetuneConfig
 
@@ -95,9 +103,13 @@ class ExperimentConfig:
         "how far a plan's reduction factor may lie from its target, relative (0.03: within ±3 %); every "
         "method's plan is finished into this band",
     )
-    methods: tuple[str, ...] = _option(METHODS, f"rank-selection methods, a subset of {','.join(METHODS)}")
+    methods: tuple[str, ...] = _option(
+        (DEFAULT_METHOD,),
+        f"rank-selection methods, a subset of {','.join(METHODS)}; {DEFAULT_METHOD} (the default): the "
+        "sensitivity-guided policy seeded with the uniform, energy and vbmf plans, then refined around its best",
+    )
     policy_tucker2: bool = _option(False, "also run the policy method with Tucker-2 layers (HT-2 for every method)")
-    search_budget: int = _option(100, "candidate evaluations of random, tpe, policy and policy_seeded")
+    search_budget: int = _option(100, "candidate evaluations of each search (random, tpe, the policies)")
     n_seeds: int = _option(
         1,
         "every (target, method) at seeds seed .. seed+n_seeds-1: a seed picks the search's "
@@ -118,6 +130,12 @@ class ExperimentConfig:
     # factorized chains amplify SGD steps (the effective lr grows with the product of factor norms);
     # 0.01 diverged on AlexNet
     finetune_lr: float = _option(0.0005, "finetuning peak learning rate (SGD, one-cycle)")
+    finetune_optimizer: str = _option("sgd", "finetuning optimizer: sgd (nesterov) or adamw", choices=("sgd", "adamw"))
+    finetune_clip: float | None = _option(None, "clip the gradients' global norm to this while finetuning", shown="off")
+    finetune_warmup: float = _option(0.15, "share of the finetuning steps the one-cycle schedule warms up over")
+    finetune_balance: bool = _option(
+        False, "balance each factorized layer's factor norms before finetuning (the same function)"
+    )
     finetune_batch_size: int = _option(128, "finetuning batch size")
     finetune_max_images: int | None = _option(
         None, "finetune on a stratified subset of this many train images", shown="all"
@@ -145,6 +163,11 @@ class ExperimentConfig:
         "images and let val decide among the best rerank of those; 0 = off",
     )
     rescore_images: int = _option(SearchConfig.rescore_images, "calibration train images of each re-score")
+    refine: float = _option(
+        SearchConfig.refine,
+        "share of the guided search's budget spent refining its best candidate (moves of budget between "
+        "pairs of layers, kept when the proxy scores them higher); 0 = policy_seeded",
+    )
     rank_multiple: int = _option(8, "ranks are rounded to multiples of this")
     latency: bool = _option(False, "measure latency of the dense model and of every final model")
     latency_batches: tuple[int, ...] = _option((1, 64), "CPU latency batch sizes")
@@ -256,6 +279,9 @@ class ExperimentConfig:
             self.finetune_epochs,
             batch_size=self.finetune_batch_size,
             lr=self.finetune_lr,
+            optimizer=self.finetune_optimizer,
+            pct_start=self.finetune_warmup,
+            clip_grad_norm=self.finetune_clip,
             max_images=self.finetune_max_images,
             seed=seed,
             eval_every_epoch=True,
@@ -269,7 +295,17 @@ RESULT_FIELDS: tuple[str, ...] = tuple(name for name, f in _FIELDS.items() if f.
 """The fields that affect a run's results: all but ``run_id``, ``log_dir``, ``artifacts``,
 ``artifacts_dir``, ``threads``, ``progress`` and ``deadline``. The default run id hashes them (:meth:`ExperimentConfig.fingerprint`)."""
 
-ADDED_FIELDS: tuple[str, ...] = ("policy_knapsack", "rescore", "rescore_images", "budget_tol")
+ADDED_FIELDS: tuple[str, ...] = (
+    "policy_knapsack",
+    "rescore",
+    "rescore_images",
+    "budget_tol",
+    "refine",
+    "finetune_optimizer",
+    "finetune_clip",
+    "finetune_warmup",
+    "finetune_balance",
+)
 """Result fields added after default run ids were in use: the run id hashes each only when it is set
 off its default, so adding an option leaves every existing default run id (and its log) as it was."""
 
@@ -476,4 +512,5 @@ def search_config(cfg: Mapping) -> SearchConfig:
         rescore=cfg.get("rescore", d.rescore),
         rescore_images=cfg.get("rescore_images", d.rescore_images),
         tol=cfg.get("budget_tol", d.tol),
+        refine=cfg.get("refine", d.refine),
     )

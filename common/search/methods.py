@@ -32,6 +32,7 @@ import numpy as np
 
 from common.decompose.surgery import LayerPlan
 from common.search.policy import cem_refit, choice_costs, choice_drops, knapsack_choices
+from common.search.refine import refine
 from common.search.rules import RULES, energy_plan, rank0_note, uniform_plan, vbmf_plan
 from common.search.space import plan_key, project, repair_plan
 from common.search.tpe import tpe_search
@@ -42,6 +43,7 @@ __all__ = [
     "model_optimum",
     "nearest_choices",
     "rule_plan",
+    "search_guided",
     "search_policy",
     "search_policy_seeded",
     "search_random",
@@ -205,7 +207,7 @@ def _with_optimum(searcher, fixed: list[dict], target: float, metric: str, metho
     return [*fixed, {"plan": plan, "choices_drawn": ks, "seeded_from": "knapsack"}], {**note, "used": True}
 
 
-def search_policy_seeded(searcher, target, metric, n, seed):
+def search_policy_seeded(searcher, target, metric, n, seed, method="policy_seeded"):
     """The policy with the rule-based plans (:data:`common.search.rules.RULES`, each once) as its first
     candidates: they are scored like any draw and count in the ``n`` evaluations."""
     fixed, seen = [], set()
@@ -215,9 +217,19 @@ def search_policy_seeded(searcher, target, metric, n, seed):
             continue
         seen.add(plan_key(plan))
         fixed.append({"plan": plan, "choices_drawn": nearest_choices(searcher, plan, metric), "seeded_from": rule})
-    hist, params = search_policy(searcher, target, metric, n, seed, "policy_seeded", fixed)
+    hist, params = search_policy(searcher, target, metric, n, seed, method, fixed)
     # a first round smaller than the rule plans takes only the first of them
     return hist, {**params, "seeded_from": [h["seeded_from"] for h in hist if h.get("seeded_from") in RULES]}
+
+
+def search_guided(searcher, target, metric, n, seed):
+    """The default search: :func:`search_policy_seeded` on the first ``n − r`` evaluations, then
+    :func:`common.search.refine.refine` of its best candidate on the last ``r = round(n · refine)``
+    (``SearchConfig.refine``), so that the best rule plan is where the search starts, not where it ends."""
+    r = min(int(round(n * searcher.config.refine)), max(n - len(RULES) - 1, 0))
+    hist, params = search_policy_seeded(searcher, target, metric, n - r, seed, "guided")
+    more, info = refine(searcher, "guided", target, metric, hist, r, seed)
+    return hist + more, {**params, "refine": info}
 
 
 def nearest_choices(searcher, plan: Mapping[str, LayerPlan], metric: str = "macs") -> list[int]:
@@ -269,6 +281,7 @@ SEARCHES: dict[str, Callable[..., tuple[list[dict], dict]]] = {
     "policy": search_policy,
     "tpe": search_tpe,
     "policy_seeded": search_policy_seeded,
+    "guided": search_guided,
 }
 """Each searching method (:data:`common.search.options.SEARCHING`) by name:
 ``search(searcher, target, metric, n, seed) -> (scored candidates, params)``."""

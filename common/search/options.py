@@ -16,14 +16,19 @@ from common.decompose.surgery import plan_to_dict
 from common.search.rules import RULES
 from common.search.space import SHAPES
 
-SEARCHING = ("random", "policy", "tpe", "policy_seeded")
-METHODS = RULES + SEARCHING  # uniform, energy, vbmf, random, policy, tpe, policy_seeded
-POLICIES = ("policy", "policy_seeded")
-"""The sensitivity-guided searches (both need the sensitivity profile)."""
+SEARCHING = ("random", "policy", "tpe", "policy_seeded", "guided")
+METHODS = RULES + SEARCHING  # uniform, energy, vbmf, random, policy, tpe, policy_seeded, guided
+POLICIES = ("policy", "policy_seeded", "guided")
+"""The sensitivity-guided searches (all need the sensitivity profile)."""
+DEFAULT_METHOD = "guided"
+"""What a user gets without choosing: the policy seeded with the rule plans, then refined
+(:func:`common.search.methods.search_guided`). ``policy`` (unseeded, unrefined) and ``policy_seeded``
+(seeded, unrefined) stay as its ablations."""
 METRICS = ("macs", "params")
 
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "METRICS",
     "POLICIES",
@@ -127,6 +132,9 @@ class SearchConfig:
         ``rerank`` best, or the best) goes by that score; 0 = off. The search's own score is unchanged
         (it ranks and refits on the cheap score); the re-scores are extra evaluations, not candidates.
     rescore_images: calibration images of the re-scores.
+    refine: the share of a ``guided`` search's candidate budget spent refining its best candidate
+        (:mod:`common.search.refine`); the rest goes to the seeded policy's rounds. 0 = ``policy_seeded``.
+    refine_batch: refinement proposals drawn from one incumbent before they are evaluated (together).
     """
 
     levels: tuple = (1.0, 0.75, 0.6, 0.5, 0.42, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
@@ -142,6 +150,8 @@ class SearchConfig:
     knapsack: bool = False
     rescore: int = 0
     rescore_images: int = 1024
+    refine: float = 0.3
+    refine_batch: int = 5
 
     def __post_init__(self) -> None:
         self.levels, self.shapes = tuple(self.levels), tuple(self.shapes)
@@ -158,6 +168,10 @@ class SearchConfig:
             )
         if self.rescore_images < 2:
             raise ValueError(f"rescore_images must be at least 2, got {self.rescore_images}")
+        if isinstance(self.refine, bool) or not (0.0 <= self.refine < 1.0):
+            raise ValueError(f"refine must be a share of the search budget in [0, 1), got {self.refine!r}")
+        if self.refine_batch < 1:
+            raise ValueError(f"refine_batch must be at least 1, got {self.refine_batch}")
 
     def choices(self) -> list[tuple[float, str]]:
         """The per-layer (level, shape) options; dense (level 1) once."""

@@ -35,48 +35,7 @@ from common.dist import world
 from common.progress import progress_bar
 from common.train.checkpoint import Checkpointer, Position
 from common.train.evaluate import autocast, evaluate, sum_over_shards
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    target: torch.Tensor,
-    alpha: float,
-    temperature: float,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Hinton distillation: ``(1-alpha)*CE(student, y) + alpha*T^2*KL(teacher_T || student_T)``."""
-    ce = F.cross_entropy(student_logits, target, label_smoothing=label_smoothing)
-    t = temperature
-    kl = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return (1.0 - alpha) * ce + alpha * (t * t) * kl
-
-
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, nesterov) or AdamW over all trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; valid: sgd, adamw")
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int, pct_start: float = 0.15
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: ``onecycle`` (warm-up ``pct_start`` then cosine) or ``cosine`` (to 0)."""
-    total_steps = max(1, total_steps)
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    raise ValueError(f"unknown schedule {name!r}; valid: onecycle, cosine")
+from common.train.recipe import build_optimizer, build_scheduler, kd_loss
 
 
 def train_one_epoch(
@@ -96,6 +55,7 @@ def train_one_epoch(
     start: int = 0,
     sums: Sequence[float] | None = None,
     on_step: Callable[[int, list[float]], None] | None = None,
+    clip_grad_norm: float | None = None,
 ) -> dict:
     """One pass (or its first ``max_steps`` batches) of training over ``loader``.
 
@@ -108,6 +68,7 @@ def train_one_epoch(
         sums: ``[loss sum, correct, images]`` of those batches, so the epoch's means cover all of it.
         on_step: called after every step as ``on_step(steps, sums)``, ``steps`` counted from the epoch's
             start (used for checkpoints within an epoch).
+        clip_grad_norm: clip the gradients' global L2 norm to this before each step (None: no clipping).
 
     Returns:
         ``{"loss", "top1", "images", "steps"}`` summed over ranks (loss/top1 are means; ``steps`` include
@@ -134,6 +95,8 @@ def train_one_epoch(
             raise FloatingPointError(f"non-finite training loss {loss.item()} at step {steps}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -179,6 +142,7 @@ class FinetuneConfig:
         eval_every_epoch: evaluate val top-1 after each epoch (else only after the last one).
         val_subset: evaluate on a seeded stratified subset of val of this size.
         eval_batch_size: batch size of those evaluations.
+        clip_grad_norm: clip the gradients' global L2 norm to this before each step (None: off).
     """
 
     epochs: float
@@ -200,6 +164,7 @@ class FinetuneConfig:
     eval_every_epoch: bool = True
     val_subset: int | None = None
     eval_batch_size: int = 512
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
@@ -428,6 +393,7 @@ class _FinetuneRun:
             start=self.pos.in_epoch,
             sums=self.pos.sums,
             on_step=on_step,
+            clip_grad_norm=c.clip_grad_norm,
         )
 
 

@@ -1,8 +1,8 @@
 """What one finetuning step of a model costs, and where it goes.
 
 :func:`time_train_step` times the distilled training step of :func:`common.train.finetune.train_one_epoch`
-(teacher forward without gradients, student forward and :func:`common.train.finetune.kd_loss`, backward,
-optimizer step from :func:`common.train.finetune.build_optimizer`) on random seeded data, phase by phase.
+(teacher forward without gradients, student forward and :func:`common.train.recipe.kd_loss`, backward,
+optimizer step from :func:`common.train.recipe.build_optimizer`) on random seeded data, phase by phase.
 :func:`stage_times` times every stage conv of every factorized layer on its own, forward and backward
 (input and weight gradients), at the input that stage sees inside the model, next to the dense conv
 it replaces (:meth:`common.decompose.layers.FactorizedConv.to_dense`). MACs come from
@@ -24,7 +24,8 @@ import torch.nn as nn
 from common.decompose.layers import ConvGeometry, FactorizedConv, conv_cost
 from common.deploy.latency import check_counts, cpu_threads, summarize_times
 from common.device import resolve_device
-from common.train.finetune import FinetuneConfig, build_optimizer, kd_loss
+from common.train.finetune import FinetuneConfig
+from common.train.recipe import build_optimizer, kd_loss
 
 PHASES = ("teacher_fwd", "student_fwd", "backward", "optimizer", "step")
 
