@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.data.datasets import DatasetSplits
+from common.data.splits import DatasetSplits
+from common.decompose.layers import balance_factors
 from common.run.config import ExperimentConfig
 from common.run.logs import RunLog, pack_hits
 from common.run.measure import evaluate_splits
@@ -72,7 +73,8 @@ def finetune_best(
     say: Callable[[str], None] = print,
     progress: str | None = None,
 ) -> dict:
-    """A final model's finetuning, as every run does it: finetune ``comp`` in place with ``cfg``'s recipe and
+    """A final model's finetuning, as every run does it: finetune ``comp`` in place with ``cfg``'s recipe (its
+    factors balanced first with ``cfg.finetune_balance``) and
     ``key["seed"]`` (distilled from ``dense`` when ``cfg.distill``), keep its best val epoch (epoch 0, the BN
     model at ``val_top1_bn``, included), evaluate it on val and test.
 
@@ -85,6 +87,8 @@ def finetune_best(
     """
     t = time.perf_counter()
     teacher = copy.deepcopy(dense) if cfg.distill else None
+    if cfg.finetune_balance:  # the same function, better-conditioned steps (FactorizedConv.balance)
+        balance_factors(comp)
     best = _BestValEpoch(log, key, val_top1_bn, comp)
     if checkpoint is not None and checkpoint.exists():
         say(f"resuming the finetuning of {key} from {checkpoint}")
