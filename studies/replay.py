@@ -16,7 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from common.data.datasets import DatasetSplits, load_dataset
+from common.data.datasets import load_dataset
+from common.data.splits import DatasetSplits
 from common.models import build_model, load_checkpoint
 from common.run.logs import config_record, parse_log
 from common.run.preflight import inspect_checkpoint

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.data.datasets import DatasetSplits
+from common.data.splits import DatasetSplits
 from common.decompose.cost import count_model
 from common.decompose.surgery import plan_from_dict
 from common.deploy.artifacts import artifact_name, save_artifact

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common.data.datasets import DatasetSplits
 from common.data.loader import make_loader
+from common.data.splits import DatasetSplits
 from common.deploy.merge import fastest_latency
 from common.run.config import ExperimentConfig
 from common.train.finetune import evaluate
