@@ -21,6 +21,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 # images. Measured 8.5 min with the baseline training on an idle 2-core Xeon (2026-11-30), 9.2 on an AMD EPYC
 # (2026-12-07); the venv build adds 2-4 min (README, Quick start).
 RUN_ARGS ?= --model resnet18 --dataset digits --targets 20 --n-seeds 3 --search-budget 12 \
+	--methods guided,uniform,energy,vbmf,random,tpe,policy \
 	--finetune-epochs 0.25 --finetune-batch-size 32 --calib-images 128 --val-images 0 --final-calib-images 256 \
 	--sensitivity-levels 0.3 --run-id make-run
 NPROC ?= 1
