@@ -38,6 +38,7 @@ from common.decompose.surgery import LayerInfo, LayerPlan, SpectraCache, apply_p
 from common.deploy.latency import cpu_name
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR
+from common.run.config import add_config_options
 
 DEFAULT_MODELS = ("resnet18", "vgg16", "alexnet")
 DEFAULT_LEVELS = (0.5, 0.45, 0.4, 0.35)
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    add_config_options(ap, ["threads"], defaults={"threads": 2})
     ap.add_argument(
         "--models",
         nargs="+",

@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
@@ -40,36 +41,36 @@ from common.deploy.latency import cpu_name
 from common.dist import init_from_env, is_main
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.run.config import add_config_options, field_value
 from common.search.options import SearchConfig
-from common.search.proxy import DEFAULT_PROXY, PROXIES, final_model
+from common.search.proxy import final_model
 from common.search.searcher import build_searcher
 from common.train.evaluate import evaluate
 
+T = TypeVar("T")
+DEFAULT_METHODS = ("uniform", "energy", "vbmf", "policy")
+"""The methods timed by default (``--methods``)."""
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
+    add_config_options(p, ["model"])
     p.add_argument("--target", type=float, default=3.0)
-    p.add_argument("--methods", default="uniform,energy,vbmf,policy")
-    p.add_argument("--proxy", default=DEFAULT_PROXY, choices=PROXIES)
-    p.add_argument("--rerank", type=int, default=SearchConfig.rerank)
-    p.add_argument(
-        "--rescore", type=int, default=SearchConfig.rescore, help="re-score this many best candidates (0 = off)"
+    add_config_options(
+        p, ["methods", "proxy", "rerank", "rescore", "rescore_images"], defaults={"methods": DEFAULT_METHODS}
     )
-    p.add_argument("--rescore-images", type=int, default=SearchConfig.rescore_images)
     p.add_argument("--candidates", type=int, default=100)
-    p.add_argument("--calib-images", type=int, default=256)
-    p.add_argument("--val-images", type=int, default=0, help="0 = the whole val split")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shapes", default="level", help="per-layer rank shapes of the searches: level[,energy]")
+    add_config_options(
+        p,
+        ["calib_images", "val_images", "threads", "seed", "shapes"],
+        defaults={"val_images": 0, "threads": 2, "shapes": ("level",)},
+    )
     p.add_argument(
         "--test",
         action="store_true",
         help="also report each chosen plan's test top-1 (common.search.proxy.final_model)",
     )
-    p.add_argument("--final-calib-images", type=int, default=4096)
-    p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
+    add_config_options(p, ["final_calib_images", "data_root"], defaults={"data_root": str(CIFAR_JPEG_ROOT)})
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
     p.add_argument(
         "--nproc",
@@ -79,30 +80,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     )
     p.add_argument("--json", help="write the stage times and chosen plans here (rank 0)")
     a = p.parse_args(argv)
-    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _compare(a, list(sys.argv[1:] if argv is None else argv))
-    init_from_env("cpu")
-    torch.set_num_threads(a.threads)
-    stages: dict[str, float] = {}
-    t_all = time.perf_counter()
-    print = _main_print
+    a.methods, a.shapes = field_value("methods", a.methods), field_value("shapes", a.shapes)
+    return a
 
-    def stage(name: str, fn):
+
+class _Stages:
+    """Times named stages of the benchmark, printing each as it ends (rank 0)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[[], T]) -> T:
         t = time.perf_counter()
         out = fn()
-        stages[name] = time.perf_counter() - t
-        print(f"{name:<28s} {stages[name]:8.1f} s", flush=True)
+        self.seconds[name] = time.perf_counter() - t
+        _main_print(f"{name:<28s} {self.seconds[name]:8.1f} s", flush=True)
         return out
 
-    print(
-        f"{a.model} on {cpu_name()}, {int(os.environ.get('WORLD_SIZE', '1'))} process(es) x {a.threads} threads, torch "
-        f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
-        f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, proxy {a.proxy}, "
-        f"rerank {a.rerank}, rescore {a.rescore} on {a.rescore_images} images, shapes {a.shapes}",
-        flush=True,
-    )
+
+def _search(a: argparse.Namespace, stage: _Stages) -> tuple:
+    """Load the data and model, build the searcher, profile it and run every method: (data, model, searcher,
+    dense proxy score, {method: result})."""
     data = stage("load data", lambda: load_dataset("cifar10-jpeg", root=a.data_root))
     model = stage("load model", lambda: load_baseline(a.model, a.checkpoint_dir))
+    config = SearchConfig(shapes=a.shapes, rerank=a.rerank, rescore=a.rescore, rescore_images=a.rescore_images)
     searcher = stage(
         "spectra cache + proxy setup",
         lambda: build_searcher(
@@ -112,42 +113,61 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             calib_images=a.calib_images,
             val_images=a.val_images or None,
             seed=a.seed,
-            config=SearchConfig(
-                shapes=tuple(a.shapes.split(",")),
-                rerank=a.rerank,
-                rescore=a.rescore,
-                rescore_images=a.rescore_images,
-            ),
+            config=config,
         ),
     )
     dense = stage("dense proxy score", searcher.dense_score)
     stage("sensitivity profile", searcher.sensitivity)
-    n_layers = len(searcher.space.layers)
     results = {}
-    for method in [m for m in a.methods.split(",") if m]:
+    for method in a.methods:
         results[method] = stage(
             f"search: {method}", lambda m=method: searcher.run(m, a.target, "macs", a.candidates, a.seed)
         )
-    total = time.perf_counter() - t_all
-    print(f"{'total':<28s} {total:8.1f} s")
-    print(
-        f"\ndense proxy score {dense:.5g}; {n_layers} layers profiled at "
-        f"{len(searcher.config.sensitivity_levels)} levels x {len(searcher.config.shapes)} shapes"
-    )
+    return data, model, searcher, dense, results
+
+
+def _report(a: argparse.Namespace, data, model, searcher, results: dict) -> None:
+    """One line per method: its proxy score, val (and with ``--test`` test) top-1, factor, evaluations, time."""
     for m, r in results.items():
         test = ""
         if a.test:  # reporting only: the plan was chosen on val
             built = final_model(model, r.plan, searcher.spectra, data, a.final_calib_images, a.seed)
             test = f"  test {evaluate(built, make_loader(data, 'test', 500), 'cpu')['top1']:.4f}"
         val = "" if r.val_top1 is None else f"  val {r.val_top1:.4f}"
-        print(
+        _main_print(
             f"{m:<13s} {r.proxy} {r.score:.5g}{val}{test}  x{r.macs_factor:.2f} MACs  {r.evaluations} evaluations  "
             f"{r.seconds:.1f} s",
             flush=True,
         )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    a = parse_args(argv)
+    if a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _compare(a, list(sys.argv[1:] if argv is None else argv))
+    init_from_env("cpu")
+    torch.set_num_threads(a.threads)
+    stage = _Stages()
+    t_all = time.perf_counter()
+    _main_print(
+        f"{a.model} on {cpu_name()}, {int(os.environ.get('WORLD_SIZE', '1'))} process(es) x {a.threads} threads, torch "
+        f"{torch.__version__}; proxy {a.calib_images} calibration / {a.val_images} val images, "
+        f"{a.candidates} candidates, target {a.target:g}x conv MACs, seed {a.seed}, proxy {a.proxy}, "
+        f"rerank {a.rerank}, rescore {a.rescore} on {a.rescore_images} images, shapes {','.join(a.shapes)}",
+        flush=True,
+    )
+    data, model, searcher, dense, results = _search(a, stage)
+    stages = stage.seconds
+    total = time.perf_counter() - t_all
+    _main_print(f"{'total':<28s} {total:8.1f} s")
+    _main_print(
+        f"\ndense proxy score {dense:.5g}; {len(searcher.space.layers)} layers profiled at "
+        f"{len(searcher.config.sensitivity_levels)} levels x {len(searcher.config.shapes)} shapes"
+    )
+    _report(a, data, model, searcher, results)
     if "search: policy" in stages:
         prof = stages["sensitivity profile"] + stages["search: policy"]
-        print(
+        _main_print(
             f"\nsensitivity profile + {a.candidates}-candidate policy search: {prof / 60:.1f} min "
             f"(target: <= 6 min on the 2-core machine)"
         )

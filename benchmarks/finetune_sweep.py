@@ -43,7 +43,7 @@ from common.data.loader import make_loader
 from common.decompose.layers import balance_factors
 from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.deploy.latency import cpu_name
-from common.files import append_csv_row, read_csv_rows
+from common.files import append_csv_rows, read_csv_rows
 from common.models import load_baseline
 from common.search.proxy import final_model
 from common.train.evaluate import evaluate
@@ -148,7 +148,7 @@ def sweep_plan(model: str, method: str, plan_rec: dict, a, done: set, csv: Path,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d"),
         }
-        append_csv_row(csv, row, COLUMNS)
+        append_csv_rows(csv, [row], COLUMNS, lineterminator="\n")
         print(f"{model} {method} {recipe}: val {row['val_bn']} -> {row['val_best'] or 'diverged'} ({row['seconds']} s)")
 
 

@@ -25,6 +25,9 @@ Settings: CPU ``cpu_b<B>`` (``--threads`` threads, fp32, contiguous vs channels_
 without ONNX Runtime timings counts as missing while ONNX Runtime is on), so an interrupted run
 continues; ``<out>/latency_<device>.md`` is rewritten from the whole CSV (the last row per key).
 
+This script holds the command line and the rows; the timing settings and the ONNX Runtime columns are in
+``benchmarks/latency_setup.py``, the CSV's columns and the Markdown report in ``benchmarks/latency_report.py``.
+
     python benchmarks/latency.py --json json/gpu --out results/gpu --device cpu --threads 2 --batches 1,64
     python benchmarks/latency.py --json json/gpu --out results/gpu --device cpu --imagenet --models \\
         resnet18_imagenet,vgg16_imagenet,alexnet_imagenet
@@ -39,142 +42,35 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
 
 # isort: split
-import numpy as np
 import pandas as pd
 import torch
 
-from common.analysis import latest_plans, load_runs, markdown_table
+from benchmarks.latency_report import (
+    COMPILE_COLUMNS,
+    ORT_COLUMNS,
+    ROW_COLUMNS,
+    markdown_report,
+    read_table,
+    row_seed,
+)
+from benchmarks.latency_setup import Bench, OnnxFiles, batch_shape, ort_columns, ort_version
+from common.analysis import latest_plans, load_runs
 from common.decompose.surgery import LayerPlan, SpectraCache, apply_plan, list_conv_layers, plan_from_dict
-from common.deploy.latency import compile_for_inference, cpu_name, interleaved_latency
-from common.deploy.merge import fastest_latency
+from common.deploy.latency import compile_for_inference, interleaved_latency
+from common.files import append_csv_rows
 from common.models import baseline_or_random, build_model, input_size
 from common.paths import CHECKPOINT_DIR
 from common.search.options import SearchConfig
 from common.search.rules import energy_plan, uniform_plan
 from common.search.space import SearchSpace, repair_plan
 
-KEY = ["model", "method", "decomposition", "target", "seed", "setting"]
-ORT_COLUMNS = [
-    "ort_dense_ms",
-    "ort_factorized_ms",
-    "ort_deployed_ms",
-    "ort_speedup_factorized",
-    "ort_speedup",
-    "ort_max_rel_error",
-    "ort_forms",
-]
-COMPILE_COLUMNS = ["compile_mode", "compile_dense_ms", "compile_deployed_ms", "compile_speedup"]
-# every CSV row has exactly these columns, in this order (an older file is widened to them on start)
-ROW_COLUMNS = [
-    "model",
-    "method",
-    "decomposition",
-    "target",
-    "seed",
-    "input_size",
-    "macs_factor",
-    "deployed_macs_factor",
-    "setting",
-    "batch",
-    "dense_ms",
-    "factorized_ms",
-    "deployed_ms",
-    "speedup_factorized",
-    "speedup",
-    "channels_last",
-    "dense_channels_last",
-    "forms",
-    *ORT_COLUMNS,
-    *COMPILE_COLUMNS,
-    "rounds",
-    "warmup",
-    "iters",
-    "weights",
-    "device_name",
-    "load1",
-    "torch",
-    "onnxruntime",
-    "date",
-    "command",
-]
-MD_FLOATS = (
-    "macs_factor",
-    "deployed_macs_factor",
-    "dense_ms",
-    "factorized_ms",
-    "deployed_ms",
-    "speedup_factorized",
-    "speedup",
-)
-ORT_MD_FLOATS = ("ort_dense_ms", "ort_factorized_ms", "ort_deployed_ms", "ort_speedup_factorized", "ort_speedup")
-COMPILE_MD_FLOATS = ("compile_dense_ms", "compile_deployed_ms", "compile_speedup")
-MD_FORMATS = dict.fromkeys((*MD_FLOATS, *ORT_MD_FLOATS, *COMPILE_MD_FLOATS, "speedup_best"), ".2f") | {"load1": ".1f"}
 IMAGENET_MODELS = "resnet18_imagenet,vgg16_imagenet,alexnet_imagenet"
-
-
-def _ort_version() -> str | None:
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return onnxruntime.__version__
-
-
-def _settings(
-    device: str, batches: Sequence[int], threads: int, size: int, warmup: int | None, iters: int | None, rounds: int
-) -> list[dict]:
-    """The timing settings of one input size: batch, device, dtype, formats and the forward counts."""
-    if device == "cuda":
-        batch = 256 if size <= 64 else 64  # a 224×224 batch of 256 would only time memory traffic
-        return [
-            dict(
-                setting=f"cuda_b{batch}_bf16_graph",
-                batch=batch,
-                size=size,
-                device="cuda",
-                dtype=torch.bfloat16,
-                threads=None,
-                cuda_graph=True,
-                formats=(True,),
-                warmup=10 if warmup is None else warmup,
-                iters=iters or 50,
-                rounds=rounds,
-            )
-        ]
-    out = []
-    for b in batches:
-        # small inputs are fast and noisy: time more of them; a 224×224 forward is ~50× a 32×32 one
-        default_iters = max(10, 200 // b) if size <= 64 else max(3, 200 * 32 * 32 // (b * size * size))
-        out.append(
-            dict(
-                setting=f"cpu_b{b}",
-                batch=b,
-                size=size,
-                device="cpu",
-                dtype=torch.float32,
-                threads=threads,
-                cuda_graph=False,
-                formats=(False, True),
-                # one untimed forward already warms a large one (oneDNN primitives are built on the first)
-                warmup=(3 if size <= 64 else 1) if warmup is None else warmup,
-                iters=iters or default_iters,
-                rounds=rounds,
-            )
-        )
-    return out
-
-
-def _shape(s: dict) -> tuple[int, int, int, int]:
-    return (s["batch"], 3, s["size"], s["size"])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -233,159 +129,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@dataclass
-class Bench:
-    """How this invocation times: device, settings per input size, ONNX Runtime, time box and the shared
-    timing cache."""
-
-    device: str
-    threads: int
-    settings: dict[int, list[dict]]  # input size -> settings
-    deploy_iters: int
-    deadline: float | None
-    ort: bool
-    onnx_dir: Path
-    command: str = ""
-    compile: str | None = None
-    timing_cache: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_args(cls, a: argparse.Namespace, onnx_dir: Path, command: str = "") -> Bench:
-        device = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
-        ort = (device == "cpu" and _ort_version() is not None) if a.ort is None else bool(a.ort)
-        if ort and device != "cpu":
-            raise SystemExit("error: --ort times ONNX Runtime's CPU provider; use it with --device cpu")
-        if ort and _ort_version() is None:
-            raise SystemExit("error: --ort needs onnxruntime (pip install -r requirements.txt)")
-
-        def batches(text: str) -> list[int]:
-            return [int(b) for b in text.split(",")]
-
-        settings = {32: _settings(device, batches(a.batches), a.threads, 32, a.warmup, a.iters, a.rounds)}
-        settings[224] = _settings(
-            device, batches(a.imagenet_batches), a.threads, 224, a.warmup, a.iters, a.imagenet_rounds
-        )
-        return cls(
-            device=device,
-            threads=a.threads,
-            settings=settings,
-            deploy_iters=a.deploy_iters,
-            deadline=time.time() + 60 * a.minutes if a.minutes else None,
-            ort=ort,
-            onnx_dir=onnx_dir,
-            command=command,
-            compile=a.compile,
-        )
-
-    def settings_for(self, size: int) -> list[dict]:
-        if size not in self.settings:
-            base = self.settings[32 if size <= 64 else 224]
-            self.settings[size] = [{**s, "size": size} for s in base]
-        return self.settings[size]
-
-    @property
-    def device_name(self) -> str:
-        return torch.cuda.get_device_name(0) if self.device == "cuda" else f"{cpu_name()}, {self.threads} threads"
-
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.time() > self.deadline
-
-    def deploy_kw(self, s: dict) -> dict:
-        """The per-layer timing of a deployment in setting ``s``: one definition, so that the ONNX export's
-        deployment (contiguous) is served from the timings :meth:`timed` already made."""
-        return {"warmup": 1, "iters": max(self.deploy_iters, s["iters"] // 10), "timing_cache": self.timing_cache}
-
-    def timed(self, model: torch.nn.Module, s: dict, deploy: str | None) -> dict:
-        """:func:`fastest_latency` of ``model`` in setting ``s`` (``deploy=None``: as it is)."""
-        kw = self.deploy_kw(s)
-        return fastest_latency(
-            model,
-            _shape(s),
-            device=s["device"],
-            dtype=s["dtype"],
-            return_model=True,
-            threads=s["threads"],
-            cuda_graph=s["cuda_graph"],
-            formats=s["formats"],
-            deploy=deploy,
-            warmup=s["warmup"],
-            iters=s["iters"],
-            deploy_warmup=kw["warmup"],
-            deploy_iters=kw["iters"],
-            timing_cache=kw["timing_cache"],
-        )
-
-
-class OnnxFiles:
-    """The ONNX exports of one model's rows, each made once and removed when no longer needed (a 224×224
-    VGG-16 file is half a gigabyte): the dense model once, each plan once (any batch, the batch is
-    dynamic), each deployment once per setting (it is chosen for that batch)."""
-
-    def __init__(self, bench: Bench, name: str, dense: torch.nn.Module, size: int):
-        self.bench, self.name, self.size = bench, name, size
-        self.dense_model = dense
-        self.dense: dict | None = None
-        self.plan: tuple[tuple, dict] | None = None  # (config, export report) of the current plan
-
-    def _export(self, model: torch.nn.Module, stem: str, shape: Sequence[int], **kw) -> dict:
-        from common.deploy.export import export_onnx
-
-        return export_onnx(model, shape, self.bench.onnx_dir / f"{self.name}-{stem}.onnx", **kw)
-
-    def dense_file(self) -> dict:
-        if self.dense is None:
-            self.dense = self._export(self.dense_model, "dense", (2, 3, self.size, self.size))
-        return self.dense
-
-    def plan_file(self, config: tuple, comp: torch.nn.Module) -> dict:
-        if self.plan is None or self.plan[0] != config:
-            self._drop_plan()
-            method, decomp, target, seed = config
-            stem = f"{method}-{decomp}-x{target:g}-s{seed}"
-            self.plan = (config, self._export(comp, stem, (2, 3, self.size, self.size)))
-        return self.plan[1]
-
-    def deployed_file(self, config: tuple, comp: torch.nn.Module, s: dict) -> dict:
-        method, decomp, target, seed = config
-        options = {"channels_last": False, "threads": s["threads"], **self.bench.deploy_kw(s)}
-        stem = f"{method}-{decomp}-x{target:g}-s{seed}-{s['setting']}-deployed"
-        return self._export(comp, stem, _shape(s), deployed=True, deploy_options=options)
-
-    def _drop_plan(self) -> None:
-        if self.plan is not None:
-            Path(self.plan[1]["path"]).unlink(missing_ok=True)
-            self.plan = None
-
-    def close(self) -> None:
-        self._drop_plan()
-        if self.dense is not None:
-            Path(self.dense["path"]).unlink(missing_ok=True)
-
-
-def _ort_row(bench: Bench, files: OnnxFiles, config: tuple, comp: torch.nn.Module, s: dict) -> dict:
-    """The ONNX Runtime columns of one row: dense, factorized and deployed exports timed in alternation."""
-    from common.deploy.export import ort_interleaved_latency, ort_session
-
-    dense, fact = files.dense_file(), files.plan_file(config, comp)
-    dep = files.deployed_file(config, comp, s)
-    try:
-        sessions = {k: ort_session(r["path"], s["threads"]) for k, r in (("dense", dense), ("factorized", fact))}
-        sessions["deployed"] = ort_session(dep["path"], s["threads"])
-        il = ort_interleaved_latency(
-            sessions, _shape(s), rounds=s["rounds"], warmup=s["warmup"], iters=s["iters"], reference="dense"
-        )
-    finally:
-        Path(dep["path"]).unlink(missing_ok=True)
-    forms = Counter(str(tuple(d["form"])) for d in dep["deployment"])
-    return {
-        "ort_dense_ms": il["dense"]["median_ms"],
-        "ort_factorized_ms": il["factorized"]["median_ms"],
-        "ort_deployed_ms": il["deployed"]["median_ms"],
-        "ort_speedup_factorized": il["speedup"]["factorized"],
-        "ort_speedup": il["speedup"]["deployed"],
-        "ort_max_rel_error": max(r["max_rel_error"] for r in (dense, fact, dep)),
-        "ort_forms": ";".join(f"{f}:{n}" for f, n in sorted(forms.items())),
-    }
+def _interleaved(s: dict, timed: dict[str, dict], cuda_graph: bool) -> dict:
+    """:func:`interleaved_latency` in setting ``s`` of ``timed`` (``{name: {"model", "channels_last"}}``, as
+    :meth:`Bench.timed` gives them), the speed-ups relative to ``"dense"``."""
+    return interleaved_latency(
+        {k: t["model"] for k, t in timed.items()},
+        batch_shape(s),
+        rounds=s["rounds"],
+        device=s["device"],
+        dtype=s["dtype"],
+        channels_last={k: t["channels_last"] for k, t in timed.items()},
+        threads=s["threads"],
+        cuda_graph=cuda_graph,
+        warmup=s["warmup"],
+        iters=s["iters"],
+        reference="dense",
+    )
 
 
 def _compile_row(bench: Bench, s: dict, d: dict, dep: dict) -> dict:
@@ -393,31 +152,39 @@ def _compile_row(bench: Bench, s: dict, d: dict, dep: dict) -> dict:
     and partition chosen in eager mode), compiled by inductor in ``bench.compile`` mode and timed in
     alternation. The dense model is compiled once per setting (kept in ``d``)."""
 
-    def compiled(m: dict) -> torch.nn.Module:
-        return compile_for_inference(
-            m["model"], _shape(s), bench.compile, s["device"], s["dtype"], m["channels_last"], s["threads"]
+    def compiled(m: dict) -> dict:
+        model = compile_for_inference(
+            m["model"], batch_shape(s), bench.compile, s["device"], s["dtype"], m["channels_last"], s["threads"]
         )
+        return {"model": model, "channels_last": m["channels_last"]}
 
     if "compiled" not in d:
-        d["compiled"] = compiled(d)
-    il = interleaved_latency(
-        {"dense": d["compiled"], "deployed": compiled(dep)},
-        _shape(s),
-        rounds=s["rounds"],
-        device=s["device"],
-        dtype=s["dtype"],
-        channels_last={"dense": d["channels_last"], "deployed": dep["channels_last"]},
-        threads=s["threads"],
-        cuda_graph=False,  # a compiled model replays CUDA graphs itself when its mode says so
-        warmup=s["warmup"],
-        iters=s["iters"],
-        reference="dense",
-    )
+        d["compiled"] = compiled(d)["model"]
+    dense = {"model": d["compiled"], "channels_last": d["channels_last"]}
+    # a compiled model replays CUDA graphs itself when its mode says so
+    il = _interleaved(s, {"dense": dense, "deployed": compiled(dep)}, cuda_graph=False)
     return {
         "compile_mode": bench.compile,
         "compile_dense_ms": il["dense"]["median_ms"],
         "compile_deployed_ms": il["deployed"]["median_ms"],
         "compile_speedup": il["speedup"]["deployed"],
+    }
+
+
+def _torch_columns(d: dict, fact: dict, dep: dict, il: dict) -> dict:
+    """A row's PyTorch columns from the timings of the dense (``d``), factorized and deployed models and
+    their interleaved rounds (``il``)."""
+    return {
+        "macs_factor": d["conv_macs"] / fact["conv_macs"],
+        "deployed_macs_factor": d["conv_macs"] / dep["conv_macs"],
+        "dense_ms": il["dense"]["median_ms"],
+        "factorized_ms": il["factorized"]["median_ms"],
+        "deployed_ms": il["deployed"]["median_ms"],
+        "speedup_factorized": il["speedup"]["factorized"],
+        "speedup": il["speedup"]["deployed"],
+        "channels_last": dep["channels_last"],
+        "dense_channels_last": d["channels_last"],
+        "forms": ";".join(f"{f}:{n}" for f, n in sorted(dep["forms"].items())) or "as factorized",
     }
 
 
@@ -438,44 +205,16 @@ def _row(
     load1 = os.getloadavg()[0]  # before the row: what else ran on the cores while it was timed
     dep = bench.timed(comp, s, "latency")
     fact = dep["factorized"]
-    il = interleaved_latency(
-        {"dense": d["model"], "factorized": fact["model"], "deployed": dep["model"]},
-        _shape(s),
-        rounds=s["rounds"],
-        device=s["device"],
-        dtype=s["dtype"],
-        channels_last={
-            "dense": d["channels_last"],
-            "factorized": fact["channels_last"],
-            "deployed": dep["channels_last"],
-        },
-        threads=s["threads"],
-        cuda_graph=s["cuda_graph"],
-        warmup=s["warmup"],
-        iters=s["iters"],
-        reference="dense",
-    )
-    ort = _ort_row(bench, files, config, comp, s) if files is not None else dict.fromkeys(ORT_COLUMNS)
+    il = _interleaved(s, {"dense": d, "factorized": fact, "deployed": dep}, s["cuda_graph"])
+    ort = ort_columns(files, config, comp, s) if files is not None else dict.fromkeys(ORT_COLUMNS)
     compiled = _compile_row(bench, s, d, dep) if bench.compile else dict.fromkeys(COMPILE_COLUMNS)
+    key = {"model": name, "method": method, "decomposition": decomp, "target": target, "seed": seed}
     row = {
-        "model": name,
-        "method": method,
-        "decomposition": decomp,
-        "target": target,
-        "seed": seed,
+        **key,
         "input_size": s["size"],
-        "macs_factor": d["conv_macs"] / fact["conv_macs"],
-        "deployed_macs_factor": d["conv_macs"] / dep["conv_macs"],
         "setting": s["setting"],
         "batch": s["batch"],
-        "dense_ms": il["dense"]["median_ms"],
-        "factorized_ms": il["factorized"]["median_ms"],
-        "deployed_ms": il["deployed"]["median_ms"],
-        "speedup_factorized": il["speedup"]["factorized"],
-        "speedup": il["speedup"]["deployed"],
-        "channels_last": dep["channels_last"],
-        "dense_channels_last": d["channels_last"],
-        "forms": ";".join(f"{f}:{n}" for f, n in sorted(dep["forms"].items())) or "as factorized",
+        **_torch_columns(d, fact, dep, il),
         **ort,
         **compiled,
         "rounds": s["rounds"],
@@ -485,11 +224,28 @@ def _row(
         "device_name": bench.device_name,
         "load1": round(max(load1, os.getloadavg()[0]), 2),
         "torch": torch.__version__,
-        "onnxruntime": _ort_version() if files is not None else None,
+        "onnxruntime": ort_version() if files is not None else None,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": bench.command,
     }
     return {k: row[k] for k in ROW_COLUMNS}
+
+
+def _print_row(name: str, row: dict, setting: str, ort: bool) -> None:
+    """One line per measured row (the ONNX Runtime speed-ups when ``ort``)."""
+    ort_txt = (
+        f"; ORT dense {row['ort_dense_ms']:.2f} ms, factorized {row['ort_speedup_factorized']:.2f}x, "
+        f"deployed {row['ort_speedup']:.2f}x"
+        if ort
+        else ""
+    )
+    print(
+        f"{name} {row['method']} {row['decomposition']} x{row['target']:g} seed {row['seed']} {setting}: dense "
+        f"{row['dense_ms']:.2f} ms, factorized {row['factorized_ms']:.2f} ms "
+        f"({row['speedup_factorized']:.2f}x), deployed {row['deployed_ms']:.2f} ms ({row['speedup']:.2f}x) "
+        f"[{row['forms']}]{ort_txt} (load {row['load1']:.1f})",
+        flush=True,
+    )
 
 
 def _time_configs(
@@ -523,20 +279,8 @@ def _time_configs(
                 dense_ms[s["setting"]] = bench.timed(dense, s, None)
             comp = apply_plan(dense, plan, spectra)
             row = _row(bench, name, config, comp, s, dense_ms[s["setting"]], weights, files)
-            pd.DataFrame([row], columns=ROW_COLUMNS).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
-            ort = (
-                f"; ORT dense {row['ort_dense_ms']:.2f} ms, factorized {row['ort_speedup_factorized']:.2f}x, "
-                f"deployed {row['ort_speedup']:.2f}x"
-                if files is not None
-                else ""
-            )
-            print(
-                f"{name} {row['method']} {row['decomposition']} x{row['target']:g} seed {row['seed']} {s['setting']}: dense "
-                f"{row['dense_ms']:.2f} ms, factorized {row['factorized_ms']:.2f} ms "
-                f"({row['speedup_factorized']:.2f}x), deployed {row['deployed_ms']:.2f} ms ({row['speedup']:.2f}x) "
-                f"[{row['forms']}]{ort} (load {row['load1']:.1f})",
-                flush=True,
-            )
+            append_csv_rows(csv, [row], ROW_COLUMNS, lineterminator="\n")
+            _print_row(name, row, s["setting"], files is not None)
     finally:
         if files is not None:
             files.close()
@@ -608,144 +352,46 @@ def _time_imagenet(bench: Bench, a: argparse.Namespace, csv: Path, done_keys: se
         _time_configs(bench, name, dense, "random", rule_plans(dense, 224, targets, methods), csv, done_keys)
 
 
-def _read_csv(csv: Path) -> pd.DataFrame:
-    """The CSV with every :data:`ROW_COLUMNS` column (older files lack some) and one row per key (the last)."""
-    df = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=ROW_COLUMNS)
-    for c in ROW_COLUMNS:
-        if c not in df.columns:
-            df[c] = [input_size(m) for m in df["model"]] if c == "input_size" else np.nan
-    df = df[ROW_COLUMNS + [c for c in df.columns if c not in ROW_COLUMNS]]
-    return df.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+def _done_keys(bench: Bench, csv: Path) -> set[tuple]:
+    """The keys of the rows of ``csv`` a re-run keeps (an older file is widened to :data:`ROW_COLUMNS` first)."""
+    done = read_table(csv)
+    if csv.is_file() and list(pd.read_csv(csv, nrows=0).columns) != ROW_COLUMNS:
+        done.to_csv(csv, index=False)  # an older file: widened once, so appended rows line up
+    # while ONNX Runtime is on, a row without its timings is not done (it is measured again)
+    complete = done["ort_speedup"].notna() if bench.ort else pd.Series(True, index=done.index)
+    if bench.compile:  # likewise a row without the torch.compile timings while --compile is on
+        complete &= done["compile_speedup"].notna()
+    return {
+        (r.model, r.method, r.decomposition, float(r.target), row_seed(r.seed), r.setting)
+        for r in done[complete].itertuples()
+    }
 
 
-def _row_seed(value: object) -> int | None:
-    """A CSV row's seed; None for a row of a file written before rows had seeds (never taken as done)."""
-    return None if pd.isna(value) else int(value)
-
-
-def _values(sub: pd.DataFrame, col: str) -> str:
-    """The distinct values of ``col`` (as integers) in ``sub``, or ``?`` for rows of a file without it."""
-    vals = sorted({int(v) for v in sub[col].dropna()})
-    return "/".join(map(str, vals)) if vals else "?"
-
-
-def _counts(df: pd.DataFrame) -> str:
-    """How the rows of ``df`` (one input size) were timed, per setting, from the rows themselves."""
-    parts = []
-    for setting, sub in df.groupby("setting", sort=False):
-        parts.append(
-            f"`{setting}` {_values(sub, 'iters')} forwards after {_values(sub, 'warmup')} warm-up, "
-            f"{_values(sub, 'rounds')} rounds"
-        )
-    return "; ".join(parts)
-
-
-def _markdown(bench: Bench, df: pd.DataFrame, argv: Sequence[str]) -> str:
-    """The Markdown report of the whole CSV: machine, versions, commands, load, then one table per input size."""
-    commands = list(dict.fromkeys(str(c) for c in df["command"].dropna())) if len(df) else []
-    if not commands or df["command"].isna().any():
-        commands.append(
-            f"python benchmarks/latency.py {' '.join(argv)}" + (" (rows of earlier runs)" if commands else "")
-        )
-    ort_versions = sorted({str(v) for v in df["onnxruntime"].dropna()}) if len(df) else []
-    torch_versions = sorted({str(v) for v in df["torch"].dropna()}) if len(df) else [torch.__version__]
-    dates = sorted(str(d)[:10] for d in df["date"].dropna()) if len(df) else []
-    when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "no rows yet"
-    load = df["load1"].dropna() if len(df) else pd.Series(dtype=float)
-    cores = os.cpu_count() or 1
-    load_txt = ""
-    if len(load):
-        load_txt = f"1-min load average while the rows were timed (`load1`): {load.min():.1f} to {load.max():.1f} on {cores} cores"
-        if load.max() > cores:
-            load_txt += (
-                " — above the core count other jobs shared the cores: **these timings are under contention** (the "
-                "interleaved rounds keep the ratios fair against drift, absolute ms are inflated and noisier)"
-            )
-        load_txt += ". "
-    header = (
-        f"# {bench.device.upper()} latency vs dense\n\n"
-        + "".join(f"`{c}`\n" if len(commands) == 1 else f"- `{c}`\n" for c in commands)
-        + f"\non {bench.device_name}, torch {', '.join(torch_versions)}"
-        + (f", onnxruntime {', '.join(ort_versions)}" if ort_versions else "")
-        + f", {when}. {load_txt}Each row times dense, factorized and deployed in alternation, in rounds "
-        "(ms: median over rounds of the per-round medians; speed-up: median of the per-round ratios, so that "
-        "machine drift cancels); the forward counts are given per table. Memory format and deployment are chosen "
-        "by separate timings first. *factorized*: the "
-        "compressed model's chains of factor convs as they are; *deployed*: each factorized layer in the "
-        "partition of merged adjacent factor convs that ran fastest here (exact: the same function), or the "
-        "model as factorized when that was faster as a whole (`forms` = as factorized); "
-        "`forms` counts layers per partition, e.g. `(1, 1, 1, 1)` = HT-2 as four convs, `(4,)` = merged "
-        "back to one dense conv. *deployed MACs ×*: conv-MAC reduction of what actually runs.\n\n"
-    )
-    if any("OMP_WAIT_POLICY=PASSIVE" in c for c in commands):
-        header += (
-            "`OMP_WAIT_POLICY=PASSIVE` (ONNX Runtime's intra-op spinning off to match): idle threads sleep "
-            "instead of spinning. On cores shared with other jobs a spinning thread takes the time slice its "
-            "partner waits for; here that made 2-thread PyTorch forwards 30–100× slower at batch 1.\n\n"
-        )
-    has_ort = len(df) > 0 and df["ort_speedup"].notna().any()
-    if has_ort:
-        header += (
-            "*ort_*: the same dense, factorized and deployed models exported to ONNX (`common.deploy.export.export_onnx`: "
-            "torch's dynamo exporter at its default opset, dynamic batch, `onnx.checker` passed, ONNX Runtime's "
-            "output within 1e-4 of PyTorch eager relative to the output's scale: `ort_max_rel_error` in the CSV) "
-            f"and run by ONNX Runtime's CPU provider with {bench.threads} intra-op threads and all graph "
-            "optimizations, timed in their own interleaved rounds with the same counts. ORT runs NCHW, so its "
-            "deployment is the partition that ran fastest in PyTorch in the contiguous format at that batch "
-            "(`ort_forms` in the CSV). *speedup_best*: the dense model in its faster runtime over the fastest "
-            "compressed form in either runtime.\n\n"
-        )
-    has_compile = len(df) > 0 and df["compile_speedup"].notna().any()
-    if has_compile:
-        modes = ", ".join(sorted({str(m) for m in df["compile_mode"].dropna()}))
-        header += (
-            f"*compile_*: the dense and the deployed model compiled by `torch.compile` (inductor, mode {modes}, "
-            "static shapes, no graph breaks; `common.deploy.latency.compile_for_inference`) in the memory format and "
-            "partition chosen in eager mode, compiled before timing and timed in their own interleaved rounds"
-            + (" without our CUDA-graph capture" if bench.device == "cuda" else "")
-            + ".\n\n"
-        )
-    columns = [*KEY, *MD_FLOATS]
-    if has_ort:
-        columns += [*ORT_MD_FLOATS]
-    if has_compile:
-        columns += [*COMPILE_MD_FLOATS]
-    if has_ort or has_compile:
-        columns += ["speedup_best"]
-    columns += ["channels_last", "forms", "load1"]
-    if len(df):
-        df = df.copy()
-        best_dense = df[["dense_ms", "ort_dense_ms", "compile_dense_ms"]].min(axis=1)
-        best_comp = df[
-            ["factorized_ms", "deployed_ms", "ort_factorized_ms", "ort_deployed_ms", "compile_deployed_ms"]
-        ].min(axis=1)
-        df["speedup_best"] = best_dense / best_comp
-    cuda = (
-        "CUDA rows: `latency_cuda.md`."
-        if torch.cuda.is_available()
-        else "CUDA at 224×224: not measured: no GPU on this machine."
-    )
-    parts = [header]
-    for size, title in ((32, "## 32×32"), (224, "## 224×224: ImageNet architectures")):
-        sub = df[df["input_size"] == size] if len(df) else df
-        sub = sub.sort_values(["model", "method", "decomposition", "target", "seed", "batch"], kind="stable")
-        if not len(sub):
-            if size == 224:
-                parts.append(f"{title}\n\nNot measured (`--imagenet`). {cuda}\n\n")
-            continue
-        note = f"Weights: {', '.join(sorted(set(sub['weights'].dropna())))}. " + _counts(sub) + "."
-        if size == 32:
-            note = "The plans of the run documents (`--json`). " + note
-        else:
-            note = (
-                "Seeded random weights (no ImageNet checkpoint is used: latency does not depend on the values), "
-                f"{', '.join(sorted(set(sub['method'])))} plans at the same conv-MAC targets built from those "
-                "weights' spectra by the data-free rules (`common.search.rules`, finished onto the budget like the "
-                "searcher's): speed rows; the energy ranks are not those of a trained model. "
-                f"{note} {cuda}"
-            )
-        parts += [f"{title}\n\n{note}\n\n", markdown_table(sub, columns, MD_FORMATS), "\n"]
-    return "".join(parts)
+def _run(a: argparse.Namespace, argv: Sequence[str], onnx_dir: Path) -> pd.DataFrame:
+    """Time what ``a`` asks for that the CSV lacks, then rewrite the Markdown report; the whole table."""
+    # OpenMP's wait policy changes timings on shared cores by orders of magnitude: part of the command
+    wait = os.environ.get("OMP_WAIT_POLICY")
+    command = (f"OMP_WAIT_POLICY={wait} " if wait else "") + f"python benchmarks/latency.py {' '.join(argv)}"
+    bench = Bench.from_args(a, onnx_dir, command)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / f"latency_{bench.device}.csv"
+    done_keys = _done_keys(bench, csv)
+    if Path(a.json).is_dir() or not a.imagenet:
+        for run in load_runs(a.json):
+            if bench.out_of_time():
+                break
+            _time_run(bench, run, a, csv, done_keys)
+    if a.imagenet and not bench.out_of_time():
+        _time_imagenet(bench, a, csv, done_keys)
+    if bench.out_of_time():
+        print("time box reached; re-run the same command to continue", flush=True)
+    df = read_table(csv)
+    if csv.is_file() and len(df) != len(pd.read_csv(csv)):
+        df.to_csv(csv, index=False)  # rows measured again replace the older ones
+    report = markdown_report(df, argv, bench.device, bench.device_name, bench.threads)
+    (out / f"latency_{bench.device}.md").write_text(report)
+    return df
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
@@ -759,38 +405,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
         tmp = tempfile.mkdtemp(prefix="latency-onnx-")
         onnx_dir = Path(tmp)
     try:
-        # OpenMP's wait policy changes timings on shared cores by orders of magnitude: part of the command
-        wait = os.environ.get("OMP_WAIT_POLICY")
-        command = (f"OMP_WAIT_POLICY={wait} " if wait else "") + f"python benchmarks/latency.py {' '.join(argv)}"
-        bench = Bench.from_args(a, onnx_dir, command)
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        csv = out / f"latency_{bench.device}.csv"
-        done = _read_csv(csv)
-        if csv.is_file() and list(pd.read_csv(csv, nrows=0).columns) != ROW_COLUMNS:
-            done.to_csv(csv, index=False)  # an older file: widened once, so appended rows line up
-        # while ONNX Runtime is on, a row without its timings is not done (it is measured again)
-        complete = done["ort_speedup"].notna() if bench.ort else pd.Series(True, index=done.index)
-        if bench.compile:  # likewise a row without the torch.compile timings while --compile is on
-            complete &= done["compile_speedup"].notna()
-        done_keys = {
-            (r.model, r.method, r.decomposition, float(r.target), _row_seed(r.seed), r.setting)
-            for r in done[complete].itertuples()
-        }
-        if Path(a.json).is_dir() or not a.imagenet:
-            for run in load_runs(a.json):
-                if bench.out_of_time():
-                    break
-                _time_run(bench, run, a, csv, done_keys)
-        if a.imagenet and not bench.out_of_time():
-            _time_imagenet(bench, a, csv, done_keys)
-        if bench.out_of_time():
-            print("time box reached; re-run the same command to continue", flush=True)
-        df = _read_csv(csv)
-        if csv.is_file() and len(df) != len(pd.read_csv(csv)):
-            df.to_csv(csv, index=False)  # rows measured again replace the older ones
-        (out / f"latency_{bench.device}.md").write_text(_markdown(bench, df, argv))
-        return df
+        return _run(a, argv, onnx_dir)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ Example::
 
 Writes ``<out>/<model>-<dataset>.pt`` (a ``state_dict``, fp32 or ``--fp16``) and
 ``<out>/<model>-<dataset>.json`` (val/test accuracy, the recipe, sha256 of the .pt, versions, seed,
-date, parameter count), both atomically (temp file + ``os.replace``).
+date, parameter count), both atomically (:func:`common.files.atomic_write`).
 
 Recipe: SGD (nesterov, momentum 0.9) with OneCycleLR stepped per batch, cross-entropy with optional
 label smoothing, random crop from 4-px reflect padding (+ horizontal flip except on digits, where
@@ -30,8 +30,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,11 +39,13 @@ import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before to
 # isort: split
 import torch
 import torchvision
+from torch import nn
 
 from common.data.datasets import DATASET_NAMES, load_dataset
 from common.data.loader import calibration_loader, make_loader
 from common.data.memory import atomic_torch_save
 from common.device import resolve_device
+from common.files import atomic_write
 from common.models import MODEL_NAMES, build_model, count_params, load_checkpoint
 from common.paths import REPO
 from common.train.bn import bn_recalibrate
@@ -112,20 +112,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -134,22 +120,23 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
-    """Train, evaluate and save one baseline; return the sidecar dict (also written as JSON)."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def recipe_values(args: argparse.Namespace) -> dict:
+    """The recipe's settings: each option given, else the dataset's default (:data:`DEFAULTS`)."""
     defaults = DEFAULTS[args.dataset]
-    epochs = args.epochs if args.epochs is not None else defaults["epochs"]
-    batch_size = args.batch_size if args.batch_size is not None else defaults["batch_size"]
-    lr = args.lr if args.lr is not None else defaults["lr"]
-    weight_decay = args.weight_decay if args.weight_decay is not None else defaults["weight_decay"]
-    recal = args.bn_recalibrate if args.bn_recalibrate is not None else defaults["bn_recalibrate"]
-    hflip = defaults["hflip"] if args.hflip == "auto" else args.hflip == "on"
-    device = resolve_device(args.device)
+    return {
+        "epochs": args.epochs if args.epochs is not None else defaults["epochs"],
+        "batch_size": args.batch_size if args.batch_size is not None else defaults["batch_size"],
+        "lr": args.lr if args.lr is not None else defaults["lr"],
+        "weight_decay": args.weight_decay if args.weight_decay is not None else defaults["weight_decay"],
+        "bn_recalibrate": args.bn_recalibrate if args.bn_recalibrate is not None else defaults["bn_recalibrate"],
+        "hflip": defaults["hflip"] if args.hflip == "auto" else args.hflip == "on",
+    }
 
-    t0 = time.perf_counter()
-    data = load_dataset(args.dataset, root=args.data_root)
+
+def train(args: argparse.Namespace, values: dict, data, device: torch.device) -> tuple[nn.Module, list]:
+    """A model trained from scratch (or ``--init-weights``) on ``data`` (the loaded dataset) with the recipe
+    ``values`` (:func:`recipe_values`), its BN statistics set exactly after the last step when
+    ``values["bn_recalibrate"]``; and its history."""
     torch.manual_seed(args.seed)  # weight init
     model = build_model(args.model, num_classes=data.num_classes)
     if args.init_weights:
@@ -157,11 +144,11 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
     history = finetune(
         model,
         data,
-        epochs,
-        batch_size=batch_size,
-        lr=lr,
+        values["epochs"],
+        batch_size=values["batch_size"],
+        lr=values["lr"],
         optimizer="sgd",
-        weight_decay=weight_decay,
+        weight_decay=values["weight_decay"],
         schedule="onecycle",
         label_smoothing=args.label_smoothing,
         max_images=args.max_images,
@@ -169,39 +156,31 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         seed=args.seed,
         pct_start=args.pct_start,
         augment=not args.no_augment,
-        hflip=hflip,
+        hflip=values["hflip"],
         eval_every_epoch=False,
         progress=False if args.no_progress else f"train baseline {args.model}",
         distributed=False,  # one process; under torchrun an experiment trains its missing baseline on rank 0
     )
     model.to(memory_format=torch.contiguous_format)
-    if recal > 0:
-        bn_recalibrate(model, calibration_loader(data, recal, args.seed, device=device), device)
-    results = {
-        split: evaluate(model, make_loader(data, split, 256, device=device), device) for split in ("val", "test")
-    }
-    train_seconds = time.perf_counter() - t0
+    if values["bn_recalibrate"] > 0:
+        bn_recalibrate(model, calibration_loader(data, values["bn_recalibrate"], args.seed, device=device), device)
+    return model, history
 
-    out = Path(args.out)
-    stem = f"{args.model}-{args.dataset}"
-    pt_path = out / f"{stem}.pt"
+
+def save_state(model: nn.Module, path: Path, fp16: bool) -> None:
+    """The model's ``state_dict`` on the CPU (in float16 with ``fp16``), saved atomically to ``path``."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if args.fp16:
+    if fp16:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    atomic_torch_save(state, pt_path)
+    atomic_torch_save(state, path)
 
+
+def sidecar_dict(args: argparse.Namespace, values: dict, model: nn.Module, data, pt_path: Path, results: dict) -> dict:
+    """The JSON sidecar's content but the history, seconds, device, versions and date (see :func:`main`):
+    the saved file, the accuracies of ``results`` (per split), and the recipe (``values``: :func:`recipe_values`)."""
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    recipe.update(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        bn_recalibrate=recal,
-        hflip=hflip,
-        optimizer="sgd nesterov 0.9",
-        schedule="onecycle",
-    )
-    sidecar = {
+    recipe.update(**values, optimizer="sgd nesterov 0.9", schedule="onecycle")
+    return {
         "model": args.model,
         "dataset": args.dataset,
         "data_source": data.source,
@@ -215,6 +194,31 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         "loss": {s: r["loss"] for s, r in results.items()},
         "n": {s: r["n"] for s, r in results.items()},
         "recipe": recipe,
+    }
+
+
+def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
+    """Train, evaluate and save one baseline; return the sidecar dict (also written as JSON)."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    values = recipe_values(args)
+    device = resolve_device(args.device)
+
+    t0 = time.perf_counter()
+    data = load_dataset(args.dataset, root=args.data_root)
+    model, history = train(args, values, data, device)
+    results = {
+        split: evaluate(model, make_loader(data, split, 256, device=device), device) for split in ("val", "test")
+    }
+    train_seconds = time.perf_counter() - t0
+
+    out = Path(args.out)
+    stem = f"{args.model}-{args.dataset}"
+    pt_path = out / f"{stem}.pt"
+    save_state(model, pt_path, args.fp16)
+    sidecar = {
+        **sidecar_dict(args, values, model, data, pt_path, results),
         "history": history,
         "seed": args.seed,
         "seconds": train_seconds,
@@ -223,7 +227,8 @@ def main(argv: Sequence[str] | argparse.Namespace | None = None) -> dict:
         "torchvision": torchvision.__version__,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    _atomic_write_text(out / f"{stem}.json", json.dumps(sidecar, indent=1) + "\n")
+    text = json.dumps(sidecar, indent=1) + "\n"
+    atomic_write(out / f"{stem}.json", lambda fh: fh.write(text.encode()))
     if not args.no_progress:
         print(
             f"{stem}: val {results['val']['top1']:.4f} test {results['test']['top1']:.4f} "

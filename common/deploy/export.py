@@ -7,8 +7,9 @@ optionally after deploying its factorized layers in their fastest exact partitio
 Runtime's output (CPU provider) with PyTorch eager on a seeded random batch, so that a written file
 is a verified one. :func:`ort_latency` times an ONNX model in ONNX Runtime the way
 :func:`common.deploy.latency.measure_latency` times a PyTorch one (same summary keys), and
-:func:`ort_interleaved_latency` times several in alternating rounds like
-:func:`common.deploy.latency.interleaved_latency`.
+:func:`ort_interleaved_latency` times several in alternating rounds, both with the timing loops of
+:mod:`common.deploy.latency` (:func:`~common.deploy.latency.time_calls`,
+:func:`~common.deploy.latency.interleaved_rounds`) that time PyTorch models.
 
 Command line, from a compressed-model artifact (:mod:`common.deploy.artifacts`)::
 
@@ -26,7 +27,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.deploy.latency import summarize_times
+from common.deploy.latency import check_counts, check_rounds, interleaved_rounds, summarize_times, time_calls
 from common.deploy.merge import deploy_model
 
 __all__ = ["ExportError", "export_onnx", "ort_session", "ort_latency", "ort_interleaved_latency", "main"]
@@ -137,8 +138,7 @@ def ort_latency(
     """
     import onnxruntime as ort
 
-    if iters <= 0 or warmup < 0:
-        raise ValueError(f"need iters > 0 and warmup >= 0, got iters={iters} warmup={warmup}")
+    check_counts(warmup, iters)
     if isinstance(model, (str, os.PathLike)):
         session = ort_session(model, threads)
     else:
@@ -147,13 +147,7 @@ def ort_latency(
         if threads is not None and built not in (0, threads):
             raise ValueError(f"the session was built with {built} intra-op threads, not {threads}")
     x = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(seed)).numpy()
-    for _ in range(warmup):
-        _ort_run(session, x)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        _ort_run(session, x)
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = time_calls(_ort_run, session, x, warmup=warmup, iters=iters)
     return {
         **summarize_times(times),
         "iters": iters,
@@ -175,9 +169,9 @@ def ort_interleaved_latency(
 ) -> dict:
     """Time several ONNX Runtime sessions in alternation, ``rounds`` times each (:func:`ort_latency`).
 
-    The ONNX Runtime counterpart of :func:`common.deploy.latency.interleaved_latency`, for the same reason:
-    on a shared machine speed drifts over seconds, and a ratio taken within a round cancels drift
-    slower than a round.
+    The ONNX Runtime counterpart of :func:`common.deploy.latency.interleaved_latency`, through the same
+    :func:`common.deploy.latency.interleaved_rounds`: on a shared machine speed drifts over seconds, and a
+    ratio taken within a round cancels drift slower than a round.
 
     Args:
         sessions: ``{name: session from ort_session, or an ONNX file}``.
@@ -186,28 +180,20 @@ def ort_interleaved_latency(
         reference: the name the speed-ups are relative to.
 
     Returns:
-        ``{name: {"median_ms": median over rounds of the per-round medians, "rounds_ms": [...]}}`` and,
-        when ``reference`` names one of the sessions, ``speedup`` per other one: the median over rounds
-        of ``reference_ms / its_ms``.
+        :func:`~common.deploy.latency.interleaved_rounds`' result: per session its median and per-round
+        times (ms, each round's the median of its runs), and the speed-ups relative to ``reference``.
 
     Raises:
-        ValueError: ``rounds < 1`` or an unknown ``reference``.
+        ValueError: ``rounds < 1`` or an unknown ``reference`` (before any session is built).
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    if reference is not None and reference not in sessions:
-        raise ValueError(f"reference {reference!r} is not one of {sorted(sessions)}")
+    check_rounds(rounds, sessions, reference)
     # a file is opened once here, not once per round: building a session optimizes its graph
     live = {k: ort_session(v) if isinstance(v, (str, os.PathLike)) else v for k, v in sessions.items()}
-    per: dict[str, list[float]] = {k: [] for k in live}
-    for _ in range(rounds):
-        for name, s in live.items():
-            per[name].append(ort_latency(s, input_shape, warmup=warmup, iters=iters)["median_ms"])
-    out: dict = {k: {"median_ms": float(np.median(v)), "rounds_ms": v} for k, v in per.items()}
-    if reference is not None:
-        ref = np.asarray(per[reference])
-        out["speedup"] = {k: float(np.median(ref / np.asarray(v))) for k, v in per.items() if k != reference}
-    return out
+
+    def timer(session) -> Callable[[], float]:
+        return lambda: ort_latency(session, input_shape, warmup=warmup, iters=iters)["median_ms"]
+
+    return interleaved_rounds({name: timer(s) for name, s in live.items()}, rounds, reference)
 
 
 def export_onnx(
@@ -256,7 +242,7 @@ def export_onnx(
             differs by more than ``rtol``; the message names the file and the error, and the file is
             removed so that no unverified file is left at ``out``.
     """
-    import onnx
+    import onnx  # noqa: F401  (first: without it, fail before any work)
 
     out = Path(out)
     shape = tuple(int(s) for s in input_shape)
@@ -267,59 +253,100 @@ def export_onnx(
     on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
     src = model.eval() if on_cpu else copy.deepcopy(model).cpu().eval()  # the caller's model stays put
     try:
-        deployment = None
-        exported = src
-        if deployed:
-            options = {"choose": "latency", "device": "cpu", **(deploy_options or {})}
-            exported, report = deploy_model(src, shape, **options)
-            exported = exported.float().cpu().eval()
-            deployment = [r.to_dict() for r in report]
-        # The example batch is at least 2: torch.export specializes sizes 0 and 1, which would pin it.
-        example = torch.randn((max(2, shape[0]), *shape[1:]), generator=torch.Generator().manual_seed(seed))
+        exported, deployment = _deployed(src, shape, deploy_options) if deployed else (src, None)
         external = _param_bytes(exported) > _EXTERNAL_DATA_BYTES
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove(out)  # a stale side file would otherwise be taken for this export's
-        try:
-            torch.onnx.export(
-                exported,
-                (example,),
-                str(out),
-                dynamo=True,
-                opset_version=opset,
-                input_names=["input"],
-                output_names=["output"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                external_data=external,
-                verbose=False,
-            )
-        except Exception as err:
-            _remove(out)
-            raise ExportError(f"{out}: torch.onnx.export failed: {type(err).__name__}: {err}") from err
-        if metadata:
-            _set_metadata(out, metadata)
-        try:
-            onnx.checker.check_model(str(out), full_check=True)  # by path: works past 2 GiB too
-        except Exception as err:
-            _remove(out)
-            raise ExportError(f"{out}: onnx.checker rejected the exported model (file removed): {err}") from err
-        err_rel = None
-        if verify:
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
-            with torch.inference_mode():
-                ref = src(x).float().numpy()  # the model as given: checks the deployment's exactness too
-            got = _ort_run(ort_session(out), x.numpy())
-            if got.shape != ref.shape:
-                _remove(out)
-                raise ExportError(f"{out}: ONNX Runtime output shape {got.shape} != PyTorch {ref.shape} (file removed)")
-            err_rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-30))
-            if not err_rel <= rtol:  # `not <=` also catches NaN
-                _remove(out)
-                raise ExportError(
-                    f"{out}: ONNX Runtime output differs from PyTorch eager by max|diff|/max|out| = {err_rel:.3g} "
-                    f"> rtol {rtol:g} on a seeded batch of shape {shape} (file removed)"
-                )
+        _write_checked(exported, shape, out, opset=opset, seed=seed, external=external, metadata=metadata)
+        err_rel = _verify(src, out, shape, seed, rtol) if verify else None
     finally:
         model.train(was_training)
+    return _written(out, shape, external, err_rel, t0, deployment)
+
+
+def _deployed(
+    src: nn.Module, shape: tuple[int, ...], deploy_options: Mapping[str, Any] | None
+) -> tuple[nn.Module, list]:
+    """``src`` with every factorized layer in its fastest exact partition, timed on the CPU, and the
+    deployment report (:func:`common.deploy.merge.deploy_model`, ``deploy_options`` over the defaults)."""
+    options = {"choose": "latency", "device": "cpu", **(deploy_options or {})}
+    exported, report = deploy_model(src, shape, **options)
+    return exported.float().cpu().eval(), [r.to_dict() for r in report]
+
+
+def _write_checked(
+    exported: nn.Module,
+    shape: tuple[int, ...],
+    out: Path,
+    *,
+    opset: int | None,
+    seed: int,
+    external: bool,
+    metadata: Mapping[str, Any] | None,
+) -> None:
+    """Export ``exported`` to ``out`` (dynamic batch), store ``metadata`` and run ``onnx.checker`` on the file.
+
+    Raises:
+        ExportError: the exporter fails or the checker rejects the file (the file is removed).
+    """
+    import onnx
+
+    # The example batch is at least 2: torch.export specializes sizes 0 and 1, which would pin it.
+    example = torch.randn((max(2, shape[0]), *shape[1:]), generator=torch.Generator().manual_seed(seed))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove(out)  # a stale side file would otherwise be taken for this export's
+    try:
+        torch.onnx.export(
+            exported,
+            (example,),
+            str(out),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=external,
+            verbose=False,
+        )
+    except Exception as err:
+        _remove(out)
+        raise ExportError(f"{out}: torch.onnx.export failed: {type(err).__name__}: {err}") from err
+    if metadata:
+        _set_metadata(out, metadata)
+    try:
+        onnx.checker.check_model(str(out), full_check=True)  # by path: works past 2 GiB too
+    except Exception as err:
+        _remove(out)
+        raise ExportError(f"{out}: onnx.checker rejected the exported model (file removed): {err}") from err
+
+
+def _verify(src: nn.Module, out: Path, shape: tuple[int, ...], seed: int, rtol: float) -> float:
+    """``max |ort - torch| / max |torch|`` of the file ``out`` against ``src`` on a seeded batch of ``shape``.
+
+    Raises:
+        ExportError: another output shape, or a difference over ``rtol`` (the file is removed).
+    """
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.inference_mode():
+        ref = src(x).float().numpy()  # the model as given: checks the deployment's exactness too
+    got = _ort_run(ort_session(out), x.numpy())
+    if got.shape != ref.shape:
+        _remove(out)
+        raise ExportError(f"{out}: ONNX Runtime output shape {got.shape} != PyTorch {ref.shape} (file removed)")
+    err_rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+    if not err_rel <= rtol:  # `not <=` also catches NaN
+        _remove(out)
+        raise ExportError(
+            f"{out}: ONNX Runtime output differs from PyTorch eager by max|diff|/max|out| = {err_rel:.3g} "
+            f"> rtol {rtol:g} on a seeded batch of shape {shape} (file removed)"
+        )
+    return err_rel
+
+
+def _written(
+    out: Path, shape: tuple[int, ...], external: bool, err_rel: float | None, t0: float, deployment: list | None
+) -> dict:
+    """:func:`export_onnx`'s report of the written file (``t0``: when the export started)."""
+    import onnx
+
     written = onnx.load(str(out), load_external_data=False)
     dim0 = written.graph.input[0].type.tensor_type.shape.dim[0]
     return {

@@ -4,6 +4,10 @@ CPU timings use ``time.perf_counter`` around each forward with a fixed thread co
 afterwards). CUDA timings use CUDA events, optionally replaying a captured CUDA graph with a static
 input so that kernel-launch overhead is excluded. Warm-up iterations are never timed.
 
+:func:`time_calls` (the CPU clock loop) and :func:`interleaved_rounds` (several timers in alternating
+rounds) also time ONNX Runtime sessions (:mod:`common.deploy.export`), so both runtimes are measured the
+same way.
+
 Timing a factorized model in its fastest exact deployment, the project's one way to time a model, is
 :func:`common.deploy.merge.fastest_latency` (deployment first, then these timings).
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -84,7 +88,7 @@ def measure_latency(
     x = torch.randn(input_shape, generator=g).to(device=dev, dtype=dtype, memory_format=fmt)
     with cpu_threads(threads, dev):
         if dev.type == "cpu":
-            times = _time_cpu(model, x, warmup, iters)
+            times = time_calls(model, x, warmup=warmup, iters=iters)
         else:
             times = _time_cuda(model, x, warmup, iters, cuda_graph)
     return {
@@ -99,13 +103,16 @@ def measure_latency(
     }
 
 
-def _time_cpu(model: nn.Module, x: torch.Tensor, warmup: int, iters: int) -> list[float]:
+def time_calls(fn: Callable[..., object], *args: object, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls ``fn(*args)`` (``time.perf_counter`` around each), after
+    ``warmup`` untimed ones: a model's CPU forwards here, an ONNX Runtime session's runs in
+    :func:`common.deploy.export.ort_latency`."""
     for _ in range(warmup):
-        model(x)
+        fn(*args)
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        model(x)
+        fn(*args)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -190,6 +197,51 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def check_rounds(rounds: int, names: Collection[str], reference: str | None) -> None:
+    """Every interleaved timer's argument check: at least one round, and ``reference`` (if any) one of
+    ``names``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if reference is not None and reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of {sorted(names)}")
+
+
+def interleaved_rounds(
+    timers: Mapping[str, Callable[[], float]], rounds: int = 5, reference: str | None = None
+) -> dict:
+    """Call several timers in alternation, ``rounds`` times each, for ratios robust to machine drift.
+
+    On a shared or virtualised machine the speed of the same model can drift by tens of percent
+    over seconds; timing models one after the other then turns drift into fake speed-ups. Here each
+    round calls every timer once, in the order given, and a ratio is taken within a round, so drift
+    slower than a round cancels. The one interleaving of PyTorch models (:func:`interleaved_latency`) and
+    ONNX Runtime sessions (:func:`common.deploy.export.ort_interleaved_latency`).
+
+    Args:
+        timers: ``{name: fn}``, ``fn()`` timing its model once and returning the round's time in ms.
+        rounds: how many rounds.
+        reference: the name the speed-ups are relative to.
+
+    Returns:
+        ``{name: {"median_ms": median over rounds of the per-round times, "rounds_ms": [...]}}`` and,
+        when ``reference`` names one of the timers, ``speedup`` per other one: the median over rounds
+        of ``reference_ms / its_ms``.
+
+    Raises:
+        ValueError: ``rounds < 1`` or an unknown ``reference`` (before any timing).
+    """
+    check_rounds(rounds, timers, reference)
+    per: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(rounds):
+        for name, time_once in timers.items():
+            per[name].append(time_once())
+    out: dict = {k: {"median_ms": float(np.median(v)), "rounds_ms": v} for k, v in per.items()}
+    if reference is not None:
+        ref = np.asarray(per[reference])
+        out["speedup"] = {k: float(np.median(ref / np.asarray(v))) for k, v in per.items() if k != reference}
+    return out
+
+
 def interleaved_latency(
     models: dict[str, nn.Module],
     input_shape: tuple[int, ...],
@@ -204,32 +256,21 @@ def interleaved_latency(
     iters: int = 10,
     reference: str | None = None,
 ) -> dict:
-    """Time several models in alternation, ``rounds`` times each, for ratios robust to machine drift.
-
-    On a shared or virtualised machine the speed of the same model can drift by tens of percent
-    over seconds; timing models one after the other then turns drift into fake speed-ups. Here each
-    round times every model once (``iters`` forwards after ``warmup``), and a ratio is taken within a
-    round, so drift slower than a round cancels.
+    """Time several models in alternation, ``rounds`` times each (:func:`interleaved_rounds`): each round
+    times every model once with :func:`measure_latency` (``iters`` forwards after ``warmup``).
 
     Returns:
         ``{name: {"median_ms": median over rounds of the per-round medians, "rounds_ms": [...]}}`` and,
         when ``reference`` names one of the models, ``speedup`` per other model: the median over rounds
         of ``reference_ms / model_ms``.
     """
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
     channels_last = channels_last or {}
-    per: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for name, m in models.items():
-            r = measure_latency(
-                m, input_shape, device, threads, channels_last.get(name, False), dtype, cuda_graph, warmup, iters
-            )
-            per[name].append(r["median_ms"])
-    out: dict = {k: {"median_ms": float(np.median(v)), "rounds_ms": v} for k, v in per.items()}
-    if reference is not None:
-        if reference not in models:
-            raise ValueError(f"reference {reference!r} is not one of {sorted(models)}")
-        ref = np.asarray(per[reference])
-        out["speedup"] = {k: float(np.median(ref / np.asarray(v))) for k, v in per.items() if k != reference}
-    return out
+
+    def timer(m: nn.Module, fmt: bool) -> Callable[[], float]:
+        def once() -> float:
+            return measure_latency(m, input_shape, device, threads, fmt, dtype, cuda_graph, warmup, iters)["median_ms"]
+
+        return once
+
+    timers = {name: timer(m, channels_last.get(name, False)) for name, m in models.items()}
+    return interleaved_rounds(timers, rounds, reference)

@@ -2,7 +2,8 @@
 defined (type, default, validation, help), and the command-line options generated from its fields
 (:func:`add_config_arguments`, :func:`config_parser`, :func:`config_from_args`), which
 ``python -m common.run``, ``benchmarks/run_results.py`` and the notebooks
-(``common.notebook.experiment_config``) all go through.
+(``common.notebook.experiment_config``) all go through; the benchmarks and studies take the settings
+they share with an experiment (``--threads``, ``--seed``, ...) as the same options (:func:`add_config_options`).
 """
 
 from __future__ import annotations
@@ -433,26 +434,13 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def add_config_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    exclude: Sequence[str] = (),
-    defaults: Mapping[str, Any] | None = None,
-    helps: Mapping[str, str] | None = None,
+def _add_options(
+    parser: argparse.ArgumentParser, names: Sequence[str], defaults: Mapping[str, Any], helps: Mapping[str, str]
 ) -> None:
-    """One option per :class:`ExperimentConfig` field but ``exclude``, named ``--field-name``.
-
-    Booleans are ``--name`` / ``--no-name`` switches (plus an ``off_flag`` alias where the field names one,
-    e.g. ``--quiet``); tuples are comma-separated lists; other types convert with their own type; the help
-    is the field's ``help`` metadata and its default. An option not given is absent from the parsed
-    namespace, so the field keeps its default in :func:`config_from_args`; ``defaults`` (typed values)
-    replace fields' defaults for this parser, and ``helps`` replaces whole help texts.
-    """
-    defaults, helps = dict(defaults or {}), dict(helps or {})
+    """The options of fields ``names`` (:func:`add_config_arguments`); one not given is absent from the namespace."""
     kinds = _field_kinds()
-    for f in dataclasses.fields(ExperimentConfig):
-        if f.name in exclude:
-            continue
+    for name in names:
+        f = _FIELDS[name]
         kind, many, _ = kinds[f.name]
         flag = "--" + f.name.replace("_", "-")
         shown = _show(defaults[f.name]) if f.name in defaults else f.metadata.get("shown", _show(f.default))
@@ -474,7 +462,39 @@ def add_config_arguments(
             parser.add_argument(flag, type=kind, choices=f.metadata["choices"], **kw)
         else:
             parser.add_argument(flag, type=kind, metavar=f.metadata.get("metavar", kind.__name__.upper()), **kw)
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    exclude: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    helps: Mapping[str, str] | None = None,
+) -> None:
+    """One option per :class:`ExperimentConfig` field but ``exclude``, named ``--field-name``.
+
+    Booleans are ``--name`` / ``--no-name`` switches (plus an ``off_flag`` alias where the field names one,
+    e.g. ``--quiet``); tuples are comma-separated lists; other types convert with their own type; the help
+    is the field's ``help`` metadata and its default. An option not given is absent from the parsed
+    namespace, so the field keeps its default in :func:`config_from_args`; ``defaults`` (typed values)
+    replace fields' defaults for this parser, and ``helps`` replaces whole help texts.
+    """
+    defaults, helps = dict(defaults or {}), dict(helps or {})
+    _add_options(parser, [name for name in _FIELDS if name not in exclude], defaults, helps)
     parser.set_defaults(**{k: v for k, v in defaults.items() if k not in exclude})
+
+
+def add_config_options(
+    parser: argparse.ArgumentParser, fields: Sequence[str], *, defaults: Mapping[str, Any] | None = None
+) -> None:
+    """The options of the named fields exactly as ``python -m common.run`` has them (flag, type, choices,
+    metavar, help), for a script that shares those settings; each field is in the parsed namespace, at the
+    value given, else ``defaults[field]`` (typed: the script's own default, shown in the help), else the
+    field's default. A list field holds the text given, as in the experiment CLI (:func:`field_value`
+    converts it)."""
+    defaults = dict(defaults or {})
+    _add_options(parser, fields, defaults, {})
+    parser.set_defaults(**{n: defaults.get(n, _FIELDS[n].default) for n in fields})
 
 
 def config_parser(prog: str | None = None, description: str | None = None, **options: Any) -> argparse.ArgumentParser:

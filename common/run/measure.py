@@ -18,7 +18,7 @@ from common.data.loader import make_loader
 from common.data.splits import DatasetSplits
 from common.deploy.merge import fastest_latency
 from common.run.config import ExperimentConfig
-from common.train.finetune import evaluate
+from common.train.evaluate import evaluate
 
 
 def evaluate_splits(

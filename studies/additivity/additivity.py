@@ -25,10 +25,7 @@ an error). The scores of single layers are cached, so plans that share a layer's
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +38,8 @@ import torch
 
 from common.decompose.surgery import LayerPlan, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
-from common.run.config import search_config
+from common.files import append_csv_rows, keyed_csv_rows
+from common.run.config import add_config_options, search_config
 from common.run.logs import plan_records
 from common.search.methods import model_optimum
 from common.search.searcher import build_searcher
@@ -80,7 +78,7 @@ def _optimum(searcher, policy_rec: dict, target: float, metric: str) -> tuple[di
     return plan, drop
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", required=True, help="a run log with policy rows (common.run.experiment)")
     p.add_argument("--target", type=float, default=3.0)
@@ -91,16 +89,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "--out",
         help="CSV (resumable); default <results dir>/additivity_<model>.csv for <results dir>/logs/<model>/*.log",
     )
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    log = Path(a.log)
-    recs, cfg = _config(log)
-    model_name, metric = cfg["model"], cfg.get("metric", "macs")
-    # a run_results log lives in <results dir>/logs/<model>/: the CSV goes to <results dir>
-    home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
-    out = Path(a.out) if a.out else home / f"additivity_{model_name}.csv"
-    methods = a.methods.split(",") if a.methods else None
+    add_config_options(p, ["threads"], defaults={"threads": 2})
+    return p.parse_args(argv)
+
+
+def _seeds(a: argparse.Namespace, recs: Sequence[dict], log: Path) -> list[int]:
+    """``--seeds``, else every seed the log has a policy plan for at the target."""
     seeds = (
         [int(s) for s in a.seeds.split(",")]
         if a.seeds
@@ -108,24 +102,87 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     )
     if not seeds:
         raise SystemExit(f"{log}: no policy plan at target {a.target:g}")
+    return seeds
 
-    done: dict[tuple[int, str], dict] = {}
-    if out.exists():
-        with open(out, newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh), start=2):
-                try:
-                    done[int(row["seed"]), row["plan"]] = row
-                except (KeyError, ValueError) as err:
-                    print(f"warning: {out}:{i}: unreadable row skipped ({err})", file=sys.stderr)
 
+def _seed_plans(s, recs: Sequence[dict], seed: int, a: argparse.Namespace, metric: str) -> tuple[dict, dict]:
+    """The plans of one seed to measure (the chosen ones of ``--methods``, then the model optimum) and the
+    policy model's own sum of drops for the optimum."""
+    methods = a.methods.split(",") if a.methods else None
+    plans = {m: plan_from_dict(r["plan"]) for m, r in _plans(recs, seed, a.target, methods).items()}
+    model_sums: dict[str, float] = {}
+    policy_rec = _plans(recs, seed, a.target, ["policy"]).get("policy")
+    if policy_rec is not None and "pdf" in policy_rec.get("params", {}):
+        plans[OPTIMUM], model_sums[OPTIMUM] = _optimum(s, policy_rec, a.target, metric)
+    return plans, model_sums
+
+
+def _measured(s, seed: int, name: str, plan: dict, dense: float, model_sum: float | None, alone: dict) -> dict:
+    """The CSV row of one plan: its joint loss and the sum of its layers' losses alone (``alone``: the
+    scores of single layers, a cache shared by the seed's plans)."""
+    joint = dense - s.evaluator.score(plan)
+    total = 0.0
+    for n, lp in plan.items():
+        if lp.method == "dense":
+            continue
+        if (n, lp) not in alone:
+            alone[n, lp] = dense - s.evaluator.score({n: lp})
+        total += alone[n, lp]
+    return {
+        "seed": seed,
+        "plan": name,
+        "joint": f"{joint:.6g}",
+        "sum_alone": f"{total:.6g}",
+        "ratio": f"{joint / total:.4g}" if total > 0 else "",
+        "model_sum": f"{model_sum:.6g}" if model_sum is not None else "",
+        "compressed_layers": sum(lp.method != "dense" for lp in plan.values()),
+        "plan_json": json.dumps(plan_to_dict(plan), sort_keys=True),
+    }
+
+
+def _seed_rows(
+    s, recs: Sequence[dict], seed: int, dense: float, a: argparse.Namespace, metric: str, done: dict, out: Path
+) -> list[dict]:
+    """One seed's rows (``s``: its searcher, ``dense``: its dense score): stored ones read back from ``done``
+    (their plan must be this run's), the others measured and appended to ``out`` as each is."""
+    plans, model_sums = _seed_plans(s, recs, seed, a, metric)
+    alone: dict[tuple[str, LayerPlan], float] = {}
+    seen: dict[tuple, dict] = {}
+    rows = []
+    for name, plan in plans.items():
+        if (seed, name) in done:
+            row = done[seed, name]
+            if row["plan_json"] != json.dumps(plan_to_dict(plan), sort_keys=True):
+                raise SystemExit(f"{out}: the stored row (seed {seed}, {name}) is for another plan; move the file away")
+            rows.append(row)
+            continue
+        key = plan_key(plan)
+        if key in seen:  # e.g. policy_seeded picking the energy plan: measured once
+            row = {**seen[key], "plan": name, "model_sum": model_sums.get(name, "")}
+        else:
+            row = seen[key] = _measured(s, seed, name, plan, dense, model_sums.get(name), alone)
+        append_csv_rows(out, [row], FIELDS)
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    log = Path(a.log)
+    recs, cfg = _config(log)
+    model_name, metric = cfg["model"], cfg.get("metric", "macs")
+    # a run_results log lives in <results dir>/logs/<model>/: the CSV goes to <results dir>
+    home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
+    out = Path(a.out) if a.out else home / f"additivity_{model_name}.csv"
+    seeds = _seeds(a, recs, log)
+    done = keyed_csv_rows(out, lambda row: (int(row["seed"]), row["plan"]))
     model, data = logged_inputs(cfg, a.data_root, a.checkpoint)
     search_cfg = search_config(cfg)
     print(
         f"# {model_name} x{a.target:g}, {cfg['proxy']} on {cfg['calib_images']} train images; {cpu_name()}, {a.threads} threads"
     )
-
     rows, spectra = [], None
-    new_file = not out.exists()
     for seed in seeds:
         t0 = time.perf_counter()
         s = build_searcher(
@@ -140,56 +197,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             channels_last=True,
         )
         spectra = s.spectra
-        alone: dict[tuple[str, LayerPlan], float] = {}
         dense = checked_dense_score(s, recs, seed)
-        plans = {m: plan_from_dict(r["plan"]) for m, r in _plans(recs, seed, a.target, methods).items()}
-        model_sums: dict[str, float] = {}
-        policy_rec = _plans(recs, seed, a.target, ["policy"]).get("policy")
-        if policy_rec is not None and "pdf" in policy_rec.get("params", {}):
-            plans[OPTIMUM], model_sums[OPTIMUM] = _optimum(s, policy_rec, a.target, metric)
-        seen: dict[tuple, dict] = {}
-        for name, plan in plans.items():
-            plan_json = json.dumps(plan_to_dict(plan), sort_keys=True)
-            if (seed, name) in done:
-                row = done[seed, name]
-                if row["plan_json"] != plan_json:
-                    raise SystemExit(
-                        f"{out}: the stored row (seed {seed}, {name}) is for another plan; move the file away"
-                    )
-                rows.append(row)
-                continue
-            key = plan_key(plan)
-            if key in seen:  # e.g. policy_seeded picking the energy plan: measured once
-                row = {**seen[key], "plan": name, "model_sum": model_sums.get(name, "")}
-            else:
-                joint = dense - s.evaluator.score(plan)
-                total = 0.0
-                for n, lp in plan.items():
-                    if lp.method == "dense":
-                        continue
-                    if (n, lp) not in alone:
-                        alone[n, lp] = dense - s.evaluator.score({n: lp})
-                    total += alone[n, lp]
-                row = {
-                    "seed": seed,
-                    "plan": name,
-                    "joint": f"{joint:.6g}",
-                    "sum_alone": f"{total:.6g}",
-                    "ratio": f"{joint / total:.4g}" if total > 0 else "",
-                    "model_sum": f"{model_sums[name]:.6g}" if name in model_sums else "",
-                    "compressed_layers": sum(lp.method != "dense" for lp in plan.values()),
-                    "plan_json": plan_json,
-                }
-                seen[key] = row
-            with open(out, "a", newline="") as fh:
-                w = csv.DictWriter(fh, FIELDS)
-                if new_file:
-                    w.writeheader()
-                    new_file = False
-                w.writerow(row)
-                fh.flush()
-                os.fsync(fh.fileno())
-            rows.append(row)
+        rows += _seed_rows(s, recs, seed, dense, a, metric, done, out)
         _print_table(
             [r for r in rows if int(r["seed"]) == seed],
             f"seed {seed} (dense score {dense:.5g}, {time.perf_counter() - t0:.0f} s)",

@@ -53,7 +53,7 @@ from common.analysis import (
 from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.deploy.latency import cpu_name
 from common.files import atomic_write
-from common.run.config import config_from_args
+from common.run.config import add_config_options, config_from_args
 from common.run.finetune_stage import finetune_best
 from common.run.jsonvalues import values_equal
 from common.run.logs import (
@@ -229,7 +229,7 @@ class _Remeasure:
         )
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", required=True, help="a run log with plan and final records (common.run.experiment)")
     p.add_argument("--target", type=float, default=3.0)
@@ -239,8 +239,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--out", help="the hits log (resumable); default <results dir>/image_hits_<model>.log")
     p.add_argument("--csv", help="the margins; default <results dir>/image_margins_<model>.csv")
     p.add_argument("--stage", default="bn", choices=("bn", "ft"), help="after BN recalibration or finetuning")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
+    add_config_options(p, ["threads"], defaults={"threads": 2})
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    a = parse_args(argv)
     torch.set_num_threads(a.threads)
     log = Path(a.log)
     records, cfg = logged_run(log)

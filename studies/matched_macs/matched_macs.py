@@ -36,12 +36,11 @@ stored row for another plan or setting is an error naming it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import common  # noqa: F401  (first: importing it sets OMP_WAIT_POLICY before torch loads OpenMP)
@@ -54,7 +53,8 @@ from common.analysis import POLICY_METHODS, rival_margins
 from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
-from common.run.config import search_config
+from common.files import append_csv_rows, keyed_csv_rows
+from common.run.config import add_config_options, search_config
 from common.run.logs import RunLog, final_records, plan_records
 from common.run.measure import evaluate_splits
 from common.search.pick import pick
@@ -102,30 +102,6 @@ def _candidates(records: Sequence[dict], method: str, seed: int, target: float) 
         and float(r["target"]) == target
     }
     return [latest[i] for i in sorted(latest)]
-
-
-def _read_done(out: Path) -> dict[tuple[str, int, float, str], dict]:
-    done: dict[tuple[str, int, float, str], dict] = {}
-    if not out.exists():
-        return done
-    with open(out, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                done[row["method"], int(row["seed"]), float(row["target"]), row["match"]] = row
-            except (KeyError, TypeError, ValueError) as err:
-                print(f"warning: {out}:{i}: unreadable row skipped ({err})", file=sys.stderr)
-    return done
-
-
-def _append(out: Path, row: dict) -> None:
-    new = not out.exists()
-    with open(out, "a", newline="") as fh:
-        w = csv.DictWriter(fh, FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 MEASURED = ("rerank", "rescore")
@@ -240,7 +216,7 @@ def margins_table(rows: Sequence[dict]) -> pd.DataFrame:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--log", required=True, help="a run log with plan and final records (common.run.experiment)")
     p.add_argument("--target", type=float, default=3.0)
@@ -251,19 +227,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--reevaluate-all", action="store_true", help="also evaluate plans already within --tol")
     add_logged_input_args(p)
     p.add_argument("--out", help="CSV (resumable); default <results dir>/matched_macs_<model>.csv")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    log = Path(a.log)
-    records, cfg = logged_run(log)
-    band = search_config(cfg).tol
-    if not 0 < a.tol < band:
-        raise SystemExit(f"--tol {a.tol}: must be in (0, {band}), tighter than the run's band (budget_tol)")
-    model_name, metric = cfg["model"], cfg.get("metric", "macs")
-    home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
-    out = Path(a.out) if a.out else home / f"matched_macs_{model_name}.csv"
-    finals = {(m, s): r for (m, s, t), r in final_records(records).items() if t == a.target}
-    plans = plan_records(records)
+    add_config_options(p, ["threads"], defaults={"threads": 2})
+    return p.parse_args(argv)
+
+
+def _wanted(a: argparse.Namespace, log: Path, finals: dict, plans: dict) -> list[tuple[str, int]]:
+    """The (method, seed) of every HT-2 final with a plan at ``--target`` that ``--methods`` and ``--seeds``
+    select."""
     methods = a.methods.split(",") if a.methods else None
     seeds = {int(s) for s in a.seeds.split(",")} if a.seeds else None
     wanted = [
@@ -273,8 +243,30 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ]
     if not wanted:
         raise SystemExit(f"{log}: no HT-2 final with a plan at target {a.target:g} for these methods and seeds")
-    done = _read_done(out)
+    return wanted
 
+
+@dataclass
+class _Replay:
+    """What every plan's match reads: the options, the run's records and its inputs rebuilt here."""
+
+    a: argparse.Namespace
+    log: Path
+    out: Path
+    records: Sequence[dict]
+    model_name: str
+    metric: str
+    model: torch.nn.Module
+    data: DatasetSplits
+    spectra: SpectraCache
+    space: SearchSpace
+    searchers: _Searchers
+    calib: int  # BN-calibration images of each final model
+
+
+def _replay(a: argparse.Namespace, log: Path, out: Path, records: Sequence[dict], cfg: dict) -> _Replay:
+    """The run's inputs rebuilt from its ``config`` record (model, data, spectra, search space, searchers);
+    ``out``: the CSV (the searchers' measurements are kept beside it)."""
     model, data = logged_inputs(cfg, a.data_root, a.checkpoint)
     space = SearchSpace(
         list_conv_layers(model, (1, 3, data.image_size, data.image_size)), "ht2", multiple=cfg.get("rank_multiple", 8)
@@ -282,83 +274,119 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     spectra = SpectraCache(model)
     searchers = _Searchers(model, data, cfg, records, spectra, out.with_name(out.stem + ".measured.log"))
     calib = int(cfg.get("final_calib_images", 4096))
-    device = torch.device("cpu")
+    metric = cfg.get("metric", "macs")
+    return _Replay(a, log, out, records, cfg["model"], metric, model, data, spectra, space, searchers, calib)
+
+
+def _match(r: _Replay, method: str, seed: int, plan: dict[str, LayerPlan], factor: float) -> tuple:
+    """``plan`` (at ``factor``) within ``--tol`` of the target: ``(plan, steps, pick index, how)``, ``how`` one
+    of ``within`` (kept), ``reselected`` (the search's own pick among its candidates in the band) or
+    ``moved`` (:func:`common.search.space.repair_plan`)."""
+    a = r.a
+    if abs(factor / a.target - 1) <= a.tol:
+        return plan, 0, "", "within"
+    cands = _candidates(r.records, method, seed, a.target)
+    picked = None
+    if a.match == "reselect" and len(cands) > 1:
+        picked = _reselect(r.searchers(seed), cands, method, a.target, a.tol)
+        if picked is None:
+            print(f"warning: {method} seed {seed}: no candidate within {a.tol:.1%}; moved", file=sys.stderr)
+    if picked is not None:
+        return picked[0], 0, picked[1], "reselected"
+    matched, steps = repair_plan(r.space, plan, a.target, r.metric, a.tol)
+    return matched, steps, "", "moved"
+
+
+def _stored(r: _Replay, done: dict, method: str, seed: int, plan_json: str) -> dict | None:
+    """The stored row of (method, seed) to keep, if any; raises if it is another plan's or tolerance's."""
+    a = r.a
+    stored = done.get((method, seed, a.target, a.match))
+    if stored is None:
+        return None
+    if stored["plan_json"] != plan_json or float(stored["tol"]) != a.tol:
+        raise SystemExit(f"{r.out}: the stored row ({method}, seed {seed}, {a.match}) is for another plan or --tol")
+    return None if a.reevaluate_all and stored["reevaluated"] != "True" else stored
+
+
+def _plan_row(r: _Replay, method: str, seed: int, final: dict, plan: dict[str, LayerPlan], done: dict) -> dict:
+    """The row of one (method, seed): the stored one when it is this plan's, else the plan matched to the band
+    and evaluated as the run evaluated its finals, appended to the CSV and printed."""
+    a = r.a
+    logged_factor = r.space.factor(plan, r.metric)
+    if abs(logged_factor / float(final["macs_factor"]) - 1) > 1e-6:
+        raise SystemExit(
+            f"{r.log}: {method} seed {seed}: the rebuilt space gives factor {logged_factor:.4f}, "
+            f"the final record {float(final['macs_factor']):.4f}; not the run's layers"
+        )
+    t0 = time.perf_counter()
+    matched, steps, index, how = _match(r, method, seed, plan, logged_factor)
+    factor = r.space.factor(matched, r.metric)
+    plan_json = json.dumps(plan_to_dict(matched), sort_keys=True)
+    stored = _stored(r, done, method, seed, plan_json)
+    if stored is not None:
+        return stored
+    if abs(factor / a.target - 1) > a.tol:
+        print(f"warning: {method} seed {seed}: the repair stopped at x{factor:.4f}", file=sys.stderr)
+    reevaluate = how != "within" or a.reevaluate_all
+    if reevaluate:
+        device = torch.device("cpu")
+        comp = final_model(r.model, matched, r.spectra, r.data, r.calib, seed, device)
+        acc = evaluate_splits(comp, r.data, device, splits=("test",))["test"]["top1"]
+    else:
+        acc = float(final["test_top1_bn"])
+    row = {
+        "run_id": final.get("run_id", ""),
+        "model": r.model_name,
+        "method": method,
+        "seed": seed,
+        "target": a.target,
+        "tol": a.tol,
+        "match": a.match,
+        "how": how,
+        "factor_logged": f"{logged_factor:.6f}",
+        "factor_matched": f"{factor:.6f}",
+        "steps": steps,
+        "pick_index": index,
+        "test_top1_logged": f"{float(final['test_top1_bn']):.6f}",
+        "test_top1_matched": f"{acc:.6f}",
+        "reevaluated": str(reevaluate),
+        "calib_images": r.calib,
+        "seconds": f"{time.perf_counter() - t0:.1f}",
+        "plan_json": plan_json,
+    }
+    append_csv_rows(r.out, [row], FIELDS)
+    what = {"within": "within tol: logged", "moved": f"{steps} moves", "reselected": f"candidate #{index}"}[how]
     print(
-        f"# {model_name} x{a.target:g}: plans outside {a.tol:.1%} of the target chosen again ({a.match}); "
+        f"{method:<14s} seed {seed}: x{logged_factor:.3f} -> x{factor:.3f} ({what}), test "
+        f"{100 * float(row['test_top1_logged']):.2f} -> {100 * acc:.2f} %",
+        flush=True,
+    )
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    log = Path(a.log)
+    records, cfg = logged_run(log)
+    band = search_config(cfg).tol
+    if not 0 < a.tol < band:
+        raise SystemExit(f"--tol {a.tol}: must be in (0, {band}), tighter than the run's band (budget_tol)")
+    finals = {(m, s): r for (m, s, t), r in final_records(records).items() if t == a.target}
+    plans = plan_records(records)
+    wanted = _wanted(a, log, finals, plans)
+    home = log.parents[2] if log.parent.parent.name == "logs" else log.parent
+    out = Path(a.out) if a.out else home / f"matched_macs_{cfg['model']}.csv"
+    done = keyed_csv_rows(out, lambda row: (row["method"], int(row["seed"]), float(row["target"]), row["match"]))
+    r = _replay(a, log, out, records, cfg)
+    print(
+        f"# {r.model_name} x{a.target:g}: plans outside {a.tol:.1%} of the target chosen again ({a.match}); "
         f"{cpu_name()}, {a.threads} threads"
     )
-
     rows = []
     for method, seed in wanted:
         final, prec = finals[method, seed], plans[method, seed, a.target]
-        plan = plan_from_dict(prec["plan"])
-        logged_factor = space.factor(plan, metric)
-        if abs(logged_factor / float(final["macs_factor"]) - 1) > 1e-6:
-            raise SystemExit(
-                f"{log}: {method} seed {seed}: the rebuilt space gives factor {logged_factor:.4f}, "
-                f"the final record {float(final['macs_factor']):.4f}; not the run's layers"
-            )
-        t0 = time.perf_counter()
-        steps, index, how = 0, "", "within"
-        matched = plan
-        if abs(logged_factor / a.target - 1) > a.tol:
-            cands = _candidates(records, method, seed, a.target)
-            picked = None
-            if a.match == "reselect" and len(cands) > 1:
-                picked = _reselect(searchers(seed), cands, method, a.target, a.tol)
-                if picked is None:
-                    print(f"warning: {method} seed {seed}: no candidate within {a.tol:.1%}; moved", file=sys.stderr)
-            if picked is not None:
-                (matched, index), how = picked, "reselected"
-            else:
-                (matched, steps), how = repair_plan(space, plan, a.target, metric, a.tol), "moved"
-        factor = space.factor(matched, metric)
-        plan_json = json.dumps(plan_to_dict(matched), sort_keys=True)
-        stored = done.get((method, seed, a.target, a.match))
-        if stored is not None:
-            if stored["plan_json"] != plan_json or float(stored["tol"]) != a.tol:
-                raise SystemExit(
-                    f"{out}: the stored row ({method}, seed {seed}, {a.match}) is for another plan or --tol"
-                )
-            if not (a.reevaluate_all and stored["reevaluated"] != "True"):
-                rows.append(stored)
-                continue
-        if abs(factor / a.target - 1) > a.tol:
-            print(f"warning: {method} seed {seed}: the repair stopped at x{factor:.4f}", file=sys.stderr)
-        reevaluate = how != "within" or a.reevaluate_all
-        if reevaluate:
-            comp = final_model(model, matched, spectra, data, calib, seed, device)
-            acc = evaluate_splits(comp, data, device, splits=("test",))["test"]["top1"]
-        else:
-            acc = float(final["test_top1_bn"])
-        row = {
-            "run_id": final.get("run_id", ""),
-            "model": model_name,
-            "method": method,
-            "seed": seed,
-            "target": a.target,
-            "tol": a.tol,
-            "match": a.match,
-            "how": how,
-            "factor_logged": f"{logged_factor:.6f}",
-            "factor_matched": f"{factor:.6f}",
-            "steps": steps,
-            "pick_index": index,
-            "test_top1_logged": f"{float(final['test_top1_bn']):.6f}",
-            "test_top1_matched": f"{acc:.6f}",
-            "reevaluated": str(reevaluate),
-            "calib_images": calib,
-            "seconds": f"{time.perf_counter() - t0:.1f}",
-            "plan_json": plan_json,
-        }
-        _append(out, row)
-        rows.append(row)
-        what = {"within": "within tol: logged", "moved": f"{steps} moves", "reselected": f"candidate #{index}"}[how]
-        print(
-            f"{method:<14s} seed {seed}: x{logged_factor:.3f} -> x{factor:.3f} ({what}), test "
-            f"{100 * float(row['test_top1_logged']):.2f} -> {100 * acc:.2f} %",
-            flush=True,
-        )
+        rows.append(_plan_row(r, method, seed, final, plan_from_dict(prec["plan"]), done))
     _print_tables(rows)
     return rows
 

@@ -28,11 +28,9 @@ stored references (the expensive part) are kept.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -55,8 +53,10 @@ from common.data.loader import make_loader
 from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, plan_to_dict
 from common.deploy.latency import cpu_name
+from common.files import csv_header, drop_torn_line, read_csv_rows, write_csv_rows
 from common.models import build_model, load_baseline, load_checkpoint
 from common.paths import CHECKPOINT_DIR, REPO
+from common.run.config import add_config_options
 from common.search.options import SearchConfig
 from common.search.proxy import DIVERGENCE_PROXIES, PROXIES, ProxyEvaluator
 from common.search.searcher import build_searcher
@@ -187,20 +187,13 @@ def columns(specs: Sequence[ProxySpec], stored: Sequence[str] = ()) -> list[str]
 
 def read_rows(path: Path) -> tuple[list[dict], list[str]]:
     """The rows already in ``path`` and its columns (none if it does not exist); drops a torn last line."""
-    if not path.exists():
-        return [], []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):  # killed mid-write (older, appending versions): never complete
-        keep = raw[: raw.rfind(b"\n") + 1]
+    if drop_torn_line(path):  # killed mid-write (older, appending versions): never complete
         print(f"note: dropping an incomplete last line of {path}", flush=True)
-        path.write_bytes(keep)
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = list(reader.fieldnames or [])
-        missing = [c for c in HEAD + REFERENCE if fields and c not in fields]
-        if missing:
-            raise ValueError(f"{path}: not a proxy-fidelity CSV (no column {missing[0]!r}); use another --out")
-        return list(reader), fields
+    fields = csv_header(path)
+    missing = [c for c in HEAD + REFERENCE if fields and c not in fields]
+    if missing:
+        raise ValueError(f"{path}: not a proxy-fidelity CSV (no column {missing[0]!r}); use another --out")
+    return read_csv_rows(path), fields
 
 
 def check_resumed(rows: Sequence[dict], plans: Sequence[Mapping[str, LayerPlan]], path: Path) -> dict[int, dict]:
@@ -218,17 +211,10 @@ def check_resumed(rows: Sequence[dict], plans: Sequence[Mapping[str, LayerPlan]]
 
 
 def write_rows(path: Path, cols: Sequence[str], rows: Sequence[Mapping]) -> None:
-    """Replace ``path`` by ``rows`` (sorted by plan) atomically and durably: a crash leaves the old file
-    or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(cols), restval="")
-        w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: int(r["plan"])))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` by ``rows`` (sorted by plan; a cell a row lacks is empty) atomically and durably
+    (:func:`common.files.write_csv_rows`): a crash leaves the old file or the new one, never a torn one."""
+    ordered = sorted(rows, key=lambda r: int(r["plan"]))
+    write_csv_rows(path, [{c: r.get(c, "") for c in cols} for r in ordered], cols)
 
 
 def reference(ref: ProxyEvaluator, test_loader, plan: Mapping[str, LayerPlan]) -> dict:
@@ -340,7 +326,7 @@ def write_markdown(path: Path, header: Sequence[str], lines: Sequence[str]) -> N
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
+    add_config_options(p, ["model"])
     p.add_argument(
         "--dataset",
         default="cifar10-jpeg",
@@ -350,16 +336,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=3.0, help="conv-MACs reduction of every plan")
     p.add_argument("--plans", type=int, default=24, help="plans, the uniform one included")
     p.add_argument("--sigma", type=float, default=0.25, help="log-normal perturbation of the per-layer levels")
-    p.add_argument("--seed", type=int, default=0, help="draws the plans; picks every image subset")
+    add_config_options(p, ["seed"])
     p.add_argument(
         "--proxies",
         default="logit_mse:256,kl:256,logit_mse:1024,kl:1024,top1:1000",
         help="NAME:IMAGES[@SEED],...: logit_mse, kl: calibration (= scoring) images; top1: val images "
         f"(calibrated on {TOP1_CALIB_IMAGES}); @SEED draws them with another seed than --seed",
     )
-    p.add_argument("--final-calib-images", type=int, default=1024, help="BN calibration of the reference")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
+    add_config_options(p, ["final_calib_images", "threads"], defaults={"final_calib_images": 1024, "threads": 2})
+    p.add_argument("--device", default="cpu")  # a torch device: no "auto"
     p.add_argument(
         "--out", default=None, help="CSV (default results/proxy-fidelity/proxy_fidelity_<model>.csv); .md beside it"
     )
@@ -375,15 +360,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    a = parse_args(argv)
-    specs = parse_proxies(a.proxies)
-    torch.set_num_threads(a.threads)
-    out = Path(a.out) if a.out else REPO / "results" / "proxy-fidelity" / f"proxy_fidelity_{a.model}.csv"
+def _header(a: argparse.Namespace, argv: Sequence[str] | None) -> list[str]:
+    """The report's command line and the settings line (also printed first)."""
     command = "python studies/proxy_fidelity/proxy_fidelity.py " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    header = [
+    return [
         f"`{command}`",
         "",
         f"{a.model} on {a.dataset}, {cpu_name()}, {a.threads} threads, torch {torch.__version__}, "
@@ -391,6 +373,71 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"sigma {a.sigma:g}, seed {a.seed}; reference: test top-1 after BN recalibration on "
         f"{a.final_calib_images} train images.",
     ]
+
+
+def _reference(model: nn.Module, data: DatasetSplits, spectra: SpectraCache, a: argparse.Namespace) -> tuple:
+    """The reference's evaluator (exact BN recalibration on ``--final-calib-images``, whole val split) and
+    the test loader."""
+    ref = ProxyEvaluator(
+        model,
+        data,
+        spectra,
+        "top1",
+        calib_images=a.final_calib_images,
+        val_images=None,
+        device=a.device,
+        seed=a.seed,
+        channels_last=True,
+    )
+    return ref, make_loader(data, "test", 500, device=a.device, channels_last=True)
+
+
+def _measure(
+    a: argparse.Namespace,
+    model: nn.Module,
+    data: DatasetSplits,
+    searcher,
+    plans: Sequence[dict[str, LayerPlan]],
+    specs: Sequence[ProxySpec],
+    todo: Mapping[int, list[ProxySpec]],
+    done: Mapping[int, dict],
+    stored_rows: Sequence[dict],
+    out: Path,
+    cols: Sequence[str],
+) -> None:
+    """Score every plan of ``todo`` with its missing proxies (and measure the reference of a plan not in
+    ``done``), rewriting ``out`` after each plan."""
+    needed = {s for m in todo.values() for s in m}
+    evaluators = {s: make_evaluator(model, data, searcher.spectra, s, a.seed, a.device) for s in specs if s in needed}
+    ref, test_loader = None, None
+    if any(i not in done for i in todo):  # plans without a reference yet
+        ref, test_loader = _reference(model, data, searcher.spectra, a)
+    rows_by_index = {int(r["plan"]): r for r in stored_rows}  # also keeps rows of a longer plan list
+    for i, specs_i in todo.items():
+        new = evaluate_plan(
+            i,
+            plans[i],
+            searcher.space,
+            {s: evaluators[s] for s in specs_i},
+            None if i in done else ref,
+            test_loader,
+        )
+        row = rows_by_index[i] = {**rows_by_index.get(i, {}), **new}
+        write_rows(out, cols, list(rows_by_index.values()))
+        print(
+            f"plan {i:3d} x{row['macs_factor']:.3f}  "
+            + "  ".join(f"{s.label} {row[s.column]:.5g} ({row[s.column + '_seconds']:.1f}s)" for s in specs_i)
+            + f"  test {float(row['test_top1']):.4f}  val {float(row['val_top1']):.4f}",
+            flush=True,
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    a = parse_args(argv)
+    specs = parse_proxies(a.proxies)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out) if a.out else REPO / "results" / "proxy-fidelity" / f"proxy_fidelity_{a.model}.csv"
+    header = _header(a, argv)
     print(header[-1], flush=True)
 
     data = load_dataset(a.dataset)
@@ -411,44 +458,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{sum(i not in done for i in todo)} to measure, {sum(i in done for i in todo)} to score with more proxies",
         flush=True,
     )
-
     if todo:
-        needed = {s for m in todo.values() for s in m}
-        evaluators = {
-            s: make_evaluator(model, data, searcher.spectra, s, a.seed, a.device) for s in specs if s in needed
-        }
-        ref, test_loader = None, None
-        if any(i not in done for i in todo):  # plans without a reference yet
-            ref = ProxyEvaluator(
-                model,
-                data,
-                searcher.spectra,
-                "top1",
-                calib_images=a.final_calib_images,
-                val_images=None,
-                device=a.device,
-                seed=a.seed,
-                channels_last=True,
-            )
-            test_loader = make_loader(data, "test", 500, device=a.device, channels_last=True)
-        rows_by_index = {int(r["plan"]): r for r in stored_rows}  # also keeps rows of a longer plan list
-        for i, specs_i in todo.items():
-            new = evaluate_plan(
-                i,
-                plans[i],
-                searcher.space,
-                {s: evaluators[s] for s in specs_i},
-                None if i in done else ref,
-                test_loader,
-            )
-            row = rows_by_index[i] = {**rows_by_index.get(i, {}), **new}
-            write_rows(out, cols, list(rows_by_index.values()))
-            print(
-                f"plan {i:3d} x{row['macs_factor']:.3f}  "
-                + "  ".join(f"{s.label} {row[s.column]:.5g} ({row[s.column + '_seconds']:.1f}s)" for s in specs_i)
-                + f"  test {float(row['test_top1']):.4f}  val {float(row['val_top1']):.4f}",
-                flush=True,
-            )
+        _measure(a, model, data, searcher, plans, specs, todo, done, stored_rows, out, cols)
 
     by_index = {int(r["plan"]): r for r in read_rows(out)[0] if int(r["plan"]) < len(plans)}
     rows = [by_index[i] for i in sorted(by_index)]

@@ -28,6 +28,7 @@ from common.data.datasets import load_dataset
 from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
+from common.run.config import add_config_options
 from common.run.logs import config_record, parse_log, plan_records
 from common.search.proxy import DIVERGENCES, ProxyEvaluator
 
@@ -38,13 +39,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plans", required=True, help="method:seed of each plan record to read, comma-separated")
     p.add_argument("--target", type=float, default=None, help="the plans' target (default: the log's only one)")
     p.add_argument("--seeds", default="0,1,2", help="calibration seeds to score every plan on")
-    p.add_argument("--calib-images", type=int, default=256)
+    add_config_options(p, ["calib_images"])
     p.add_argument(
         "--divergence", default=None, choices=tuple(DIVERGENCES), help="per-image divergence (default: the run's proxy)"
     )
     p.add_argument("--top", type=int, default=3, help="how many of the largest per-image divergences to single out")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data-root", default=str(CIFAR_JPEG_ROOT))
+    add_config_options(p, ["threads", "data_root"], defaults={"threads": 2, "data_root": str(CIFAR_JPEG_ROOT)})
     p.add_argument("--checkpoint-dir", default=str(CHECKPOINT_DIR))
     return p.parse_args(argv)
 

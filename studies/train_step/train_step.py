@@ -35,8 +35,10 @@ from common.analysis import latest_of, latest_plans, load_runs, markdown_table
 from common.decompose.cost import count_model
 from common.decompose.surgery import SpectraCache, apply_plan, plan_from_dict
 from common.deploy.latency import cpu_name
+from common.files import append_csv_rows
 from common.models import baseline_or_random, input_size
 from common.paths import CHECKPOINT_DIR
+from common.run.config import add_config_options
 from common.train.finetune import FinetuneConfig
 from studies.train_step.stepcost import PHASES, stage_times, time_train_step
 
@@ -72,8 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="", help="comma-separated; default: every method")
     p.add_argument("--seeds", default="0", help="run seeds whose plans are timed, comma-separated, or 'all'")
     p.add_argument("--batch", type=int, default=FinetuneConfig(epochs=1).batch_size, help="the finetuning batch")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--device", default="cpu")
+    add_config_options(p, ["threads"])
+    p.add_argument("--device", default="cpu")  # no "auto": the device names the CSVs
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--layers", action="store_true", help="also time each factor conv alone")
@@ -87,7 +89,8 @@ def _read(csv: Path, columns: list[str]) -> pd.DataFrame:
 
 
 def _append(csv: Path, rows: list[dict], columns: list[str]) -> None:
-    pd.DataFrame(rows, columns=columns).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
+    """Append ``rows`` (their ``columns``, in that order; other keys are not written) to ``csv``."""
+    append_csv_rows(csv, [{c: r[c] for c in columns} for r in rows], columns, lineterminator="\n")
 
 
 def _keys(df: pd.DataFrame) -> set[tuple]:
