@@ -38,7 +38,7 @@ from common.decompose.surgery import LayerInfo, LayerPlan, SpectraCache, apply_p
 from common.deploy.latency import cpu_name
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR
-from common.run.config import add_config_options
+from common.run.cli import add_config_options
 
 DEFAULT_MODELS = ("resnet18", "vgg16", "alexnet")
 DEFAULT_LEVELS = (0.5, 0.45, 0.4, 0.35)

@@ -41,7 +41,8 @@ from common.deploy.latency import cpu_name
 from common.dist import init_from_env, is_main
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from common.run.config import add_config_options, field_value
+from common.run.cli import add_config_options
+from common.run.config import field_value
 from common.search.options import SearchConfig
 from common.search.proxy import final_model
 from common.search.searcher import build_searcher

@@ -31,12 +31,8 @@ import torch
 
 from common.notebook import run_status
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from common.run.config import (
-    DEFAULT_FINETUNE_EPOCHS,
-    ExperimentConfig,
-    add_config_arguments,
-    config_from_args,
-)
+from common.run.cli import add_config_arguments, config_from_args
+from common.run.config import DEFAULT_FINETUNE_EPOCHS, ExperimentConfig
 from common.run.experiment import run_experiment
 from common.run.lock import LogLockedError
 from common.run.preflight import PreflightError

@@ -83,7 +83,7 @@ PARAMETERS: dict[str, str] = {
 """The notebooks' papermill parameters and the :class:`ExperimentConfig` field each one sets."""
 
 _PARAMETER_OF = {field: param for param, field in PARAMETERS.items()}
-_FIELDS = frozenset(f.name for f in dataclasses.fields(ExperimentConfig))
+FIELDS = frozenset(f.name for f in dataclasses.fields(ExperimentConfig))
 
 _HINTS = {
     "TARGET": 'with papermill: -p TARGET 2.5, or several as YAML: -y "TARGET: [2, 3]"',
@@ -174,7 +174,7 @@ def experiment_config(
         TypeError: an unknown config field.
     """
     given = {"model": model, "dataset": dataset, "data_root": data_root, "checkpoint": checkpoint, "targets": targets}
-    checked = {name: _parameter_value(name, value) for name, value in {**given, **config}.items() if name in _FIELDS}
+    checked = {name: _parameter_value(name, value) for name, value in {**given, **config}.items() if name in FIELDS}
     model, dataset, data_root, checkpoint, targets = (checked[name] for name in given)
     config = {name: checked.get(name, value) for name, value in config.items()}
     if isinstance(finetune_epochs, bool):

@@ -7,7 +7,8 @@ import argparse
 
 import pytest
 
-from common.run.config import ExperimentConfig, add_config_options, config_from_args, config_parser, field_value
+from common.run.cli import add_config_options, config_from_args, config_parser
+from common.run.config import ExperimentConfig, field_value
 
 VALUES = {
     "model": "vgg16",

@@ -32,7 +32,8 @@ from common.device import resolve_device
 from common.dist import from_main, init_from_env, initialized, leaving, rank_device, world
 from common.models import build_model, load_checkpoint
 from common.paths import default_cache_dir
-from common.run.config import ExperimentConfig, config_from_args, config_parser, search_config
+from common.run.cli import config_from_args, config_parser
+from common.run.config import ExperimentConfig, search_config
 from common.run.finals import Run, finish_stages, past_deadline
 from common.run.lock import LogLockedError
 from common.run.logs import RunLog

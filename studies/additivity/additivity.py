@@ -39,7 +39,8 @@ import torch
 from common.decompose.surgery import LayerPlan, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.files import append_csv_rows, keyed_csv_rows
-from common.run.config import add_config_options, search_config
+from common.run.cli import add_config_options
+from common.run.config import search_config
 from common.run.logs import plan_records
 from common.search.methods import model_optimum
 from common.search.searcher import build_searcher

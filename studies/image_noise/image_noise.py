@@ -53,7 +53,7 @@ from common.analysis import (
 from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.deploy.latency import cpu_name
 from common.files import atomic_write
-from common.run.config import add_config_options, config_from_args
+from common.run.cli import add_config_options, config_from_args
 from common.run.finetune_stage import finetune_best
 from common.run.jsonvalues import values_equal
 from common.run.logs import (

@@ -54,7 +54,8 @@ from common.data.splits import DatasetSplits
 from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_from_dict, plan_to_dict
 from common.deploy.latency import cpu_name
 from common.files import append_csv_rows, keyed_csv_rows
-from common.run.config import add_config_options, search_config
+from common.run.cli import add_config_options
+from common.run.config import search_config
 from common.run.logs import RunLog, final_records, plan_records
 from common.run.measure import evaluate_splits
 from common.search.pick import pick

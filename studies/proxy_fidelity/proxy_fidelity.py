@@ -56,7 +56,7 @@ from common.deploy.latency import cpu_name
 from common.files import csv_header, drop_torn_line, read_csv_rows, write_csv_rows
 from common.models import build_model, load_baseline, load_checkpoint
 from common.paths import CHECKPOINT_DIR, REPO
-from common.run.config import add_config_options
+from common.run.cli import add_config_options
 from common.search.options import SearchConfig
 from common.search.proxy import DIVERGENCE_PROXIES, PROXIES, ProxyEvaluator
 from common.search.searcher import build_searcher

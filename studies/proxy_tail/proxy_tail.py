@@ -28,7 +28,7 @@ from common.data.datasets import load_dataset
 from common.decompose.surgery import SpectraCache, plan_from_dict
 from common.models import load_baseline
 from common.paths import CHECKPOINT_DIR, CIFAR_JPEG_ROOT
-from common.run.config import add_config_options
+from common.run.cli import add_config_options
 from common.run.logs import config_record, parse_log, plan_records
 from common.search.proxy import DIVERGENCES, ProxyEvaluator
 

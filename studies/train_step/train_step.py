@@ -38,7 +38,7 @@ from common.deploy.latency import cpu_name
 from common.files import append_csv_rows
 from common.models import baseline_or_random, input_size
 from common.paths import CHECKPOINT_DIR
-from common.run.config import add_config_options
+from common.run.cli import add_config_options
 from common.train.finetune import FinetuneConfig
 from studies.train_step.stepcost import PHASES, stage_times, time_train_step
 
