@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -336,6 +337,7 @@ def test_summary_files_and_plots(runs, tmp_path):
 
 def test_latest_of_keeps_the_last_written_record_per_configuration():
     def final(method, target, seed, t, **extra):
+        extra = {"decomposition": "ht2", "test_top1_bn": 0.5, "macs_factor": 2.0, "params_factor": 2.0, **extra}
         return {"kind": "final", "method": method, "target": target, "seed": seed, "t": t, **extra}
 
     run = {
@@ -1503,3 +1505,45 @@ def test_search_traces_colour_a_search_by_method_and_decomposition():
         == method_colors([("policy", "ht2"), ("policy", "tucker2")])[("policy", "tucker2")]
     )
     assert colors[("policy", "tucker2")] != colors[("policy", "ht2")]
+
+
+@pytest.mark.parametrize(
+    "key,value,problem",
+    [
+        ("test_top1_bn", "0.9", "has test_top1_bn='0.9', not a finite number"),
+        ("test_top1_ft", "0.9", "has test_top1_ft='0.9', not a number"),
+        ("macs_factor", float("nan"), "has macs_factor=nan, not a finite positive number"),
+        ("macs_factor", [3.0], "has macs_factor=[3.0], not a finite positive number"),
+        ("target", [3.0], "has target=[3.0], not a finite positive number"),
+        ("target", "x", "has target='x', not a finite positive number"),
+        ("target", None, "lacks target"),
+        ("method", None, "lacks method"),
+        ("method", ["uniform"], "has method=['uniform'], not a name"),
+        ("decomposition", ["ht2"], "has decomposition=['ht2'], not a name"),
+        ("speedup", "fast", "has speedup='fast', not a mapping"),
+        ("seed", "a", "has seed='a', not a whole number"),
+    ],
+)
+def test_a_malformed_final_is_skipped_with_a_warning_naming_file_and_seq(tmp_path, capsys, key, value, problem):
+    """Found: finals with a key missing or of the wrong type stopped the analysis (three tracebacks and an
+    error without the file named), where a warning and a skip are promised."""
+    build_logs(tmp_path / "logs", seed=1)
+    log = tmp_path / "logs" / "vgg16" / "vgg16-main.log"
+    lines = log.read_text().splitlines(keepends=True)
+    no, record = next(
+        (i, json.loads(line.partition(" @@ ")[2])) for i, line in enumerate(lines) if '"kind":"final"' in line
+    )
+    if value is None:
+        del record[key]
+    else:
+        record[key] = value
+    lines[no] = lines[no].partition(" @@ ")[0] + " @@ " + json.dumps(record) + "\n"
+    log.write_text("".join(lines))
+    jsonify(tmp_path / "logs", tmp_path / "json")
+    with pytest.warns(UserWarning) as caught:
+        assert analyze_results.main(["--json", str(tmp_path / "json"), "--out", str(tmp_path / "out")]) == 0
+    said = {str(w.message) for w in caught}
+    assert f"{log}: final record (seq {record['seq']}) {problem}" in "\n".join(said), said
+    table = pd.read_csv(tmp_path / "out" / "summary_seeds.csv")
+    vgg = table[(table["model"] == "vgg16") & (table["run_id"] == "vgg16-main")]
+    assert len(vgg) == len(METHODS) * len(TARGETS) - 1  # that record alone is left out

@@ -1,17 +1,29 @@
 """Artifacts: a compressed model saved with what describes it, rebuilt from the file alone; damaged,
-tampered or mismatched files are refused naming the file (and the layer)."""
+tampered or mismatched files are refused naming the file (and the layer); one run's file is never
+replaced by another run's."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import pickle
+import struct
 import zipfile
 
 import pytest
 import torch
 
 from common.decompose.surgery import LayerPlan, apply_plan
-from common.deploy.artifacts import ArtifactError, file_sha256, load_compressed, read_artifact, save_artifact
+from common.deploy.artifacts import (
+    FORMAT_V1,
+    ArtifactError,
+    artifact_owner,
+    file_sha256,
+    load_compressed,
+    read_artifact,
+    save_artifact,
+)
 from tests.helpers import fast_model
 
 PLAN = {"features.3": LayerPlan("ht2", (16, 16, 16)), "features.6": LayerPlan("tucker2", (32, 32))}
@@ -88,8 +100,79 @@ def test_tampered_tensor_or_plan_is_caught_by_the_checksum(saved):
         doc["state_dict"]["features.3.first.weight"][0, 0] += 1e-3
 
     _rewrite(path, bump)
-    with pytest.raises(ArtifactError, match=r"a\.pt: its plan or tensors differ .*checksum"):
+    with pytest.raises(ArtifactError, match=r"a\.pt: its contents differ .*checksum"):
         load_compressed(path)
+
+
+def _flip_low_bit(x: float) -> float:
+    return struct.unpack("<d", struct.pack("<q", struct.unpack("<q", struct.pack("<d", x))[0] ^ 1))[0]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda doc: doc["mean"].__setitem__(0, 0.6),
+        lambda doc: doc["mean"].__setitem__(1, _flip_low_bit(doc["mean"][1])),  # one bit of the stored mean
+        lambda doc: doc["std"].__setitem__(2, 0.3),
+        lambda doc: doc["metrics"].__setitem__("test_top1", 0.99),
+        lambda doc: doc["plan"]["features.6"].__setitem__("method", "ht2"),
+        lambda doc: doc.__setitem__("input_size", 64),
+        lambda doc: doc["versions"].__setitem__("torch", "0.1"),
+        lambda doc: doc.__setitem__("owner", "/elsewhere/run.log"),
+    ],
+    ids=["mean", "mean-bit", "std", "metrics", "plan", "input_size", "versions", "owner"],
+)
+def test_every_stored_value_is_covered_by_the_checksum(saved, change):
+    path, _ = saved
+    _rewrite(path, change)
+    with pytest.raises(ArtifactError, match=r"a\.pt: its contents differ .*checksum mismatch"):
+        read_artifact(path)
+
+
+def test_a_first_format_file_loads_with_a_warning_and_its_tensors_still_checked(saved, compressed):
+    path, _ = saved
+
+    def first_format(doc):  # as files were written before the checksum covered everything
+        h = hashlib.sha256(json.dumps(doc["plan"], sort_keys=True, separators=(",", ":")).encode())
+        for name in sorted(doc["state_dict"]):
+            t = doc["state_dict"][name].contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        doc.update(format=FORMAT_V1, content_sha256=h.hexdigest())
+        doc.pop("owner")
+
+    _rewrite(path, first_format)
+    with pytest.warns(UserWarning, match=r"a\.pt is of the first format .*mean/std, metrics .* unchecked"):
+        model = load_compressed(path)
+    with torch.no_grad():
+        assert torch.equal(model(_x()), compressed(_x()))
+    _rewrite(path, lambda doc: doc["state_dict"]["features.3.first.weight"].add_(1e-3))
+    with pytest.raises(ArtifactError, match=r"a\.pt: its contents differ"):
+        read_artifact(path)
+
+
+def test_a_write_never_replaces_another_runs_artifact(compressed, tmp_path):
+    """Found: two log folders under one parent with one run id shared an artifacts folder, and run B
+    overwrote run A's model. A file whose owner log still exists is not replaced by another run."""
+    log_a, log_b = tmp_path / "a" / "r.log", tmp_path / "b" / "r.log"
+    for log in (log_a, log_b):
+        log.parent.mkdir()
+        log.write_text("")
+    path = tmp_path / "shared" / "m.pt"
+    first = save_artifact(path, compressed, PLAN, **DESCRIPTION, owner=log_a)
+    assert artifact_owner(path) == str(log_a.resolve()) and read_artifact(path)["owner"] == str(log_a.resolve())
+    with pytest.raises(ArtifactError, match=rf"m\.pt belongs to another run, whose log is {log_a}.*not replaced"):
+        save_artifact(path, compressed, PLAN, **DESCRIPTION, owner=log_b)
+    assert file_sha256(path) == first["sha256"]  # untouched
+    save_artifact(path, compressed, PLAN, **DESCRIPTION, metrics={"again": 1}, owner=log_a)  # its own run: replaced
+    log_a.unlink()  # a deleted log's files are nobody's: the run redone under that id may replace them
+    save_artifact(path, compressed, PLAN, **DESCRIPTION, owner=log_b)
+    assert artifact_owner(path) == str(log_b.resolve())
+    junk = tmp_path / "shared" / "junk.pt"
+    junk.write_bytes(b"not an artifact")
+    with pytest.raises(ArtifactError, match=r"junk\.pt is no readable artifact.*not replaced"):
+        save_artifact(junk, compressed, PLAN, **DESCRIPTION, owner=log_b)
+    assert junk.read_bytes() == b"not an artifact"
 
 
 def test_a_plan_that_does_not_fit_its_state_dict_names_file_and_layer(compressed, tmp_path):
@@ -107,4 +190,4 @@ def test_the_file_is_a_zip_torch_loads_with_weights_only(saved):
     path, _ = saved
     assert zipfile.is_zipfile(path)
     doc = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
-    assert doc["format"] == "htd-compressed-model/1"
+    assert doc["format"] == "htd-compressed-model/2"

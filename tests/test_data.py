@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from PIL import Image
 
 from common.data.datasets import load_dataset
 from common.data.loader import BatchLoader, make_loader
-from common.data.splits import TensorSplit, stratified_indices
+from common.data.splits import SPLITS, TensorSplit, content_fingerprint, stratified_indices
 from common.paths import CIFAR_JPEG_ROOT
 
 
@@ -244,3 +246,35 @@ def test_cifar10_jpeg_shapes(tmp_path_factory):
     assert d.classes[0] == "airplane" and d.classes[-1] == "truck"
     assert d.mean == (0.4914, 0.4822, 0.4465)
     assert torch.equal(torch.bincount(d.val.labels), torch.full((10,), 500))
+
+
+def test_content_fingerprint_follows_files_between_classes_in_memory_and_streamed(tmp_path):
+    """Moving images between class folders keeps every split's size (and, before, the decode cache's key:
+    counts per class, bytes, mtimes): the content fingerprint changes, and the cache is not served stale."""
+    root = _write_imagefolder(tmp_path / "ds", n_per_class=4)
+    cache = tmp_path / "cache"
+    first = load_dataset("imagefolder", root=root, cache_dir=cache, workers=1)
+    streamed = load_dataset("imagefolder", root=root, stream=True, crop_size=8, resize_size=8, workers=0)
+    fps = {s: content_fingerprint(first.split(s)) for s in SPLITS}
+    assert fps == {s: content_fingerprint(streamed.split(s)) for s in SPLITS}  # one listing, one fingerprint
+    test = root / "test"
+    os.rename(test / "a" / "0000.png", test / "b" / "from-a.png")
+    os.rename(test / "b" / "0001.png", test / "a" / "from-b.png")
+    again = load_dataset("imagefolder", root=root, cache_dir=cache, workers=1)
+    assert again.timings["val"]["cached"] and not again.timings["test"]["cached"]
+    assert len(again.test) == len(first.test) and not torch.equal(again.test.images, first.test.images)  # not stale
+    assert content_fingerprint(again.test) != fps["test"]
+    assert [content_fingerprint(again.split(s)) for s in ("train", "val")] == [fps["train"], fps["val"]]
+    moved = load_dataset("imagefolder", root=root, stream=True, crop_size=8, resize_size=8, workers=0)
+    assert content_fingerprint(moved.test) == content_fingerprint(again.test)
+    assert content_fingerprint(moved.test.subset(4)) != content_fingerprint(moved.test)  # a subset is no split
+
+
+def test_digits_fingerprints_its_splits_and_a_relabelled_split_differs(digits):
+    fps = [content_fingerprint(digits.split(s)) for s in SPLITS]
+    assert len(set(fps)) == 3 and fps == [content_fingerprint(load_dataset("digits").split(s)) for s in SPLITS]
+    labels = digits.test.labels.clone()
+    labels[0] = (labels[0] + 1) % 10
+    assert content_fingerprint(TensorSplit(digits.test.images, labels)) != content_fingerprint(
+        TensorSplit(digits.test.images, digits.test.labels)
+    )

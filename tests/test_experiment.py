@@ -642,7 +642,7 @@ def test_an_older_log_with_finetuning_switched_off_resumes_as_zero_epochs():
         ("sensitivity_levels", "[0.3]", (0.3,)),  # papermill -p SENSITIVITY_LEVELS "[0.3]"
         ("sensitivity_levels", "0.3,0.15", (0.3, 0.15)),
         ("sensitivity_levels", 0.3, (0.3,)),
-        ("sensitivity_levels", [0.5, 1], (0.5, 1.0)),
+        ("targets", [2, 3.5], (2.0, 3.5)),
         ("methods", "uniform", ("uniform",)),
         ("methods", "[uniform, 'policy']", ("uniform", "policy")),
         ("targets", 2, (2.0,)),

@@ -450,11 +450,16 @@ def test_jsonify_is_lossless_and_idempotent(tmp_path, caplog):
     assert doc_b["records"][1]["seconds"] == math.inf
 
 
-def test_jsonify_refuses_two_logs_of_one_run(tmp_path):
+def test_jsonify_reports_the_second_log_of_one_run_and_converts_the_first(tmp_path):
     RunLog(tmp_path / "x", "m", "r").write("end", status="ok")
     RunLog(tmp_path / "y", "m", "r").write("end", status="ok")
-    with pytest.raises(ValueError, match="both run 'r'"):
-        jsonify([tmp_path / "x", tmp_path / "y"], tmp_path / "json")
+    errors = []
+    assert jsonify([tmp_path / "x", tmp_path / "y"], tmp_path / "json", on_error=errors.append) == [
+        tmp_path / "json" / "m" / "r.json"
+    ]
+    (err,) = errors
+    assert err.path == str(tmp_path / "y" / "m" / "r.log") and err.line_no == 2
+    assert f"run 'r' of model 'm' is also {tmp_path / 'x' / 'm' / 'r.log'}'s" in err.reason
 
 
 def test_jsonify_cli(tmp_path, capsys):

@@ -256,7 +256,7 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     # the artifacts table lists a file per method and stage, and one of them loaded back shows its layers
     listing = by_id["artifacts"].outputs[0]["data"]["text/plain"]
     assert all(m in listing for m in methods) and "FT" in listing and "BN" in listing
-    assert len(list((tmp_path / "artifacts" / model / "smoke").glob("*.pt"))) == 2 * len(methods)
+    assert len(list((tmp_path / "artifacts" / "logs" / model / "smoke").glob("*.pt"))) == 2 * len(methods)
     assert "ht2" in by_id["load"].outputs[0]["data"]["text/plain"]
     for cell in ("acc", "ranks", "sens", "trace"):
         assert any("image/png" in o.get("data", {}) for o in by_id[cell].outputs), f"{name}: no plot in {cell}"

@@ -375,3 +375,34 @@ def test_finetune_refuses_a_checkpoint_of_another_recipe(digits, tmp_path):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"ft\.pt.*unreadable"):
         finetune(tiny_cnn(), digits, 0.2, batch_size=64, lr=0.05, device="cpu", progress=False, checkpoint=ckpt)
+
+
+def test_finetune_discards_a_checkpoint_of_another_owner(digits, tmp_path):
+    """A checkpoint names what it finetunes (its owner): one saved for something else is stale state,
+    discarded with a message naming what differs, and the finetuning starts from its beginning."""
+    ckpt = tmp_path / "ft.pt"
+    recipe = {"batch_size": 64, "lr": 0.05, "device": "cpu", "progress": False, "checkpoint": ckpt}
+    owner_a = {"log": "r begun at 1.0", "dense_checkpoint": "aaa", "plan": "p"}
+    finetune(tiny_cnn(), digits, 0.2, checkpoint_owner=owner_a, **recipe)
+    lines: list[str] = []
+    finetune(tiny_cnn(), digits, 0.2, checkpoint_owner=owner_a, say=lines.append, **recipe)
+    assert any(f"resuming from the finetune checkpoint {ckpt}" in line for line in lines), lines
+
+    lines.clear()
+    owner_b = {**owner_a, "log": "r begun at 2.0", "dense_checkpoint": "bbb"}
+    model = tiny_cnn(seed=1)
+    finetune(model, digits, 0.2, checkpoint_owner=owner_b, say=lines.append, **recipe)
+    assert lines == [
+        f"discarded the finetune checkpoint {ckpt}: it belongs to another dense_checkpoint, log; "
+        "this finetuning starts from its beginning"
+    ]
+    ref = tiny_cnn(seed=1)
+    finetune(ref, digits, 0.2, **{**recipe, "checkpoint": None})
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    assert torch.load(ckpt, weights_only=True)["owner"] == owner_b  # the new state says whose it is
+
+    ckpt.unlink()
+    finetune(tiny_cnn(), digits, 0.2, **recipe)  # saved without an owner (as before owners existed)
+    lines.clear()
+    finetune(tiny_cnn(), digits, 0.2, checkpoint_owner=owner_a, say=lines.append, **recipe)
+    assert len(lines) == 1 and "it does not say what it finetunes" in lines[0]

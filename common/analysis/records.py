@@ -24,6 +24,7 @@ from common.run.logs import KIND_KEYS
 __all__ = [
     "METHOD_ORDER",
     "SUMMARY_COLUMNS",
+    "final_problem",
     "latest_records",
     "load_runs",
     "split_speedup",
@@ -128,11 +129,70 @@ def _order(record: Mapping[str, Any]) -> tuple[float, int]:
 
 
 def kind_records(runs: Iterable[Mapping], kind: str, model: str | None = None) -> list[tuple[dict, dict]]:
-    """``(run, record)`` pairs of one kind, optionally of one model, in write-time order."""
+    """``(run, record)`` pairs of one kind, optionally of one model, in write-time order. A malformed
+    ``final`` record (:func:`final_problem`) is left out with a warning naming its log and ``seq``."""
     pairs = [
         (run, record) for run in runs if model is None or run.get("model") == model for record in records_of(run, kind)
     ]
+    if kind == "final":
+        pairs = [(run, record) for run, record in pairs if _well_formed(run, record)]
     return sorted(pairs, key=lambda pr: _order(pr[1]))
+
+
+_FINAL_OPTIONAL_NUMBERS = (
+    "val_top1_bn",
+    "val_top1_ft",
+    "test_top1_ft",
+    "baseline_test_top1",
+    "evaluations",
+    "finetune_epochs",
+    "wall_seconds",
+)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def final_problem(final: Mapping[str, Any]) -> str | None:
+    """What makes a ``final`` record unusable for the tables, in words; None when nothing does.
+
+    It must carry every key a writer gives it (:data:`common.run.logs.KIND_KEYS`): ``method`` and
+    ``decomposition`` as names, ``target``, ``test_top1_bn``, ``macs_factor`` and ``params_factor`` as
+    finite numbers (the target and factors > 0); the other numbers it may carry as numbers or None,
+    ``seed`` as a whole number, ``metric`` as a name, ``speedup`` as a mapping.
+    """
+    missing = [k for k in KIND_KEYS["final"] if final.get(k) is None]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key in ("method", "decomposition"):
+        if not isinstance(final[key], str):
+            return f"has {key}={final[key]!r}, not a name"
+    for key in ("target", "test_top1_bn", "macs_factor", "params_factor"):
+        value = final[key]
+        if not (_is_number(value) and math.isfinite(value)) or (key != "test_top1_bn" and value <= 0):
+            return f"has {key}={value!r}, not a finite {'number' if key == 'test_top1_bn' else 'positive number'}"
+    for key in _FINAL_OPTIONAL_NUMBERS:
+        if final.get(key) is not None and not _is_number(final[key]):
+            return f"has {key}={final[key]!r}, not a number"
+    seed = final.get("seed")
+    if seed is not None and not (_is_number(seed) and math.isfinite(seed) and float(seed).is_integer()):
+        return f"has seed={seed!r}, not a whole number"
+    if final.get("metric") is not None and not isinstance(final["metric"], str):
+        return f"has metric={final['metric']!r}, not a name"
+    if final.get("speedup") is not None and not isinstance(final["speedup"], Mapping):
+        return f"has speedup={final['speedup']!r}, not a mapping of settings to numbers"
+    return None
+
+
+def _well_formed(run: Mapping, final: Mapping) -> bool:
+    """Whether a final record makes a row; a malformed one is reported (a warning naming the log and the
+    record's ``seq``) and skipped."""
+    problem = final_problem(final)
+    if problem is not None:
+        # warned from here (not the caller): one location, so the default filter shows each record once
+        warnings.warn(f"{run_file(run)}: final record (seq {final.get('seq')!r}) {problem}; skipped", stacklevel=1)
+    return problem is None
 
 
 def latest_records(
@@ -325,13 +385,13 @@ def final_metric(run: Mapping, final: Mapping) -> str:
     )
 
 
-def _check_fractions(row: Mapping[str, Any]) -> None:
+def _check_fractions(row: Mapping[str, Any], run: Mapping, final: Mapping) -> None:
     """Accuracies must be fractions in [0, 1]; a percentage would silently skew every table."""
     for col in ACC_COLUMNS:
         if not math.isnan(row[col]) and not 0.0 <= row[col] <= 1.0:
             raise ValueError(
-                f"run {row['run_id']!r} ({row['model']}, {row['method']}, target "
-                f"{row['target']}): {col}={row[col]} is not a fraction in [0, 1]"
+                f"{run_file(run)}: final record (seq {final.get('seq')!r}) of run {row['run_id']!r} ({row['model']}, "
+                f"{row['method']}, target {row['target']}): {col}={row[col]} is not a fraction in [0, 1]"
             )
 
 
@@ -362,22 +422,10 @@ def _summary_row(key: tuple, run: Mapping, final: Mapping) -> dict:
         "speedup_cuda": cuda,
         **{col: to_float(final.get(col)) for col in _FINAL_COSTS},
     }
-    _check_fractions(row)
+    _check_fractions(row, run, final)
     best = row["test_top1_ft"] if not math.isnan(row["test_top1_ft"]) else row["test_top1_bn"]
     row["delta_pp"] = 100.0 * (best - row["baseline_test_top1"])
     return row
-
-
-def _complete(run: Mapping, final: Mapping) -> bool:
-    """Whether a final record has every key a writer must give it (:data:`common.run.logs.KIND_KEYS`);
-    one without is reported (a warning naming the log and the missing keys) and makes no row."""
-    missing = [k for k in KIND_KEYS["final"] if final.get(k) is None]
-    if missing:
-        warnings.warn(
-            f"{run_file(run)}: final record (seq {final.get('seq')!r}) lacks {', '.join(missing)}; skipped",
-            stacklevel=3,
-        )
-    return not missing
 
 
 def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
@@ -393,9 +441,9 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
     ``baseline`` record, else the final record's own ``baseline_test_top1`` (NaN without either).
     ``metric`` is the record's own, else the run's config's (:func:`final_metric`). A final record
     without ``seed`` has its run's config seed (0 when the run has no config); see
-    :func:`~common.analysis.aggregate_seeds` for one row per configuration. A final record without a
-    key every writer gives it (method, target, decomposition, test_top1_bn, macs_factor, params_factor)
-    is reported with a warning and makes no row.
+    :func:`~common.analysis.aggregate_seeds` for one row per configuration. A malformed final record
+    (:func:`final_problem`: a key every writer gives it missing, a value of the wrong type, a NaN
+    factor) is reported with a warning naming its log and ``seq``, and makes no row.
 
     Returns:
         A DataFrame with :data:`SUMMARY_COLUMNS`, sorted by run (model, dataset, checkpoint, run
@@ -418,7 +466,7 @@ def summary_table(runs: Sequence[Mapping]) -> pd.DataFrame:
             seed_of(run, r),
         ),
     )
-    rows = [_summary_row(key, run, final) for key, (run, final) in finals.items() if _complete(run, final)]
+    rows = [_summary_row(key, run, final) for key, (run, final) in finals.items()]
     df = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for col in _NUMERIC_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)

@@ -5,8 +5,8 @@ all of CIFAR-10), so batching, normalization and augmentation are whole-batch te
 device (:class:`common.data.loader.BatchLoader`). :func:`load_digits` builds scikit-learn's digits,
 :func:`load_cifar10` reads torchvision's CIFAR-10 binaries, and :func:`load_imagefolder` decodes an
 ImageFolder whose images all have one size in a process pool (:func:`decode_images`), caching each
-decoded split under the cache folder keyed by the split's fingerprint (file count, bytes, mtimes), so a
-changed file is decoded again and never served stale. Which dataset is which:
+decoded split under the cache folder keyed by the split's files (names, sizes, labels and mtimes), so a
+changed, moved or relabelled file is decoded again and never served stale. Which dataset is which:
 :mod:`common.data.datasets`.
 """
 
@@ -25,7 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data.splits import IMAGE_EXTENSIONS, SPLITS, DatasetSplits, TensorSplit, mean_std, stratified_indices
+from common.data.splits import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    DatasetSplits,
+    TensorSplit,
+    listing_fingerprint,
+    mean_std,
+    stratified_indices,
+)
 from common.files import atomic_write
 from common.paths import default_cache_dir
 
@@ -51,7 +59,10 @@ def load_digits() -> DatasetSplits:
     idx = np.arange(len(y))
     tr, rest = train_test_split(idx, test_size=0.4, stratify=d.target, random_state=DIGITS_SPLIT_SEED)
     va, te = train_test_split(rest, test_size=0.5, stratify=d.target[rest], random_state=DIGITS_SPLIT_SEED)
-    split = {k: TensorSplit(x[np.sort(v)], y[np.sort(v)]) for k, v in (("train", tr), ("val", va), ("test", te))}
+    split = {
+        k: TensorSplit(x[np.sort(v)], y[np.sort(v)], _raw_fingerprint(d.images[np.sort(v)], d.target[np.sort(v)]))
+        for k, v in (("train", tr), ("val", va), ("test", te))
+    }
     mean, std = mean_std(split["train"].images)
     return DatasetSplits(
         "digits",
@@ -64,6 +75,14 @@ def load_digits() -> DatasetSplits:
         32,
         "embedded:digits",
     )
+
+
+def _raw_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """A split's content fingerprint from the data it is computed from (digits: scikit-learn's 8x8
+    values, exact on every machine, where the upsampled pixels could differ in a rounding)."""
+    h = hashlib.sha256(np.ascontiguousarray(images, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_cifar10(root: Path, download: bool) -> DatasetSplits:
@@ -102,8 +121,9 @@ def load_cifar10(root: Path, download: bool) -> DatasetSplits:
     )
 
 
-def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[str], list[int], str]:
-    """Files, classes, labels and a cheap fingerprint (count, bytes, mtimes) of one split folder."""
+def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[str], list[int], str, str]:
+    """Files, classes, labels, the split's :func:`common.data.splits.listing_fingerprint` (names, sizes,
+    labels) and the decode cache's key (that fingerprint and the files' mtimes) of one split folder."""
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split folder not found: {split_dir}")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
@@ -111,24 +131,25 @@ def _list_imagefolder(split_dir: Path) -> tuple[list[str], list[str], list[int],
         raise ValueError(f"no class folders in {split_dir}")
     files: list[str] = []
     labels: list[int] = []
-    h = hashlib.sha1()
-    total, mtime_sum = 0, 0
+    entries: list[tuple[str, int, int]] = []
+    mtime_sum = 0
     for ci, cls in enumerate(classes):
-        entries = sorted(
+        found = sorted(
             (e for e in os.scandir(split_dir / cls) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)),
             key=lambda e: e.name,
         )
-        if not entries:
+        if not found:
             raise ValueError(f"empty class folder (no images): {split_dir / cls}")
-        for e in entries:
+        for e in found:
             st = e.stat()
-            total += st.st_size
             mtime_sum += st.st_mtime_ns
             files.append(e.path)
             labels.append(ci)
-        h.update(f"{cls}:{len(entries)};".encode())
-    h.update(f"{len(files)}:{total}:{mtime_sum}".encode())
-    return files, classes, labels, h.hexdigest()[:16]
+            entries.append((f"{cls}/{e.name}", st.st_size, ci))
+    content = listing_fingerprint(entries)
+    # an image edited in place at the same size keeps the content fingerprint, not its mtime
+    cache_key = hashlib.sha1(f"{content}:{mtime_sum}".encode()).hexdigest()[:16]
+    return files, classes, labels, content, cache_key
 
 
 def _decode_chunk(paths: Sequence[str]) -> np.ndarray:
@@ -189,19 +210,19 @@ def _load_split(
     root: Path, split: str, cache_dir: Path | None, workers: int | None
 ) -> tuple[TensorSplit, list[str], dict]:
     t0 = time.perf_counter()
-    files, classes, labels, fp = _list_imagefolder(root / split)
+    files, classes, labels, content, key = _list_imagefolder(root / split)
     t_list = time.perf_counter() - t0
-    path = _cache_path(cache_dir, root, split, fp) if cache_dir is not None else None
+    path = _cache_path(cache_dir, root, split, key) if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if blob["classes"] == classes and len(blob["labels"]) == len(files):
                 t = {"list_s": t_list, "load_s": time.perf_counter() - t0 - t_list, "cached": True}
-                return TensorSplit(blob["images"], blob["labels"]), classes, t
+                return TensorSplit(blob["images"], blob["labels"], content), classes, t
         except Exception:  # an unreadable cache is re-created below, never trusted
             pass
     images = decode_images(files, workers)
-    ts = TensorSplit(images, torch.tensor(labels, dtype=torch.int64))
+    ts = TensorSplit(images, torch.tensor(labels, dtype=torch.int64), content)
     if path is not None:
         atomic_torch_save({"images": ts.images, "labels": ts.labels, "classes": classes}, path)
     return ts, classes, {"list_s": t_list, "load_s": time.perf_counter() - t0 - t_list, "cached": False}

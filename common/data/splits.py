@@ -7,11 +7,18 @@ labels, decoded on the fly (:mod:`common.data.stream`, :mod:`common.data.streaml
 seeded class-stratified subsets (:func:`stratified_indices`). :func:`mean_std` is the per-channel
 normalization of uint8 images on the pixel/255 scale. ``SPLITS`` and ``IMAGE_EXTENSIONS`` are the
 ImageFolder layout both loaders read: ``ROOT/<split>/<class>/<image>``.
+
+:func:`content_fingerprint` identifies what a split holds (a run log records it, so a resume on other
+images or labels is refused): an ImageFolder split by its files' names, sizes and labels
+(:func:`listing_fingerprint`; listed and stat-ed, never decoded), a split built in memory by its
+loader's own fingerprint or else its pixels and labels.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,10 +38,13 @@ class TensorSplit:
     Attributes:
         images: ``uint8`` tensor ``N x 3 x H x W`` (RGB, 0-255).
         labels: ``int64`` tensor ``N``.
+        fingerprint: what its loader knows identifies it (see :func:`content_fingerprint`); None: its
+            pixels and labels do.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
+    fingerprint: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4 or self.images.shape[1] != 3:
@@ -92,6 +102,7 @@ class StreamSplit:
         crop_size: H = W of the images the loaders yield.
         resize_size: shorter side the eval transform resizes to before its center crop.
         workers: DataLoader worker processes (``None``: ``min(8, CPUs)``).
+        fingerprint: :func:`content_fingerprint`, once computed.
     """
 
     folder: Path
@@ -101,6 +112,7 @@ class StreamSplit:
     crop_size: int = DEFAULT_CROP_SIZE
     resize_size: int = DEFAULT_RESIZE_SIZE
     workers: int | None = None
+    fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.files) != len(self.labels):
@@ -130,7 +142,7 @@ class StreamSplit:
         if n >= len(self):
             return self
         idx = stratified_indices(self.labels, n, seed)
-        return replace(self, files=self.files[idx.numpy()], labels=self.labels[idx])
+        return replace(self, files=self.files[idx.numpy()], labels=self.labels[idx], fingerprint=None)
 
 
 @dataclass
@@ -177,6 +189,34 @@ class DatasetSplits:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
         return getattr(self, name)
+
+
+def listing_fingerprint(entries: Iterable[tuple[str, int, int]]) -> str:
+    """16 hex digits of the SHA-256 of an ImageFolder split's ``(path relative to the split folder, size
+    in bytes, label)`` entries, in path order: a file renamed, moved to another class, resized or swapped
+    with another changes it."""
+    h = hashlib.sha256()
+    for name, size, label in sorted(entries):
+        h.update(f"{name}\0{size}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
+
+
+def content_fingerprint(split: TensorSplit | StreamSplit) -> str:
+    """What a split holds, as 16 hex digits: its loader's ``fingerprint`` where it set one (an ImageFolder
+    split read into memory: :func:`listing_fingerprint` of its files); a streamed split's
+    :func:`listing_fingerprint` (each file stat-ed once, then kept); else the SHA-256 of its pixels and labels."""
+    if split.fingerprint is None and isinstance(split, StreamSplit):
+        entries = []
+        for i in range(len(split)):
+            name = os.fsdecode(split.files[i])
+            entries.append((name, os.stat(os.path.join(split.folder, name)).st_size, int(split.labels[i])))
+        split.fingerprint = listing_fingerprint(entries)
+    if split.fingerprint is not None:
+        return split.fingerprint
+    h = hashlib.sha256(f"{tuple(split.images.shape)}|".encode())
+    h.update(split.images.cpu().contiguous().numpy().tobytes())
+    h.update(split.labels.cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

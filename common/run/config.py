@@ -13,12 +13,10 @@ import functools
 import hashlib
 import json
 import math
-import os
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +24,14 @@ from common.data.datasets import DATASET_NAMES
 from common.device import resolve_device
 from common.models import MODEL_NAMES
 from common.run.logs import check_name
+from common.run.validate import check_ranges, check_relations
+from common.run.values import convert_value
 from common.search.options import (
     DEFAULT_METHOD,
     METHODS,
     SearchConfig,
     check_budget_tol,
     check_method,
-    check_metric,
     check_target,
 )
 from common.search.proxy import DEFAULT_PROXY, PROXIES
@@ -196,7 +195,7 @@ class ExperimentConfig:
         None,
         "artifacts go to <artifacts_dir>/<model>/<run_id>/",
         metavar="DIR",
-        shown="artifacts beside the log folder (<log_dir>/../artifacts)",
+        shown="<log_dir>/../artifacts/<log folder name>, beside the log folder",
         affects_results=False,
     )
     threads: int | None = _option(None, "torch CPU threads", shown="torch's", affects_results=False)
@@ -206,7 +205,7 @@ class ExperimentConfig:
     )
 
     def __post_init__(self) -> None:
-        # Refuse what would fail late or log nonsense, before any data or model work.
+        # Refuse what would fail late or log nonsense, before any data or model work (common.run.validate).
         for f in dataclasses.fields(self):
             value = field_value(f.name, getattr(self, f.name))
             if "choices" in f.metadata and value not in f.metadata["choices"]:
@@ -219,19 +218,15 @@ class ExperimentConfig:
         if not self.methods:
             raise ValueError(f"methods: give at least one of {','.join(METHODS)}")
         self.targets = tuple(check_target(t) for t in self.targets)
-        for name in ("search_budget", "n_seeds", "rerank", "calib_images", "final_calib_images"):
-            if int(getattr(self, name)) < (2 if "calib" in name else 1):
-                raise ValueError(f"{name} must be at least {2 if 'calib' in name else 1}, got {getattr(self, name)}")
         ft = self.finetune_epochs
-        if isinstance(ft, bool) or not (isinstance(ft, (int, float)) and math.isfinite(ft) and ft >= 0):
+        if not (math.isfinite(ft) and ft >= 0):
             raise ValueError(f"finetune_epochs must be a number of epochs >= 0 (0 = off), got {self.finetune_epochs!r}")
         if self.val_images == 0:
             self.val_images = None  # the whole val split, as documented
+        check_ranges(self.__dict__)
+        check_relations(self.__dict__)
         for m in self.methods:
             check_method(m)
-        if self.proxy not in PROXIES:
-            raise ValueError(f"proxy must be one of {PROXIES}, got {self.proxy!r}")
-        check_metric(self.metric)
         check_budget_tol(self.budget_tol, "budget_tol")  # named as the user typed it, before SearchConfig's own check
         search_config(dataclasses.asdict(self))  # validates the search options as the searches get them
         if self.rescore and self.proxy == "top1":
@@ -264,10 +259,20 @@ class ExperimentConfig:
         t = "-".join(f"{x:g}" for x in self.targets)
         return f"{self.model}-{self.dataset}-x{t}-s{self.seed}-{self.fingerprint()}"
 
+    def log_path(self) -> Path:
+        """The run's log file: ``<log_dir>/<model>/<run_id>.log`` (:class:`common.run.logs.RunLog`)."""
+        return Path(self.log_dir) / self.model / f"{self.resolved_run_id()}.log"
+
     def artifact_folder(self) -> Path:
-        """Where this run's artifacts go: ``<artifacts_dir>/<model>/<run_id>/`` (see ``artifacts_dir``)."""
-        root = Path(self.artifacts_dir) if self.artifacts_dir else Path(self.log_dir).parent / "artifacts"
-        return root / self.model / self.resolved_run_id()
+        """Where this run's artifacts go: ``<artifacts_dir>/<model>/<run_id>/``, by default
+        ``artifacts/<log folder's name>/<model>/<run_id>/`` beside the log folder: two log folders never
+        share one (see ``artifacts_dir``)."""
+        if self.artifacts_dir:
+            return Path(self.artifacts_dir) / self.model / self.resolved_run_id()
+        logs = Path(self.log_dir)
+        if logs.name in ("", ".", ".."):  # "." or "a/..": name the folder it is
+            logs = logs.resolve()
+        return logs.parent / "artifacts" / (logs.name or "root") / self.model / self.resolved_run_id()
 
     def finetune_targets_or_all(self) -> tuple[float, ...]:
         """The targets at which plans are finetuned (when ``finetune_epochs > 0``)."""
@@ -315,34 +320,6 @@ RESUME_FIELDS: tuple[str, ...] = tuple(n for n in RESULT_FIELDS if n not in EXTE
 
 # --- values as notebooks, YAML and the command line give them ---------------------------------------- #
 
-_WORDS = {float: "number", int: "whole number", str: "string", bool: "True or False"}
-
-
-def _list_items(text: str) -> list[str]:
-    """The items of ``"a,b"``, ``"[a, b]"`` or ``"(a, b)"`` (quotes around an item are dropped)."""
-    s = text.strip()
-    if len(s) >= 2 and (s[0], s[-1]) in (("[", "]"), ("(", ")")):
-        s = s[1:-1]
-    items = [x.strip() for x in s.split(",")]
-    return [x[1:-1] if len(x) >= 2 and x[0] == x[-1] and x[0] in "'\"" else x for x in items if x]
-
-
-def _one(kind: type, value: Any) -> Any:
-    """``value`` as one ``kind``; ``None`` when it is not one (a bool is no number)."""
-    if kind is bool:
-        return value if isinstance(value, bool) else None
-    if isinstance(value, bool):
-        return None
-    if kind is int:
-        if isinstance(value, Integral):
-            return int(value)
-        return int(value) if isinstance(value, float) and value.is_integer() else None
-    if kind is float:
-        return float(value) if isinstance(value, Real) else None
-    if kind is str:
-        return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
-    return value
-
 
 def field_value(name: str, value: Any, label: str | None = None, hint: str | None = None) -> Any:
     """``value`` as :class:`ExperimentConfig` field ``name`` holds it (what ``__post_init__`` applies).
@@ -363,46 +340,7 @@ def field_value(name: str, value: Any, label: str | None = None, hint: str | Non
         ValueError: a value or item of the wrong type, naming ``label`` and the offending value.
     """
     kind, many, optional = field_kinds()[name]
-    label = label or name
-    word = _WORDS.get(kind, kind.__name__)
-    if many:  # one number stands for a list of one
-        want = f"a {word} or a list of {word}s" if kind in (int, float) else f"a list of {word}s"
-    else:
-        want = word if kind is bool else f"a {word}"
-    if optional:
-        want += " or None"
-
-    def fail(detail: str = "") -> ValueError:
-        return ValueError(f"{label} must be {want}, got {value!r}{detail}" + (f"; {hint}" if hint else ""))
-
-    if value is None:
-        if optional:
-            return None
-        raise fail()
-    if not many:
-        out = _one(kind, value)
-        if out is None:
-            raise fail()
-        return out
-    if isinstance(value, str) and kind is not bool:
-        items = []
-        for text in _list_items(value):
-            try:
-                items.append(kind(text))
-            except ValueError as e:
-                raise fail(f" ({text!r} is not a {word}: {e})") from None
-    elif isinstance(value, (list, tuple)):
-        items = []
-        for item in value:
-            one = _one(kind, item)
-            if one is None:
-                raise fail(f" ({item!r} is not a {word})")
-            items.append(one)
-    elif kind is not str and _one(kind, value) is not None:
-        items = [_one(kind, value)]  # one number for a list of numbers
-    else:
-        raise fail()
-    return None if optional and not items else tuple(items)
+    return convert_value(value, kind, many, optional, label or name, hint)
 
 
 # --- the command line, generated from the config's fields ------------------------------------------ #

@@ -145,38 +145,64 @@ def jsonify(
     """Convert run logs into one JSON document per run, ``<out_dir>/<model>/<run_id>.json``.
 
     Writing is atomic (temporary file + ``os.replace``) and deterministic, so re-running on the
-    same logs gives byte-identical files. A log without records (empty, binary) is reported through
-    ``on_error`` and gets no document.
+    same logs gives byte-identical files. Every good log is converted whatever the others hold: a log
+    that cannot give a document (no records, unreadable, a run id or model that is no usable file name,
+    e.g. ``../x``; a run another log already gave) is reported through ``on_error`` as ``file:line:
+    reason`` and gets none, as is each corrupt line of the others.
 
     Args:
         paths: log files and/or folders (searched recursively for ``*.log``).
         out_dir: output root.
-        on_error: called with each corrupt line; default logs a warning ``file:line: reason``.
+        on_error: called with each problem; default logs a warning ``file:line: reason``.
 
     Returns:
         The written document paths, in input order.
 
     Raises:
         FileNotFoundError: a path is missing or no log file was found.
-        ValueError: two different logs would produce the same document.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     report = on_error or (lambda err: _LOG.warning("%s", err))
     documents: dict[Path, tuple[Path, dict]] = {}
     for log in find_logs(paths):
-        document, errors = run_document(log)
+        try:
+            document, errors = run_document(log)
+        except OSError as exc:
+            report(LogError(str(log), 1, f"unreadable: {exc.strerror or exc}; no document written", ""))
+            continue
         for err in errors:
             report(err)
         if not document["records"]:
             continue  # reported: no run to write
-        target = document_path(document, out_dir)
+        try:
+            target = document_path(document, out_dir)
+        except ValueError as exc:
+            report(LogError(str(log), _name_line(document), f"{exc}; no document written", ""))
+            continue
         if target in documents:
-            raise ValueError(
-                f"{log} and {documents[target][0]} are both run {document['run_id']!r} of model "
-                f"{document['model']!r}; both would be written to {target}"
+            first = documents[target][0]
+            report(
+                LogError(
+                    str(log),
+                    _name_line(document),
+                    f"run {document['run_id']!r} of model {document['model']!r} is also {first}'s, which is "
+                    f"written to {target}; this log is left out (give one of them another run id)",
+                    "",
+                )
             )
+            continue
         documents[target] = (log, document)
     for target, (_, document) in documents.items():
         _write_if_changed(target, dumps_document(document))
     return list(documents)
+
+
+def _name_line(document: Mapping[str, Any]) -> int:
+    """The line of a document's log where its run id and model come from: its first record naming that
+    run id (the ``config`` record, normally); line 1 when none does (the name is the file's)."""
+    records, line_nos, _ = parse_lines(document["source"])
+    for record, line in zip(records, line_nos):
+        if record.get("run_id") == document["run_id"]:
+            return line
+    return 1

@@ -40,6 +40,8 @@ from common.run.logs import RunLog
 from common.run.measure import evaluate_splits, latency
 from common.run.preflight import (
     PreflightError,
+    check_artifacts_folder,
+    check_data_root,
     check_targets,
     check_writable,
     input_identity,
@@ -48,6 +50,7 @@ from common.run.preflight import (
     resolve_checkpoint,
     resume_changes,
     rotate_failed,
+    unrecorded_inputs,
 )
 from common.search.options import POLICIES, SearchResult
 from common.search.searcher import build_searcher
@@ -78,8 +81,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
     """Run (or resume) one experiment; return its ``final`` records.
 
     Raises:
-        PreflightError: a folder that cannot be written, an unreadable or non-finite checkpoint, an
-            unreachable target, or a log to resume whose settings or inputs differ (before any work).
+        PreflightError: a folder that cannot be written, an artifacts folder holding another run's files,
+            a data root that is no folder, an unreadable or non-finite checkpoint, an unreachable target,
+            or a log to resume whose settings or inputs differ (before any work).
         LogLockedError: another process is writing this run's log.
     """
     t_start = time.perf_counter()
@@ -114,7 +118,7 @@ def _run_logged(
     model, ckpt = _dense_model(cfg, data)
     if ckpt is not None and sha is None:  # resolved here: a shared or a cached trained baseline
         sha = inspect_checkpoint(ckpt)
-    _log_inputs(cfg, log, device, input_identity(data, sha))
+    _log_inputs(cfg, log, device, from_main(lambda: input_identity(data, sha)))  # rank 0 lists the files
     layers = list_conv_layers(model, (1, 3, data.image_size, data.image_size))
     check_targets(cfg, layers, [d for d, _ in _decompositions(cfg)])
     base = _baseline(cfg, log, model, data, device, ckpt)
@@ -151,6 +155,9 @@ def _open_main_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog,
     run_id = cfg.resolved_run_id()
     check_writable(Path(cfg.log_dir) / cfg.model, "log folder")
     check_writable(default_cache_dir(), "cache folder (HTD_CACHE, default .cache/)")
+    check_data_root(cfg)
+    if cfg.artifacts:
+        check_artifacts_folder(cfg.artifact_folder(), cfg.log_path())
     log = RunLog(Path(cfg.log_dir), cfg.model, run_id)
     if log.records() and log.find("baseline") is None:
         log.close()
@@ -172,7 +179,10 @@ def _log_inputs(cfg: ExperimentConfig, log: RunLog, device: torch.device, inputs
     prev = log.find("config")
     if prev is not None:
         refuse_resume(log.run_id, log.path, resume_changes(prev, cfg, device, inputs))
-        _log_say(log, cfg.progress)(f"resuming run {log.run_id} from {log.path}")
+        say = _log_say(log, cfg.progress)
+        say(f"resuming run {log.run_id} from {log.path}")
+        for what in unrecorded_inputs(prev):
+            say(f"not compared on resume: {what}; this log predates recording it")
         return
     log.write(
         "config",

@@ -26,7 +26,7 @@ from common.decompose.surgery import plan_from_dict
 from common.deploy.artifacts import artifact_name, save_artifact
 from common.dist import from_main, shard_map, world
 from common.run.config import ExperimentConfig
-from common.run.finetune_stage import finetune_best, finetune_checkpoint
+from common.run.finetune_stage import finetune_best, finetune_checkpoint, finetune_owner
 from common.run.logs import RunLog, pack_hits
 from common.run.measure import evaluate_splits, latency
 from common.search.proxy import final_model
@@ -148,6 +148,7 @@ def _finish(run: Run, searcher, prec: dict, key: dict) -> dict:
             run.device,
             log=run.log,
             checkpoint=ckpt,
+            owner=finetune_owner(run.log, cfg, prec["plan"]),
             say=run.say,
             progress=f"{_stage_label(key)}: finetune" if cfg.progress else None,
         )
@@ -244,5 +245,6 @@ def _save_artifacts(run: Run, prec: dict, key: dict, payload: dict, states: dict
                 "checkpoint": run.base.get("checkpoint"),
                 "metric": cfg.metric,
             },
+            owner=run.log.path,
         )
     return out

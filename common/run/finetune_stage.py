@@ -6,11 +6,16 @@ selection on val only, then val and test top-1 and the test images' hits of the 
 Within a run (:mod:`common.run.finals`) each epoch is logged as a ``finetune_epoch`` record and the
 finetuning checkpoints to :func:`finetune_checkpoint`, a file beside the run's log, so an interrupted run
 resumes it where it stopped; a study that replays a run's finetuning calls :func:`finetune_best` alone.
+The checkpoint holds what it finetunes (:func:`finetune_owner`: the log, the settings, the dense
+weights, the data and the plan), so a file left by a deleted log or by other inputs is discarded, never
+resumed.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +25,7 @@ from torch import nn
 
 from common.data.splits import DatasetSplits
 from common.decompose.layers import balance_factors
-from common.run.config import ExperimentConfig
+from common.run.config import RESUME_FIELDS, ExperimentConfig
 from common.run.logs import RunLog, pack_hits
 from common.run.measure import evaluate_splits
 from common.train.finetune import finetune
@@ -30,6 +35,27 @@ def finetune_checkpoint(log: RunLog, key: dict) -> Path:
     """The file a final model's finetuning checkpoints to, beside the run's log (deleted once ``final`` is logged)."""
     name = f"{log.path.stem}.finetune-{key['method']}-x{key['target']:g}-{key['decomposition']}-s{key['seed']}.pt"
     return log.path.with_name(name)
+
+
+def finetune_owner(log: RunLog, cfg: ExperimentConfig, plan: dict) -> dict:
+    """What a final model's finetuning checkpoint belongs to: the run's log (its run id and when its
+    ``config`` record was written: a log deleted and begun again is another), the settings a resume must
+    share (:data:`common.run.config.RESUME_FIELDS`), the dense checkpoint's SHA-256, the dataset's identity
+    (as logged) and the plan; a checkpoint of another owner is discarded (:class:`common.train.checkpoint.Checkpointer`)."""
+    config = log.find("config") or {}
+    settings = {k: v for k, v in cfg.result_settings().items() if k in RESUME_FIELDS}
+    return {
+        "log": f"{log.run_id} begun at {config.get('t')!r}",
+        "settings": _digest(settings),
+        "dense_checkpoint": config.get("checkpoint_sha256"),
+        "dataset": _digest(config.get("dataset_identity")),
+        "plan": _digest(plan),
+    }
+
+
+def _digest(value: object) -> str:
+    """16 hex digits of the SHA-256 of ``value`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 class _BestValEpoch:
@@ -70,6 +96,7 @@ def finetune_best(
     *,
     log: RunLog | None = None,
     checkpoint: Path | None = None,
+    owner: dict | None = None,
     say: Callable[[str], None] = print,
     progress: str | None = None,
 ) -> dict:
@@ -81,6 +108,8 @@ def finetune_best(
     Args:
         log: where each epoch's ``finetune_epoch`` record goes (None: nowhere, e.g. a replay).
         checkpoint: the file the finetuning checkpoints to every minute and resumes from.
+        owner: what ``checkpoint`` must belong to (:func:`finetune_owner`); one of another owner is
+            discarded, with a message to ``say``.
 
     Returns:
         The ``final`` record's finetune fields (``test_hits_ft`` among them).
@@ -90,8 +119,6 @@ def finetune_best(
     if cfg.finetune_balance:  # the same function, better-conditioned steps (FactorizedConv.balance)
         balance_factors(comp)
     best = _BestValEpoch(log, key, val_top1_bn, comp)
-    if checkpoint is not None and checkpoint.exists():
-        say(f"resuming the finetuning of {key} from {checkpoint}")
     history = finetune(
         comp,
         data,
@@ -101,6 +128,7 @@ def finetune_best(
         progress=progress or False,
         on_epoch_end=best,
         checkpoint=checkpoint,
+        checkpoint_owner=owner,
         say=say,
         distributed=False,  # one final model per rank (common.dist): the single-process numbers
     )

@@ -1,9 +1,10 @@
 """What :func:`common.run.experiment.run_experiment` checks before it works, and what it compares on resume.
 
 Before any data or model work: the log and cache folders must be writable (:func:`check_writable`;
-``HTD_CACHE`` naming a file fails here, not after a baseline was trained), and an explicit checkpoint
-must be a readable state_dict whose every floating tensor is finite (:func:`inspect_checkpoint`,
-which also returns the SHA-256 of its bytes). Once the model's conv layers are known, every target
+``HTD_CACHE`` naming a file fails here, not after a baseline was trained), so must the artifacts
+folder, which must hold no other run's artifact (:func:`check_artifacts_folder`); a data root must be a
+folder (:func:`check_data_root`), and an explicit checkpoint must be a readable state_dict whose every
+floating tensor is finite (:func:`inspect_checkpoint`, which also returns the SHA-256 of its bytes). Once the model's conv layers are known, every target
 must be reachable (:func:`check_targets`). Each failure is a :class:`PreflightError` naming what to fix.
 
 A run's log records the identity of its inputs in its ``config`` record (:func:`input_identity`:
@@ -28,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from common.data.splits import DatasetSplits
+from common.data.splits import SPLITS, DatasetSplits, content_fingerprint
 from common.decompose.surgery import LayerInfo
+from common.deploy.artifacts import ArtifactError, check_replace
 from common.models import read_state_dict
 from common.paths import CHECKPOINT_DIR, REPO, default_cache_dir
 from common.run.config import RESUME_FIELDS, ExperimentConfig
@@ -38,6 +40,8 @@ from finetuned.train_baseline import main as train_baseline
 
 __all__ = [
     "PreflightError",
+    "check_artifacts_folder",
+    "check_data_root",
     "check_targets",
     "check_writable",
     "input_identity",
@@ -45,6 +49,7 @@ __all__ = [
     "refuse_resume",
     "resolve_checkpoint",
     "resume_changes",
+    "unrecorded_inputs",
     "rotate_failed",
 ]
 
@@ -69,6 +74,34 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
         kind = "a file" if path.is_file() else "not writable"
         raise PreflightError(f"{what} {path} is {kind}: {exc.strerror or exc}; it must be a writable folder") from None
     return path
+
+
+def check_artifacts_folder(folder: str | os.PathLike, log_path: str | os.PathLike) -> Path:
+    """The run's artifacts folder, writable (:func:`check_writable`), and no file in it another run's
+    (:func:`common.deploy.artifacts.check_replace`, with the run's log as the owner).
+
+    Raises:
+        PreflightError: the folder cannot be written, or holds another run's artifact (named).
+    """
+    path = check_writable(folder, "artifacts folder")
+    owner = str(Path(log_path).resolve())
+    for file in sorted(path.glob("*.pt")):
+        try:
+            check_replace(file, owner)
+        except ArtifactError as exc:
+            raise PreflightError(str(exc)) from None
+    return path
+
+
+def check_data_root(cfg: ExperimentConfig) -> None:
+    """A given ``data_root`` must be a folder (digits, embedded, reads none).
+
+    Raises:
+        PreflightError: naming the option and the path.
+    """
+    if cfg.data_root is not None and cfg.dataset != "digits" and not Path(cfg.data_root).is_dir():
+        what = "a file" if Path(cfg.data_root).exists() else "missing"
+        raise PreflightError(f"data_root {cfg.data_root} is {what}; it must be the dataset's folder (--data-root DIR)")
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> str:
@@ -100,10 +133,13 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
 
 def input_identity(data: DatasetSplits, checkpoint_sha256: str | None) -> dict:
     """What a run's results depend on beyond its settings: the checkpoint's bytes (None: random init)
-    and the dataset as loaded (resolved name, root, split sizes; streamed or not, and the crop size, when
-    streamed). Logged in the ``config`` record."""
-    sizes = {s: int(len(data.split(s).labels)) for s in ("train", "val", "test")}
-    identity = {"name": data.name, "root": data.source, "sizes": sizes}
+    and the dataset as loaded (resolved name, root, split sizes, each split's content fingerprint
+    (:func:`common.data.splits.content_fingerprint`: an ImageFolder's file names, sizes and labels, or the
+    pixels and labels in memory); streamed or not, and the crop size, when streamed). Logged in the
+    ``config`` record."""
+    sizes = {s: int(len(data.split(s).labels)) for s in SPLITS}
+    content = {s: content_fingerprint(data.split(s)) for s in SPLITS}
+    identity = {"name": data.name, "root": data.source, "sizes": sizes, "content": content}
     if getattr(data, "streaming", False):  # other transforms than in memory (and logs before streaming lack it)
         identity |= {"streamed": True, "image_size": int(data.image_size)}
     return {"checkpoint_sha256": checkpoint_sha256, "dataset_identity": identity}
@@ -112,16 +148,39 @@ def input_identity(data: DatasetSplits, checkpoint_sha256: str | None) -> dict:
 def resume_changes(prev: dict, cfg: ExperimentConfig, device: torch.device, inputs: dict | None = None) -> list:
     """``(field, logged, now)`` for every :data:`common.run.config.RESUME_FIELDS` field (``device`` by its
     type) and, given ``inputs`` (:func:`input_identity`), every input identity where this run differs
-    from the logged ``config`` record; what an older log does not record is not compared."""
+    from the logged ``config`` record; the dataset's part by part (``dataset_identity.content.test``
+    names the test split's content). What an older log does not record is not compared
+    (:func:`unrecorded_inputs` says what)."""
     now = json.loads(json.dumps(dataclasses.asdict(cfg))) | {"device_type": device.type}
     if prev.get("finetune") is False:  # older logs: a finetune switch beside the epochs; off = 0 epochs
         prev = {**prev, "finetune_epochs": 0.0}
     keys = [("device_type" if name == "device" else name, name) for name in RESUME_FIELDS]
-    if inputs is not None:
-        now |= json.loads(json.dumps(inputs))
-        keys += [(key, key) for key in inputs]
     # == after JSON: 3 == 3.0, tuples are lists
-    return [(name, prev[key], now[key]) for key, name in keys if key in prev and prev[key] != now[key]]
+    out = [(name, prev[key], now[key]) for key, name in keys if key in prev and prev[key] != now[key]]
+    for key, value in json.loads(json.dumps(inputs or {})).items():
+        if key in prev:
+            out += _changes(key, prev[key], value)
+    return out
+
+
+def _changes(name: str, logged: object, now: object) -> list[tuple[str, object, object]]:
+    """Where ``now`` differs from ``logged``, naming each part of a dict (``a.b.c``); a part the log
+    lacks is not compared, one only the log has differs."""
+    if not (isinstance(logged, dict) and isinstance(now, dict)):
+        return [] if logged == now else [(name, logged, now)]
+    out = []
+    for key in sorted(logged.keys() | now.keys()):
+        if key in logged:
+            out += _changes(f"{name}.{key}", logged[key], now.get(key))
+    return out
+
+
+def unrecorded_inputs(prev: dict) -> list[str]:
+    """The input identities a resumed run cannot compare because its log (older) did not record them."""
+    dataset = prev.get("dataset_identity")
+    if isinstance(dataset, dict) and "content" not in dataset:
+        return ["the dataset's content (each split's fingerprint: its files' names, sizes and labels, or its pixels)"]
+    return []
 
 
 def refuse_resume(run_id: str, log_path: Path, changes: Sequence[tuple[str, object, object]]) -> None:
@@ -129,12 +188,14 @@ def refuse_resume(run_id: str, log_path: Path, changes: Sequence[tuple[str, obje
     if not changes:
         return
     lines = "\n".join(f"  {name}: logged {old!r}, now {new!r}" for name, old, new in changes)
-    inputs = [n for n, _, _ in changes if n in ("checkpoint_sha256", "dataset_identity")]
+    inputs = [n for n, _, _ in changes if n == "checkpoint_sha256" or n.startswith("dataset_identity")]
+    splits = sorted({n.split(".")[2] for n in inputs if n.startswith("dataset_identity.content.")})
     back = "" if inputs else "To resume that run, set these back to the logged values. "
     raise PreflightError(
         f"run id {run_id!r} already has a log, {log_path}, whose config differs in "
         f"{', '.join(name for name, _, _ in changes)}:\n{lines}\n"
         + ("(the checkpoint's bytes or the dataset are not those the run started with)\n" if inputs else "")
+        + (f"(the images or labels of the {', '.join(splits)} split(s) changed)\n" if splits else "")
         + f"Resuming it would mix results of different settings or inputs. {back}Either start a separate "
         "run: give another run id, or none (run_id / RUN_ID = None: the default run id hashes every setting "
         f"that affects results, so these settings get their own log); or delete the log {log_path} to redo "

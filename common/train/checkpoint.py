@@ -4,12 +4,17 @@
 the model, optimizer, schedule, RNG states, the callback's state and the :class:`Position` within the
 run (format ``CHECKPOINT_FORMAT``). A restore refuses a file of another run: its identity (the recipe,
 the total steps, the steps per epoch and the world size) must match, and the message names what differs.
+
+A caller that knows more about what is finetuned (the experiment: its log, the dense checkpoint, the
+plan, the data) gives it as the ``owner``: a file whose owner differs, or that has none, is stale
+state of something else; it is discarded, with a message naming what differs, and training starts over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,8 +58,18 @@ class Run(Protocol):
 class Checkpointer:
     """Saves a finetuning run's whole state to one file (atomically) and restores it."""
 
-    def __init__(self, path: Path, every: float, callback: Any):
+    def __init__(
+        self,
+        path: Path,
+        every: float,
+        callback: Any,
+        owner: dict | None = None,
+        say: Callable[[str], None] = print,
+    ):
+        """``owner``: JSON-like identity of what is finetuned, saved with the state; a file of another
+        owner is discarded (a message to ``say``). None: files are told apart by their recipe only."""
         self.path, self.every, self.callback = path, float(every), callback
+        self.owner, self.say = owner, say
         self.last = time.perf_counter()
 
     def _identity(self, run: Run) -> dict:
@@ -84,6 +99,7 @@ class Checkpointer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
             "callback": self.callback.state_dict() if hasattr(self.callback, "state_dict") else None,
+            "owner": self.owner,
         }
         atomic_write(self.path, lambda fh: torch.save(state, fh))
 
@@ -99,6 +115,9 @@ class Checkpointer:
             ) from exc
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{self.path} is not a finetune checkpoint ({CHECKPOINT_FORMAT}); delete or move it")
+        if self.owner is not None and state.get("owner") != self.owner:
+            self._discard(state.get("owner"))
+            return
         want = self._identity(run)
         diff = [k for k in want if state.get(k) != want[k]]
         if "recipe" in diff:
@@ -121,3 +140,14 @@ class Checkpointer:
         if state["callback"] is not None and hasattr(self.callback, "load_state_dict"):
             self.callback.load_state_dict(state["callback"])
         run.pos = Position(**state["position"])
+        self.say(f"resuming from the finetune checkpoint {self.path} ({run.pos.done} of {run.total_steps} steps done)")
+
+    def _discard(self, owner: Any) -> None:
+        """Delete a checkpoint of another owner (stale state: nothing can resume it), saying what differs."""
+        if isinstance(owner, dict):
+            keys = sorted(k for k in self.owner.keys() | owner.keys() if owner.get(k) != self.owner.get(k))
+            why = f"it belongs to another {', '.join(keys)}"
+        else:
+            why = "it does not say what it finetunes (saved before that was recorded)"
+        self.path.unlink(missing_ok=True)
+        self.say(f"discarded the finetune checkpoint {self.path}: {why}; this finetuning starts from its beginning")

@@ -189,6 +189,7 @@ def finetune(
     on_epoch_end: Callable[[dict, nn.Module], None] | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: float = 60.0,
+    checkpoint_owner: dict | None = None,
     say: Callable[[str], None] | None = None,
     distributed: bool | None = None,
     **recipe: Any,
@@ -213,7 +214,10 @@ def finetune(
             would have used (on the CPU the result is bit-identical); a finished run's checkpoint returns
             its history at once. The file is kept: delete it once its results are stored. A checkpoint
             of another recipe or model is refused, naming the file and what differs.
-        say: where the time-estimate line goes (default: ``tqdm.write``).
+        checkpoint_owner: JSON-like identity of what is finetuned (e.g. the run, the dense weights, the
+            plan, the data), saved in the checkpoint: a checkpoint of another owner, or of none, is
+            discarded with a message and training starts over (:class:`common.train.checkpoint.Checkpointer`).
+        say: where the time-estimate line goes (default: ``tqdm.write``), and a discarded checkpoint's message.
         distributed: train with DDP over the initialized process group (every rank calls ``finetune``
             with the same arguments); ``None`` = when one is initialized; ``False`` = this process alone
             even under ``torchrun`` (how :mod:`common.run.experiment` finetunes one final model per rank).
@@ -240,7 +244,7 @@ def finetune(
     group = world() if distributed is not False else (0, 1)
     run = _FinetuneRun.start(model, data, cfg, teacher, resolve_device(device), label, group)
     if checkpoint is not None:
-        run.saver = Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end)
+        run.saver = Checkpointer(Path(checkpoint), checkpoint_every, on_epoch_end, checkpoint_owner, say or tqdm.write)
         run.saver.restore(run)
     if label is not None:
         run.say = say or tqdm.write
