@@ -1,5 +1,7 @@
 # make venv  - .venv with the pinned requirements and a "python3" Jupyter kernel running it
-# make test  - the whole test suite (builds the venv first if needed)
+# make test  - the whole test suite (builds the venv first if needed): what CI and the README run
+# make test-fast - the quick tier for the edit-test loop: the suite less the tests marked slow (notebooks,
+#              torchrun jobs, the shared-checkpoint BN checks, the studies' replays)
 # make lint  - ruff: lint and format check (config in pyproject.toml); `make format` applies the formatter
 # make run   - the main job on the embedded digits data, then logs -> json/digits/ -> results/digits/ (json/digits only: the other json/ folders hold the CIFAR-10 tables)
 #              (`make run NPROC=2`: the same job in 2 processes under torchrun, same numbers; README)
@@ -27,7 +29,7 @@ RUN_ARGS ?= --model resnet18 --dataset digits --targets 20 --n-seeds 3 --search-
 NPROC ?= 1
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC))
 
-.PHONY: venv test lint format run clean
+.PHONY: venv test test-fast lint format run clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +42,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: venv
 	$(PY) -m pytest $(PYTEST_FLAGS)
+
+test-fast: venv
+	$(PY) -m pytest $(PYTEST_FLAGS) -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -41,6 +41,15 @@ settings.register_profile(
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """A study's tests (``studies/<name>/test_*.py``) replay one-off studies: the full suite (``make test``)
+    runs them, the quick tier (``make test-fast``, ``-m "not slow"``) does not."""
+    studies = Path(__file__).resolve().parent / "studies"
+    for item in items:
+        if studies in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread_if_marked(request):
     """Modules marked ``pytestmark = pytest.mark.one_thread`` run on one intra-op thread: identical

@@ -1486,10 +1486,10 @@ def test_a_method_keeps_its_colour_whatever_else_is_drawn():
     mixed = method_colors([("tpe", "ht2"), ("policy", "ht2"), ("policy", "tucker2"), ("greedy", nan)])
     assert alone["policy"] == mixed[("policy", "ht2")] == tab[4]  # its place in METHOD_ORDER
     assert mixed[("tpe", "ht2")] == tab[5]
-    # another decomposition and an unknown method take the free colours after the 7 methods, in order
-    assert mixed[("policy", "tucker2")] == tab[7] and mixed[("greedy", nan)] == tab[8]
+    # another decomposition and an unknown method take the free colours after the 8 methods, in order
+    assert mixed[("policy", "tucker2")] == tab[8] and mixed[("greedy", nan)] == tab[9]
     assert method_colors([("energy", nan)])[("energy", nan)] == tab[1]  # older logs: HT-2
-    many = method_colors([f"m{i}" for i in range(4)])  # 7 + 4 > 10: an even palette over the series
+    many = method_colors([f"m{i}" for i in range(4)])  # 8 + 4 > 10: an even palette over the series
     assert list(many.values()) == palette(4)
 
 

@@ -135,6 +135,7 @@ def test_no_batches_and_single_value_are_errors():
         bn_recalibrate(nn.Sequential(nn.BatchNorm1d(3)), [torch.randn(1, 3)])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SHARED, reason="needs ../shared CIFAR-10 data and baselines")
 @pytest.mark.parametrize("name", ["resnet18", "vgg16"])
 def test_recalibrated_dense_baseline_keeps_its_accuracy(name):

@@ -239,6 +239,7 @@ def test_make_loader_subset(digits):
         make_loader(digits, "holdout", 64)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_JPEG_ROOT.is_dir(), reason="../shared/data/cifar10-jpeg absent")
 def test_cifar10_jpeg_shapes(tmp_path_factory):
     d = load_dataset("cifar10-jpeg")  # default cache: decoded once per machine

@@ -223,6 +223,7 @@ def runs(tmp_path_factory, digits_checkpoint):
     return tmp, ckpt
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_single_process_log(runs):
     tmp, _ = runs
     one, two = _records(tmp, "one"), _records(tmp, "two")
@@ -236,6 +237,7 @@ def test_two_processes_write_the_single_process_log(runs):
     )
 
 
+@pytest.mark.slow
 def test_a_rank_dying_mid_search_resumes_to_the_same_log(runs):
     tmp, ckpt = runs
     one = _records(tmp, "one")

@@ -71,6 +71,7 @@ def test_evaluate_counts_exactly():
     assert r["loss"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_SHARED, reason="../shared data/checkpoints absent")
 def test_evaluate_reproduces_alexnet_manifest_val():
     from common.models import load_baseline, manifest
@@ -227,6 +228,7 @@ def _ddp_worker(rank: int, world: int, tmp: str) -> None:
         torch.save({"state": model.state_dict(), "history": h}, f"{tmp}/rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_finetune_ddp_two_processes_identical(tmp_path):
     import torch.multiprocessing as mp
 

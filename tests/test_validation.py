@@ -107,6 +107,7 @@ def test_a_run_failed_before_its_baseline_restarts_with_corrected_arguments(tmp_
     assert errors == [] and len(configs) == 1 and configs[0]["calib_images"] == 32
 
 
+@pytest.mark.slow
 def test_resume_with_other_checkpoint_bytes_or_dataset_is_refused(tmp_path, digits_checkpoint, digits, monkeypatch):
     ckpt = tmp_path / "weights.pt"
     ckpt.write_bytes(digits_checkpoint("alexnet", fit=False).read_bytes())
@@ -139,6 +140,7 @@ def test_resume_with_other_checkpoint_bytes_or_dataset_is_refused(tmp_path, digi
         run_experiment(cfg)
 
 
+@pytest.mark.slow
 def test_resume_on_relabelled_images_of_the_same_split_sizes_is_refused_naming_the_split(
     tmp_path, digits_checkpoint, digits, monkeypatch
 ):
@@ -158,6 +160,7 @@ def test_resume_on_relabelled_images_of_the_same_split_sizes_is_refused_naming_t
     assert "content.train" not in text and "sizes" not in text
 
 
+@pytest.mark.slow
 def test_a_log_from_before_content_fingerprints_resumes_and_says_so(tmp_path, digits_checkpoint):
     cfg = config(tmp_path, digits_checkpoint("alexnet", fit=False), "old", methods=("uniform",), deadline=0.0)
     assert run_experiment(cfg) == []
@@ -418,6 +421,7 @@ def _noisy_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_a_finetune_checkpoint_left_by_a_deleted_log_is_discarded_not_resumed(tmp_path, digits_checkpoint, monkeypatch):
     """Found: run A was killed once its finetune checkpoint existed, its log deleted (as the resume refusal
     says), and run B (another baseline, same run id) "resumed the finetuning": it published A's model."""
@@ -448,6 +452,7 @@ def test_a_finetune_checkpoint_left_by_a_deleted_log_is_discarded_not_resumed(tm
     assert final["test_hits_ft"] == alone["test_hits_ft"] and final["val_top1_ft"] == alone["val_top1_ft"]
 
 
+@pytest.mark.slow
 def test_two_log_folders_with_one_run_id_keep_their_own_artifacts(tmp_path, digits_checkpoint):
     """Found: two log folders under one parent with the same run id shared ``<parent>/artifacts``, and run
     B overwrote run A's model. The default folder names the log folder; a shared one is refused."""
