@@ -65,7 +65,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="policy,energy", help="comma-separated methods whose plans are finetuned")
     p.add_argument("--target", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0, help="the plans of this run seed")
-    p.add_argument("--lrs", default="5e-4,1e-3,2e-3,5e-3,1e-2,2e-2", help="peak learning rates")
+    p.add_argument("--lrs", default="5e-4,1e-3,2e-3,5e-3,1e-2,2e-2", help="peak learning rates of SGD")
+    p.add_argument(
+        "--adamw-lrs",
+        default="5e-5,1e-4,2e-4,5e-4,1e-3,2e-3",
+        help="peak learning rates of AdamW (its scale is 10x smaller)",
+    )
     p.add_argument("--optimizers", default="sgd,adamw", help="sgd (nesterov) and/or adamw")
     p.add_argument("--clips", default="none,1", help="gradient-norm clips; none = off")
     p.add_argument("--balance", default="off,on", help="balanced factors before finetuning: off and/or on")
@@ -85,7 +90,8 @@ def recipes(a: argparse.Namespace) -> list[dict]:
     clips = [None if c.strip().lower() == "none" else float(c) for c in a.clips.split(",")]
     return [
         {"lr": lr, "optimizer": opt, "clip": clip, "balance": bal == "on"}
-        for lr, opt, clip, bal in product(_floats(a.lrs), a.optimizers.split(","), clips, a.balance.split(","))
+        for opt in a.optimizers.split(",")
+        for lr, clip, bal in product(_floats(a.lrs if opt == "sgd" else a.adamw_lrs), clips, a.balance.split(","))
     ]
 
 
