@@ -1547,3 +1547,11 @@ def test_a_malformed_final_is_skipped_with_a_warning_naming_file_and_seq(tmp_pat
     table = pd.read_csv(tmp_path / "out" / "summary_seeds.csv")
     vgg = table[(table["model"] == "vgg16") & (table["run_id"] == "vgg16-main")]
     assert len(vgg) == len(METHODS) * len(TARGETS) - 1  # that record alone is left out
+
+
+def test_the_analysis_names_the_searches_default_method():
+    """The analysis keeps torch out, so it names the default method itself: the same one."""
+    from common.analysis import readme
+    from common.search.options import DEFAULT_METHOD
+
+    assert readme.DEFAULT_METHOD == DEFAULT_METHOD
