@@ -17,6 +17,7 @@ to load a local state_dict file.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,12 @@ import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
+from common.data.splits import DatasetSplits
 from common.paths import CHECKPOINT_DIR
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+"""torchvision's ImageNet normalization: what its (and most published) ImageNet weights were trained with."""
 
 
 def _resnet18_cifar(num_classes: int) -> nn.Module:
@@ -69,6 +75,32 @@ def input_size(name: str) -> int:
     """Native input resolution (H = W) of model ``name``."""
     _check_name(name)
     return _REGISTRY[name][2]
+
+
+def normalized_for(
+    name: str, data: DatasetSplits, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+) -> tuple[DatasetSplits, dict]:
+    """``data`` fed with the normalization model ``name`` expects, and where it comes from.
+
+    ``mean``/``std`` given (the statistics the user's weights were trained with) win; else an ImageNet
+    architecture (``*_imagenet``) gets :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`; else the dataset's own
+    (for cifar10 and cifar10-jpeg the fixed CIFAR-10 statistics the shared baselines were trained with,
+    for digits and an ImageFolder the train split's, estimated when loaded).
+
+    Returns:
+        ``(data, {"mean", "std", "source"})`` with ``source`` one of ``"given"``, ``"imagenet"``, ``"dataset"``.
+
+    Raises:
+        ValueError: an unknown model, or a normalization :func:`common.data.splits.check_normalization` refuses.
+    """
+    _check_name(name)
+    if mean is not None or std is not None:
+        data, source = data.normalized(mean, std), "given"
+    elif name.endswith("_imagenet"):
+        data, source = data.normalized(IMAGENET_MEAN, IMAGENET_STD), "imagenet"
+    else:
+        source = "dataset"
+    return data, {"mean": list(data.mean), "std": list(data.std), "source": source}
 
 
 def _check_name(name: str) -> None:
@@ -162,31 +194,56 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     sd = read_state_dict(path)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-
-        def fmt(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-
-        parts = [
-            f"{label} [{fmt(items)}]"
-            for label, items in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", shapes),
-            )
-            if items
-        ]
-        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(parts))
+    problems = state_dict_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, sd)
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def state_dict_mismatch(shapes: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> list[str]:
+    """How ``state`` differs from a model whose state_dict has ``shapes``: its missing keys, unexpected keys
+    and shape mismatches, each a phrase listing the first eight (empty: it fits)."""
+    missing = [k for k in shapes if k not in state]
+    unexpected = [k for k in state if k not in shapes]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {shapes[k]}"
+        for k in shapes
+        if k in state and tuple(state[k].shape) != shapes[k]
+    ]
+
+    def fmt(items: list[str]) -> str:
+        return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+
+    parts = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+    return [f"{label} [{fmt(items)}]" for label, items in parts if items]
+
+
+@functools.cache
+def _architecture(name: str) -> tuple[dict[str, tuple[int, ...]], frozenset[str]]:
+    """The state_dict shapes of model ``name`` (default classes; built on the meta device, so nothing is
+    allocated) and the keys of its classifier (the last ``Linear``), whose first dimension is the classes."""
+    with torch.device("meta"):
+        m = build_model(name)
+    head = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)][-1]
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}, frozenset({f"{head}.weight", f"{head}.bias"})
+
+
+def architecture_problems(name: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """Why ``state`` is no state_dict of model ``name`` (:func:`state_dict_mismatch`), for any number of
+    classes (the classifier's first dimension may differ); empty when it is one."""
+    shapes, head = _architecture(name)
+    shapes = {
+        k: tuple(state[k].shape) if k in head and k in state and tuple(state[k].shape)[1:] == s[1:] else s
+        for k, s in shapes.items()
+    }
+    return state_dict_mismatch(shapes, state)
+
+
+def architectures_of(state: dict[str, torch.Tensor]) -> list[str]:
+    """The registered models whose state_dict ``state`` is (:func:`architecture_problems` finds nothing), in
+    registry order."""
+    return [name for name in MODEL_NAMES if not architecture_problems(name, state)]
 
 
 def manifest(checkpoint_dir: str | Path = CHECKPOINT_DIR) -> dict:

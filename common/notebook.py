@@ -3,6 +3,8 @@
 The notebooks hold parameters (a papermill ``parameters`` cell) and calls into ``common`` only; the
 logic lives here and in :mod:`common.run.experiment` / :mod:`common.analysis`, so it is tested once.
 
+* :func:`check_parameters`: the notebooks' first call, ``check_parameters(globals())``: a parameter no
+  notebook has (papermill injects any ``-p NAME``) is refused before any work, naming the closest one.
 * :func:`default_params`: what ``DATASET = "auto"`` / ``CHECKPOINT = "auto"`` mean on this machine
   (the shared cifar10-jpeg data and baseline when ``../shared`` exists, else the embedded digits
   dataset with a baseline trained once and cached).
@@ -23,7 +25,9 @@ that is not of the list's type is an error naming the parameter and showing the 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -47,6 +51,7 @@ from common.search.options import METHODS, check_method, check_target
 __all__ = [
     "PARAMETERS",
     "PLOTS",
+    "check_parameters",
     "default_params",
     "experiment_config",
     "log_path",
@@ -68,6 +73,8 @@ PARAMETERS: dict[str, str] = {
     "DATASET": "dataset",
     "DATA_ROOT": "data_root",
     "CHECKPOINT": "checkpoint",
+    "MEAN": "mean",
+    "STD": "std",
     "TARGET": "targets",
     "METHODS": "methods",
     "SEARCH_BUDGET": "search_budget",
@@ -89,6 +96,8 @@ _HINTS = {
     "TARGET": 'with papermill: -p TARGET 2.5, or several as YAML: -y "TARGET: [2, 3]"',
     "METHODS": f'with papermill pass a list as YAML, e.g. -y "METHODS: [uniform, policy]" (of {", ".join(METHODS)})',
     "SENSITIVITY_LEVELS": 'with papermill pass a list as YAML: -y "SENSITIVITY_LEVELS: [0.5, 0.3, 0.15]"',
+    "MEAN": 'with papermill pass a list as YAML: -y "MEAN: [0.485, 0.456, 0.406]"',
+    "STD": 'with papermill pass a list as YAML: -y "STD: [0.229, 0.224, 0.225]"',
 }
 """How each list parameter is passed to papermill (``-y`` YAML), shown in its errors."""
 
@@ -111,6 +120,49 @@ def _parameter_value(field: str, value: Any) -> Any:
         except ValueError as e:
             raise ValueError(f"{label}: {e}" + (f"; {hint}" if hint else "")) from None
     return out
+
+
+_INJECTED_HEADER = "# Parameters\n"
+"""How papermill's injected-parameters cell starts (its ``codify`` comment line)."""
+
+
+def _given_parameters(namespace: Mapping[str, Any]) -> list[str]:
+    """The parameter names given to this notebook run: those assigned by papermill's injected cell, the
+    latest in the kernel's input history (``In``); without one (cells run by ``exec``), every upper-case
+    name bound to a plain value."""
+    history = namespace.get("In")
+    if isinstance(history, list):
+        for source in reversed(history):
+            if isinstance(source, str) and source.startswith(_INJECTED_HEADER):
+                tree = ast.parse(source)
+                return [
+                    t.id for s in tree.body if isinstance(s, ast.Assign) for t in s.targets if isinstance(t, ast.Name)
+                ]
+        return []
+    plain = (str, int, float, bool, list, tuple, dict, type(None))
+    return [n for n, v in namespace.items() if n.isupper() and not n.startswith("_") and isinstance(v, plain)]
+
+
+def check_parameters(namespace: Mapping[str, Any]) -> None:
+    """Refuse a parameter that no notebook reads, before any work: the notebooks call
+    ``check_parameters(globals())`` right after their parameters. Papermill injects ``-p NAME VALUE`` as
+    an assignment whatever the name, so a misspelt ``-p SEARCH_BUDGT 6`` would leave SEARCH_BUDGET at its
+    default (papermill's own warning is one line among many).
+
+    Raises:
+        ValueError: naming each unknown parameter, the closest known one (``difflib``) and all of them.
+    """
+    unknown = [n for n in _given_parameters(namespace) if n not in PARAMETERS]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, list(PARAMETERS), n=1, cutoff=0.6)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise ValueError(
+        f"unknown notebook parameter{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: nothing was run. "
+        f"The parameters are {', '.join(PARAMETERS)}"
+    )
 
 
 def default_params(model: str) -> dict[str, str | None]:

@@ -1025,6 +1025,42 @@ def test_policy_margin_paired_interval_policy_ahead():
     assert math.isnan(r["margin_ft"])
 
 
+def test_does_the_policy_win_is_one_narrow_table_per_stage():
+    """The section once was one 26-column table (every column of BN and FT side by side): now a table per
+    stage measured, each with the best rival's margin, interval and verdict in one cell."""
+    df = _margin_frame(_ACCS | {"uniform": {0: 0.700, 1: 0.710, 2: 0.720}}, finetuned=lambda method, acc: acc + 0.01)
+    section = "\n".join(analysis_summary.margins_section(policy_margins(df)))
+    assert section.count("### ") == 2 and "### After BN recalibration (BN)" in section
+    bn, ft = section.split("### After BN recalibration (BN)")[1].split("### After finetuning (FT)")
+    for table in (bn, ft):
+        header = next(line for line in table.splitlines() if line.startswith("| "))
+        assert header.count("|") - 1 <= 12, header
+        assert header.startswith("| Model | Run | Target | Policy | Best rival | Margin (pp) [95 % CI] | Seeds |")
+    r = policy_margins(df).iloc[0]
+    cell = f"{r['margin_bn']:+.2f} [{r['ci_low_bn']:+.2f}, {r['ci_high_bn']:+.2f}] ahead"
+    assert f"| tpe | {cell} | 3 |" in bn
+    # no finetuning anywhere: the BN table alone
+    alone = "\n".join(analysis_summary.margins_section(policy_margins(_margin_frame(_ACCS))))
+    assert "### After BN recalibration (BN)" in alone and "### After finetuning" not in alone
+
+
+def test_finetune_recovery_of_equal_gains_warns_nothing_and_says_why(recwarn):
+    """Finetuning that gained the same on every plan (the digits demo: no prediction changed) once made
+    scipy's Theil-Sen interval take the square root of a negative variance and print a RuntimeWarning."""
+    dense, bn = 0.99, [0.98, 0.98, 0.97]
+    rows = [
+        {"run_id": "r", "method": m, "seed": 0, "decomposition": "ht2", "target": 20.0}
+        | {"test_top1_bn": b, "test_top1_ft": b, "baseline_test_top1": dense}
+        for m, b in zip(("policy", "uniform", "energy"), bn)
+    ]
+    (row,) = finetune_recovery(pd.DataFrame(rows)).itertuples()
+    assert [str(w.message) for w in recwarn] == []
+    assert row.slope == 0.0 and math.isnan(row.slope_low) and math.isnan(row.kendall_tau)
+    assert row.note == "every plan gained the same: no interval, no rank correlation"
+    section = "\n".join(analysis_summary.recovery_section(finetune_recovery(pd.DataFrame(rows))))
+    assert "| 0.00 | – | every plan gained the same" in section and "nan" not in section
+
+
 def test_rival_margins_test_each_rival_not_only_the_best_and_show_in_the_summary():
     # tpe has the best mean, but the policy is compared with every rival, each paired over its own seeds.
     accs = _ACCS | {"uniform": {0: 0.805, 1: 0.818, 2: 0.8295}}

@@ -279,3 +279,39 @@ def test_digits_fingerprints_its_splits_and_a_relabelled_split_differs(digits):
     assert content_fingerprint(TensorSplit(digits.test.images, labels)) != content_fingerprint(
         TensorSplit(digits.test.images, digits.test.labels)
     )
+
+
+def test_a_model_gets_its_own_normalization(digits):
+    """Given mean/std win; an ImageNet architecture defaults to torchvision's ImageNet statistics; others
+    keep the dataset's (digits: its train split's); the loaders normalize with what was chosen."""
+    from common.models import IMAGENET_MEAN, IMAGENET_STD, normalized_for
+
+    same, norm = normalized_for("resnet18", digits)
+    assert same is digits and norm == {"mean": list(digits.mean), "std": list(digits.std), "source": "dataset"}
+    imagenet, norm = normalized_for("resnet18_imagenet", digits)
+    assert (imagenet.mean, imagenet.std, norm["source"]) == (IMAGENET_MEAN, IMAGENET_STD, "imagenet")
+    assert imagenet.train is digits.train  # the images are shared, not copied
+    given, norm = normalized_for("resnet18_imagenet", digits, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert norm == {"mean": [0.5] * 3, "std": [0.25] * 3, "source": "given"}
+    x, _ = next(iter(make_loader(given, "val", 8)))
+    raw = given.val.images[:8].float() / 255
+    assert torch.allclose(x, (raw - 0.5) / 0.25, atol=1e-6)
+    for mean, std, phrase in [
+        ((0.5, 0.5, 0.5), None, "give mean and std together"),
+        ((0.5, 0.5), (1.0, 1.0), "mean must be 3 finite numbers"),
+        ((0.5,) * 3, (0.2, 0.0, 0.2), "std must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=phrase):
+            normalized_for("resnet18", digits, mean, std)
+
+
+def test_cifar10_jpeg_uses_the_shared_baselines_training_normalization():
+    """The shared baselines' README: evaluation normalizes with (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435,
+    0.2616), their training statistics; cifar10-jpeg and cifar10 use exactly these, not a train-split estimate."""
+    from common.data.memory import CIFAR_MEAN, CIFAR_STD
+
+    assert CIFAR_MEAN == (0.4914, 0.4822, 0.4465) and CIFAR_STD == (0.2470, 0.2435, 0.2616)
+    readme = CIFAR_JPEG_ROOT.parents[1] / "checkpoints" / "cifar10-jpeg" / "README.md"
+    if readme.is_file():
+        text = readme.read_text()
+        assert "mean (0.4914, 0.4822, 0.4465)" in text and "(0.2470, 0.2435, 0.2616)" in text

@@ -3,6 +3,7 @@ results folder is indexed and named by a doc, and the README stays user document
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -39,6 +40,8 @@ OTHER_TOOLS_FLAGS = {
     "--rdzv-backend",
     "--rdzv-endpoint",
     "--rdzv-id",
+    # papermill's, in the notebook example
+    "--log-output",
     # pip's, in the install line
     "--no-deps",
     "--no-build-isolation",
@@ -116,3 +119,51 @@ def test_every_results_folder_has_a_doc():
     docs = "\n".join(p.read_text() for p in (REPO / "docs").glob("*.md"))
     unnamed = {f for f in folders if f"results/{f}/" not in docs and f"results/{f})" not in docs}
     assert not unnamed, f"results folders no doc names: {sorted(unnamed)}"
+
+
+def _makefile_run_args() -> list[str]:
+    """``RUN_ARGS`` of the Makefile (what ``make run`` passes to ``python -m common.run``), as arguments."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    (line,) = [x for x in text.splitlines() if x.startswith("RUN_ARGS ?=")]
+    return line.split("?=", 1)[1].split()
+
+
+def test_the_readme_model_snippet_runs_from_any_folder(tmp_path, digits_checkpoint):
+    """The "Use the compressed model" snippet names the file ``make run`` writes (the path derived here
+    from the Makefile's options and the code that names artifacts, not copied) and runs as written from
+    another folder, on an artifact of a tiny digits run put in that file's place."""
+    from common.deploy.artifacts import artifact_name
+    from common.run.config import ExperimentConfig
+    from common.run.experiment import parse_args, run_experiment
+
+    make_run = parse_args(_makefile_run_args())
+    method, target = make_run.methods[0], make_run.targets[0]
+    written = make_run.artifact_folder() / artifact_name(method, target, "ht2", make_run.finetune_epochs > 0)
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use the compressed model", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    literal = f'"{written.as_posix()}"'
+    assert literal in snippet, f"the README snippet should name {literal}, what `make run` writes"
+
+    cfg = ExperimentConfig(
+        model="alexnet",
+        dataset="digits",
+        checkpoint=str(digits_checkpoint("alexnet", fit=False)),
+        methods=("uniform",),
+        final_calib_images=64,
+        finetune_epochs=0.05,
+        log_dir=str(tmp_path / "logs"),
+        run_id="snippet",
+        progress=False,
+        device="cpu",
+    )
+    (final,) = run_experiment(cfg)
+    artifact = final["artifacts"]["ft"]["path"]
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace(literal, repr(str(Path(artifact).resolve()))))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ) | {"PYTHONPATH": str(REPO)}  # as the editable install of `make venv` would
+    done = subprocess.run([sys.executable, str(script)], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("tensor([") and len(done.stdout.split(",")) == 8, done.stdout

@@ -688,3 +688,62 @@ def test_config_reads_lists_as_notebooks_and_the_command_line_give_them(field, g
 def test_config_refuses_wrong_types_by_name(field, given, phrase):
     with pytest.raises(ValueError, match=re.escape(phrase)):
         ExperimentConfig(**{field: given})
+
+
+def test_a_given_normalization_reaches_the_log_the_artifact_and_the_onnx_export(tmp_path, digits_checkpoint):
+    """``--mean/--std``: the statistics the checkpoint was trained with, used instead of the dataset's,
+    recorded in the ``config`` record (as given and as used), stored in each artifact and its ONNX file."""
+    import onnx
+
+    from common.deploy import export as export_mod
+    from common.deploy.artifacts import read_artifact
+
+    mean, std = (0.4, 0.45, 0.5), (0.2, 0.25, 0.3)
+    cfg = dataclasses.replace(
+        config(tmp_path, digits_checkpoint("alexnet", fit=False), "norm", methods=("uniform",)),
+        mean=mean,
+        std=std,
+        final_calib_images=64,
+        device="cpu",
+    )
+    default = dataclasses.replace(cfg, run_id=None, mean=None, std=None)
+    assert dataclasses.replace(cfg, run_id=None).fingerprint() != default.fingerprint()  # its own default run id
+    (final,) = run_experiment(cfg)
+    records, _ = parse_log(log_file(cfg))
+    (rec,) = [r for r in records if r["kind"] == "config"]
+    assert rec["mean"] == list(mean) and rec["std"] == list(std)
+    assert rec["normalization"] == {"mean": list(mean), "std": list(std), "source": "given"}
+    path = final["artifacts"]["bn"]["path"]
+    doc = read_artifact(path)
+    assert doc["mean"] == list(mean) and doc["std"] == list(std)
+    out = tmp_path / "m.onnx"
+    assert export_mod.main([path, "--onnx", str(out), "--batch", "2", "--threads", "1"]) == 0
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["mean"]) == list(mean) and json.loads(props["std"]) == list(std)
+
+
+@pytest.mark.parametrize("module", ["common.run.experiment", "common.notebook", "finetuned.train_baseline"])
+def test_entry_points_let_openmp_threads_sleep_unless_told_otherwise(module):
+    """The CLI (``python -m common.run`` imports the package, then ``common.run.experiment``), the
+    notebooks' helper and the baseline trainer set OMP_WAIT_POLICY=PASSIVE before torch
+    loads OpenMP (which reads it once): spinning workers slow every process sharing the cores. A user's
+    own setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = f"import sys, os; import {module}; print(os.environ.get('OMP_WAIT_POLICY'))"
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"PYTHONPATH": str(repo)}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if given is None else env | {"OMP_WAIT_POLICY": given}
+        out = subprocess.run([sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (module, given, out.stderr[-500:])
+    # the package itself loads no torch: whatever a script imports from it comes after the setting
+    first = subprocess.run(
+        [sys.executable, "-c", "import sys, common; print('torch' in sys.modules)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert first.stdout.strip() == "False"

@@ -112,7 +112,8 @@ def test_the_best_rival_table_carries_the_seeds_and_images_interval_and_the_clai
     assert each.loc["energy", "verdict_both_bn"] == "policy ahead"
     section = "\n".join(margins_section(policy_margins(df, hits=hits)))
     cell = f"[{row['ci_low_both_bn']:+.2f}, {row['ci_high_both_bn']:+.2f}]"
-    assert "| 95 % CI over seeds and test images BN |" in section and cell in section
+    bn_table = section.split("### After BN recalibration (BN)")[1]
+    assert "| 95 % CI over seeds and test images |" in bn_table and cell in bn_table
     assert f"| {row['every_rival_both_bn']} |" in section
 
     del hits["m", RUN, "energy", 3.0, 0, "bn"]  # one rival without hits: no claim on these intervals

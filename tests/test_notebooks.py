@@ -23,6 +23,8 @@ PARAMETERS = (
     "DATASET",
     "DATA_ROOT",
     "CHECKPOINT",
+    "MEAN",
+    "STD",
     "TARGET",
     "METHODS",
     "SEARCH_BUDGET",
@@ -72,6 +74,7 @@ def test_notebook_is_clean_and_parameterized(name):
     # the default method first, then its rivals (its ablation policy_seeded is left out of the defaults)
     assert defaults["METHODS"][0] == DEFAULT_METHOD and set(defaults["METHODS"]) == set(METHODS) - {"policy_seeded"}
     assert defaults["SENSITIVITY_LEVELS"] == [0.5, 0.3, 0.15] and defaults["RUN_ID"] is None
+    assert defaults["MEAN"] is None and defaults["STD"] is None  # the model's default normalization
     for c in cells:
         assert c.outputs == [] and c.execution_count is None, f"{name}: committed output in cell {c.id}"
         for line in c.source.splitlines():
@@ -250,6 +253,14 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     )
     assert "Warning" not in stderr, f"{name}: warning blocks in the output:\n{stderr[:2000]}"
     by_id = {c.get("id"): c for c in executed.cells}
+    # every progress bar of the run is saved as it ended (a widget bar was saved at "0%| 0/148")
+    bars = [o["data"]["text/plain"] for o in by_id["run"].outputs if o.get("output_type") == "display_data"]
+    searches = [b for b in bars if b.startswith(("search ", "sensitivity"))]
+    assert searches and all("100%" in b for b in searches), bars
+    assert not any(" 0%|" in b for b in bars), bars
+    # and the run's progress lines, estimates among them, are stream output (papermill --log-output shows them)
+    said = "".join(o.get("text", "") for o in by_id["run"].outputs if o.get("name") == "stdout")
+    assert "sensitivity" in said and " candidates × " in said and "≈" in said, said[:2000]
     table = by_id["results"].outputs[0]["data"]["text/plain"]
     assert all(m in table for m in methods)
     first = sorted(methods, key=table.index)  # (pandas may wrap wide tables into blocks of columns)
@@ -262,6 +273,43 @@ def test_notebook_runs_with_smoke_parameters(name, tmp_path, python3_kernel, dig
     assert "ht2" in by_id["load"].outputs[0]["data"]["text/plain"]
     for cell in ("acc", "ranks", "sens", "trace"):
         assert any("image/png" in o.get("data", {}) for o in by_id[cell].outputs), f"{name}: no plot in {cell}"
+
+
+def test_check_parameters_names_the_closest_known_parameter():
+    from common.notebook import check_parameters
+
+    injected = '# Parameters\nDATASET = "digits"\nSEARCH_BUDGT = 6\n'
+    with pytest.raises(ValueError) as exc:
+        check_parameters({"In": ["", "MODEL = 'alexnet'", injected], "SEARCH_BUDGT": 6})
+    assert str(exc.value).startswith("unknown notebook parameter SEARCH_BUDGT (did you mean SEARCH_BUDGET?)")
+    check_parameters({"In": ["", '# Parameters\nDATASET = "digits"\n'], "LOG": object()})  # known: fine
+    check_parameters({"In": ["", "x = 1"]})  # nothing injected (Jupyter, by hand): nothing to check
+    # cells run by exec (no input history): the upper-case names holding plain values
+    with pytest.raises(ValueError, match=r"TARGETS \(did you mean TARGET\?\)"):
+        check_parameters({"MODEL": "vgg16", "TARGETS": [2, 3], "cfg": object()})
+    with pytest.raises(ValueError, match=r"^unknown notebook parameter ZZZ: nothing was run"):
+        check_parameters({"ZZZ": 1})
+
+
+def test_a_misspelt_parameter_fails_the_notebook_before_any_work(tmp_path, python3_kernel):
+    """papermill injects ``-p SEARCH_BUDGT 6`` whatever the name; the notebook refuses it in its first
+    cell after the parameters, naming the parameter meant, before a log or a dataset is touched."""
+    papermill = pytest.importorskip("papermill")
+    from papermill.exceptions import PapermillExecutionError
+
+    logs = tmp_path / "logs"
+    with pytest.raises(PapermillExecutionError) as exc:
+        papermill.execute_notebook(
+            str(REPO / "htd-alexnet-res.ipynb"),
+            str(tmp_path / "out.ipynb"),
+            parameters={"DATASET": "digits", "SEARCH_BUDGT": 6, "LOG_DIR": str(logs)},
+            kernel_name=python3_kernel,
+            cwd=str(REPO),
+            progress_bar=False,
+            execution_timeout=CELL_LIMIT_SECONDS,
+        )
+    assert "SEARCH_BUDGT (did you mean SEARCH_BUDGET?)" in str(exc.value)
+    assert not logs.exists()
 
 
 def test_default_params_follow_the_shared_folder():

@@ -268,6 +268,7 @@ def test_train_baseline_smoke(tmp_path):
             str(tmp_path),
             "--no-progress",
             "--fp16",
+            "--allow-chance",  # 64 images, one epoch: a smoke run, not a baseline
         ]
     )
     pt, js = tmp_path / "alexnet-digits.pt", tmp_path / "alexnet-digits.json"
@@ -277,10 +278,45 @@ def test_train_baseline_smoke(tmp_path):
     assert on_disk["recipe"]["batch_size"] == 32 and on_disk["seed"] == 0
     assert on_disk["n"] == {"val": 359, "test": 360}
     assert 0.0 <= on_disk["accuracy"]["test"] <= 1.0
+    assert on_disk["at_chance"] == (on_disk["accuracy"]["val"] < 0.2)  # marked, when saved at chance
     assert on_disk["history"][0]["images_seen"] == 64
     sd = torch.load(pt, weights_only=True)
     assert sd["features.0.weight"].dtype == torch.float16
     load_checkpoint(build_model("alexnet"), pt)  # loads back strictly
+
+
+def test_each_model_gets_a_digits_recipe_that_trains_it(tmp_path):
+    """AlexNet (no batch norm) on digits once got ResNet-18's recipe (SGD at lr 0.05, weight decay 0.1) and
+    ended at chance (val 10.0 %): it has its own. Trained with its default recipe, three epochs instead of
+    its eight to stay short, it beats chance (10 %) by far."""
+    from finetuned.train_baseline import DEFAULTS, main, recipe_defaults
+
+    resnet, alexnet, vgg = (recipe_defaults(m, "digits") for m in ("resnet18", "alexnet", "vgg16"))
+    assert resnet == DEFAULTS["digits"]  # the ResNet-18 recipe is the one the committed digits runs used
+    assert alexnet["optimizer"] == "adamw" and alexnet != resnet and vgg != resnet
+    side = main(["--model", "alexnet", "--dataset", "digits", "--epochs", "3", "--out", str(tmp_path), "--no-progress"])
+    assert side["recipe"]["optimizer"] == "adamw" and side["recipe"]["lr"] == alexnet["lr"]
+    assert side["accuracy"]["val"] > 0.5 and not side["at_chance"]
+
+
+def test_a_baseline_at_chance_is_refused_not_saved(tmp_path, monkeypatch, capsys):
+    """A recipe that does not train (here: a fifth of an epoch on 64 images) is refused by name, nothing
+    saved; an experiment that trains its missing baseline refuses the run (exit 2, no traceback, no log)."""
+    import finetuned.train_baseline as tb
+    from common.run import experiment
+
+    args = ["--model", "alexnet", "--dataset", "digits", "--epochs", "0.2", "--max-images", "64", "--no-progress"]
+    with pytest.raises(tb.UntrainedBaselineError, match=r"baseline alexnet-digits: val top-1 .* is chance level"):
+        tb.main([*args, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+    monkeypatch.setenv("HTD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(tb.MODEL_DEFAULTS, ("digits", "alexnet"), {"epochs": 0.05})
+    with pytest.raises(SystemExit) as exc:
+        experiment.main(["--model", "alexnet", "--dataset", "digits", "--log-dir", str(tmp_path / "logs"), "--quiet"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "is chance level" in err and "Traceback" not in err
+    assert list((tmp_path / "logs").rglob("*.log")) == []
 
 
 class _Interrupted(Exception):

@@ -497,3 +497,72 @@ def test_jsonify_converts_every_good_log_and_names_each_bad_one(tmp_path, capsys
     assert not (tmp_path / "escaped.json").exists() and not list(tmp_path.glob("*.json"))
     assert jsonify_logs.main([str(tmp_path / "logs"), "--out", str(out), "--strict"]) == 1
     assert jsonify_logs.main([str(logs / "evil.log"), "--out", str(out)]) == 1  # nothing converted
+
+
+def _imagefolder(root: Path, splits=("train", "val", "test"), corrupt: str | None = None) -> Path:
+    """A 2-class ImageFolder of 8x8 PNGs under ``root``; ``corrupt`` names a split with one unreadable file."""
+    from PIL import Image
+
+    for split in splits:
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 100 if c == "a" else 0, 0)).save(root / split / c / f"{i}.png")
+    if corrupt:
+        (root / corrupt / "a" / "bad.png").write_bytes(b"not a png")
+    return root
+
+
+def _main(argv: list[str], capsys) -> str:
+    """``python -m common.run argv``: must exit 2; returns its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        experiment.main([*argv, "--methods", "uniform", "--device", "cpu", "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_an_imagefolder_without_a_test_split_is_named_before_any_log(tmp_path, capsys):
+    data = _imagefolder(tmp_path / "data", splits=("train", "val"))
+    logs = tmp_path / "logs"
+    err = _main(
+        ["--model", "alexnet", "--dataset", "imagefolder", "--data-root", str(data), "--log-dir", str(logs)], capsys
+    )
+    assert f"dataset {data} has no test/ folder ({data / 'test'} not found)" in err
+    assert list(logs.rglob("*.log")) == []  # refused before a log was made
+
+
+def test_a_torchvision_imagenet_checkpoint_names_the_model_it_fits(tmp_path, capsys):
+    import torchvision
+
+    ckpt = tmp_path / "resnet18-imagenet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    logs = tmp_path / "logs"
+    err = _main(
+        ["--model", "resnet18", "--dataset", "digits", "--checkpoint", str(ckpt), "--log-dir", str(logs)], capsys
+    )
+    assert f"checkpoint {ckpt} holds a resnet18_imagenet state_dict" in err and "use --model resnet18_imagenet" in err
+    assert list(logs.rglob("*.log")) == []
+    # a state_dict of no registered model says how it differs from the one asked for
+    state = torchvision.models.resnet18().state_dict()
+    del state["fc.bias"]
+    torch.save(state, ckpt)
+    err = _main(
+        ["--model", "resnet18", "--dataset", "digits", "--checkpoint", str(ckpt), "--log-dir", str(logs)], capsys
+    )
+    assert "is no resnet18 state_dict, nor one of any other model" in err and "missing keys [fc.bias]" in err
+
+
+def test_a_run_that_fails_before_its_baseline_leaves_no_header_only_log(tmp_path, digits_checkpoint):
+    data = _imagefolder(tmp_path / "data", corrupt="val")
+    cfg = dataclasses.replace(
+        config(tmp_path / "logs", digits_checkpoint("alexnet", fit=False), "bad-image", methods=("uniform",)),
+        dataset="imagefolder",
+        data_root=str(data),
+        stream="off",
+    )
+    with pytest.raises(ValueError, match="cannot decode image .*bad.png"):
+        run_experiment(cfg)
+    assert not log_file(cfg).exists()

@@ -31,11 +31,16 @@ RECOVERY_COLUMNS: tuple[str, ...] = (
     "intercept_pp",
     "kendall_tau",
     "kendall_p",
+    "note",
 )
 """Columns of :func:`finetune_recovery`: the run and target; the number of (method, seed) rows with
 both accuracies; their mean gap (dense minus BN test top-1) and mean gain (finetuned minus BN), in
 percentage points; the Theil–Sen slope of gain on gap with its 95 % interval and intercept (pp);
-Kendall's tau between gap and gain and its two-sided p-value."""
+Kendall's tau between gap and gain and its two-sided p-value; ``note``: why the interval or tau is
+missing (NaN) where they are (e.g. every plan gained the same), else empty."""
+
+_SAME_GAIN = "every plan gained the same: no interval, no rank correlation"
+_TIES = "too many tied gains and gaps: no interval"
 
 _MIN_PLANS = 3
 
@@ -68,8 +73,14 @@ def finetune_recovery(df: pd.DataFrame) -> pd.DataFrame:
                 continue
             from scipy import stats  # deferred, as in stats.paired_interval
 
-            fit = stats.theilslopes(gain, gap, alpha=0.95)
-            tau = stats.kendalltau(gap, gain)
+            same = np.ptp(gain) == 0  # e.g. finetuning that changed no prediction on the digits demo
+            # equal gains over tied gaps give Theil-Sen's interval a negative variance (NaN, and numpy's
+            # "invalid value in sqrt" warning): the interval is undefined there, said in the note instead
+            with np.errstate(invalid="ignore"):
+                fit = stats.theilslopes(gain, gap, alpha=0.95)
+            tau = (np.nan, np.nan) if same else tuple(stats.kendalltau(gap, gain))
+            interval = (np.nan, np.nan) if same else (float(fit.low_slope), float(fit.high_slope))
+            note = _SAME_GAIN if same else ("" if np.isfinite(interval).all() else _TIES)
             row = {c: g[c].iloc[0] for c in (*RUN_COLUMNS, "target")}
             rows.append(
                 row
@@ -78,11 +89,12 @@ def finetune_recovery(df: pd.DataFrame) -> pd.DataFrame:
                     "mean_gap_pp": float(gap.mean()),
                     "mean_gain_pp": float(gain.mean()),
                     "slope": float(fit.slope),
-                    "slope_low": float(fit.low_slope),
-                    "slope_high": float(fit.high_slope),
+                    "slope_low": interval[0],
+                    "slope_high": interval[1],
                     "intercept_pp": float(fit.intercept),
-                    "kendall_tau": float(tau.statistic),
-                    "kendall_p": float(tau.pvalue),
+                    "kendall_tau": float(tau[0]),
+                    "kendall_p": float(tau[1]),
+                    "note": note,
                 }
             )
     out = pd.DataFrame(rows, columns=list(RECOVERY_COLUMNS))

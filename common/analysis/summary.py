@@ -177,41 +177,32 @@ def _interval_cell(low: float, high: float) -> str | None:
     return None if is_missing(low) else f"[{low:+.2f}, {high:+.2f}]"
 
 
-def _margins_display(margins: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The margins with interval cells as text, and the Markdown headers; a stage nobody
-    measured (e.g. no finetuning anywhere) is left out."""
+_STAGE_TITLES = {"bn": "After BN recalibration (BN)", "ft": "After finetuning (FT)"}
+
+
+def _stage_margins(margins: pd.DataFrame, stage: str) -> tuple[pd.DataFrame, dict[str, str]]:
+    """One stage's table of the margins: the policy run's keys, then the best rival's margin with its
+    interval and verdict in one cell, seeds, the mean over every rival, the claim over all of them, the
+    MACs comparison and, where per-image hits are known, the interval over seeds and test images."""
     display = margins.copy()
-    headers = {
-        "model": "Model",
-        "dataset": "Dataset",
-        "checkpoint": "Checkpoint",
-        "run_id": "Run",
-        "target": "Target",
-        "policy": "Policy",
+    cols = [margins[f"{f}_{stage}"] for f in ("margin", "ci_low", "ci_high", "verdict")]
+    display["margin_cell"] = [_margin_cell(*v) for v in zip(*cols)]
+    headers = {"model": "Model", "run_id": "Run", "target": "Target", "policy": "Policy"}
+    headers |= {
+        f"best_rival_{stage}": "Best rival",
+        "margin_cell": "Margin (pp) [95 % CI]",
+        f"n_{stage}": "Seeds",
+        f"each_rival_{stage}": "vs each rival (pp)",
+        f"every_rival_{stage}": "Every rival",
+        f"macs_pct_{stage}": "Policy MACs vs best rival",
     }
-    for stage, _ in STAGES:
-        if margins[f"best_rival_{stage}"].isna().all():
-            continue
-        name = STAGE_NAMES[stage]
-        bounds = zip(margins[f"ci_low_{stage}"], margins[f"ci_high_{stage}"])
-        display[f"ci_{stage}"] = [_interval_cell(lo, hi) for lo, hi in bounds]
+    if margins[f"ci_low_both_{stage}"].notna().any():
+        cols = [margins[f"{f}_{stage}"] for f in ("ci_low_both", "ci_high_both", "verdict_both")]
+        display["both_cell"] = [_both_cell(*v) for v in zip(*cols)]
         headers |= {
-            f"best_rival_{stage}": f"Best rival ({name})",
-            f"margin_{stage}": f"Margin {name} (pp)",
-            f"ci_{stage}": f"95 % CI {name}",
-            f"n_{stage}": f"Seeds {name}",
-            f"verdict_{stage}": f"Verdict {name}",
-            f"each_rival_{stage}": f"vs each rival ({name})",
-            f"every_rival_{stage}": f"Every rival ({name})",
-            f"macs_pct_{stage}": f"Policy MACs vs best rival ({name})",
+            "both_cell": "95 % CI over seeds and test images",
+            f"every_rival_both_{stage}": "Every rival, seeds and test images",
         }
-        if margins[f"ci_low_both_{stage}"].notna().any():
-            cols = [margins[f"{f}_{stage}"] for f in ("ci_low_both", "ci_high_both", "verdict_both")]
-            display[f"both_{stage}"] = [_both_cell(*v) for v in zip(*cols)]
-            headers |= {
-                f"both_{stage}": f"95 % CI over seeds and test images {name}",
-                f"every_rival_both_{stage}": f"Every rival, seeds and test images ({name})",
-            }
     return display, headers
 
 
@@ -302,36 +293,29 @@ def rivals_section(rivals: pd.DataFrame) -> list[str]:
 
 
 def margins_section(margins: pd.DataFrame) -> list[str]:
-    """The "Does the policy win?" section of ``summary.md``; empty without policy and rival."""
+    """The "Does the policy win?" section of ``summary.md``, one table per stage (BN, FT; a stage nobody
+    measured is left out); empty without policy and rival."""
     if margins.empty:
         return []
-    display, headers = _margins_display(margins)
+    stages = [stage for stage, _ in STAGES if not margins[f"best_rival_{stage}"].isna().all()]
     both = ""
-    if any(h.startswith("both_") for h in headers):
+    if any(margins[f"ci_low_both_{stage}"].notna().any() for stage in stages):
         both = (
             " *CI over seeds and test images*: the same margin with the test images counted as a sample too, where "
             "every paired final's per-image test hits are known (as in *Against each rival* below); *Every rival, "
             "seeds and test images*: the claim read from those intervals, where every rival of the cell has one."
         )
-    formats: dict[str, Format] = {"target": factor}
-    for stage, _ in STAGES:
-        formats |= {
-            f"margin_{stage}": "+.2f",
-            f"n_{stage}": lambda n: str(n) if n else "–",
-            f"macs_pct_{stage}": _pct_cell,
-        }
-    return [
+    lines = [
         "## Does the policy win?",
         "",
         "HT-2 policy minus its best rival at the same budget within the same run, in percentage "
-        f"points of test accuracy, one row per policy run ({', '.join(POLICY_METHODS)}; `policy_seeded` is "
-        "the policy's search with the rule plans among its candidates, `guided` the same refined around its "
-        "best candidate); "
-        f"rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has the "
-        "highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
+        f"points of test accuracy, one row per policy run and one table per stage ({', '.join(POLICY_METHODS)}; "
+        "`policy_seeded` is the policy's search with the rule plans among its candidates, `guided` the same "
+        f"refined around its best candidate); rivals: {', '.join(POLICY_RIVALS)} (those run). The best rival has "
+        "the highest mean accuracy over its seeds. The margin is paired by seed: the mean of the "
         "per-seed differences over the seeds both methods ran, with its 95 % Student-t "
-        "confidence interval (– with a single seed). Verdict: ahead / behind when the interval "
-        "excludes 0, else within noise. *vs each rival*: the mean paired margin over every rival. "
+        "confidence interval (none with a single seed) and its verdict: ahead / behind when the interval "
+        "excludes 0, else within noise (no word). *vs each rival*: the mean paired margin over every rival. "
         '*Every rival*: the claim itself, "ahead of all k" when the paired 95 % interval against each '
         "rival excludes 0 on the policy's side (an intersection-union test: no correction for k is "
         'needed for "all"), else the rivals that stop it. '
@@ -339,9 +323,17 @@ def margins_section(margins: pd.DataFrame) -> list[str]:
         "paired over the same seeds (+ = the policy spends more of the budget band; "
         "`studies/matched_macs/matched_macs.py` re-picks at equal MACs)." + both,
         "",
-        markdown_table(display, headers, formats, right=[f"{c}_{s}" for s, _ in STAGES for c in ("ci", "both")]),
-        "",
     ]
+    for stage in stages:
+        display, headers = _stage_margins(margins, stage)
+        formats: dict[str, Format] = {
+            "target": factor,
+            f"n_{stage}": lambda n: str(n) if n else "–",
+            f"macs_pct_{stage}": _pct_cell,
+        }
+        table = markdown_table(display, headers, formats, right=["margin_cell", "both_cell"])
+        lines += [f"### {_STAGE_TITLES[stage]}", "", table, ""]
+    return lines
 
 
 def recovery_section(recovery: pd.DataFrame) -> list[str]:
@@ -351,10 +343,13 @@ def recovery_section(recovery: pd.DataFrame) -> list[str]:
         return []
     display = recovery.copy()
     display["slope_cell"] = [
-        f"{m:.2f} [{lo:.2f}, {hi:.2f}]"
+        f"{m:.2f}" + ("" if is_missing(lo) else f" [{lo:.2f}, {hi:.2f}]")
         for m, lo, hi in zip(recovery["slope"], recovery["slope_low"], recovery["slope_high"])
     ]
-    display["tau_cell"] = [f"{t:+.2f} (p = {p:.2g})" for t, p in zip(recovery["kendall_tau"], recovery["kendall_p"])]
+    display["tau_cell"] = [
+        None if is_missing(t) else f"{t:+.2f} (p = {p:.2g})"
+        for t, p in zip(recovery["kendall_tau"], recovery["kendall_p"])
+    ]
     headers = {
         "model": "Model",
         "run_id": "Run",
@@ -365,6 +360,8 @@ def recovery_section(recovery: pd.DataFrame) -> list[str]:
         "slope_cell": "Gain per pp of gap [95 % CI]",
         "tau_cell": "Kendall τ (gap, gain)",
     }
+    if recovery["note"].fillna("").astype(bool).any():
+        headers["note"] = "Note"
     return [
         "## What finetuning recovers",
         "",

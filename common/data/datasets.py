@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common.data import stream as st
 from common.data.memory import CIFAR_MEAN, CIFAR_STD, load_cifar10, load_digits, load_imagefolder
-from common.data.splits import DEFAULT_CROP_SIZE, DEFAULT_RESIZE_SIZE, DatasetSplits
+from common.data.splits import DEFAULT_CROP_SIZE, DEFAULT_RESIZE_SIZE, SPLITS, DatasetSplits
 from common.paths import CIFAR_JPEG_ROOT, default_cache_dir
 
 DATASET_NAMES = ("auto", "digits", "cifar10-jpeg", "imagefolder", "cifar10")
@@ -87,6 +87,41 @@ def load_dataset(
     if name == "cifar10":
         return load_cifar10(Path(root) if root else default_cache_dir() / "cifar10", download)
     raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}")
+
+
+def check_layout(name: str, root: str | Path | None = None) -> None:
+    """What :func:`load_dataset` ``(name, root)`` will read is there, checked without reading an image:
+    an ImageFolder root (imagefolder, cifar10-jpeg) with its ``train/``, ``val/`` and ``test/`` folders,
+    the CIFAR-10 binaries' folder (cifar10, unless downloaded); digits needs nothing.
+
+    Raises:
+        FileNotFoundError: naming the missing root or split folder(s) and the layout expected.
+        ValueError: imagefolder without a root.
+    """
+    if name == "auto":
+        name = "cifar10-jpeg" if (Path(root) if root else CIFAR_JPEG_ROOT).is_dir() else "digits"
+    if name == "cifar10":
+        folder = (Path(root) if root else default_cache_dir() / "cifar10") / "cifar-10-batches-py"
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"CIFAR-10 binaries not found: no folder {folder}; give the folder that holds "
+                "torchvision's cifar-10-batches-py/ as the data root (--data-root DIR)"
+            )
+    if name not in ("imagefolder", "cifar10-jpeg"):
+        return
+    if root is None and name == "imagefolder":
+        raise ValueError("dataset imagefolder needs a data root: --data-root DIR with DIR/{train,val,test}/<class>/")
+    base = Path(root) if root else CIFAR_JPEG_ROOT
+    if not base.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {base} (expected {base}/{{train,val,test}}/<class>/*.jpg)")
+    missing = [s for s in SPLITS if not (base / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"dataset {base} has no {', '.join(f'{s}/' for s in missing)} folder "
+            f"({', '.join(str(base / s) for s in missing)} not found): an ImageFolder dataset needs "
+            "train/, val/ and test/, each with one folder of images per class (val selects, test reports; "
+            "for ImageNet make test/ the official validation set and carve val/ out of train)"
+        )
 
 
 def _load_imagefolder_auto(

@@ -190,6 +190,38 @@ class DatasetSplits:
             raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
         return getattr(self, name)
 
+    def normalized(self, mean: tuple[float, ...], std: tuple[float, ...]) -> DatasetSplits:
+        """These splits fed with another per-channel normalization (a model's own, e.g. the statistics it
+        was trained with); the images are shared, not copied.
+
+        Raises:
+            ValueError: see :func:`check_normalization`.
+        """
+        check_normalization(mean, std)
+        return replace(self, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+
+def check_normalization(mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """Refuse a per-channel normalization that cannot be one: given without the other, not one value per
+    RGB channel, not finite, or a std that is not positive (``None`` for both: none given).
+
+    Raises:
+        ValueError: naming ``mean`` / ``std`` and the value.
+    """
+    if mean is None and std is None:
+        return
+    if mean is None or std is None:
+        raise ValueError(
+            f"give mean and std together (the normalization a model was trained with), got mean {mean!r}, std {std!r}"
+        )
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3 or not all(np.isfinite(v) for v in values):
+            raise ValueError(
+                f"{name} must be 3 finite numbers, one per RGB channel (e.g. 0.485,0.456,0.406), got {values!r}"
+            )
+    if not all(v > 0 for v in std):
+        raise ValueError(f"std must be positive, got {std!r}")
+
 
 def listing_fingerprint(entries: Iterable[tuple[str, int, int]]) -> str:
     """16 hex digits of the SHA-256 of an ImageFolder split's ``(path relative to the split folder, size

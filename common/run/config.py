@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.data.datasets import DATASET_NAMES
+from common.data.splits import check_normalization
 from common.device import resolve_device
 from common.models import MODEL_NAMES
 from common.run.logs import check_name
@@ -44,6 +45,7 @@ DEFAULT_FINETUNE_EPOCHS = 3.0
 EXTENDING_FIELDS = ("targets", "methods", "policy_tucker2", "n_seeds")
 """Result-affecting fields that a resumed run (same run id) may change: they only add or drop stages
 (target × method × decomposition × seed), and the stages already logged are read back unchanged."""
+_NORM = "ImageNet's for *_imagenet models, else the dataset's (CIFAR-10's, or the train split's)"
 
 
 def _option(default: Any, help: str, *, affects_results: bool = True, **cli: Any) -> Any:
@@ -94,6 +96,12 @@ class ExperimentConfig:
         "state_dict path; auto: the shared baseline for cifar10-jpeg, else a baseline trained once by "
         "finetuned/train_baseline.py and cached",
         metavar="PATH",
+    )
+    mean: tuple[float, ...] | None = _option(
+        None, "per-channel mean (pixel/255) the weights were trained with", shown=_NORM
+    )
+    std: tuple[float, ...] | None = _option(
+        None, "per-channel std the weights were trained with (with mean)", shown=_NORM
     )
     targets: tuple[float, ...] = _option((3.0,), "reduction factors of the total conv metric (dense / compressed)")
     metric: str = _option("macs", "what the targets reduce", choices=("macs", "params"))
@@ -211,6 +219,7 @@ class ExperimentConfig:
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ValueError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
             setattr(self, f.name, value)
+        check_normalization(self.mean, self.std)
         if self.run_id:  # the log's file name: no path separators, newlines or leading dot
             check_name("run_id", self.run_id)
         if not self.targets:
@@ -310,6 +319,8 @@ ADDED_FIELDS: tuple[str, ...] = (
     "finetune_clip",
     "finetune_warmup",
     "finetune_balance",
+    "mean",
+    "std",
 )
 """Result fields added after default run ids were in use: the run id hashes each only when it is set
 off its default, so adding an option leaves every existing default run id (and its log) as it was."""

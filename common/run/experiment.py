@@ -30,10 +30,11 @@ from common.decompose.surgery import LayerPlan, list_conv_layers
 from common.deploy.latency import cpu_name
 from common.device import resolve_device
 from common.dist import from_main, init_from_env, initialized, leaving, rank_device, world
-from common.models import build_model, load_checkpoint
+from common.models import build_model, load_checkpoint, normalized_for
 from common.paths import default_cache_dir
 from common.run.cli import config_from_args, config_parser
 from common.run.config import ExperimentConfig, search_config
+from common.run.estimate import say_run_estimate
 from common.run.finals import Run, finish_stages, past_deadline
 from common.run.lock import LogLockedError
 from common.run.logs import RunLog
@@ -41,6 +42,7 @@ from common.run.measure import evaluate_splits, latency
 from common.run.preflight import (
     PreflightError,
     check_artifacts_folder,
+    check_data,
     check_data_root,
     check_targets,
     check_writable,
@@ -97,9 +99,14 @@ def run_experiment(cfg: ExperimentConfig) -> list[dict]:
             device = rank_device(device)
         if rank > 0:  # rank 0 alone prints and draws progress bars
             cfg = dataclasses.replace(cfg, progress=False)
+        fresh = not (Path(cfg.log_dir) / cfg.model / f"{cfg.resolved_run_id()}.log").exists()
         log, say, sha = _open_log(cfg, device)
         try:
             return _run_logged(cfg, log, say, sha, device, t_start)
+        except BaseException:
+            if fresh and rank == 0 and not log.records():  # nothing logged but the header: leave no log
+                log.path.unlink(missing_ok=True)
+            raise
         finally:
             log.close()  # the lock goes now, even while a traceback (a notebook's) holds the log object
 
@@ -115,12 +122,16 @@ def _run_logged(
         crop_size=cfg.crop_size,
         resize_size=cfg.resize_size,
     )
+    data, normalization = normalized_for(cfg.model, data, cfg.mean, cfg.std)
     model, ckpt = _dense_model(cfg, data)
     if ckpt is not None and sha is None:  # resolved here: a shared or a cached trained baseline
         sha = inspect_checkpoint(ckpt)
-    _log_inputs(cfg, log, device, from_main(lambda: input_identity(data, sha)))  # rank 0 lists the files
+    # rank 0 lists the files
+    _log_inputs(cfg, log, device, from_main(lambda: input_identity(data, sha)) | {"normalization": normalization})
     layers = list_conv_layers(model, (1, 3, data.image_size, data.image_size))
     check_targets(cfg, layers, [d for d, _ in _decompositions(cfg)])
+    if log.find("baseline") is None:  # a fresh run: how long it will take, before the long work
+        say_run_estimate(cfg, data, model, len(layers), device, say)
     base = _baseline(cfg, log, model, data, device, ckpt)
     model.to(device)
     if log.find("layers") is None:
@@ -149,15 +160,21 @@ def _open_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Call
 def _open_main_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog, Callable[[str], None], str | None]:
     """The run's log (locked; :mod:`common.run.preflight` checks first) and the SHA-256 of an explicit checkpoint.
 
-    A log to resume must agree with ``cfg`` (:func:`resume_changes`); one whose run failed before its
-    baseline was logged is moved aside (:func:`rotate_failed`) and the run starts over.
+    Every check that can fail before any work runs before the log file is made, so a refused run leaves
+    no log behind. A log to resume must agree with ``cfg`` (:func:`resume_changes`); one whose run failed
+    before its baseline was logged is moved aside (:func:`rotate_failed`) and the run starts over.
     """
     run_id = cfg.resolved_run_id()
     check_writable(Path(cfg.log_dir) / cfg.model, "log folder")
     check_writable(default_cache_dir(), "cache folder (HTD_CACHE, default .cache/)")
     check_data_root(cfg)
+    check_data(cfg)
     if cfg.artifacts:
         check_artifacts_folder(cfg.artifact_folder(), cfg.log_path())
+    explicit = cfg.checkpoint not in (None, "auto")
+    resuming = (Path(cfg.log_dir) / cfg.model / f"{run_id}.log").exists()
+    # a new log is made only once the checkpoint passed; a log to resume first says how its settings differ
+    sha = inspect_checkpoint(cfg.checkpoint, cfg.model) if explicit and not resuming else None
     log = RunLog(Path(cfg.log_dir), cfg.model, run_id)
     if log.records() and log.find("baseline") is None:
         log.close()
@@ -167,8 +184,9 @@ def _open_main_log(cfg: ExperimentConfig, device: torch.device) -> tuple[RunLog,
     try:
         if log.find("config") is not None:
             refuse_resume(run_id, log.path, resume_changes(log.find("config"), cfg, device))
-        explicit = cfg.checkpoint not in (None, "auto")
-        return log, _log_say(log, cfg.progress), inspect_checkpoint(cfg.checkpoint) if explicit else None
+        if explicit and resuming:
+            sha = inspect_checkpoint(cfg.checkpoint, cfg.model)
+        return log, _log_say(log, cfg.progress), sha
     except BaseException:
         log.close()
         raise

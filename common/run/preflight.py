@@ -1,10 +1,13 @@
 """What :func:`common.run.experiment.run_experiment` checks before it works, and what it compares on resume.
 
-Before any data or model work: the log and cache folders must be writable (:func:`check_writable`;
-``HTD_CACHE`` naming a file fails here, not after a baseline was trained), so must the artifacts
-folder, which must hold no other run's artifact (:func:`check_artifacts_folder`); a data root must be a
-folder (:func:`check_data_root`), and an explicit checkpoint must be a readable state_dict whose every
-floating tensor is finite (:func:`inspect_checkpoint`, which also returns the SHA-256 of its bytes). Once the model's conv layers are known, every target
+Before any data or model work, and before a new log file is made: the log and cache folders must be
+writable (:func:`check_writable`; ``HTD_CACHE`` naming a file fails here, not after a baseline was
+trained), so must the artifacts folder, which must hold no other run's artifact
+(:func:`check_artifacts_folder`); a data root must be a folder (:func:`check_data_root`) and the dataset's
+folders must be there (:func:`check_data`: an ImageFolder's ``train/``, ``val/`` and ``test/``), and an
+explicit checkpoint must be a readable state_dict of the model whose every floating tensor is finite
+(:func:`inspect_checkpoint`, which also returns the SHA-256 of its bytes; a state_dict of another
+registered architecture is named: :func:`check_architecture`). Once the model's conv layers are known, every target
 must be reachable (:func:`check_targets`). Each failure is a :class:`PreflightError` naming what to fix.
 
 A run's log records the identity of its inputs in its ``config`` record (:func:`input_identity`:
@@ -29,18 +32,22 @@ from pathlib import Path
 
 import torch
 
+from common.data.datasets import check_layout
 from common.data.splits import SPLITS, DatasetSplits, content_fingerprint
 from common.decompose.surgery import LayerInfo
 from common.deploy.artifacts import ArtifactError, check_replace
-from common.models import read_state_dict
+from common.models import MODEL_NAMES, architecture_problems, architectures_of, read_state_dict
 from common.paths import CHECKPOINT_DIR, REPO, default_cache_dir
 from common.run.config import RESUME_FIELDS, ExperimentConfig
 from common.search.space import SearchSpace, check_reachable
+from finetuned.train_baseline import UntrainedBaselineError
 from finetuned.train_baseline import main as train_baseline
 
 __all__ = [
     "PreflightError",
+    "check_architecture",
     "check_artifacts_folder",
+    "check_data",
     "check_data_root",
     "check_targets",
     "check_writable",
@@ -104,12 +111,14 @@ def check_data_root(cfg: ExperimentConfig) -> None:
         raise PreflightError(f"data_root {cfg.data_root} is {what}; it must be the dataset's folder (--data-root DIR)")
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> str:
-    """The SHA-256 of a checkpoint's bytes, once it is known to hold a finite state_dict.
+def inspect_checkpoint(path: str | os.PathLike, model: str | None = None) -> str:
+    """The SHA-256 of a checkpoint's bytes, once it is known to hold a finite state_dict (of ``model``,
+    when given: :func:`check_architecture`).
 
     Raises:
         PreflightError: ``path`` is missing, a directory, empty, unreadable, no state_dict
-            (:func:`common.models.read_state_dict`), or a tensor holds NaN or inf (naming it).
+            (:func:`common.models.read_state_dict`), a tensor holds NaN or inf (naming it), or the
+            state_dict is not one of ``model``.
     """
     path = Path(path)
     try:
@@ -124,11 +133,47 @@ def inspect_checkpoint(path: str | os.PathLike) -> str:
                     f"checkpoint {path}: tensor {name!r} has {bad} non-finite value(s) (NaN or inf) of "
                     f"{tensor.numel()}; these weights cannot be compressed or evaluated"
                 )
+    if model is not None:
+        check_architecture(model, state, path)
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_architecture(model: str, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``state`` (read from ``path``) must be a state_dict of ``model``, for any number of classes.
+
+    Raises:
+        PreflightError: naming the registered architecture(s) it is a state_dict of (``--model`` to use),
+            or else how it differs from ``model`` (:func:`common.models.architecture_problems`).
+    """
+    problems = architecture_problems(model, state)
+    if not problems:
+        return
+    others = architectures_of(state)
+    if others:
+        raise PreflightError(
+            f"checkpoint {path} holds a {' / '.join(others)} state_dict (every tensor's name and shape fit it), "
+            f"not a {model} one: use --model {others[0]} (a notebook: MODEL = {others[0]!r})"
+        )
+    raise PreflightError(
+        f"checkpoint {path} is no {model} state_dict, nor one of any other model ({', '.join(MODEL_NAMES)}): "
+        + "; ".join(problems)
+    )
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """The dataset's files are where ``cfg`` says (:func:`common.data.datasets.check_layout`).
+
+    Raises:
+        PreflightError: naming the missing root or split folder.
+    """
+    try:
+        check_layout(cfg.dataset, cfg.data_root)
+    except (FileNotFoundError, ValueError) as exc:
+        raise PreflightError(str(exc)) from None
 
 
 def input_identity(data: DatasetSplits, checkpoint_sha256: str | None) -> dict:
@@ -240,7 +285,10 @@ def resolve_checkpoint(cfg: ExperimentConfig, data, lone_process: bool = False) 
         if not cfg.progress:
             args.append("--no-progress")
         if not lone_process:
-            train_baseline(args)
+            try:
+                train_baseline(args)
+            except UntrainedBaselineError as exc:  # named, before the run's baseline: a usage error
+                raise PreflightError(str(exc)) from None
             return pt
         if cfg.threads:  # a lone run_experiment sets them before training
             args += ["--threads", str(cfg.threads)]

@@ -31,7 +31,7 @@ from torch import nn
 
 from common.decompose.surgery import LayerPlan, SpectraCache, list_conv_layers, plan_to_dict
 from common.dist import shard_map
-from common.progress import progress_bar
+from common.progress import Estimate, progress_bar
 from common.search.methods import SEARCHES, rule_plan
 from common.search.options import SEARCHING, SearchConfig, SearchResult, check_method, check_metric, check_target
 from common.search.pick import pick
@@ -84,6 +84,7 @@ class Searcher:
         self.rescorer = rescorer
         self.bars = bars
         self._bar = progress_bar(None, None)
+        self._estimate = Estimate("", 0, "plan", None)
         self.tag = dict(tag or {})
         self.recorder = recorder if recorder is not None else MemoryRecorder()
         self.config = config or SearchConfig()
@@ -122,12 +123,15 @@ class Searcher:
             out[i] = self._recorded(plan, kind, {**self.tag, **key})
             if out[i] is None:
                 todo.append(i)
+            else:
+                self._estimate.skip()
 
         def record(j: int, value: float) -> None:
             i = todo[j]
             plan, kind, key, extra = items[i]
             self._record(plan, kind, {**self.tag, **key}, extra, value)
             out[i] = value
+            self._estimate.step()
 
         done = 0
 
@@ -194,14 +198,17 @@ class Searcher:
         return self._dense_score
 
     @contextlib.contextmanager
-    def _bar_over(self, total: int, desc: str) -> Iterator[None]:
-        """A progress bar (when :attr:`bars`) counting the evaluations made inside the block."""
+    def _bar_over(self, total: int, desc: str, unit: str) -> Iterator[None]:
+        """A progress bar (when :attr:`bars`) counting the evaluations made inside the block, and the
+        estimate of their time that :attr:`progress` gets once the first few were scored."""
         self._bar = progress_bar(total, desc if self.bars else None, "plan")
+        self._estimate = Estimate(desc, total, unit, self.progress)
         try:
             yield
         finally:
             self._bar.close()
             self._bar = progress_bar(None, None)
+            self._estimate = Estimate("", 0, unit, None)
 
     # -- sensitivity and the policy's pdf ----------------------------------------------------- #
     def sensitivity(self) -> Profile:
@@ -210,7 +217,7 @@ class Searcher:
         if self._sensitivity is None:
             cfg = self.config
             n = 1 + len(self.space.layers) * len(cfg.shapes) * len(cfg.sensitivity_levels)
-            with self._bar_over(n, f"sensitivity {self._tag_text()}"):
+            with self._bar_over(n, f"sensitivity {self._tag_text()}".strip(), "point"):
                 self.dense_score()
                 self._sensitivity = sensitivity_profile(
                     self.space,
@@ -252,7 +259,9 @@ class Searcher:
             search = SEARCHES[method]
             rerank = 0 if self.proxy == "top1" or self.config.rerank == 1 else self.config.rerank
             with self._bar_over(
-                n_candidates + self.config.rescore + rerank, f"{method} x{target:g} {self._tag_text()}"
+                n_candidates + self.config.rescore + rerank,
+                f"search {method} x{target:g} {self._tag_text()}".strip(),
+                "candidate",
             ):
                 hist, params = search(self, target, metric, n_candidates, seed)
                 if not hist:

@@ -32,7 +32,7 @@ from common.data.loader import BatchLoader, make_loader
 from common.data.splits import DatasetSplits
 from common.device import resolve_device
 from common.dist import world
-from common.progress import progress_bar
+from common.progress import Estimate, duration_text, progress_bar
 from common.train.checkpoint import Checkpointer, Position
 from common.train.evaluate import autocast, evaluate, sum_over_shards
 from common.train.recipe import build_optimizer, build_scheduler, kd_loss
@@ -402,32 +402,34 @@ class _FinetuneRun:
 
 
 class _StepTimer:
-    """Says, after the first few steps of this process, how long the rest of the training will take."""
+    """Says, after the first few steps of this process, how long the rest of the training will take
+    (a :class:`common.progress.Estimate` of steps, with the val evaluations to come)."""
 
     WARMUP, MEASURED = 1, 4  # the first step (allocation, kernel selection) is not timed
 
     def __init__(self, run: _FinetuneRun, done: int):
-        self.run, self.steps, self.t = run, 0, 0.0
-        self.left_at_start = run.total_steps - done
+        self.run = run
+        self.estimate = Estimate(
+            "finetune",
+            run.total_steps - done,
+            "step",
+            run.say,
+            warmup=self.WARMUP,
+            measured=self.MEASURED,
+            message=self._line,
+        )
 
     def step(self) -> None:
-        self.steps += 1
-        if self.steps == self.WARMUP:
-            self.t = time.perf_counter()
-        elif self.steps == self.WARMUP + self.MEASURED and self.run.say is not None:
-            per = (time.perf_counter() - self.t) / self.MEASURED
-            left = self.left_at_start - self.steps
-            run = self.run
-            evals = math.ceil(left / len(run.train_loader)) if run.cfg.eval_every_epoch else 1
-            run.say(
-                f"finetune: {left} of {run.total_steps} steps left, {per:.2f} s/step over steps "
-                f"{self.WARMUP + 1}-{self.steps} of this process: about {_minutes(per * left)} of training "
-                f"plus {evals} val evaluation{'s' if evals != 1 else ''} of {run.val_loader.num_images} images"
-            )
+        self.estimate.step()
 
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    def _line(self, per: float, left: int) -> str:
+        run, last = self.run, self.WARMUP + self.MEASURED
+        evals = math.ceil(left / len(run.train_loader)) if run.cfg.eval_every_epoch else 1
+        return (
+            f"finetune: {left} of {run.total_steps} steps left, {per:.2f} s/step over steps "
+            f"{self.WARMUP + 1}-{last} of this process: about {duration_text(per * left)} of training "
+            f"plus {evals} val evaluation{'s' if evals != 1 else ''} of {run.val_loader.num_images} images"
+        )
 
 
 def _loaders(
