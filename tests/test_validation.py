@@ -278,6 +278,15 @@ BAD_VALUES: dict[str, list[tuple[dict, str]]] = {
     "resize_size": [({"resize_size": -1}, "resize_size must be at least 1")],
     "targets": [({"targets": (1.0,)}, "finite number > 1"), ({"targets": ()}, "at least one reduction factor")],
     "metric": [({"metric": "flops"}, "metric must be one of")],
+    "mean": [
+        ({"mean": (0.5, 0.5, 0.5)}, "give mean and std together"),
+        ({"mean": (0.5, 0.5), "std": (0.2, 0.2, 0.2)}, "mean must be 3 finite numbers"),
+        ({"mean": (0.5, float("nan"), 0.5), "std": (0.2, 0.2, 0.2)}, "mean must be 3 finite numbers"),
+    ],
+    "std": [
+        ({"std": (0.2, 0.2, 0.2)}, "give mean and std together"),
+        ({"mean": (0.5, 0.5, 0.5), "std": (0.2, 0.0, 0.2)}, "std must be positive"),
+    ],
     "budget_tol": [({"budget_tol": 0.5}, "budget_tol must be in (0, 0.5)"), ({"budget_tol": math.nan}, "budget_tol")],
     "methods": [({"methods": ("greedy",)}, "unknown rank-selection method 'greedy'")],
     "search_budget": [({"search_budget": 0}, "search_budget must be at least 1")],
