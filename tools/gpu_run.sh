@@ -16,7 +16,7 @@
 set -uo pipefail
 pack=$1; models=$2; minutes=$3; nproc=${4:-1}; n_seeds=${5:-3}
 out=${OUT:-out/gpu}
-RUN_ARGS=${RUN_ARGS:---targets 3 --methods policy,energy,uniform,tpe,random,vbmf --no-tucker2 --no-latency --no-artifacts --run-tag cuda}
+RUN_ARGS=${RUN_ARGS:---targets 3,2,5 --methods guided,policy,energy,uniform,tpe,random,vbmf --no-tucker2 --no-latency --no-artifacts --run-tag cuda}
 RESERVE_S=${RESERVE_S:-75}
 export PYTHONUNBUFFERED=1 HTD_CACHE=/tmp/htd-cache OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 t0=$(date +%s); end=$(( t0 + $(awk "BEGIN{print int($minutes*60)}") ))

@@ -265,7 +265,9 @@ def readme_block(
         "**Which rank method should I use?** No method is best everywhere. After finetuning, the best mean "
         f"in the current table ([results/{README_TABLE}](results/{README_TABLE}/summary.md)) is "
         + "; ".join(_best_methods(table))
-        + ".",
+        + f". On your own model, `python -m common.run --model ARCH --checkpoint WEIGHTS.pt --dataset "
+        f"imagefolder --data-root DIR` runs the default, `{DEFAULT_METHOD}` "
+        "([Compress your own model](#compress-your-own-model)).",
     ]
     if not default.empty:
         stages = " and ".join(sorted(set(default["stage"])))
