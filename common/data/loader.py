@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from common.data.loaderbase import LoaderBase
 from common.data.splits import DatasetSplits, StreamSplit, TensorSplit
 from common.data.streamloader import StreamLoader
 
 
-class BatchLoader:
+class BatchLoader(LoaderBase):
     """Iterate a :class:`TensorSplit` in normalized, optionally augmented batches on a device.
 
     The uint8 split is moved to ``device`` once; each batch is gathered, converted to ``dtype``,
@@ -34,6 +36,10 @@ class BatchLoader:
     cut into ``world_size`` contiguous slices and this loader yields slice ``rank``; the global
     order and augmentation are identical to the single-process run.
 
+    Args:
+        split, batch_size, mean, std, **settings: as :class:`common.data.loaderbase.LoaderBase`.
+        pad: reflect padding of the random crops, in pixels.
+
     Yields:
         ``(x, y)``: ``x`` is ``B x 3 x H x W`` of ``dtype`` on ``device``, ``y`` is ``int64`` ``B``.
     """
@@ -44,45 +50,14 @@ class BatchLoader:
         batch_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        device: str | torch.device = "cpu",
-        train: bool = False,
-        augment: bool | None = None,
-        seed: int = 0,
-        drop_last: bool | None = None,
-        channels_last: bool = False,
-        dtype: torch.dtype = torch.float32,
-        rank: int = 0,
-        world_size: int = 1,
+        *,
         pad: int = 4,
-        flip: bool = True,
-        auto_epoch: bool = False,
+        **settings: Any,
     ):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if len(split) == 0:
-            raise ValueError("cannot batch an empty split")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.device = torch.device(device)
+        super().__init__(split, batch_size, mean, std, **settings)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
-        self.batch_size = batch_size
-        self.train = train
-        self.augment = train if augment is None else augment
-        self.shuffle = train
-        self.seed = seed
-        self.drop_last = train if drop_last is None else drop_last
-        self.channels_last = channels_last
-        self.dtype = dtype
-        self.rank, self.world_size = rank, world_size
         self.pad = pad
-        self.flip = flip
-        self.auto_epoch = auto_epoch
-        self.epoch = 0
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        if self.drop_last and len(split) < batch_size:
-            raise ValueError(f"drop_last with batch_size {batch_size} > {len(split)} images would yield no batches")
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -92,12 +67,6 @@ class BatchLoader:
     def num_images(self) -> int:
         """Images per epoch over all ranks."""
         return len(self) * self.batch_size if self.drop_last else len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iter_from(0)
 
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's batches from batch ``start`` on, exactly as a full pass yields them: the skipped
@@ -123,13 +92,10 @@ class BatchLoader:
                 if self.augment:
                     offs, flips = offs[sl], flips[sl]
             idx_d = idx.to(self.device)
-            x = self.images[idx_d].to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+            x = self.normalize(self.images[idx_d])
             if self.augment and len(idx) > 0:
                 x = self._crop_flip(x, offs.to(self.device), flips.to(self.device))
-            x = x.to(self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx_d]
+            yield self.finish(x), self.labels[idx_d]
         if self.auto_epoch:
             self.epoch += 1
 

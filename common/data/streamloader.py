@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from common.data.loaderbase import LoaderBase
 from common.data.splits import StreamSplit
 
 MAX_DEFAULT_WORKERS = 8
@@ -152,7 +154,7 @@ def _worker_init(_worker_id: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # the loader
 # --------------------------------------------------------------------------------------------------
-class StreamLoader:
+class StreamLoader(LoaderBase):
     """Iterate a :class:`StreamSplit` in normalized, optionally augmented batches on a device.
 
     The same interface as :class:`common.data.loader.BatchLoader` (``__iter__``, ``__len__``, ``iter_from``,
@@ -161,6 +163,7 @@ class StreamLoader:
     batch. ``pad`` is accepted and ignored (the streamed augmentation is ``RandomResizedCrop``).
 
     Args:
+        split, batch_size, mean, std, **settings: as :class:`common.data.loaderbase.LoaderBase`.
         workers: DataLoader worker processes (``None``: the split's, else ``min(8, CPUs)``; 0: decode in
             this process). Workers persist for the loader's lifetime; use one iterator at a time.
         prefetch_factor: batches each worker decodes ahead.
@@ -175,59 +178,31 @@ class StreamLoader:
         batch_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        device: str | torch.device = "cpu",
-        train: bool = False,
-        augment: bool | None = None,
-        seed: int = 0,
-        drop_last: bool | None = None,
-        channels_last: bool = False,
-        dtype: torch.dtype = torch.float32,
-        rank: int = 0,
-        world_size: int = 1,
+        *,
         pad: int | None = None,
-        flip: bool = True,
-        auto_epoch: bool = False,
         workers: int | None = None,
         prefetch_factor: int = 2,
+        **settings: Any,
     ):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if len(split) == 0:
-            raise ValueError(f"cannot batch an empty split ({split.folder})")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        super().__init__(split, batch_size, mean, std, **settings)
         self.split = split
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.train = train
-        self.augment = train if augment is None else augment
-        self.shuffle = train
-        self.seed = seed
-        self.drop_last = train if drop_last is None else drop_last
-        self.channels_last = channels_last
-        self.dtype = dtype
-        self.rank, self.world_size = rank, world_size
-        self.flip = flip
-        self.auto_epoch = auto_epoch
-        self.epoch = 0
-        self.per_rank = math.ceil(batch_size / world_size)
+        self.per_rank = math.ceil(batch_size / self.world_size)
         chosen = workers if workers is not None else split.workers
         self.workers = _default_workers() if chosen is None else chosen
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         self.prefetch_factor = prefetch_factor
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        if self.drop_last and len(split) < batch_size:
-            raise ValueError(f"drop_last with batch_size {batch_size} > {len(split)} images would yield no batches")
         transform = (
-            train_transform(split.crop_size, flip)
+            train_transform(split.crop_size, self.flip)
             if self.augment
             else eval_transform(split.resize_size, split.crop_size)
         )
-        self._dataset = DecodeDataset(split, transform, self.augment, seed)
+        self._dataset = DecodeDataset(split, transform, self.augment, self.seed)
         self._batches = _EpochBatches(self._sampler(), self.per_rank, self.drop_last)
         self._loader: DataLoader | None = None
+
+    def _empty_split_error(self, split: StreamSplit) -> str:
+        return f"cannot batch an empty split ({split.folder})"
 
     def _sampler(self) -> DistributedSampler:
         """Seeded permutation per (seed, epoch) when shuffling, equal-length shards when dropping the tail
@@ -267,26 +242,16 @@ class StreamLoader:
         sampler = self._batches.sampler
         return len(self._dataset) if isinstance(sampler, _ShardSampler) else sampler.total_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def batch_indices(self, epoch: int | None = None) -> list[list[int]]:
         """Split indices of this rank's batches in ``epoch`` (default: the current one), as iterated."""
         return self._batches.batches(self.epoch if epoch is None else epoch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iter_from(0)
 
     def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's batches from batch ``start`` on, exactly as a full pass yields them (the skipped
         ones are not decoded: every image's augmentation depends on (seed, epoch, index) only)."""
         self._batches.epoch, self._batches.start = self.epoch, start
         for x, y in self._dataloader():
-            x = x.to(self.device, non_blocking=True)
-            # the same ops as BatchLoader, so equal bytes give equal floats
-            x = x.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std).to(self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.finish(self.normalize(x.to(self.device, non_blocking=True)))
             yield x, y.to(self.device, non_blocking=True)
         if self.auto_epoch:
             self.epoch += 1
