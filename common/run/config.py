@@ -288,20 +288,21 @@ class ExperimentConfig:
         return tuple(float(x) for x in (self.targets if self.finetune_targets is None else self.finetune_targets))
 
     def finetune_config(self, seed: int, hflip: bool) -> FinetuneConfig:
-        """The recipe of each final model's finetuning (:func:`common.train.finetune.finetune`)."""
-        return FinetuneConfig(
-            self.finetune_epochs,
-            batch_size=self.finetune_batch_size,
-            lr=self.finetune_lr,
-            optimizer=self.finetune_optimizer,
-            pct_start=self.finetune_warmup,
-            clip_grad_norm=self.finetune_clip,
-            max_images=self.finetune_max_images,
-            seed=seed,
-            eval_every_epoch=True,
-            hflip=hflip,
-        )
+        """The recipe of each final model's finetuning (:func:`common.train.finetune.finetune`): the
+        :data:`FINETUNE_RECIPE` fields, the stage's seed and the data's flips, every epoch evaluated."""
+        recipe = {option: getattr(self, name) for name, option in FINETUNE_RECIPE.items()}
+        return FinetuneConfig(self.finetune_epochs, **recipe, seed=seed, eval_every_epoch=True, hflip=hflip)
 
+
+FINETUNE_RECIPE: dict[str, str] = {
+    "finetune_batch_size": "batch_size",
+    "finetune_lr": "lr",
+    "finetune_optimizer": "optimizer",
+    "finetune_warmup": "pct_start",
+    "finetune_clip": "clip_grad_norm",
+    "finetune_max_images": "max_images",
+}
+"""The config fields that set a final model's finetuning recipe, and the :class:`FinetuneConfig` option each sets."""
 
 FIELDS = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
 
