@@ -562,7 +562,11 @@ OTHER_VALUES = {
     "finetune_clip": 1.0,
     "finetune_warmup": 0.3,
     "finetune_balance": True,
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.3, 0.3, 0.3),
 }
+TOGETHER = {"mean": {"std": (0.25, 0.25, 0.25)}, "std": {"mean": (0.5, 0.5, 0.5)}}
+"""Fields given only with a partner (a normalization is a mean and a std): the partner's value for each."""
 NO_RESULT_VALUES = {
     "log_dir": "elsewhere",
     "artifacts": False,
@@ -590,7 +594,7 @@ def test_default_run_id_hashes_every_setting_that_affects_results():
     )
     ids = {run_id}
     for name, value in OTHER_VALUES.items():
-        other = dataclasses.replace(base, **{name: value}).resolved_run_id()
+        other = dataclasses.replace(base, **{name: value}, **TOGETHER.get(name, {})).resolved_run_id()
         assert other not in ids, name  # e.g. FINETUNE 0 vs 1, other METHODS or CHECKPOINT: another log
         ids.add(other)
     for name, value in NO_RESULT_VALUES.items():
